@@ -1,0 +1,194 @@
+"""``scpretrain <stage> ...``: parse, build the config, call the stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scpretrain_dist import recipes
+from scpretrain_dist.config import ConfigError, RunConfig, resolve
+
+
+def _config(args) -> RunConfig:
+    cfg = resolve(recipes.get(args.recipe), args.config, args.set)
+    if args.work_dir:
+        cfg = resolve(cfg, overrides=[f'work_dir="{args.work_dir}"'])
+    return cfg
+
+
+def _common(p: argparse.ArgumentParser, recipe: str = "tiny") -> None:
+    p.add_argument("--recipe", default=recipe, help=f"base settings: {', '.join(recipes.RECIPES)} (default {recipe})")
+    p.add_argument("--config", help="TOML or YAML file of settings, applied over the recipe")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set pretrain.epochs=5 (repeatable)")
+    p.add_argument("--work-dir", help="where the atlas, MLflow store, checkpoints and reports go")
+
+
+def cmd_demo_data(args) -> None:
+    from scpretrain_dist.pipeline import demo_data
+
+    cfg = _config(args)
+    out = args.out or str(Path(cfg.work_dir) / "demo_data")
+    paths = demo_data(cfg, out)
+    print(f"wrote {len(paths)} datasets and catalog.toml to {out}")
+
+
+def cmd_ingest(args) -> None:
+    from scpretrain_dist.pipeline import ingest
+
+    cfg = _config(args)
+    if not args.inputs and not args.catalog:
+        raise ConfigError("give .h5ad files, folders of them, or --catalog FILE")
+    rep = ingest(cfg, args.inputs, catalog=args.catalog, root=args.root)
+    print(f"atlas {cfg.store_uri}: {len(rep.added)} added, {len(rep.skipped)} already present, "
+          f"{rep.n_genes_after} genes")
+
+
+def cmd_pretrain(args) -> None:
+    from scpretrain_dist.pipeline import pretrain, stage_run
+    from scpretrain_dist.train.launch import shutdown_ray
+
+    cfg = _config(args)
+    try:
+        with stage_run("pretrain", cfg):
+            result, _ = pretrain(cfg, exclude=tuple(args.exclude or cfg.pretrain.exclude_datasets), reuse=not args.no_cache)
+    finally:
+        shutdown_ray()
+    print(f"encoder: {result.encoder_path}")
+
+
+def cmd_finetune(args) -> None:
+    import json as _json
+
+    from scpretrain_dist.pipeline import finetune_and_evaluate, stage_run
+    from scpretrain_dist.train.pretrain import PretrainResult
+
+    cfg = _config(args)
+    result = None
+    if args.pretrain_result:
+        result = PretrainResult(**_json.loads(Path(args.pretrain_result).read_text()))
+    with stage_run("finetune-evaluate", cfg) as run:
+        finetune_and_evaluate(cfg, args.target, result, None, args.out or Path(cfg.work_dir) / "report",
+                              register=result is not None)
+    print(f"MLflow run {run.info.run_id}")
+
+
+def cmd_evaluate(args) -> None:
+    from scpretrain_dist.pipeline import choose_targets, finetune_and_evaluate, pretrain, stage_run
+    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.train.launch import shutdown_ray
+
+    cfg = _config(args)
+    if args.protocol != "lodo":
+        raise ConfigError(f"protocol {args.protocol!r} is not available yet; use --protocol lodo")
+    targets = args.targets or choose_targets(cfg, AtlasStore(cfg.store_uri))
+    try:
+        with stage_run("evaluate", cfg):
+            with stage_run("pretrain", cfg):
+                import mlflow
+
+                result, run_id = pretrain(cfg, exclude=tuple(targets))
+                run_id = run_id or mlflow.active_run().info.run_id
+            with stage_run("finetune-evaluate", cfg):
+                finetune_and_evaluate(cfg, targets, result, run_id, args.out or Path(cfg.work_dir) / "report")
+    finally:
+        shutdown_ray()
+
+
+def cmd_quickstart(args) -> None:
+    from scpretrain_dist.pipeline import quickstart
+
+    cfg = _config(args)
+    if args.data:
+        if not Path(args.data).exists():
+            raise ConfigError(f"--data {args.data} does not exist")
+        if args.recipe == "tiny" and not args.set:
+            cfg = resolve(recipes.real_cpu(), args.config, [f'work_dir="{cfg.work_dir}"'])
+    out = quickstart(cfg, args.data)
+    print(json.dumps({k: round(v, 1) for k, v in out["timings"].items()}))
+
+
+def cmd_models(args) -> None:
+    from mlflow import MlflowClient
+
+    from scpretrain_dist.tracking.mlflow_runs import setup
+
+    cfg = _config(args)
+    setup(cfg)
+    client = MlflowClient()
+    for rm in client.search_registered_models():
+        aliases = getattr(rm, "aliases", {}) or {}
+        for v in client.search_model_versions(f"name='{rm.name}'"):
+            tags = dict(v.tags)
+            al = [a for a, ver in aliases.items() if str(ver) == str(v.version)]
+            print(f"models:/{rm.name}/{v.version}  aliases={al}  fine-tuned on {tags.get('finetune_dataset', '?')}  "
+                  f"metrics={tags.get('metrics', '{}')}")
+            print(f"    pretrained on {tags.get('pretrain_datasets', '?')}; store {tags.get('store_uri', '?')}@{tags.get('store_version', '?')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write a synthetic multi-dataset atlas as .h5ad files")
+    _common(p)
+    p.add_argument("--out", help="output folder (default <work-dir>/demo_data)")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("ingest", help="add .h5ad datasets to the SOMA atlas")
+    _common(p)
+    p.add_argument("inputs", nargs="*", help=".h5ad files or folders of them")
+    p.add_argument("--catalog", help="a catalog TOML (see data_catalog/)")
+    p.add_argument("--root", help="folder the catalog's paths are relative to (overrides its root)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("pretrain", help="multi-task pretraining with Ray Train")
+    _common(p)
+    p.add_argument("--exclude", nargs="*", help="datasets left out of pretraining")
+    p.add_argument("--no-cache", action="store_true", help="retrain even if a matching encoder exists")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune on labelled target datasets and evaluate")
+    _common(p)
+    p.add_argument("--target", nargs="+", required=True)
+    p.add_argument("--pretrain-result", help="result.json of a pretraining (omit for no pretraining)")
+    p.add_argument("--out", help="report folder")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="leave-datasets-out: pretrain without the targets, fine-tune, report")
+    _common(p)
+    p.add_argument("--protocol", default="lodo")
+    p.add_argument("--targets", nargs="*")
+    p.add_argument("--out", help="report folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quickstart", help="demo data (or --data) -> ingest -> pretrain -> fine-tune -> report -> registry")
+    _common(p)
+    p.add_argument("--data", help="folder of .h5ad files or a catalog TOML instead of demo data")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("models", help="registered models with their lineage")
+    _common(p)
+    p.add_argument("action", nargs="?", default="list", choices=["list"])
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scpretrain_dist.catalog.entries import CatalogError
+    from scpretrain_dist.store.soma import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CatalogError, StoreError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"scpretrain {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

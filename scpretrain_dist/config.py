@@ -1,0 +1,270 @@
+"""Typed run configuration: one frozen dataclass per stage, nested in a RunConfig.
+
+Configs come from a recipe (``recipes.py``), optionally a TOML/YAML file, then
+``section.key=value`` overrides from the command line, in that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Synthetic multi-dataset atlas (``scpretrain demo-data``)."""
+
+    n_datasets: int = 4
+    cells_per_dataset: int = 600
+    n_genes: int = 2000
+    n_types: int = 6
+    markers_per_type: int = 40
+    genes_kept: float = 0.85  # fraction of the atlas genes each dataset measures
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the atlas lives. ``uri`` empty means ``<work_dir>/atlas.soma``."""
+
+    uri: str = ""
+    backend: str = "soma"
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Per-dataset K-means pseudo-labels: one partition per mean cluster size."""
+
+    cluster_sizes: tuple[int, ...] = (50, 100, 200)
+    min_k: int = 2
+    niter: int = 30
+    # Space of the first clustering: "expression" (normalised expression, the paper),
+    # "pca" (a PCA projection of it, faster), or "raw" (raw counts, the original code).
+    phase1_space: str = "expression"
+    pca_dims: int = 50
+    num_actors: int = 2
+    cpus_per_actor: float = 0.5
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder and heads. ``head_activation="sigmoid"`` reproduces the original code."""
+
+    embedding_dim: int = 200
+    hidden_dim: int = 100
+    head_activation: str = "none"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Multi-task pretraining: iterations of (cluster, train ``epochs``)."""
+
+    iterations: int = 10
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 1e-4
+    # Stop early once every partition's NMI between consecutive pseudo-labels exceeds this.
+    nmi_stop: float = 1.01
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    seed: int = 0
+    # Datasets left out of pretraining (the held-out targets of leave-one-dataset-out).
+    exclude_datasets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Supervised fine-tuning of encoder -> sigmoid -> 100 -> sigmoid -> n_types."""
+
+    lr: float = 2e-3
+    max_epochs: int = 300
+    patience: int = 20
+    batch_size: int = 64
+    train_frac: float = 0.6
+    val_frac: float = 0.1
+    train_cap: int = 1000
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Which labelled datasets are held out and fine-tuned on (empty: every labelled one)."""
+
+    targets: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("scpretrain", "no_pretrain", "logreg")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. ``tracking_uri`` empty means sqlite + local artifacts under the work dir."""
+
+    tracking_uri: str = ""
+    experiment: str = "scpretrain"
+    registered_model: str = "scpretrain-annotator"
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray cluster. ``address`` empty starts a local Ray inside the work dir."""
+
+    address: str = ""
+    # Logical CPUs for a local Ray. More than the physical cores so that train workers,
+    # K-means actors and Ray's own tasks never starve each other on a small machine.
+    num_cpus: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    work_dir: str = "scpretrain_work"
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def store_uri(self) -> str:
+        return self.store.uri or str(Path(self.work_dir) / "atlas.soma")
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{(Path(self.work_dir) / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str:
+        return (Path(self.work_dir) / "mlartifacts").resolve().as_uri()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = getattr(annotation, "__origin__", None)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
+        return _build(annotation, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = annotation.__args__
+        return tuple(_coerce(v, item_type, where) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+            return value.lower() in {"true", "1"}
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join((where + '.' if where else '') + u for u in unknown)}; "
+            f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {
+        k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()
+    }
+    return cls(**kwargs)
+
+
+def merge(config: RunConfig, updates: dict[str, Any]) -> RunConfig:
+    """Deep-merge a nested dict of settings into ``config`` (validated, typed)."""
+    base = config.to_dict()
+
+    def deep(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = deep(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    return _build(RunConfig, deep(base, updates))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``pretrain.epochs=5`` -> ``{"pretrain": {"epochs": 5}}`` (values parsed as TOML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in {".yaml", ".yml"}:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections")
+    return data
+
+
+def resolve(
+    base: RunConfig, file: str | Path | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Recipe, then file, then command-line overrides."""
+    config = base
+    if file:
+        config = merge(config, load_file(file))
+    for o in overrides or []:
+        config = merge(config, parse_override(o))
+    return config

@@ -1,0 +1,1 @@
+"""Gene-space alignment, normalisation, DDP-safe sharding and the training dataset."""

@@ -1,0 +1,1 @@
+"""Metrics, splits, evaluation protocols and the report."""

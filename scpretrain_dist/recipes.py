@@ -1,0 +1,71 @@
+"""Recipes: functions returning a complete RunConfig for a purpose."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scpretrain_dist.config import (
+    DemoDataConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    PseudoLabelConfig,
+    RunConfig,
+)
+
+
+def paper() -> RunConfig:
+    """The paper's hyperparameters: k at mean cluster sizes 50/100/200, 10 iterations x 50
+    epochs, Adam 1e-4, fine-tuning at 2e-3 with training cells capped at min(1000, 0.6 n)."""
+    return RunConfig()
+
+
+def tiny() -> RunConfig:
+    """Runs in a minute or two on 2 CPU cores: the quickstart and the integration tests.
+
+    Smaller atlas, 2 iterations of a few epochs, and a larger pretraining learning rate so
+    that the few epochs move the encoder; everything else is the paper's method.
+    """
+    base = paper()
+    return dataclasses.replace(
+        base,
+        demo=DemoDataConfig(n_datasets=4, cells_per_dataset=500, n_genes=1500, n_types=6),
+        pseudolabel=dataclasses.replace(base.pseudolabel, niter=20, num_actors=2),
+        pretrain=PretrainConfig(
+            iterations=2, epochs=6, batch_size=128, lr=1e-3, num_workers=2, cpus_per_worker=0.5
+        ),
+        finetune=FinetuneConfig(max_epochs=80, patience=10, seeds=(0,)),
+        evaluate=EvaluateConfig(targets=("demo_03",)),
+    )
+
+
+def real_cpu() -> RunConfig:
+    """Real datasets on a small CPU machine: fewer, longer iterations than the paper."""
+    base = paper()
+    return dataclasses.replace(
+        base,
+        pseudolabel=dataclasses.replace(base.pseudolabel, niter=25),
+        pretrain=dataclasses.replace(base.pretrain, iterations=3, epochs=10, lr=1e-3),
+        finetune=dataclasses.replace(base.finetune, seeds=(0, 1, 2)),
+    )
+
+
+def atlas_8gpu() -> RunConfig:
+    """One node with 8 GPUs: DDP over 8 workers, faiss-gpu K-means."""
+    base = paper()
+    return dataclasses.replace(
+        base,
+        pseudolabel=PseudoLabelConfig(num_actors=8, cpus_per_actor=1, use_gpu=True),
+        pretrain=dataclasses.replace(
+            base.pretrain, num_workers=8, cpus_per_worker=4, use_gpu=True, batch_size=1024
+        ),
+    )
+
+
+RECIPES = {"tiny": tiny, "paper": paper, "real_cpu": real_cpu, "atlas_8gpu": atlas_8gpu}
+
+
+def get(name: str) -> RunConfig:
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]()

@@ -1,0 +1,1 @@
+"""The MLflow pyfunc annotator (gene alignment included) and batch annotation."""

@@ -1,0 +1,473 @@
+"""The atlas as one TileDB-SOMA experiment.
+
+Layout:
+    obs                  one row per cell: obs_id, dataset_id, cell_type
+    ms/RNA/var           the atlas gene space: gene_symbol (upper case; human and mouse meet here)
+    ms/RNA/X/counts      sparse values as ingested (raw counts or log-normalised), float32
+    metadata             ``scpretrain.datasets``: the dataset registry (JSON), and one packed
+                         gene-membership mask per dataset
+
+The registry is written last and is the commit marker of an ingest: rows of a dataset that is
+not in the registry are invisible to readers and are overwritten by the next ingest, so a failed
+ingest never leaves a half dataset behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from scpretrain_dist.catalog.entries import DatasetEntry
+from scpretrain_dist.data.normalize import detect_value_type, normalize_rows
+
+REGISTRY_KEY = "scpretrain.datasets"
+GENES_KEY = "scpretrain.genes."
+MEASUREMENT = "RNA"
+LAYER = "counts"
+UNKNOWN_LABEL = "unknown"
+
+
+class StoreError(ValueError):
+    """An input or store state that ingest or reading cannot accept."""
+
+
+@dataclass(frozen=True)
+class AtlasLocator:
+    """Picklable pointer to an atlas, pinned to a point in time so every process reads the
+    same version. Pass this between processes, never an open handle."""
+
+    uri: str
+    timestamp_ms: int | None = None
+
+    def open(self):
+        import tiledbsoma as soma
+
+        return soma.Experiment.open(self.uri, tiledb_timestamp=self.timestamp_ms)
+
+    def pinned(self) -> AtlasLocator:
+        """The same atlas, pinned to its current version."""
+        with self.open() as exp:
+            return AtlasLocator(self.uri, exp.tiledb_timestamp_ms)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    joinid_start: int
+    n_cells: int
+    n_genes: int
+    value_type: str
+    species: str
+    tissue: str
+    technology: str
+    label_key: str
+    n_types: int
+    source: str
+    sha256: str
+    ingested_at: str
+
+    @property
+    def labelled(self) -> bool:
+        return self.n_types > 0
+
+    @property
+    def joinids(self) -> np.ndarray:
+        return np.arange(self.joinid_start, self.joinid_start + self.n_cells, dtype=np.int64)
+
+
+@dataclass
+class IngestReport:
+    added: list[str]
+    skipped: list[str]
+    n_genes_before: int
+    n_genes_after: int
+    messages: list[str]
+
+
+def _pack_mask(mask: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(mask.astype(bool)).tobytes()).decode()
+
+
+def _unpack_mask(text: str, n: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n]
+    return bits.astype(bool)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class PreparedDataset:
+    """A dataset read and validated in memory, ready to be written."""
+
+    entry: DatasetEntry
+    matrix: sp.csr_matrix  # cells x own genes, duplicates summed
+    symbols: np.ndarray  # upper-case, unique
+    obs_ids: np.ndarray
+    labels: np.ndarray
+    value_type: str
+    n_types: int
+    sha256: str
+    species: str
+    tissue: str
+    technology: str
+
+
+def prepare_dataset(entry: DatasetEntry) -> PreparedDataset:
+    """Read and validate one ``.h5ad``; raise StoreError naming the file and the fix."""
+    import anndata as ad
+
+    path = Path(entry.path)
+    if not path.exists():
+        raise StoreError(f"dataset {entry.name}: file {path} does not exist")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as e:  # anndata raises many types for a broken file
+        raise StoreError(
+            f"dataset {entry.name}: {path} is not a readable .h5ad file ({type(e).__name__}: {e}); "
+            "check the file or re-export it with anndata"
+        ) from None
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise StoreError(f"dataset {entry.name}: {path} has {adata.n_obs} cells x {adata.n_vars} genes; nothing to ingest")
+    X = adata.X
+    if X is None:
+        raise StoreError(f"dataset {entry.name}: {path} has no X matrix")
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+    X.sum_duplicates()
+    if not np.all(np.isfinite(X.data)):
+        raise StoreError(f"dataset {entry.name}: {path} has NaN or infinite values in X; clean them first")
+    if X.data.size and X.data.min() < 0:
+        raise StoreError(
+            f"dataset {entry.name}: {path} has negative values in X (scaled data?); "
+            "ingest raw counts or log-normalised values"
+        )
+    symbols = pd.Index(adata.var_names.astype(str)).str.upper()
+    if symbols.str.len().min() == 0:
+        raise StoreError(f"dataset {entry.name}: {path} has empty gene names in var_names")
+    if symbols.has_duplicates:  # sum rows of genes that collide once upper-cased
+        codes, uniques = pd.factorize(symbols)
+        merge = sp.csr_matrix(
+            (np.ones(len(codes), np.float32), (np.arange(len(codes)), codes)),
+            shape=(len(codes), len(uniques)),
+        )
+        X = (X @ merge).tocsr()
+        symbols = pd.Index(uniques)
+    value_type = detect_value_type(X) if entry.value_type == "auto" else entry.value_type
+    if entry.label_key in adata.obs:
+        labels = adata.obs[entry.label_key].astype(str).fillna(UNKNOWN_LABEL).to_numpy()
+    else:
+        labels = np.full(adata.n_obs, UNKNOWN_LABEL, dtype=object)
+    n_types = len(set(labels) - {UNKNOWN_LABEL, "nan", ""})
+    names = adata.obs_names.astype(str)
+    obs_ids = np.array([f"{entry.name}:{n}" for n in names], dtype=object)
+    if len(set(obs_ids)) != len(obs_ids):
+        obs_ids = np.array([f"{o}#{i}" for i, o in enumerate(obs_ids)], dtype=object)
+    uns = adata.uns
+
+    def meta(key: str) -> str:
+        value = getattr(entry, key)
+        return value if value != "unknown" else str(uns.get(key, "unknown"))
+
+    return PreparedDataset(
+        entry=entry,
+        matrix=X,
+        symbols=np.asarray(symbols, dtype=object),
+        obs_ids=obs_ids,
+        labels=labels.astype(object),
+        value_type=value_type,
+        n_types=n_types,
+        sha256=_sha256(path),
+        species=meta("species"),
+        tissue=meta("tissue"),
+        technology=meta("technology"),
+    )
+
+
+class AtlasStore:
+    """Read and append to a SOMA atlas. Open it per use; pass ``locator`` between processes."""
+
+    def __init__(self, uri: str | Path, timestamp_ms: int | None = None):
+        self.locator = AtlasLocator(str(uri), timestamp_ms)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, uri: str | Path) -> AtlasStore:
+        import tiledbsoma as soma
+
+        uri = str(uri)
+        if Path(uri).exists():
+            raise StoreError(f"{uri} already exists; open it with AtlasStore({uri!r}) instead")
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with soma.Experiment.create(uri) as exp:
+            exp.add_new_dataframe(
+                "obs",
+                schema=pa.schema(
+                    [
+                        ("soma_joinid", pa.int64()),
+                        ("obs_id", pa.large_string()),
+                        ("dataset_id", pa.large_string()),
+                        ("cell_type", pa.large_string()),
+                    ]
+                ),
+                domain=[[0, 0]],
+            )
+            rna = exp.add_new_collection("ms").add_new_collection(MEASUREMENT, soma.Measurement)
+            rna.add_new_dataframe(
+                "var",
+                schema=pa.schema([("soma_joinid", pa.int64()), ("gene_symbol", pa.large_string())]),
+                domain=[[0, 0]],
+            )
+            rna.add_new_collection("X").add_new_sparse_ndarray(
+                LAYER, type=pa.float32(), shape=(1, 1)
+            )
+            exp.metadata[REGISTRY_KEY] = "[]"
+        return cls(uri)
+
+    @classmethod
+    def open_or_create(cls, uri: str | Path) -> AtlasStore:
+        return cls(uri) if Path(str(uri)).exists() else cls.create(uri)
+
+    @property
+    def uri(self) -> str:
+        return self.locator.uri
+
+    # ------------------------------------------------------------------ registry
+    def datasets(self) -> list[DatasetRecord]:
+        if not Path(self.uri).exists():
+            raise StoreError(f"no atlas at {self.uri}; run `scpretrain ingest` first")
+        with self.locator.open() as exp:
+            return [DatasetRecord(**r) for r in json.loads(exp.metadata.get(REGISTRY_KEY, "[]"))]
+
+    def dataset(self, name: str) -> DatasetRecord:
+        records = {r.name: r for r in self.datasets()}
+        if name not in records:
+            raise StoreError(
+                f"dataset {name!r} is not in the atlas {self.uri}; it holds: {', '.join(records) or 'nothing'}"
+            )
+        return records[name]
+
+    def genes(self) -> np.ndarray:
+        """Gene symbols of the atlas gene space, indexed by var soma_joinid."""
+        with self.locator.open() as exp:
+            n = self._n_genes(exp)
+            if n == 0:
+                return np.array([], dtype=object)
+            tbl = exp.ms[MEASUREMENT].var.read(coords=(slice(0, n - 1),)).concat()
+        df = tbl.to_pandas().sort_values("soma_joinid")
+        return df["gene_symbol"].to_numpy(dtype=object)
+
+    def dataset_gene_mask(self, name: str) -> np.ndarray:
+        """Boolean mask over the atlas genes: which genes this dataset measured."""
+        with self.locator.open() as exp:
+            n = self._n_genes(exp)
+            text = exp.metadata.get(GENES_KEY + name)
+        if text is None:
+            raise StoreError(f"dataset {name!r} is not in the atlas {self.uri}")
+        mask = np.zeros(n, dtype=bool)
+        packed = _unpack_mask(text, n)
+        mask[: packed.size] = packed
+        return mask
+
+    @staticmethod
+    def _n_genes(exp) -> int:
+        return int(exp.metadata.get("scpretrain.n_genes", 0))
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(self, entries: list[DatasetEntry], log=print) -> IngestReport:
+        """Append datasets. All are read and validated before anything is written; a dataset
+        already present with the same content is skipped; with other content it is refused."""
+        import tiledbsoma as soma
+
+        existing = {r.name: r for r in self.datasets()}
+        with self.locator.open() as exp:
+            n_genes_before = self._n_genes(exp)
+        names = [e.name for e in entries]
+        dups = {n for n in names if names.count(n) > 1}
+        if dups:
+            raise StoreError(f"the inputs name dataset(s) {sorted(dups)} more than once")
+        prepared: list[PreparedDataset] = []
+        skipped, messages = [], []
+        for entry in entries:
+            if entry.name in existing:
+                digest = _sha256(Path(entry.path)) if Path(entry.path).exists() else ""
+                if digest == existing[entry.name].sha256:
+                    msg = f"dataset {entry.name} is already in the atlas (same file); nothing to do"
+                    skipped.append(entry.name)
+                    messages.append(msg)
+                    log(msg)
+                    continue
+                raise StoreError(
+                    f"dataset {entry.name} is already in the atlas with different content "
+                    f"(from {existing[entry.name].source}); give the new file another name"
+                )
+            prepared.append(prepare_dataset(entry))
+        if not prepared:
+            return IngestReport([], skipped, n_genes_before, n_genes_before, messages)
+
+        genes = list(self.genes()) if n_genes_before else []
+        index = {g: i for i, g in enumerate(genes)}
+        for p in prepared:
+            for s in p.symbols:
+                if s not in index:
+                    index[s] = len(genes)
+                    genes.append(s)
+        n_genes = len(genes)
+        n_cells_before = sum(r.n_cells for r in existing.values())
+        n_cells = n_cells_before + sum(p.matrix.shape[0] for p in prepared)
+
+        # Grow the domains first (a resize becomes visible only to a newly opened handle).
+        with soma.Experiment.open(self.uri, "w") as exp:
+            if n_cells > exp.obs.domain[0][1] + 1:
+                exp.obs.tiledbsoma_resize_soma_joinid_shape(n_cells)
+            var = exp.ms[MEASUREMENT].var
+            if n_genes > var.domain[0][1] + 1:
+                var.tiledbsoma_resize_soma_joinid_shape(n_genes)
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            if n_cells > X.shape[0] or n_genes > X.shape[1]:
+                X.resize((max(n_cells, X.shape[0]), max(n_genes, X.shape[1])))
+
+        records = [asdict(r) for r in existing.values()]
+        self._drop_uncommitted_cells(n_cells_before)
+        with soma.Experiment.open(self.uri, "w") as exp:
+            if n_genes > n_genes_before:
+                exp.ms[MEASUREMENT].var.write(
+                    pa.table(
+                        {
+                            "soma_joinid": np.arange(n_genes_before, n_genes, dtype=np.int64),
+                            "gene_symbol": pa.array(genes[n_genes_before:], pa.large_string()),
+                        }
+                    )
+                )
+            start = n_cells_before
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            for p in prepared:
+                n = p.matrix.shape[0]
+                cols = np.array([index[s] for s in p.symbols], dtype=np.int64)
+                exp.obs.write(
+                    pa.table(
+                        {
+                            "soma_joinid": np.arange(start, start + n, dtype=np.int64),
+                            "obs_id": pa.array(p.obs_ids.tolist(), pa.large_string()),
+                            "dataset_id": pa.array([p.entry.name] * n, pa.large_string()),
+                            "cell_type": pa.array(p.labels.tolist(), pa.large_string()),
+                        }
+                    )
+                )
+                for lo in range(0, n, 4096):  # bounded memory per write
+                    coo = p.matrix[lo : lo + 4096].tocoo()
+                    X.write(
+                        pa.Table.from_pydict(
+                            {
+                                "soma_dim_0": (coo.row + start + lo).astype(np.int64),
+                                "soma_dim_1": cols[coo.col],
+                                "soma_data": coo.data.astype(np.float32),
+                            }
+                        )
+                    )
+                mask = np.zeros(n_genes, dtype=bool)
+                mask[cols] = True
+                exp.metadata[GENES_KEY + p.entry.name] = _pack_mask(mask)
+                records.append(
+                    asdict(
+                        DatasetRecord(
+                            name=p.entry.name,
+                            joinid_start=start,
+                            n_cells=n,
+                            n_genes=len(cols),
+                            value_type=p.value_type,
+                            species=p.species,
+                            tissue=p.tissue,
+                            technology=p.technology,
+                            label_key=p.entry.label_key,
+                            n_types=p.n_types,
+                            source=str(p.entry.path),
+                            sha256=p.sha256,
+                            ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        )
+                    )
+                )
+                msg = (
+                    f"ingested {p.entry.name}: {n} cells, {len(cols)} genes, {p.value_type}, "
+                    f"{p.n_types} cell types"
+                )
+                messages.append(msg)
+                log(msg)
+                start += n
+            exp.metadata["scpretrain.n_genes"] = n_genes
+            exp.metadata[REGISTRY_KEY] = json.dumps(records)  # the commit marker, last
+        return IngestReport([p.entry.name for p in prepared], skipped, n_genes_before, n_genes, messages)
+
+    def _drop_uncommitted_cells(self, n_committed: int) -> None:
+        """Delete X values a failed ingest left past the last committed cell."""
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(self.uri) as exp:
+            ned = exp.ms[MEASUREMENT].X[LAYER].non_empty_domain()
+        if ned and ned[0][1] >= n_committed:
+            uri = f"{self.uri}/ms/{MEASUREMENT}/X/{LAYER}"
+            with soma.SparseNDArray.open(uri, mode="d") as X:
+                X.delete_cells((slice(n_committed, int(ned[0][1])),))
+
+    # ------------------------------------------------------------------ reading
+    def read_obs(self, name: str) -> pd.DataFrame:
+        rec = self.dataset(name)
+        with self.locator.open() as exp:
+            tbl = exp.obs.read(
+                coords=(slice(rec.joinid_start, rec.joinid_start + rec.n_cells - 1),),
+                column_names=["soma_joinid", "obs_id", "dataset_id", "cell_type"],
+            ).concat()
+        return tbl.to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+
+    def read_rows(
+        self, joinids: np.ndarray, value_types: np.ndarray | str, normalize: bool = True
+    ) -> sp.csr_matrix:
+        """Cells (by soma_joinid, in the given order) x atlas genes, normalised to log1p(CP10k).
+
+        ``value_types`` is one value type for all rows or one per row.
+        """
+        joinids = np.asarray(joinids, dtype=np.int64)
+        with self.locator.open() as exp:
+            n_genes = self._n_genes(exp)
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            order = np.argsort(joinids, kind="stable")
+            sorted_ids = joinids[order]
+            tbl = X.read(coords=(sorted_ids,)).tables().concat()
+        rows = tbl["soma_dim_0"].to_numpy()
+        cols = tbl["soma_dim_1"].to_numpy()
+        data = tbl["soma_data"].to_numpy().astype(np.float32)
+        # map each stored row back to every requested position holding that joinid
+        uniq, first = np.unique(sorted_ids, return_index=True)
+        pos_sorted = np.searchsorted(uniq, rows)
+        mat = sp.csr_matrix((data, (pos_sorted, cols)), shape=(len(uniq), n_genes))
+        mat.sum_duplicates()
+        out = mat[np.searchsorted(uniq, joinids)]
+        if normalize:
+            out = normalize_rows(out, value_types)
+        return out.tocsr()
+
+    def read_dataset(self, name: str, normalize: bool = True) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        rec = self.dataset(name)
+        return self.read_rows(rec.joinids, rec.value_type, normalize), self.read_obs(name)
+
+    def iter_blocks(self, name: str, block_cells: int = 8192) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Normalised blocks of one dataset: (joinids, cells x atlas genes)."""
+        rec = self.dataset(name)
+        ids = rec.joinids
+        for lo in range(0, len(ids), block_cells):
+            block = ids[lo : lo + block_cells]
+            yield block, self.read_rows(block, rec.value_type)

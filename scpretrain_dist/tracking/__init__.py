@@ -1,0 +1,1 @@
+"""MLflow: experiment set-up, config logging, the registered annotator and its lineage."""

@@ -1,0 +1,90 @@
+"""Supervised fine-tuning of the classifier, from a pretrained encoder or from scratch."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scpretrain_dist.config import FinetuneConfig, ModelConfig
+from scpretrain_dist.model.networks import CellTypeClassifier
+
+
+@dataclass
+class FinetuneResult:
+    model: CellTypeClassifier
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    n_pretrained_genes: int
+    history: list[float] = field(default_factory=list)
+
+
+def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
+    """Row of each input gene in the pretrained encoder, or -1 when the pretraining data never
+    measured it (those genes start random)."""
+    where = {g: i for i, g in enumerate(pretrained_genes)}
+    idx = np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
+    if pretrained_mask is not None:
+        idx[(idx >= 0) & ~pretrained_mask[np.maximum(idx, 0)]] = -1
+    return idx
+
+
+def finetune(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    n_types: int,
+    cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    pretrained: dict | None = None,
+) -> FinetuneResult:
+    """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch.
+
+    ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = CellTypeClassifier(X_train.shape[1], n_types, model_cfg.embedding_dim, model_cfg.hidden_dim)
+    n_pre = 0
+    if pretrained is not None:
+        n_pre = model.load_pretrained_encoder(pretrained["weight"], pretrained["bias"], pretrained["gene_index"])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    Xt, yt = torch.from_numpy(np.asarray(X_train, np.float32)), torch.from_numpy(np.asarray(y_train, np.int64))
+    Xv, yv = torch.from_numpy(np.asarray(X_val, np.float32)), torch.from_numpy(np.asarray(y_val, np.int64))
+    best_acc, best_epoch, best_state, history = -1.0, 0, None, []
+    epoch = 0
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        order = rng.permutation(len(yt))
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(Xv).argmax(1) == yv).float().mean().item() if len(yv) else 0.0
+        history.append(acc)
+        if acc > best_acc:
+            best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history)
+
+
+@torch.no_grad()
+def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    model.eval()
+    out = [
+        torch.softmax(model(torch.from_numpy(np.asarray(X[i : i + batch], np.float32))), 1).numpy()
+        for i in range(0, X.shape[0], batch)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)

@@ -1,0 +1,43 @@
+"""Starting Ray: a local cluster inside the run's work directory, or an existing one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from scpretrain_dist.config import RunConfig
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Connect to ``cfg.ray.address`` or start a local Ray whose temp files live in the work
+    dir (or a short temp path when the work dir's path is too long for Ray's sockets)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    temp = Path(cfg.work_dir).resolve() / "ray"
+    if len(str(temp)) > 60:  # AF_UNIX paths are limited to ~107 bytes
+        temp = Path(tempfile.mkdtemp(prefix="scp-ray-"))
+    temp.mkdir(parents=True, exist_ok=True)
+    num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(
+        num_cpus=num_cpus,
+        _temp_dir=str(temp),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,209 @@
+"""Multi-task pretraining: iterations of (refresh pseudo-labels on the actor pool, train the
+shared encoder with Ray Train DDP). One checkpoint per iteration."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scpretrain_dist.config import RunConfig
+from scpretrain_dist.pseudolabel.pool import PseudoLabels, agreement, refresh_pseudo_labels
+from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+
+ENCODER_FILE = "encoder.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class PretrainResult:
+    encoder_path: str  # encoder.pt of the last iteration
+    datasets: list[str]
+    iterations_run: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_encoder(path: str | Path) -> dict[str, np.ndarray]:
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return {"weight": state["weight"].numpy(), "bias": state["bias"].numpy()}
+
+
+def pretrain_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: load the rank's shard, train, report per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    from scpretrain_dist.data.dataset import CellShard
+    from scpretrain_dist.model.networks import PretrainModel
+    from scpretrain_dist.train.steps import pretrain_step
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + config["iteration"])
+    labels = PseudoLabels.load(config["labels_path"])
+    datasets = config["datasets"]
+    shard = CellShard.load(
+        AtlasLocator(**config["locator"]), datasets, labels, rank, world, seed=config["seed"]
+    )
+    ks = [labels.ks[d] for d in datasets]
+    model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"])
+    if config.get("init_encoder"):
+        enc = load_encoder(config["init_encoder"])
+        with torch.no_grad():
+            model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
+            model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(config["tracking_uri"])
+    n_epochs = config["epochs"]
+    for epoch in range(n_epochs):
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
+        model.train()
+        for x, didx, lab in shard.batches(config["batch_size"], config["seed"], epoch + 1000 * config["iteration"], device):
+            out = pretrain_step(model, x, didx, lab, optimizer)
+            n = len(didx)
+            sums += torch.tensor([out.total.item() * n, out.accuracy * n, n], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        metrics = {
+            "iteration": config["iteration"],
+            "epoch": epoch,
+            "loss": float(sums[0] / sums[2]),
+            "pseudo_label_accuracy": float(sums[1] / sums[2]),
+            "cells_per_second_per_worker": float(sums[2] / world / (time.perf_counter() - t0)),
+        }
+        step = config["iteration"] * n_epochs + epoch
+        if client is not None:  # side effects on rank 0 only
+            for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
+                client.log_metric(config["mlflow_run_id"], f"pretrain_{key}", metrics[key], step=step)
+        checkpoint = None
+        if epoch == n_epochs - 1 and rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="scp-ckpt-"))
+            enc = getattr(model, "module", model).encoder
+            torch.save({"weight": enc.weight.detach().cpu(), "bias": enc.bias.detach().cpu()}, tmp / ENCODER_FILE)
+            (tmp / META_FILE).write_text(json.dumps({k: config[k] for k in ("iteration", "datasets", "labels_path", "locator")} | {"metrics": metrics}))
+            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, list[dict]]:
+    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir."""
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    p = cfg.pretrain
+    trainer = TorchTrainer(
+        pretrain_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}),
+        ),
+        run_config=RayRunConfig(
+            name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve())
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result.checkpoint.path, result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+
+
+def pretrain(
+    cfg: RunConfig,
+    datasets: list[str],
+    tag: str = "all",
+    mlflow_run_id: str | None = None,
+    log=print,
+) -> PretrainResult:
+    """Run iterations of (cluster, train) on ``datasets``; Ray must be initialised."""
+    t_start = time.perf_counter()
+    if not datasets:
+        raise ValueError("pretraining needs at least one dataset")
+    store = AtlasStore(cfg.store_uri)
+    locator = store.locator.pinned()
+    n_genes = len(AtlasStore(locator.uri, locator.timestamp_ms).genes())
+    out_dir = Path(cfg.work_dir) / "pretrain" / tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = None
+    if mlflow_run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(cfg.tracking_uri)
+    p = cfg.pretrain
+    history: list[dict] = []
+    encoder_path: str | None = None
+    t0 = time.perf_counter()
+    labels = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, version=0)
+    log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
+    stopped_early = False
+    it = 0
+    for it in range(p.iterations):
+        labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
+        loop_config = {
+            "locator": asdict(locator),
+            "datasets": datasets,
+            "labels_path": str(labels_path.resolve()),
+            "n_genes": n_genes,
+            "dim": cfg.model.embedding_dim,
+            "head_activation": cfg.model.head_activation,
+            "lr": p.lr,
+            "epochs": p.epochs,
+            "batch_size": p.batch_size,
+            "seed": p.seed,
+            "iteration": it,
+            "init_encoder": encoder_path,
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": cfg.tracking_uri,
+        }
+        t0 = time.perf_counter()
+        ckpt_dir, epochs = _fit_iteration(cfg, loop_config, f"pretrain-{tag}-it{it:02d}")
+        encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
+        last = epochs[-1] if epochs else {}
+        entry = {"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
+                 "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir}
+        log(f"  iteration {it}: loss {entry['loss']:.3f}, pseudo-label accuracy "
+            f"{entry['pseudo_label_accuracy']:.3f}, {entry['train_seconds']:.1f}s")
+        if it == p.iterations - 1:
+            history.append(entry)
+            break
+        t0 = time.perf_counter()
+        new = refresh_pseudo_labels(
+            locator, datasets, cfg.pseudolabel, version=it + 1, encoder=load_encoder(encoder_path)
+        )
+        nmi = agreement(labels, new)
+        entry.update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
+        history.append(entry)
+        if client is not None:
+            client.log_metric(mlflow_run_id, "pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
+            client.log_metric(mlflow_run_id, "pseudo_label_nmi_min", nmi["min"], step=it + 1)
+        log(f"  pseudo-labels v{it + 1} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, min {nmi['min']:.3f}")
+        labels = new
+        if nmi["min"] >= p.nmi_stop:
+            stopped_early = True
+            log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {it}")
+            break
+    result = PretrainResult(
+        encoder_path=encoder_path, datasets=list(datasets), iterations_run=it + 1,
+        stopped_early=stopped_early, history=history, seconds=time.perf_counter() - t_start,
+    )
+    (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str))
+    if client is not None:
+        client.log_artifact(mlflow_run_id, str(out_dir / "result.json"), "pretrain")
+    return result
