@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-VALUE_TYPES = ("auto", "counts", "lognorm")
+VALUE_TYPES = ("auto", "counts", "lognorm", "log2norm")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

@@ -8,16 +8,36 @@ import scipy.sparse as sp
 TARGET_SUM = 1e4
 
 
+VALUE_TYPES = ("counts", "lognorm", "log2norm")
+# log1p of a cell's values scaled to 1e6 stays below ~13.8; above that, non-integer values are
+# either log2-scaled (scater's logNormCounts) or linear (TPM, estimated counts).
+_MAX_LN = float(np.log1p(1e6))
+_MAX_LOG2 = 30.0
+
+
 def detect_value_type(X: sp.spmatrix | np.ndarray, sample: int = 200_000) -> str:
-    """"counts" when the stored values are whole numbers, else "lognorm"."""
+    """"counts" for whole numbers or large linear values (TPM, estimated counts), "lognorm"
+    for natural-log values, "log2norm" for log2 values."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     data = data[data != 0]
     if data.size == 0:
         return "counts"
+    vmax = float(data.max())
     if data.size > sample:
         data = data[:: data.size // sample]
     frac_non_integer = np.mean(np.abs(data - np.round(data)) > 1e-3)
-    return "counts" if frac_non_integer < 1e-3 else "lognorm"
+    if frac_non_integer < 1e-3 or vmax > _MAX_LOG2:
+        return "counts"
+    return "lognorm" if vmax <= _MAX_LN else "log2norm"
+
+
+def to_linear(values: np.ndarray, value_type: str) -> np.ndarray:
+    """Undo the log of log-normalised values (clipped so no value overflows float32)."""
+    if value_type == "lognorm":
+        return np.expm1(np.minimum(values, 80.0))
+    if value_type == "log2norm":
+        return np.exp2(np.minimum(values, 120.0)) - 1.0
+    return values
 
 
 def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str) -> sp.csr_matrix:
@@ -27,14 +47,14 @@ def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str) -> sp.csr_ma
     makes any natural-log CP-whatever input consistent with counts.
     """
     X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    if isinstance(value_types, str):
-        lognorm_rows = np.full(X.shape[0], value_types == "lognorm")
-    else:
-        lognorm_rows = np.asarray(value_types) == "lognorm"
-    if lognorm_rows.any():
-        row_of = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-        sel = lognorm_rows[row_of]
-        X.data[sel] = np.expm1(X.data[sel])
+    types = np.full(X.shape[0], value_types, dtype=object) if isinstance(value_types, str) else np.asarray(value_types)
+    row_of = None
+    for vt in ("lognorm", "log2norm"):
+        rows = types == vt
+        if rows.any():
+            row_of = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr)) if row_of is None else row_of
+            sel = rows[row_of]
+            X.data[sel] = to_linear(X.data[sel], vt)
     lib = np.asarray(X.sum(1)).ravel()
     scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
     X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)
@@ -44,9 +64,7 @@ def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str) -> sp.csr_ma
 
 def normalize_dense(X: np.ndarray, value_type: str) -> np.ndarray:
     """Dense twin of :func:`normalize_rows` for request-sized inputs."""
-    X = np.asarray(X, dtype=np.float32)
-    if value_type == "lognorm":
-        X = np.expm1(X)
+    X = to_linear(np.asarray(X, dtype=np.float32), value_type)
     lib = X.sum(1, keepdims=True)
     X = X * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
     return np.log1p(X)

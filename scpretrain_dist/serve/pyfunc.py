@@ -94,8 +94,8 @@ class Annotator:
         X, overlap, _ = self.align(df)
         if value_type == "auto":
             value_type = detect_value_type(X)
-        if value_type not in ("counts", "lognorm"):
-            raise InputError(f"value_type {value_type!r} must be auto, counts or lognorm")
+        if value_type not in ("counts", "lognorm", "log2norm"):
+            raise InputError(f"value_type {value_type!r} must be auto, counts, lognorm or log2norm")
         X = normalize_dense(X, value_type)
         emb = _sigmoid(X @ self.w["enc_w"] + self.w["enc_b"])
         h = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])

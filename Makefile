@@ -1,0 +1,30 @@
+# Two entry points: `make quickstart` and `make test`. Both build .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+WORK ?= scpretrain_work
+
+.PHONY: venv quickstart test lint clean
+
+$(BIN)/scpretrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned to a release the project's range admits (a CPU wheel where one is
+	# available locally; GPU machines install their CUDA build of a release in range instead)
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/scpretrain
+
+quickstart: venv
+	$(BIN)/scpretrain quickstart --work-dir $(WORK)
+
+test: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check scpretrain_dist tests
+
+clean:
+	rm -rf $(WORK)

@@ -1,0 +1,124 @@
+"""The quickstart as a user runs it: a subprocess with real Ray, a SOMA store on disk and
+MLflow on sqlite in a temp dir. One pipeline run serves every check in this module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def scpretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", *args],
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scpretrain {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qs") / "work"
+    proc = scpretrain("quickstart", "--work-dir", str(work))
+    return work, proc
+
+
+def test_prints_pretrained_vs_baseline_table(run):
+    work, proc = run
+    assert "scpretrain" in proc.stdout and "no_pretrain" in proc.stdout and "logreg" in proc.stdout
+    assert "registered models:/scpretrain-annotator/1 with alias @champion" in proc.stdout
+
+
+def test_report_rows_and_splits(run):
+    work, _ = run
+    report = json.loads((work / "report" / "report.json").read_text())
+    rows = report["rows"]
+    assert {r["method"] for r in rows} == {"scpretrain", "no_pretrain", "logreg"}
+    for r in rows:
+        assert r["dataset"] == "demo_03"
+        for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
+            assert 0.0 <= r[k] <= 1.0
+    # the synthetic types are learnable: every method beats chance (1/6) by far
+    assert min(r["accuracy"] for r in rows) > 0.6
+    (split,) = report["splits"]
+    train, val, test = map(set, (split["train"], split["val"], split["test"]))
+    assert not (train & val or train & test or val & test)
+    assert len(test) == 150 and len(val) == 50 and len(train) == 300
+    assert (work / "report" / "report.md").read_text().startswith("# scPretrain evaluation")
+
+
+def test_target_never_seen_in_pretraining(run):
+    work, _ = run
+    (result,) = list((work / "pretrain").glob("*/result.json"))
+    res = json.loads(result.read_text())
+    assert res["datasets"] == ["demo_00", "demo_01", "demo_02"]
+    assert res["iterations_run"] == 2
+    labels = np.load(Path(result).parent / "pseudo_labels_v1.npz")
+    assert "labels/demo_03" not in labels.files
+    # k = n / (50, 100, 200) with 500 cells per dataset
+    assert labels["ks/demo_00"].tolist() == [10, 5, 2]
+    assert Path(res["encoder_path"]).exists()
+
+
+def test_mlflow_runs_nested_with_metrics_and_registry(run):
+    work, _ = run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("scpretrain")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"quickstart", "ingest", "pretrain", "finetune-evaluate"} <= set(by_name)
+    parent = by_name["quickstart"].info.run_id
+    for child in ("ingest", "pretrain", "finetune-evaluate"):
+        assert by_name[child].data.tags["mlflow.parentRunId"] == parent
+    assert by_name["quickstart"].data.params["pretrain.epochs"] == "6"
+    pre = by_name["pretrain"].info.run_id
+    losses = client.get_metric_history(pre, "pretrain_loss")
+    assert len(losses) == 2 * 6  # iterations x epochs, logged once (rank 0 only)
+    assert len(client.get_metric_history(pre, "pseudo_label_nmi_mean")) == 1
+    mv = client.get_model_version_by_alias("scpretrain-annotator", "champion")
+    assert mv.tags["finetune_dataset"] == "demo_03"
+    assert "demo_03" not in json.loads(mv.tags["pretrain_datasets"])
+    assert mv.tags["encoder_run"] == pre
+
+
+def test_registered_model_annotates_target(run):
+    work, _ = run
+    import anndata as ad
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/scpretrain-annotator@champion")
+    adata = ad.read_h5ad(work / "demo_data" / "demo_03.h5ad")
+    import pandas as pd
+
+    df = pd.DataFrame(adata.X.toarray(), columns=list(adata.var_names))
+    pred = model.predict(df)
+    acc = float(np.mean(pred["cell_type"].to_numpy() == adata.obs["cell_type"].to_numpy()))
+    assert acc > 0.8
+    assert pred["confidence"].between(0, 1).all()
+    listing = scpretrain("models", "list", "--work-dir", str(work)).stdout
+    assert "models:/scpretrain-annotator/1" in listing and "champion" in listing
+
+
+def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path):
+    work, _ = run
+    from scpretrain_dist.store import AtlasStore
+
+    store = AtlasStore(work / "atlas.soma")
+    before = [r.name for r in store.datasets()], store.genes().tolist()
+    out = scpretrain("ingest", str(work / "demo_data"), "--work-dir", str(work)).stdout
+    assert "already in the atlas" in out and "0 added" in out
+    bad = tmp_path / "broken.h5ad"
+    bad.write_bytes(b"this is not an HDF5 file")
+    proc = scpretrain("ingest", str(bad), "--work-dir", str(work), check=False)
+    assert proc.returncode == 2
+    assert "broken" in proc.stderr and "not a readable .h5ad" in proc.stderr
+    assert ([r.name for r in store.datasets()], store.genes().tolist()) == before
