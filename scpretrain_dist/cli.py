@@ -128,6 +128,20 @@ def cmd_models(args) -> None:
             print(f"    pretrained on {tags.get('pretrain_datasets', '?')}; store {tags.get('store_uri', '?')}@{tags.get('store_version', '?')}")
 
 
+def cmd_serve(args) -> None:
+    """MLflow's scoring server for a registered annotator, on 127.0.0.1 unless told otherwise."""
+    import os
+
+    cfg = _config(args)
+    bin_dir = str(Path(sys.executable).parent)  # uvicorn and mlflow live beside this python
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+               MLFLOW_TRACKING_URI=cfg.tracking_uri)
+    cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", args.model, "--env-manager", "local",
+           "-h", args.host, "-p", str(args.port), "--workers", "1"]
+    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations")
+    os.execvpe(cmd[0], cmd, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data", help="folder of .h5ad files or a catalog TOML instead of demo data")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="serve a registered model over HTTP (MLflow scoring server)")
+    _common(p)
+    p.add_argument("--model", default="models:/scpretrain-annotator@champion")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="registered models with their lineage")
     _common(p)

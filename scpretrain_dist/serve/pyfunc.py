@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - mlflow is a core dependency
 
 WEIGHTS = "weights.npz"
 META = "annotator.json"
+MAX_CELLS_PER_REQUEST = 100_000  # larger jobs belong to batch annotation
 
 
 class InputError(ValueError):
@@ -64,6 +65,11 @@ class Annotator:
         """Cells x model genes (missing genes zero, extra ignored), overlap fraction, matches."""
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
             raise InputError("the request holds no cells or no gene columns; send a table of cells x gene symbols")
+        if df.shape[0] > MAX_CELLS_PER_REQUEST:
+            raise InputError(
+                f"the request holds {df.shape[0]} cells, more than {MAX_CELLS_PER_REQUEST} per request; "
+                "split it, or use `scpretrain annotate` for whole datasets"
+            )
         cols = [str(c).upper() for c in df.columns]
         if len(set(cols)) != len(cols):
             raise InputError("the request repeats gene columns (case-insensitive); send each gene once")

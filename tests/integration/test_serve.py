@@ -1,0 +1,125 @@
+"""A registered annotator behind MLflow's real scoring server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scpretrain_dist import recipes
+from scpretrain_dist.config import resolve
+from scpretrain_dist.model.networks import CellTypeClassifier
+
+pytestmark = pytest.mark.slow
+GENES = [f"GENE{i}" for i in range(60)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, payload) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def frame(df: pd.DataFrame) -> dict:
+    return {"dataframe_split": {"columns": list(df.columns), "data": df.to_numpy().tolist()}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import mlflow
+
+    from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
+
+    work = tmp_path_factory.mktemp("serve")
+    cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"'])
+    setup(cfg)
+    model = CellTypeClassifier(len(GENES), 3)
+    rng = np.random.default_rng(0)
+    counts = pd.DataFrame(rng.poisson(3, (20, len(GENES))).astype(float), columns=GENES)
+    with mlflow.start_run():
+        log_annotator(model, np.array(GENES), np.array(["B", "T", "NK"]), counts.head(2),
+                      {"finetune_dataset": "synthetic"}, "annot", "champion")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scpretrain_dist.cli", "serve", "--model", "models:/annot@champion",
+         "--port", str(port), "--work-dir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("scoring server did not come up in 120 s")
+    loaded = mlflow.pyfunc.load_model("models:/annot@champion")
+    yield port, loaded, counts
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_predictions_equal_in_process(server):
+    port, loaded, counts = server
+    # shuffled columns, lower case, one extra gene, one missing gene
+    df = counts.drop(columns=["GENE5"]).assign(NOTAGENE=1.0)
+    df = df[list(reversed(df.columns))]
+    df.columns = [c.lower() for c in df.columns]
+    status, body = post(port, frame(df))
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    local = loaded.predict(df)
+    assert served["cell_type"].tolist() == local["cell_type"].tolist()
+    np.testing.assert_allclose(served["confidence"], local["confidence"], rtol=1e-5)
+    assert served["gene_overlap"].iloc[0] == pytest.approx(59 / 60)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        ({"dataframe_split": {"columns": ["GENE1", "GENE2"], "data": [["a", "b"]]}}, "numeric"),
+        ({"dataframe_split": {"columns": ["XYZ1", "XYZ2"], "data": [[1, 2]]}}, "genes"),
+        ({"dataframe_split": {"columns": GENES, "data": [[None] * len(GENES)]}}, "nan"),
+        ({"dataframe_split": {"columns": GENES, "data": []}}, "no cells"),
+        (b"{not json", ""),
+    ],
+)
+def test_malformed_requests_get_4xx_and_server_keeps_serving(server, payload, words):
+    port, loaded, counts = server
+    status, body = post(port, payload)
+    assert 400 <= status < 500
+    assert words.lower() in json.dumps(body).lower()
+    ok, _ = post(port, frame(counts.head(3)))
+    assert ok == 200
+
+
+def test_huge_request_refused(server):
+    port, loaded, counts = server
+    big = {"dataframe_split": {"columns": GENES[:20], "data": [[1.0] * 20] * 100_001}}
+    status, body = post(port, big)
+    assert 400 <= status < 500
+    assert "per request" in json.dumps(body)
+    assert post(port, frame(counts.head(1)))[0] == 200

@@ -1,0 +1,140 @@
+"""Shared fixtures for the unit tests: small synthetic atlases, h5ad writers and store snapshots.
+
+Everything here is local and small: no Ray, no MLflow server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scpretrain_dist.catalog import load_catalog
+from scpretrain_dist.catalog.synthetic import write_demo_atlas
+from scpretrain_dist.config import DemoDataConfig
+from scpretrain_dist.store import AtlasStore
+
+SMALL_DEMO = DemoDataConfig(
+    n_datasets=3,
+    cells_per_dataset=60,
+    n_genes=80,
+    n_types=3,
+    markers_per_type=8,
+    genes_kept=0.8,
+    seed=0,
+)
+
+
+def write_h5ad(path, X, genes, labels=None, obs_names=None, uns=None):
+    """Write an .h5ad with ``X`` (dense or sparse) over ``genes`` and return its path."""
+    import anndata as ad
+
+    n = X.shape[0]
+    obs_names = obs_names if obs_names is not None else [f"cell{i:04d}" for i in range(n)]
+    obs = pd.DataFrame(index=pd.Index([str(o) for o in obs_names]))
+    if labels is not None:
+        obs["cell_type"] = list(labels)
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index([str(g) for g in genes])))
+    if uns:
+        adata.uns.update(uns)
+    path = Path(path)
+    adata.write_h5ad(path)
+    return path
+
+
+def read_h5ad(path):
+    import anndata as ad
+
+    return ad.read_h5ad(path)
+
+
+def log1p_cp10k(counts) -> np.ndarray:
+    """Reference normalisation in float64: log1p(counts / library size * 1e4)."""
+    counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    lib = counts.sum(1, keepdims=True)
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(counts * scale)
+
+
+def store_snapshot(store: AtlasStore) -> dict:
+    """Everything a reader could see: the registry, gene space, masks and the whole X layer."""
+    import tiledbsoma as soma
+
+    records = store.datasets()
+    with soma.Experiment.open(store.uri) as exp:
+        X = exp.ms["RNA"].X["counts"]
+        tbl = X.read().tables().concat()
+        meta = {k: v for k, v in exp.metadata.items() if str(k).startswith("scpretrain.")}
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+    order = np.lexsort((tbl["soma_dim_1"].to_numpy(), tbl["soma_dim_0"].to_numpy()))
+    return {
+        "records": records,
+        "genes": list(store.genes()),
+        "metadata": meta,
+        "obs": obs,
+        "rows": tbl["soma_dim_0"].to_numpy()[order],
+        "cols": tbl["soma_dim_1"].to_numpy()[order],
+        "data": tbl["soma_data"].to_numpy()[order],
+    }
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a["records"] == b["records"]
+    assert a["genes"] == b["genes"]
+    assert a["metadata"] == b["metadata"]
+    pd.testing.assert_frame_equal(a["obs"], b["obs"])
+    np.testing.assert_array_equal(a["rows"], b["rows"])
+    np.testing.assert_array_equal(a["cols"], b["cols"])
+    np.testing.assert_array_equal(a["data"], b["data"])
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The helper functions above, as a fixture (tests never import conftest directly)."""
+    return SimpleNamespace(
+        write_h5ad=write_h5ad,
+        read_h5ad=read_h5ad,
+        log1p_cp10k=log1p_cp10k,
+        store_snapshot=store_snapshot,
+        assert_same_snapshot=assert_same_snapshot,
+        small_demo=SMALL_DEMO,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small demo atlas (3 datasets x 60 cells x 80 genes) written once per session.
+
+    Treat it as read-only; copy files before changing them.
+    """
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_atlas(out, SMALL_DEMO)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_entries(demo_dir):
+    return load_catalog(demo_dir / "catalog.toml")
+
+
+@pytest.fixture
+def demo_store(tmp_path, demo_entries) -> AtlasStore:
+    """A fresh store with the three demo datasets ingested."""
+    store = AtlasStore.create(tmp_path / "atlas.soma")
+    store.ingest(demo_entries, log=lambda m: None)
+    return store
+
+
+@pytest.fixture
+def copy_file(tmp_path):
+    def _copy(src, name):
+        dst = tmp_path / name
+        shutil.copy(src, dst)
+        return dst
+
+    return _copy
