@@ -140,7 +140,9 @@ class RunConfig:
 
     @property
     def store_uri(self) -> str:
-        return self.store.uri or str(Path(self.work_dir) / "atlas.soma")
+        """Absolute: Ray workers and actors run in other working directories."""
+        uri = self.store.uri or str(Path(self.work_dir) / "atlas.soma")
+        return uri if "://" in uri else str(Path(uri).resolve())
 
     @property
     def tracking_uri(self) -> str:

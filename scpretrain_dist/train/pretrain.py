@@ -137,7 +137,7 @@ def pretrain(
     if not datasets:
         raise ValueError("pretraining needs at least one dataset")
     store = AtlasStore(cfg.store_uri)
-    locator = store.locator.pinned()
+    locator = store.locator.pinned()  # every worker and actor reads this same version
     n_genes = len(AtlasStore(locator.uri, locator.timestamp_ms).genes())
     out_dir = Path(cfg.work_dir) / "pretrain" / tag
     out_dir.mkdir(parents=True, exist_ok=True)
