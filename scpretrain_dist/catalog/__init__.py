@@ -1,5 +1,10 @@
 """Dataset entries (what a dataset is and where it lives) and the synthetic demo atlas."""
 
-from scpretrain_dist.catalog.entries import CatalogError, DatasetEntry, entries_from_paths, load_catalog
+from scpretrain_dist.catalog.entries import (
+    CatalogError,
+    DatasetEntry,
+    entries_from_paths,
+    load_catalog,
+)
 
 __all__ = ["CatalogError", "DatasetEntry", "entries_from_paths", "load_catalog"]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 VALUE_TYPES = ("auto", "counts", "lognorm", "log2norm")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -40,6 +41,7 @@ class DatasetEntry:
 def entries_from_paths(paths: list[str | Path]) -> list[DatasetEntry]:
     """One entry per ``.h5ad`` file; a folder contributes every ``.h5ad`` inside it, sorted."""
     files: list[Path] = []
+    listed: list[DatasetEntry] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(p.glob("*.h5ad"))
@@ -47,17 +49,18 @@ def entries_from_paths(paths: list[str | Path]) -> list[DatasetEntry]:
                 raise CatalogError(f"folder {p} holds no .h5ad files")
             files.extend(found)
         elif p.suffix == ".toml":
-            return load_catalog(p)
+            listed.extend(load_catalog(p))
         elif p.exists():
             files.append(p)
         else:
             raise CatalogError(f"input {p} does not exist")
-    seen: dict[str, Path] = {}
-    for f in files:
-        if f.stem in seen:
-            raise CatalogError(f"two files give the dataset name {f.stem!r}: {seen[f.stem]} and {f}")
-        seen[f.stem] = f
-    return [DatasetEntry(name=f.stem, path=str(f)) for f in files]
+    entries = listed + [DatasetEntry(name=f.stem, path=str(f)) for f in files]
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.name in seen:
+            raise CatalogError(f"two inputs give the dataset name {e.name!r}: {seen[e.name]} and {e.path}")
+        seen[e.name] = e.path
+    return entries
 
 
 def load_catalog(path: str | Path, root: str | Path | None = None) -> list[DatasetEntry]:

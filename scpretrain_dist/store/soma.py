@@ -18,9 +18,9 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -169,7 +169,8 @@ def prepare_dataset(entry: DatasetEntry) -> PreparedDataset:
         symbols = pd.Index(uniques)
     value_type = detect_value_type(X) if entry.value_type == "auto" else entry.value_type
     if entry.label_key in adata.obs:
-        labels = adata.obs[entry.label_key].astype(str).fillna(UNKNOWN_LABEL).to_numpy()
+        col = adata.obs[entry.label_key]
+        labels = col.astype(object).where(col.notna(), UNKNOWN_LABEL).astype(str).to_numpy()
     else:
         labels = np.full(adata.n_obs, UNKNOWN_LABEL, dtype=object)
     n_types = len(set(labels) - {UNKNOWN_LABEL, "nan", ""})

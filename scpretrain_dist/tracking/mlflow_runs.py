@@ -50,7 +50,7 @@ def log_annotator(
     model,
     genes: np.ndarray,
     classes: np.ndarray,
-    example: "pd.DataFrame",  # noqa: F821
+    example: pd.DataFrame,  # noqa: F821
     lineage: dict,
     registered_model: str,
     alias: str,

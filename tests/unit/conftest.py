@@ -6,13 +6,16 @@ Everything here is local and small: no Ray, no MLflow server.
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from scpretrain_dist.catalog import load_catalog
 from scpretrain_dist.catalog.synthetic import write_demo_atlas
@@ -93,6 +96,29 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
     np.testing.assert_array_equal(a["data"], b["data"])
 
 
+@contextmanager
+def single_thread():
+    """One thread each for torch and faiss, restored afterwards. The unit tests use tiny
+    tensors, and several OpenMP threads spinning on a busy 2-core machine make a tiny training
+    loop up to 50x slower."""
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Every unit test runs single-threaded; other suites in the same process are unaffected.
+    (Module- and session-scoped fixtures that compute use ``helpers.single_thread()``.)"""
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The helper functions above, as a fixture (tests never import conftest directly)."""
@@ -103,6 +129,7 @@ def helpers():
         store_snapshot=store_snapshot,
         assert_same_snapshot=assert_same_snapshot,
         small_demo=SMALL_DEMO,
+        single_thread=single_thread,
     )
 
 

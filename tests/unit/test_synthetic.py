@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scpretrain_dist.catalog import load_catalog
+from scpretrain_dist.catalog import CatalogError, entries_from_paths, load_catalog
 from scpretrain_dist.catalog.synthetic import gene_symbols, write_demo_atlas
 from scpretrain_dist.config import DemoDataConfig
 
@@ -102,3 +102,26 @@ def test_catalog_loads(atlases):
     assert all(e.label_key == "cell_type" for e in entries)
     assert all(e.group == "demo" and e.tissue == "synthetic" for e in entries)
     assert len({e.technology for e in entries}) == 3
+
+
+def test_entries_from_a_folder(atlases):
+    folder = atlases["a"][0].parent
+    entries = entries_from_paths([folder])
+    assert [e.name for e in entries] == ["demo_00", "demo_01", "demo_02"]
+    assert all(e.value_type == "auto" and e.label_key == "cell_type" for e in entries)
+
+
+@pytest.mark.parametrize("toml_first", [False, True])
+def test_a_catalog_next_to_other_inputs_drops_nothing(atlases, toml_first, tmp_path):
+    import shutil
+
+    catalog = atlases["a"][0].parent / "catalog.toml"
+    extra = tmp_path / "extra.h5ad"
+    shutil.copy(atlases["c"][0], extra)
+    inputs = [catalog, extra] if toml_first else [extra, catalog]
+    try:
+        entries = entries_from_paths(inputs)
+    except CatalogError:
+        return  # refusing the mix outright would be fine too
+    names = {e.name for e in entries}
+    assert {"extra", "demo_00", "demo_01", "demo_02"} <= names

@@ -1,0 +1,131 @@
+"""K-means pseudo-labels: recovery of clear clusters, sharded Lloyd steps, bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from scpretrain_dist.pseudolabel.kmeans import cluster_partitions, kmeans, lloyd_step, n_clusters
+from scpretrain_dist.pseudolabel.pool import PseudoLabels, agreement
+
+
+def blobs(n_per=80, k=4, d=10, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 6, (k, d))
+    x = np.concatenate([c + rng.normal(0, spread, (n_per, d)) for c in centers])
+    y = np.repeat(np.arange(k), n_per)
+    perm = rng.permutation(len(y))
+    return x[perm].astype(np.float32), y[perm]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_separated_blobs(seed):
+    x, y = blobs(seed=seed)
+    res = kmeans(x, 4, niter=20, seed=seed)
+    assert res.labels.shape == (len(y),) and res.labels.dtype == np.int64
+    assert res.centroids.shape == (4, x.shape[1])
+    assert adjusted_rand_score(y, res.labels) > 0.95
+    # the objective is the summed squared distance to the assigned centroid
+    d2 = ((x - res.centroids[res.labels]) ** 2).sum()
+    assert res.objective == pytest.approx(d2, rel=1e-3)
+    assert res.seconds >= 0
+
+
+def test_kmeans_is_deterministic_by_seed():
+    x, _ = blobs(k=6, spread=2.0)
+    a, b = kmeans(x, 6, niter=10, seed=3), kmeans(x, 6, niter=10, seed=3)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("k", [0, 321])
+def test_kmeans_refuses_impossible_k(k):
+    x, _ = blobs()
+    with pytest.raises(ValueError, match="k="):
+        kmeans(x, k)
+
+
+def test_n_clusters():
+    assert n_clusters(1000, (50, 100, 200), 2) == [20, 10, 5]
+    assert n_clusters(600, (50, 100, 200), 2) == [12, 6, 3]
+    assert n_clusters(150, (50, 100, 200), 2) == [3, 2, 2]
+    assert n_clusters(60, (50, 100, 200), 2) == [2, 2, 2]  # never below min_k
+    assert n_clusters(1, (50, 100, 200), 2) == [1, 1, 1]  # never above the number of cells
+    assert n_clusters(300, (50, 100, 200), 5) == [6, 5, 5]
+    ks = n_clusters(12345, (50, 100, 200), 2)
+    assert all(isinstance(k, int) for k in ks)
+    assert ks == sorted(ks, reverse=True)
+
+
+def test_lloyd_step_over_shards_equals_one_pass():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    centroids = x[[0, 50, 100, 150, 200]].copy()
+    labels, sums, counts, obj = lloyd_step(x, centroids)
+    assert counts.sum() == len(x) and (counts > 0).all()
+    new_full = sums / counts[:, None]
+    # the update is the mean of the points assigned to each centroid
+    for c in range(len(centroids)):
+        np.testing.assert_allclose(new_full[c], x[labels == c].mean(0), rtol=1e-5, atol=1e-6)
+
+    shards = np.split(x, [100, 220])  # 3 shards of unequal size
+    parts = [lloyd_step(s, centroids) for s in shards]
+    total_sums = sum(p[1] for p in parts)
+    total_counts = sum(p[2] for p in parts)
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), labels)
+    np.testing.assert_array_equal(total_counts, counts)
+    np.testing.assert_allclose(total_sums / total_counts[:, None], new_full, rtol=1e-10, atol=1e-10)
+    assert sum(p[3] for p in parts) == pytest.approx(obj, rel=1e-5)
+
+
+def test_cluster_partitions_shape():
+    x, y = blobs(n_per=40, k=5, d=6)
+    ks = [5, 3, 2]
+    labels, objectives = cluster_partitions(x, ks, niter=10, seed=0)
+    assert labels.shape == (len(x), len(ks)) and labels.dtype == np.int64
+    for p, k in enumerate(ks):
+        assert labels[:, p].min() >= 0 and labels[:, p].max() < k
+        assert len(np.unique(labels[:, p])) == k
+    assert len(objectives) == len(ks) and all(np.isfinite(objectives))
+    assert objectives[0] < objectives[-1]  # more clusters fit better
+    assert adjusted_rand_score(y, labels[:, 0]) > 0.95
+
+
+def _pl(labels: dict, version=0, space="expression"):
+    return PseudoLabels(version, labels, {d: [int(v.max()) + 1 for v in lab.T] for d, lab in labels.items()}, space)
+
+
+def test_agreement_of_identical_and_relabelled_partitions():
+    rng = np.random.default_rng(0)
+    a = {"d1": rng.integers(0, 5, (200, 2)), "d2": rng.integers(0, 3, (120, 2))}
+    out = agreement(_pl(a), _pl({k: v.copy() for k, v in a.items()}))
+    assert set(out) == {"d1/p0", "d1/p1", "d2/p0", "d2/p1", "mean", "min"}
+    assert all(v == pytest.approx(1.0) for v in out.values())
+    # renaming clusters does not change the agreement
+    relabelled = {d: (v + 7) * 3 for d, v in a.items()}
+    assert agreement(_pl(a), _pl(relabelled))["min"] == pytest.approx(1.0)
+    # unrelated labels agree poorly; datasets missing before are skipped
+    other = {"d1": rng.integers(0, 5, (200, 2)), "new": rng.integers(0, 3, (50, 2))}
+    out = agreement(_pl(a), _pl(other))
+    assert set(out) == {"d1/p0", "d1/p1", "mean", "min"}
+    assert out["mean"] < 0.2
+
+
+def test_pseudo_labels_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = {
+        "demo_00": rng.integers(0, 12, (60, 3)).astype(np.int64),
+        "mouse.v2-b": rng.integers(0, 6, (25, 3)).astype(np.int64),
+    }
+    ks = {"demo_00": [12, 6, 3], "mouse.v2-b": [6, 2, 2]}
+    pl = PseudoLabels(4, labels, ks, "embedding", stats={"demo_00": {"n_cells": 60}})
+    path = pl.save(tmp_path / "sub" / "labels.npz")
+    assert path.exists()
+    back = PseudoLabels.load(path)
+    assert back.version == 4
+    assert back.space == "embedding"
+    assert back.ks == ks
+    assert set(back.labels) == set(labels)
+    for d in labels:
+        np.testing.assert_array_equal(back.labels[d], labels[d])
+        assert back.labels[d].dtype == np.int64

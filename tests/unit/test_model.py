@@ -1,0 +1,194 @@
+"""Encoder, multi-task heads, one pretraining step, encoder transfer and fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scpretrain_dist.config import FinetuneConfig, ModelConfig
+from scpretrain_dist.model import (
+    CellTypeClassifier,
+    Encoder,
+    MultiTaskHeads,
+    PretrainModel,
+    SparseBatch,
+)
+from scpretrain_dist.train.finetune import finetune, gene_index, predict_proba
+from scpretrain_dist.train.steps import pretrain_step
+
+
+def _random_csr(n, g, density=0.2, seed=0):
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, g, density=density, format="csr", random_state=seed, dtype=np.float32)
+    X.data = rng.uniform(0.5, 4.0, X.nnz).astype(np.float32)
+    X = X.tolil()
+    X[3, :] = 0  # an empty cell
+    X[n - 1, :] = 0  # and a trailing one (an empty last bag)
+    return X.tocsr()
+
+
+def test_sparse_input_equals_dense_input():
+    torch.manual_seed(0)
+    enc = Encoder(50, 16)
+    X = _random_csr(20, 50)
+    sparse = SparseBatch.from_csr(X)
+    assert len(sparse) == 20
+    dense = torch.from_numpy(X.toarray())
+    with torch.no_grad():
+        out_s, out_d = enc(sparse), enc(dense)
+        assert out_s.shape == (20, 16)
+        torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc.embed(sparse), torch.sigmoid(out_d), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_s[3], enc.bias)  # an empty cell is just the bias
+        torch.testing.assert_close(out_s[-1], enc.bias)
+    # the gradients agree too
+    enc.zero_grad()
+    enc(sparse).pow(2).sum().backward()
+    g_sparse = enc.weight.grad.clone()
+    enc.zero_grad()
+    enc(dense).pow(2).sum().backward()
+    torch.testing.assert_close(g_sparse, enc.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+KS = [[3, 2], [4, 1], [2, 2]]  # (datasets x partitions)
+
+
+@pytest.mark.parametrize("activation", ["none", "sigmoid"])
+def test_heads_mask_logits_to_the_cells_own_dataset(activation):
+    torch.manual_seed(0)
+    heads = MultiTaskHeads(KS, dim=8, activation=activation)
+    assert heads.n_partitions == 2
+    z = torch.randn(12, 8)
+    didx = torch.tensor([0, 1, 2] * 4)
+    out = heads(z, didx)
+    ks = np.array(KS)
+    for p, logits in enumerate(out):
+        assert logits.shape == (12, ks[:, p].sum())
+        starts = np.concatenate([[0], np.cumsum(ks[:, p])])
+        for i, d in enumerate(didx.tolist()):
+            own = np.zeros(logits.shape[1], dtype=bool)
+            own[starts[d] : starts[d + 1]] = True
+            assert torch.isfinite(logits[i, own]).all()
+            assert torch.isneginf(logits[i, ~own]).all()
+    # local cluster ids map into each dataset's block
+    labels = torch.tensor([[k % 2, 0] for k in range(12)])
+    targets = heads.global_targets(labels, didx)
+    for p in range(2):
+        starts = np.concatenate([[0], np.cumsum(ks[:, p])])
+        expected = torch.tensor(starts[didx.numpy()]) + labels[:, p]
+        torch.testing.assert_close(targets[p], expected)
+
+
+def test_heads_refuse_unknown_activation():
+    with pytest.raises(ValueError, match="relu"):
+        MultiTaskHeads(KS, dim=8, activation="relu")
+
+
+def test_pretrain_step_leaves_other_datasets_heads_alone():
+    torch.manual_seed(0)
+    ks = [[3, 2], [4, 3]]
+    model = PretrainModel(n_genes=30, ks=ks, dim=16)
+    X = _random_csr(16, 30, density=0.3, seed=1)
+    didx = torch.zeros(16, dtype=torch.int64)  # dataset 0 only
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.stack([rng.integers(0, 3, 16), rng.integers(0, 2, 16)], 1))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = pretrain_step(model, SparseBatch.from_csr(X), didx, labels, opt)
+    assert torch.isfinite(loss.total)
+    assert len(loss.per_partition) == 2 and 0.0 <= loss.accuracy <= 1.0
+    after = model.state_dict()
+    for p, (k0, _k1) in enumerate(zip(*ks)):
+        w0, w1 = before[f"heads.weights.{p}"], after[f"heads.weights.{p}"]
+        b0, b1 = before[f"heads.biases.{p}"], after[f"heads.biases.{p}"]
+        # dataset 1's rows: bit-for-bit unchanged; dataset 0's rows: trained
+        assert torch.equal(w0[k0:], w1[k0:])
+        assert torch.equal(b0[k0:], b1[k0:])
+        assert not torch.equal(w0[:k0], w1[:k0])
+        assert not torch.equal(b0[:k0], b1[:k0])
+        assert torch.isfinite(w1).all()
+    assert not torch.equal(before["encoder.weight"], after["encoder.weight"])
+
+
+def test_pretrain_loss_decreases_over_steps():
+    torch.manual_seed(0)
+    model = PretrainModel(n_genes=30, ks=[[3], [2]], dim=16)
+    X = _random_csr(40, 30, density=0.4, seed=2)
+    didx = torch.tensor([0, 1] * 20)
+    labels = torch.from_numpy(np.random.default_rng(1).integers(0, 2, (40, 1)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = SparseBatch.from_csr(X)
+    losses = [pretrain_step(model, batch, didx, labels, opt).total.item() for _ in range(30)]
+    assert losses[-1] < losses[0]
+
+
+def test_load_pretrained_encoder_copies_found_genes_only():
+    torch.manual_seed(0)
+    clf = CellTypeClassifier(n_genes=6, n_types=3, dim=8, hidden=5)
+    weight = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    bias = np.arange(8, dtype=np.float32)
+    gidx = np.array([3, -1, 0, 9, -1, 5])
+    before = clf.encoder.weight.detach().clone()
+    n = clf.load_pretrained_encoder(weight, bias, gidx)
+    assert n == 4
+    w = clf.encoder.weight.detach()
+    for i, j in enumerate(gidx):
+        if j >= 0:
+            np.testing.assert_array_equal(w[i].numpy(), weight[j])
+        else:
+            assert torch.equal(w[i], before[i])
+    np.testing.assert_array_equal(clf.encoder.bias.detach().numpy(), bias)
+    assert clf.encoder.weight.requires_grad
+
+
+def test_gene_index_is_case_insensitive_and_honours_the_mask():
+    pretrained = np.array(["CD3E", "ACTB", "GAPDH", "MT1"], dtype=object)
+    genes = np.array(["actb", "Gapdh", "CD3E", "xyz", "Mt1"], dtype=object)
+    np.testing.assert_array_equal(gene_index(genes, pretrained), [1, 2, 0, -1, 3])
+    mask = np.array([True, False, True, False])  # ACTB and MT1 were never measured in pretraining
+    np.testing.assert_array_equal(gene_index(genes, pretrained, mask), [-1, 2, 0, -1, -1])
+    assert gene_index(genes, pretrained).dtype == np.int64
+
+
+def _separable(n, n_genes=24, n_types=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_types
+    X = rng.uniform(0, 0.3, (n, n_genes)).astype(np.float32)
+    block = n_genes // n_types
+    for t in range(n_types):
+        X[y == t, t * block : (t + 1) * block] += 3.0
+    return X, y
+
+
+def test_finetune_learns_an_easy_problem():
+    X_train, y_train = _separable(150, seed=0)
+    X_val, y_val = _separable(60, seed=1)
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=10, patience=3, batch_size=32)
+    res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0)
+    assert res.best_val_accuracy > 0.9
+    assert res.best_val_accuracy == max(res.history)
+    assert res.history[res.best_epoch] == res.best_val_accuracy
+    assert res.epochs_run == len(res.history) <= cfg.max_epochs
+    assert res.n_pretrained_genes == 0
+    proba = predict_proba(res.model, X_val)
+    assert proba.shape == (60, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    # the returned model is the best epoch's
+    assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
+
+
+def test_finetune_from_a_pretrained_encoder_counts_transferred_genes():
+    X_train, y_train = _separable(60, seed=0)
+    X_val, y_val = _separable(30, seed=1)
+    emb = ModelConfig(embedding_dim=16, hidden_dim=8)
+    weight = np.random.default_rng(0).normal(0, 0.1, (30, 16)).astype(np.float32)
+    gidx = np.where(np.arange(24) % 2 == 0, np.arange(24), -1)
+    cfg = FinetuneConfig(lr=1e-2, max_epochs=3, patience=2, batch_size=32)
+    res = finetune(
+        X_train, y_train, X_val, y_val, 3, cfg, emb, seed=0,
+        pretrained={"weight": weight, "bias": np.zeros(16, np.float32), "gene_index": gidx},
+    )
+    assert res.n_pretrained_genes == 12
+    assert res.model.encoder.weight.shape == (24, 16)

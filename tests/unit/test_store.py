@@ -1,0 +1,375 @@
+"""The SOMA atlas store: ingest, gene-space alignment, normalisation and failure atomicity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import tiledbsoma
+
+from scpretrain_dist.catalog import DatasetEntry
+from scpretrain_dist.store import AtlasStore, StoreError
+
+
+def _quiet(_msg):
+    pass
+
+
+def _file_matrix(helpers, path):
+    adata = helpers.read_h5ad(path)
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    return X.astype(np.float64), [str(g) for g in adata.var_names], adata
+
+
+def _columns(store, genes):
+    index = {g: i for i, g in enumerate(store.genes())}
+    return np.array([index[g.upper()] for g in genes])
+
+
+def _counts_file(helpers, path, n_cells=30, genes=None, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    genes = genes if genes is not None else [f"GENE{i}" for i in range(12)]
+    X = rng.poisson(2.0, (n_cells, len(genes))).astype(np.float32)
+    X[:, 0] += 1  # no empty cell
+    lab = rng.choice(["t1", "t2"], n_cells) if labels else None
+    helpers.write_h5ad(path, sp.csr_matrix(X), genes, labels=lab)
+    return X
+
+
+# ---------------------------------------------------------------------------- gene space
+
+
+def test_human_and_mouse_meet_in_one_upper_case_gene_space(demo_store, demo_entries, helpers):
+    genes = list(demo_store.genes())
+    assert all(g == g.upper() for g in genes)
+    assert len(genes) == len(set(genes))
+    union = set()
+    for e in demo_entries:
+        _, file_genes, _ = _file_matrix(helpers, e.path)
+        union |= {g.upper() for g in file_genes}
+    assert set(genes) == union
+    records = {r.name: r for r in demo_store.datasets()}
+    assert records["demo_01"].species == "mouse"
+    assert records["demo_00"].species == "human"
+    # the mouse dataset's title-case genes land on the same columns as the human upper-case ones
+    _, mouse_genes, _ = _file_matrix(helpers, records["demo_01"].source)
+    _, human_genes, _ = _file_matrix(helpers, records["demo_00"].source)
+    assert any(g != g.upper() for g in mouse_genes)
+    shared = {g.upper() for g in mouse_genes} & set(human_genes)
+    assert shared
+    mask0, mask1 = demo_store.dataset_gene_mask("demo_00"), demo_store.dataset_gene_mask("demo_01")
+    assert (mask0 & mask1).sum() == len(shared)
+
+
+def test_read_dataset_equals_log1p_cp10k_of_the_file(demo_store, helpers):
+    for rec in demo_store.datasets():
+        counts, genes, adata = _file_matrix(helpers, rec.source)
+        cols = _columns(demo_store, genes)
+        X, obs = demo_store.read_dataset(rec.name)
+        X = X.toarray()
+        assert X.shape == (adata.n_obs, len(demo_store.genes()))
+        np.testing.assert_allclose(X[:, cols], helpers.log1p_cp10k(counts), rtol=1e-6, atol=1e-6)  # float32 rounding
+        others = np.setdiff1d(np.arange(X.shape[1]), cols)
+        assert not X[:, others].any(), "genes the dataset never measured read as zero"
+        # the stored values themselves are the file's, bit for bit
+        raw, _ = demo_store.read_dataset(rec.name, normalize=False)
+        np.testing.assert_array_equal(raw.toarray()[:, cols], counts.astype(np.float32))
+        # cells come back in file order with their labels
+        assert obs["obs_id"].tolist() == [f"{rec.name}:{o}" for o in adata.obs_names]
+        assert obs["cell_type"].tolist() == adata.obs["cell_type"].astype(str).tolist()
+        assert (obs["dataset_id"] == rec.name).all()
+        assert rec.value_type == "counts"
+        assert rec.n_cells == adata.n_obs and rec.n_genes == len(genes)
+        assert rec.n_types == adata.obs["cell_type"].nunique()
+
+
+def test_read_rows_keeps_request_order_and_repeats(demo_store):
+    rec = demo_store.dataset("demo_02")
+    ids = rec.joinids[[5, 0, 5, 17]]
+    rows = demo_store.read_rows(ids, rec.value_type).toarray()
+    full, _ = demo_store.read_dataset("demo_02")
+    np.testing.assert_array_equal(rows, full.toarray()[[5, 0, 5, 17]])
+
+
+def test_dataset_gene_mask_marks_exactly_that_datasets_genes(demo_store, demo_entries, helpers, tmp_path):
+    extra = tmp_path / "extra.h5ad"
+    _counts_file(helpers, extra, genes=["SYN00000", "NEWGENE1", "Newgene2"])
+    demo_store.ingest([DatasetEntry("extra", str(extra))], log=_quiet)
+    genes = demo_store.genes()
+    assert {"NEWGENE1", "NEWGENE2"} <= set(genes)
+    for name, path in [(e.name, e.path) for e in demo_entries] + [("extra", str(extra))]:
+        _, file_genes, _ = _file_matrix(helpers, path)
+        mask = demo_store.dataset_gene_mask(name)
+        assert mask.dtype == bool and mask.shape == (len(genes),)
+        np.testing.assert_array_equal(mask, np.isin(genes, [g.upper() for g in file_genes]))
+        assert mask.sum() == demo_store.dataset(name).n_genes
+    with pytest.raises(StoreError, match="nope"):
+        demo_store.dataset_gene_mask("nope")
+
+
+# ---------------------------------------------------------------------------- re-ingest
+
+
+def test_reingesting_the_same_entries_is_a_noop(demo_store, demo_entries, helpers):
+    before = helpers.store_snapshot(demo_store)
+    logged = []
+    report = demo_store.ingest(demo_entries, log=logged.append)
+    assert report.added == []
+    assert report.skipped == [e.name for e in demo_entries]
+    assert len(logged) == len(demo_entries)
+    assert all("already" in m for m in logged)
+    assert report.messages == logged
+    helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
+
+
+def test_changed_file_under_the_same_name_is_refused(demo_store, demo_entries, helpers, copy_file):
+    path = copy_file(demo_entries[0].path, "mine.h5ad")
+    demo_store.ingest([DatasetEntry("mine", str(path))], log=_quiet)
+    before = helpers.store_snapshot(demo_store)
+    adata = helpers.read_h5ad(path)
+    adata.X = adata.X * 2
+    adata.write_h5ad(path)
+    with pytest.raises(StoreError, match="mine"):
+        demo_store.ingest([DatasetEntry("mine", str(path))], log=_quiet)
+    helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
+
+
+def test_duplicate_names_in_one_ingest_are_refused(tmp_path, helpers):
+    path = tmp_path / "a.h5ad"
+    _counts_file(helpers, path)
+    store = AtlasStore.create(tmp_path / "s.soma")
+    with pytest.raises(StoreError, match="dup"):
+        store.ingest([DatasetEntry("dup", str(path)), DatasetEntry("dup", str(path))], log=_quiet)
+    assert store.datasets() == []
+
+
+def test_create_refuses_an_existing_path(demo_store):
+    with pytest.raises(StoreError, match="already exists"):
+        AtlasStore.create(demo_store.uri)
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+def _bad_nan(helpers, path):
+    X = np.ones((5, 4), np.float32)
+    X[2, 1] = np.nan
+    helpers.write_h5ad(path, sp.csr_matrix(X), list("ABCD"))
+
+
+def _bad_inf(helpers, path):
+    X = np.ones((5, 4), np.float32)
+    X[0, 0] = np.inf
+    helpers.write_h5ad(path, X, list("ABCD"))
+
+
+def _bad_negative(helpers, path):
+    X = np.ones((5, 4), np.float32)
+    X[3, 2] = -1.5
+    helpers.write_h5ad(path, X, list("ABCD"))
+
+
+def _bad_not_h5ad(helpers, path):
+    path.write_text("cell,A,B\nc1,1,2\n")
+
+
+def _bad_zero_cells(helpers, path):
+    helpers.write_h5ad(path, np.zeros((0, 4), np.float32), list("ABCD"))
+
+
+def _bad_zero_genes(helpers, path):
+    helpers.write_h5ad(path, np.zeros((3, 0), np.float32), [])
+
+
+def _bad_missing(helpers, path):
+    pass  # never written
+
+
+# kind -> (writer, what the message must say)
+BAD = {
+    "nan": (_bad_nan, "NaN"),
+    "inf": (_bad_inf, "infinite"),
+    "negative": (_bad_negative, "negative"),
+    "not_h5ad": (_bad_not_h5ad, "not a readable .h5ad"),
+    "zero_cells": (_bad_zero_cells, "0 cells"),
+    "zero_genes": (_bad_zero_genes, "0 genes"),
+    "missing": (_bad_missing, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_raises_and_leaves_the_store_as_it_was(kind, demo_store, helpers, tmp_path):
+    writer, reason = BAD[kind]
+    path = tmp_path / f"input_{kind}.h5ad"  # the file name does not contain the dataset name
+    writer(helpers, path)
+    good = tmp_path / "good_new.h5ad"
+    _counts_file(helpers, good, genes=["BRANDNEW1", "SYN00001"])
+    before = helpers.store_snapshot(demo_store)
+    name = f"bad_{kind}"
+    with pytest.raises(StoreError) as info:
+        demo_store.ingest([DatasetEntry(name, str(path))], log=_quiet)
+    assert f"dataset {name}" in str(info.value)
+    assert reason in str(info.value)
+    helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
+    # a bad file next to a good one: nothing at all is written
+    with pytest.raises(StoreError, match=name):
+        demo_store.ingest(
+            [DatasetEntry("good_new", str(good)), DatasetEntry(name, str(path))], log=_quiet
+        )
+    helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
+    # and the store still works afterwards
+    demo_store.ingest([DatasetEntry("good_new", str(good))], log=_quiet)
+    assert [r.name for r in demo_store.datasets()][-1] == "good_new"
+    assert "BRANDNEW1" in set(demo_store.genes())
+
+
+# ---------------------------------------------------------------------------- value types
+
+
+def _scaled(counts, target):
+    return counts / counts.sum(1, keepdims=True) * target
+
+
+# how a processed version of the counts was made -> the value type ingest must detect
+TRANSFORMS = {
+    "ln_cp10k": (lambda c: np.log1p(_scaled(c, 1e4)), "lognorm"),
+    "ln_cpm": (lambda c: np.log1p(_scaled(c, 1e6)), "lognorm"),
+    "log2_cpm": (lambda c: np.log2(1 + _scaled(c, 1e6)), "log2norm"),
+    "linear_cpm": (lambda c: _scaled(c, 1e6), "counts"),  # TPM-like: linear, not integer
+}
+
+
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_processed_dataset_is_detected_and_reads_back_like_counts(
+    transform, tmp_path, helpers, demo_entries
+):
+    fn, expected_type = TRANSFORMS[transform]
+    counts, genes, adata = _file_matrix(helpers, demo_entries[0].path)
+    values = fn(counts).astype(np.float32)
+    if expected_type == "log2norm":
+        assert values.max() > 14, "the fixture must be unambiguous log2 data"
+    path = helpers.write_h5ad(
+        tmp_path / "processed.h5ad",
+        sp.csr_matrix(values),
+        genes,
+        labels=adata.obs["cell_type"].astype(str),
+        obs_names=adata.obs_names,
+    )
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([demo_entries[0], DatasetEntry("processed", str(path))], log=_quiet)
+    assert store.dataset(demo_entries[0].name).value_type == "counts"
+    assert store.dataset("processed").value_type == expected_type
+    X_counts, _ = store.read_dataset(demo_entries[0].name)
+    X_proc, _ = store.read_dataset("processed")
+    np.testing.assert_allclose(X_proc.toarray(), X_counts.toarray(), rtol=1e-4, atol=1e-4)
+    # a mixed read (one value type per row) normalises each row by its own type
+    ids = np.concatenate(
+        [store.dataset("processed").joinids[:3], store.dataset(demo_entries[0].name).joinids[:3]]
+    )
+    types = np.array([expected_type] * 3 + ["counts"] * 3, dtype=object)
+    mixed = store.read_rows(ids, types).toarray()
+    np.testing.assert_allclose(mixed[:3], mixed[3:], rtol=1e-4, atol=1e-4)
+
+
+def test_declared_value_type_overrides_detection(tmp_path, helpers):
+    path = tmp_path / "a.h5ad"
+    _counts_file(helpers, path)
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([DatasetEntry("a", str(path), value_type="lognorm")], log=_quiet)
+    assert store.dataset("a").value_type == "lognorm"
+
+
+def test_genes_colliding_after_upper_casing_are_summed(tmp_path, helpers):
+    X = np.array([[1, 2, 3], [4, 0, 6]], np.float32)
+    path = helpers.write_h5ad(tmp_path / "dup.h5ad", X, ["Actb", "ACTB", "Gapdh"])
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([DatasetEntry("dup", str(path))], log=_quiet)
+    assert sorted(store.genes()) == ["ACTB", "GAPDH"]
+    raw, _ = store.read_dataset("dup", normalize=False)
+    cols = _columns(store, ["ACTB", "GAPDH"])
+    np.testing.assert_array_equal(raw.toarray()[:, cols], [[3, 3], [4, 6]])
+
+
+def test_missing_labels_are_stored_as_unknown(tmp_path, helpers):
+    X = np.ones((4, 3), np.float32)
+    labels = pd.Categorical(["a", None, "b", np.nan])
+    path = helpers.write_h5ad(tmp_path / "lab.h5ad", X, ["A", "B", "C"], labels=labels)
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([DatasetEntry("lab", str(path))], log=_quiet)
+    assert store.dataset("lab").n_types == 2
+    assert store.read_obs("lab")["cell_type"].tolist() == ["a", "unknown", "b", "unknown"]
+
+
+def test_unlabelled_dataset(tmp_path, helpers):
+    path = tmp_path / "u.h5ad"
+    _counts_file(helpers, path, labels=False)
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([DatasetEntry("u", str(path))], log=_quiet)
+    rec = store.dataset("u")
+    assert rec.n_types == 0 and not rec.labelled
+    assert set(store.read_obs("u")["cell_type"]) == {"unknown"}
+
+
+# ---------------------------------------------------------------------------- interrupted ingest
+
+
+def _interrupt_x_write(monkeypatch, obs_seen: list):
+    """Make the X write land on disk and then fail, as a crash right after it would."""
+    original = tiledbsoma.SparseNDArray.write
+
+    def write_then_crash(self, values, *args, **kwargs):
+        # obs was written before X: the new cells' obs rows are already there
+        with tiledbsoma.Experiment.open(str(self.uri).rsplit("/ms/", 1)[0]) as exp:
+            obs_seen.append(len(exp.obs.read().concat()))
+        original(self, values, *args, **kwargs)
+        raise RuntimeError("simulated crash during the X write")
+
+    monkeypatch.setattr(tiledbsoma.SparseNDArray, "write", write_then_crash)
+
+
+@pytest.mark.parametrize("retry", ["same_file", "other_file"])
+def test_interrupted_ingest_is_invisible_and_leaves_no_stale_cells(
+    retry, tmp_path, helpers, monkeypatch
+):
+    first = tmp_path / "first.h5ad"
+    interrupted = tmp_path / "interrupted.h5ad"
+    other = tmp_path / "other.h5ad"
+    X_first = _counts_file(helpers, first, n_cells=20, genes=[f"G{i}" for i in range(10)], seed=1)
+    X_int = _counts_file(helpers, interrupted, n_cells=30, genes=[f"G{i}" for i in range(5, 25)], seed=2)
+    X_other = _counts_file(helpers, other, n_cells=25, genes=[f"G{i}" for i in range(4)], seed=3)
+    store = AtlasStore.create(tmp_path / "s.soma")
+    store.ingest([DatasetEntry("first", str(first))], log=_quiet)
+    records_before = store.datasets()
+    genes_before = list(store.genes())
+
+    obs_seen: list[int] = []
+    with monkeypatch.context() as m:
+        _interrupt_x_write(m, obs_seen)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            store.ingest([DatasetEntry("interrupted", str(interrupted))], log=_quiet)
+    assert obs_seen and obs_seen[0] == 20 + 30, "the crash came after obs was written"
+    assert store.datasets() == records_before
+    assert list(store.genes()) == genes_before
+    with pytest.raises(StoreError):
+        store.dataset("interrupted")
+
+    if retry == "same_file":
+        name, path, X_ref = "interrupted", interrupted, X_int
+    else:
+        name, path, X_ref = "other", other, X_other
+    report = store.ingest([DatasetEntry(name, str(path))], log=_quiet)
+    assert report.added == [name]
+    assert [r.name for r in store.datasets()] == ["first", name]
+    adata = helpers.read_h5ad(path)
+    raw, obs = store.read_dataset(name, normalize=False)
+    cols = _columns(store, list(adata.var_names))
+    np.testing.assert_array_equal(raw.toarray()[:, cols], X_ref)
+    assert raw.nnz == np.count_nonzero(X_ref), "no stale values of the interrupted ingest"
+    norm, _ = store.read_dataset(name)
+    np.testing.assert_allclose(norm.toarray()[:, cols], helpers.log1p_cp10k(X_ref), rtol=1e-5, atol=1e-6)
+    assert obs["obs_id"].tolist() == [f"{name}:{o}" for o in adata.obs_names]
+    # the committed dataset is untouched
+    raw_first, _ = store.read_dataset("first", normalize=False)
+    np.testing.assert_array_equal(raw_first.toarray()[:, _columns(store, [f"G{i}" for i in range(10)])], X_first)
+    assert raw_first.nnz == np.count_nonzero(X_first)
