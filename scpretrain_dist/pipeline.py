@@ -62,11 +62,12 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
     return [n for n in names if n not in set(exclude)]
 
 
-def pretrain_key(cfg: RunConfig, datasets: list[str], store_version: int | None) -> str:
-    """Cache key of an encoder: what was trained on what, with which settings."""
+def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
+    """Cache key of an encoder: what was trained on what, with which settings. The store
+    version is left out: ingest only appends, so the named datasets' cells never change."""
     blob = json.dumps({"datasets": sorted(datasets), "pretrain": asdict(cfg.pretrain) | {"exclude_datasets": []},
                        "pseudolabel": asdict(cfg.pseudolabel), "model": asdict(cfg.model),
-                       "store": cfg.store_uri, "version": store_version}, sort_keys=True, default=str)
+                       "store": cfg.store_uri}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -83,7 +84,7 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     if not datasets:
         raise StoreError("every dataset is excluded; pretraining needs at least one")
     version = store.locator.pinned().timestamp_ms
-    key = pretrain_key(cfg, datasets, None)
+    key = pretrain_key(cfg, datasets)
     cached = Path(cfg.work_dir) / "pretrain" / key / "result.json"
     if reuse and cached.exists():
         result = PretrainResult(**json.loads(cached.read_text()))
