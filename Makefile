@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORK ?= scpretrain_work
 
-.PHONY: venv quickstart test lint clean
+.PHONY: venv bench-venv quickstart test lint clean
 
 $(BIN)/scpretrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,18 @@ $(BIN)/scpretrain: pyproject.toml
 	touch $@
 
 venv: $(BIN)/scpretrain
+
+# The benchmarks' peers (tiledbsoma-ml, CellTypist) pin older libraries (scikit-learn < 1.8), so
+# they live in their own environment and never constrain the core one.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/bin/scpretrain: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+bench-venv: $(BENCH_VENV)/bin/scpretrain
 
 quickstart: venv
 	$(BIN)/scpretrain quickstart --work-dir $(WORK)

@@ -142,6 +142,36 @@ def cmd_serve(args) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
+def cmd_bench(args) -> None:
+    import importlib
+
+    from scpretrain_dist.bench.report import emit
+
+    mod = importlib.import_module(f"scpretrain_dist.bench.{args.benchmark.replace('-', '_')}")
+    emit(mod.run(args), args.json)
+
+
+def _bench_parsers(sub) -> None:
+    import importlib
+
+    from scpretrain_dist.bench import BENCHMARKS
+
+    p = sub.add_parser("bench", help="benchmarks: ours vs peers, printed and written as JSON")
+    bsub = p.add_subparsers(dest="benchmark", required=True)
+    for name in BENCHMARKS:
+        try:
+            mod = importlib.import_module(f"scpretrain_dist.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("scpretrain_dist.bench"):
+                continue  # not written yet
+            raise
+        b = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name)
+        _common(b)
+        b.add_argument("--json", metavar="FILE", help="also write the result as JSON here")
+        mod.add_arguments(b)
+        b.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("action", nargs="?", default="list", choices=["list"])
     p.set_defaults(func=cmd_models)
+
+    _bench_parsers(sub)
     return parser
 
 
