@@ -103,6 +103,15 @@ def _unpack_mask(text: str, n: int) -> np.ndarray:
     return bits.astype(bool)
 
 
+def _with_null_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with null values for the obs columns added after creation (annotations):
+    TileDB writes need every attribute of a row."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -360,13 +369,16 @@ class AtlasStore:
                 n = p.matrix.shape[0]
                 cols = np.array([index[s] for s in p.symbols], dtype=np.int64)
                 exp.obs.write(
-                    pa.table(
-                        {
-                            "soma_joinid": np.arange(start, start + n, dtype=np.int64),
-                            "obs_id": pa.array(p.obs_ids.tolist(), pa.large_string()),
-                            "dataset_id": pa.array([p.entry.name] * n, pa.large_string()),
-                            "cell_type": pa.array(p.labels.tolist(), pa.large_string()),
-                        }
+                    _with_null_columns(
+                        pa.table(
+                            {
+                                "soma_joinid": np.arange(start, start + n, dtype=np.int64),
+                                "obs_id": pa.array(p.obs_ids.tolist(), pa.large_string()),
+                                "dataset_id": pa.array([p.entry.name] * n, pa.large_string()),
+                                "cell_type": pa.array(p.labels.tolist(), pa.large_string()),
+                            }
+                        ),
+                        exp.obs.schema,
                     )
                 )
                 for lo in range(0, n, 4096):  # bounded memory per write
@@ -423,6 +435,26 @@ class AtlasStore:
             uri = f"{self.uri}/ms/{MEASUREMENT}/X/{LAYER}"
             with soma.SparseNDArray.open(uri, mode="d") as X:
                 X.delete_cells((slice(n_committed, int(ned[0][1])),))
+
+    # ------------------------------------------------------------------ obs columns
+    def obs_schema(self) -> pa.Schema:
+        with self.locator.open() as exp:
+            return exp.obs.schema
+
+    def add_obs_columns(self, columns: dict[str, pa.DataType]) -> None:
+        """Add nullable obs columns (schema evolution, as ``tiledbsoma.io.update_obs`` does);
+        existing rows read them as null. Columns already present are refused."""
+        import tiledbsoma as soma
+        from tiledbsoma.io._util import get_arrow_str_format
+
+        present = set(self.obs_schema().names)
+        clash = sorted(set(columns) & present)
+        if clash:
+            raise StoreError(f"obs of {self.uri} already has column(s) {clash}")
+        with soma.Experiment.open(self.uri, "w") as exp:
+            exp.obs._handle._update_dataframe_schema(
+                [], {k: get_arrow_str_format(t) for k, t in columns.items()}, {}
+            )
 
     # ------------------------------------------------------------------ reading
     def read_obs(self, name: str) -> pd.DataFrame:
