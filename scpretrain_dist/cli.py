@@ -118,14 +118,53 @@ def cmd_models(args) -> None:
     cfg = _config(args)
     setup(cfg)
     client = MlflowClient()
-    for rm in client.search_registered_models():
+    import mlflow
+
+    shown = {"finetune_dataset", "metrics", "pretrain_datasets", "store_uri", "store_version", "encoder_run",
+             "pseudo_label_version"}
+    models = client.search_registered_models()
+    if not models:
+        print(f"no registered models in {cfg.tracking_uri}")
+    for rm in models:
         aliases = getattr(rm, "aliases", {}) or {}
-        for v in client.search_model_versions(f"name='{rm.name}'"):
+        for v in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)):
             tags = dict(v.tags)
             al = [a for a, ver in aliases.items() if str(ver) == str(v.version)]
             print(f"models:/{rm.name}/{v.version}  aliases={al}  fine-tuned on {tags.get('finetune_dataset', '?')}  "
                   f"metrics={tags.get('metrics', '{}')}")
             print(f"    pretrained on {tags.get('pretrain_datasets', '?')}; store {tags.get('store_uri', '?')}@{tags.get('store_version', '?')}")
+            print(f"    encoder run {tags.get('encoder_run') or '-'}; pseudo-labels v{tags.get('pseudo_label_version', '?')}; "
+                  f"fine-tune run {v.run_id}")
+            try:
+                info = mlflow.models.get_model_info(f"models:/{rm.name}/{v.version}")
+                print(f"    signature: {'yes' if info.signature else 'NO'}; input example: "
+                      f"{'yes' if info.saved_input_example_info else 'NO'}")
+            except Exception as e:  # an unreadable artifact store should not hide the other versions
+                print(f"    model files unreadable: {type(e).__name__}: {e}")
+            rest = {k: tags[k] for k in sorted(tags) if k not in shown}
+            if rest:
+                print("    " + "; ".join(f"{k}={val}" for k, val in rest.items()))
+
+
+def cmd_annotate(args) -> None:
+    """Annotate whole datasets (atlas or .h5ad) with a registered model."""
+    from scpretrain_dist.serve.annotate import annotate_h5ad, annotate_store
+
+    cfg = _config(args)
+    if args.h5ad and args.datasets:
+        raise ConfigError("--datasets selects atlas datasets; it does not go with --h5ad")
+    if args.store_uri and (args.out or args.overwrite):
+        raise ConfigError("--out and --overwrite are for --h5ad; atlas annotations go into obs columns of the store")
+    common = dict(embedding=args.embedding, block_size=args.block_size, workers=args.workers)
+    if args.store_uri:
+        rep = annotate_store(cfg, args.model, args.store_uri, datasets=args.datasets, **common)
+    else:
+        rep = annotate_h5ad(cfg, args.model, args.h5ad, out=args.out, overwrite=args.overwrite, **common)
+    print(f"annotated {rep.n_cells} cells of {', '.join(rep.datasets)} with {rep.model_uri} into {rep.target}: "
+          f"{rep.blocks_computed} blocks computed, {rep.blocks_skipped} already done, {rep.seconds:.1f} s "
+          f"({rep.cells_per_second:,.0f} cells/s)")
+    for what, where in rep.columns.items():
+        print(f"  {what}: {where}")
 
 
 def cmd_serve(args) -> None:
@@ -220,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5001)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("annotate", help="annotate whole datasets of the atlas, or an .h5ad, with a registered model")
+    _common(p)
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store-uri", help="the SOMA atlas: predictions go into obs columns named after the model version")
+    where.add_argument("--h5ad", help="an .h5ad: obs['scpretrain_label'], obs['scpretrain_confidence'], obsm['X_scpretrain']")
+    p.add_argument("--datasets", nargs="+", help="atlas datasets to annotate (default: all)")
+    p.add_argument("--out", help="--h5ad output file (default: the input, replaced only when every block is done)")
+    p.add_argument("--embedding", action="store_true", help="also write the 200-d embedding of every cell")
+    p.add_argument("--block-size", type=int, help="cells per block (default annotate.block_size)")
+    p.add_argument("--workers", type=int, help="Ray actors (default annotate.workers; 0 runs in this process)")
+    p.add_argument("--overwrite", action="store_true", help="--h5ad: replace existing scpretrain_* entries")
+    p.set_defaults(func=cmd_annotate)
+
     p = sub.add_parser("models", help="registered models with their lineage")
     _common(p)
     p.add_argument("action", nargs="?", default="list", choices=["list"])
@@ -239,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CatalogError, StoreError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"scpretrain {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        annotate = sys.modules.get("scpretrain_dist.serve.annotate")  # loaded only if it could raise
+        if annotate is None or not isinstance(e, annotate.AnnotateError):
+            raise
+        print(f"scpretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

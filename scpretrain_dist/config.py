@@ -107,6 +107,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AnnotateConfig:
+    """Batch annotation (``scpretrain annotate``): blocks of cells streamed through a pool of
+    Ray actors that each load the model once. ``workers = 0`` runs in this process."""
+
+    block_size: int = 8192
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow. ``tracking_uri`` empty means sqlite + local artifacts under the work dir."""
 
@@ -136,6 +146,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

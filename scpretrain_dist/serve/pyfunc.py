@@ -9,10 +9,12 @@ The forward pass is numpy, so serving needs neither torch nor this package's tra
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 try:
     import mlflow.pyfunc
@@ -24,6 +26,8 @@ except ImportError:  # pragma: no cover - mlflow is a core dependency
 WEIGHTS = "weights.npz"
 META = "annotator.json"
 MAX_CELLS_PER_REQUEST = 100_000  # larger jobs belong to batch annotation
+_GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repeat theirs)
+_DENSE_ABOVE = 0.08  # multiply densely (BLAS) above this fraction of non-zero values
 
 
 class InputError(ValueError):
@@ -48,6 +52,27 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+@dataclass
+class Predictions:
+    """Per cell: predicted class, its probability, and the 200-d embedding when asked."""
+
+    labels: np.ndarray  # object array of class names
+    codes: np.ndarray  # int, index into ``Annotator.classes``
+    confidence: np.ndarray  # float32
+    overlap: float  # fraction of the model's genes found in the input
+    n_matched: int
+    value_type: str
+    embedding: np.ndarray | None = None
+
+
+@dataclass
+class _GeneMap:
+    src: np.ndarray  # input column of each matched gene
+    dst: np.ndarray  # its row in the model's gene list
+    enc_w: np.ndarray  # encoder rows of the matched genes (matched x 200), gathered once
+    identity: bool  # the input columns are exactly the matched genes, in order
+
+
 class Annotator:
     """The model itself, usable without MLflow."""
 
@@ -60,9 +85,51 @@ class Annotator:
         self.min_overlap = float(meta.get("min_overlap", 0.2))
         self.lineage = meta.get("lineage", {})
         self._index = {g: i for i, g in enumerate(self.genes)}
+        self._maps: dict[tuple, _GeneMap] = {}
+
+    def gene_map(self, genes) -> _GeneMap:
+        """Where each model gene sits in an input gene list (symbols, any case and order).
+
+        Cached per gene list: a client or a batch job sends the same columns again and again,
+        and building the mapping costs more than the forward pass for small requests."""
+        key = tuple(genes)
+        hit = self._maps.get(key)
+        if hit is not None:
+            return hit
+        cols = [str(c).upper() for c in key]
+        if len(set(cols)) != len(cols):
+            raise InputError("the input repeats gene columns (case-insensitive); send each gene once")
+        src = np.array([i for i, c in enumerate(cols) if c in self._index], dtype=np.int64)
+        dst = np.array([self._index[cols[i]] for i in src], dtype=np.int64)
+        hit = _GeneMap(src, dst, np.ascontiguousarray(self.w["enc_w"][dst]),
+                       identity=len(src) == len(cols) and bool((src == np.arange(len(cols))).all()))
+        if len(self._maps) >= _GENE_MAPS_CACHED:
+            self._maps.pop(next(iter(self._maps)))
+        self._maps[key] = hit
+        return hit
+
+    def _check_overlap(self, n_matched: int) -> float:
+        overlap = n_matched / len(self.genes)
+        if overlap < self.min_overlap:
+            raise InputError(
+                f"only {n_matched} of the model's {len(self.genes)} genes ({overlap:.1%}) are in the request; "
+                f"at least {self.min_overlap:.0%} are needed to trust a prediction (are the columns gene symbols?)"
+            )
+        return overlap
+
+    def check_genes(self, genes) -> float:
+        """The overlap fraction of an input gene list; InputError when too small to trust."""
+        return self._check_overlap(len(self.gene_map(genes).dst))
 
     def align(self, df: pd.DataFrame) -> tuple[np.ndarray, float, int]:
         """Cells x model genes (missing genes zero, extra ignored), overlap fraction, matches."""
+        values, gm = self._request_values(df)
+        overlap = self._check_overlap(len(gm.dst))
+        X = np.zeros((values.shape[0], len(self.genes)), dtype=np.float32)
+        X[:, gm.dst] = values[:, gm.src]
+        return X, overlap, len(gm.dst)
+
+    def _request_values(self, df: pd.DataFrame) -> tuple[np.ndarray, _GeneMap]:
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
             raise InputError("the request holds no cells or no gene columns; send a table of cells x gene symbols")
         if df.shape[0] > MAX_CELLS_PER_REQUEST:
@@ -70,50 +137,83 @@ class Annotator:
                 f"the request holds {df.shape[0]} cells, more than {MAX_CELLS_PER_REQUEST} per request; "
                 "split it, or use `scpretrain annotate` for whole datasets"
             )
-        cols = [str(c).upper() for c in df.columns]
-        if len(set(cols)) != len(cols):
-            raise InputError("the request repeats gene columns (case-insensitive); send each gene once")
+        gm = self.gene_map(df.columns)
         try:
             values = df.to_numpy(dtype=np.float32)
         except (TypeError, ValueError):
             bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
             raise InputError(f"gene columns must be numeric; non-numeric: {bad[:5]}") from None
-        if not np.isfinite(values).all():
-            raise InputError("the request holds NaN or infinite values; send counts or log-normalised values")
-        if (values < 0).any():
-            raise InputError("the request holds negative values (scaled data?); send counts or log-normalised values")
-        src = np.array([i for i, c in enumerate(cols) if c in self._index], dtype=np.int64)
-        dst = np.array([self._index[cols[i]] for i in src], dtype=np.int64)
-        overlap = len(dst) / len(self.genes)
-        if overlap < self.min_overlap:
-            raise InputError(
-                f"only {len(dst)} of the model's {len(self.genes)} genes ({overlap:.1%}) are in the request; "
-                f"at least {self.min_overlap:.0%} are needed to trust a prediction (are the columns gene symbols?)"
-            )
-        X = np.zeros((values.shape[0], len(self.genes)), dtype=np.float32)
-        X[:, dst] = values[:, src]
-        return X, overlap, len(dst)
+        _check_values(values)
+        return values, gm
 
-    def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False) -> pd.DataFrame:
-        from scpretrain_dist.data.normalize import detect_value_type, normalize_dense
+    def predict_matrix(self, X, genes, value_type: str = "auto", return_embedding: bool = False) -> Predictions:
+        """Cells x ``genes`` (dense or scipy sparse, counts or log-normalised) -> predictions.
 
-        X, overlap, _ = self.align(df)
+        Only the model's genes found in ``genes`` are read; the library size of a cell is taken
+        over them, exactly as for a DataFrame request, so batch and served predictions agree."""
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise InputError("the input holds no cells or no genes")
+        if X.shape[1] != len(genes):
+            raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
+        gm = self.gene_map(genes)
+        overlap = self._check_overlap(len(gm.dst))
+        if sp.issparse(X):
+            X = sp.csr_matrix(X)
+            _check_values(X.data)
+        else:
+            X = np.asarray(X)
+            _check_values(X)
+        return self._predict(X, gm, overlap, value_type, return_embedding)
+
+    def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
+        from scpretrain_dist.data.normalize import TARGET_SUM, detect_value_type, to_linear
+
+        Xm = X if gm.identity else X[:, gm.src]  # cells x matched genes
         if value_type == "auto":
-            value_type = detect_value_type(X)
+            value_type = detect_value_type(Xm)
         if value_type not in ("counts", "lognorm", "log2norm"):
             raise InputError(f"value_type {value_type!r} must be auto, counts, lognorm or log2norm")
-        X = normalize_dense(X, value_type)
-        emb = _sigmoid(X @ self.w["enc_w"] + self.w["enc_b"])
-        h = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
-        logits = h @ self.w["out_w"].T + self.w["out_b"]
+        if sp.issparse(Xm):
+            Xm = sp.csr_matrix(Xm, dtype=np.float32, copy=True)
+            Xm.data = to_linear(Xm.data, value_type)
+            lib = np.asarray(Xm.sum(1)).ravel()
+            scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
+            Xm.data *= np.repeat(scale, np.diff(Xm.indptr)).astype(np.float32)
+            np.log1p(Xm.data, out=Xm.data)
+            dense_enough = Xm.nnz > _DENSE_ABOVE * Xm.shape[0] * max(Xm.shape[1], 1)
+            h = (Xm.toarray() @ gm.enc_w) if dense_enough else np.asarray(Xm @ gm.enc_w)
+        else:
+            Xm = to_linear(np.asarray(Xm, dtype=np.float32), value_type)
+            lib = Xm.sum(1, keepdims=True)
+            Xm = np.log1p(Xm * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0))
+            h = Xm @ gm.enc_w
+        emb = _sigmoid(h + self.w["enc_b"])
+        hid = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
+        logits = hid @ self.w["out_w"].T + self.w["out_b"]
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(1, keepdims=True)
-        out = pd.DataFrame({"cell_type": self.classes[p.argmax(1)], "confidence": p.max(1),
+        codes = p.argmax(1)
+        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, len(gm.dst),
+                           value_type, emb.astype(np.float32) if return_embedding else None)
+
+    def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False) -> pd.DataFrame:
+        values, gm = self._request_values(df)
+        overlap = self._check_overlap(len(gm.dst))
+        res = self._predict(values, gm, overlap, value_type, return_embedding)
+        out = pd.DataFrame({"cell_type": res.labels, "confidence": res.confidence.astype(np.float64),
                             "gene_overlap": overlap}, index=df.index)
         if return_embedding:
-            out = pd.concat([out, pd.DataFrame(emb, index=df.index, columns=[f"emb_{i}" for i in range(emb.shape[1])])], axis=1)
+            out = pd.concat([out, pd.DataFrame(res.embedding, index=df.index,
+                                               columns=[f"emb_{i}" for i in range(res.embedding.shape[1])])], axis=1)
         return out
+
+
+def _check_values(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise InputError("the request holds NaN or infinite values; send counts or log-normalised values")
+    if (values < 0).any():
+        raise InputError("the request holds negative values (scaled data?); send counts or log-normalised values")
 
 
 class AnnotatorPyfunc(_Base):

@@ -1,0 +1,693 @@
+"""Batch annotation of whole datasets with a registered model: the SOMA atlas (obs columns named
+after the model version) or an ``.h5ad`` file (scanpy-style ``obs``/``obsm`` entries).
+
+Blocks of cells stream through a pool of Ray actors. Each actor loads the model once, by its
+registry URI, and reads its blocks itself from a locator (the store URI pinned to a version, or
+a file path), so only predictions travel back; the driver is the only writer.
+
+Resuming: in the atlas a block is finished when its label column is filled (a block is one
+TileDB write of whole obs rows, made after its embedding), so the data is its own progress
+record; for an ``.h5ad`` finished blocks are files in a folder beside the output, and the file
+itself is replaced (atomically) only once every block is done. A rerun skips finished blocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from scpretrain_dist.config import RunConfig
+from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
+
+# mlflow warns, on defining the pyfunc class, that its predict has no type hints
+with warnings.catch_warnings(record=True):
+    from scpretrain_dist.serve.pyfunc import Annotator, InputError, _check_values
+
+ANNOTATIONS_KEY = "scpretrain.annotations"
+H5AD_LABEL = "scpretrain_label"
+H5AD_CONFIDENCE = "scpretrain_confidence"
+H5AD_EMBEDDING = "X_scpretrain"
+H5AD_UNS = "scpretrain_annotation"
+
+
+class AnnotateError(ValueError):
+    """A model, input or output that batch annotation cannot use; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version, resolved once so every actor loads the same one."""
+
+    name: str
+    version: int
+    run_id: str
+    tracking_uri: str
+    requested: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def prefix(self) -> str:
+        """Stem of the obs columns and the embedding array of this model version."""
+        return f"scpretrain__{re.sub(r'[^A-Za-z0-9_]', '_', self.name)}__v{self.version}"
+
+    @property
+    def label_column(self) -> str:
+        return self.prefix + "__label"
+
+    @property
+    def confidence_column(self) -> str:
+        return self.prefix + "__confidence"
+
+
+def resolve_model(uri: str, tracking_uri: str) -> ModelRef:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the version it names today."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", uri or "")
+    if not m:
+        raise AnnotateError(
+            f"--model {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION "
+            "(`scpretrain models list` shows the registered ones)"
+        )
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        raise AnnotateError(
+            f"no MLflow store at {tracking_uri}; pass the --work-dir the model was fine-tuned in "
+            "(or set tracking.tracking_uri)"
+        )
+    name, alias, version = m.groups()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        try:
+            known = [f"models:/{rm.name} (aliases: {', '.join(sorted(rm.aliases)) or 'none'})"
+                     for rm in client.search_registered_models()]
+        except MlflowException:
+            known = []
+        raise AnnotateError(
+            f"model {uri} is not in the registry at {tracking_uri}; registered: {'; '.join(known) or 'nothing'}. "
+            "List them with `scpretrain models list`"
+        ) from None
+    return ModelRef(name, int(mv.version), mv.run_id or "", tracking_uri, uri)
+
+
+def load_annotator(ref: ModelRef) -> Annotator:
+    """Download the version's artifacts through the registry and build the numpy annotator.
+
+    The current code reads the artifacts (weights + gene list), so models logged by older
+    releases annotate with the same forward pass as new ones."""
+    import mlflow
+    from mlflow.models import Model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # models:/ URIs resolve through the global registry URI (a tracking_uri argument is not enough)
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_registry_uri(ref.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="scp-model-") as tmp:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
+        arts = (Model.load(str(path)).flavors.get("python_function") or {}).get("artifacts") or {}
+        if "weights" not in arts or "meta" not in arts:
+            raise AnnotateError(f"{ref.uri} is not an scpretrain annotator (no weights/meta artifacts)")
+        return Annotator(path / arts["weights"]["path"], path / arts["meta"]["path"])
+
+
+# ---------------------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class StoreSource:
+    """One atlas dataset, by locator: actors open the store themselves."""
+
+    locator: AtlasLocator
+    dataset: str
+    joinid_start: int
+    value_type: str
+
+
+@dataclass(frozen=True)
+class H5adSource:
+    path: str
+    value_type: str
+
+
+@dataclass(frozen=True)
+class Block:
+    source: StoreSource | H5adSource
+    index: int  # within its dataset or file
+    start: int  # first row, counted from the dataset's (file's) first cell
+    stop: int
+
+    @property
+    def n_cells(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class BlockResult:
+    block: Block
+    codes: np.ndarray  # int32 index into the model's classes
+    confidence: np.ndarray  # float32
+    embedding: np.ndarray | None
+    seconds: float
+
+
+def make_blocks(source: StoreSource | H5adSource, n_cells: int, block_size: int) -> list[Block]:
+    return [Block(source, i, lo, min(lo + block_size, n_cells)) for i, lo in enumerate(range(0, n_cells, block_size))]
+
+
+class BlockReader:
+    """Reads blocks' raw values and gene names; keeps one open handle per file and one gene
+    list per dataset for the life of the worker."""
+
+    def __init__(self):
+        self._datasets: dict = {}
+        self._files: dict = {}
+
+    def read(self, block: Block) -> tuple[sp.csr_matrix | np.ndarray, np.ndarray]:
+        src = block.source
+        if isinstance(src, StoreSource):
+            key = (src.locator, src.dataset)
+            if key not in self._datasets:
+                store = AtlasStore(src.locator.uri, src.locator.timestamp_ms)
+                cols = np.flatnonzero(store.dataset_gene_mask(src.dataset))
+                self._datasets[key] = (store, cols, store.genes()[cols])
+            store, cols, genes = self._datasets[key]
+            ids = np.arange(src.joinid_start + block.start, src.joinid_start + block.stop, dtype=np.int64)
+            return store.read_rows(ids, src.value_type, normalize=False)[:, cols], genes
+        if src.path not in self._files:
+            import anndata as ad
+
+            adata = ad.read_h5ad(src.path, backed="r")
+            self._files[src.path] = (adata, np.asarray(adata.var_names.astype(str)))
+        adata, genes = self._files[src.path]
+        return adata.X[block.start : block.stop], genes
+
+
+def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embedding: bool) -> BlockResult:
+    """The unit of work: read one block, align its genes, predict."""
+    t0 = time.perf_counter()
+    X, genes = reader.read(block)
+    p = annotator.predict_matrix(X, genes, block.source.value_type, embedding)
+    return BlockResult(block, p.codes.astype(np.int32), p.confidence, p.embedding, time.perf_counter() - t0)
+
+
+class _BlockWorker:
+    """Ray actor body: the model loaded once, then blocks on request."""
+
+    def __init__(self, ref: ModelRef):
+        self.annotator = load_annotator(ref)
+        self.reader = BlockReader()
+
+    def run(self, block: Block, embedding: bool) -> BlockResult:
+        return annotate_block(self.annotator, self.reader, block, embedding)
+
+
+def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, embedding: bool,
+                   cfg: RunConfig, workers: int) -> Iterator[BlockResult]:
+    """Results as blocks finish (any order). ``workers = 0``: in this process, with
+    ``annotator``; else a pool of Ray actors, two blocks in flight per actor."""
+    if not blocks:
+        return
+    if workers <= 0:
+        reader = BlockReader()
+        for b in blocks:
+            yield annotate_block(annotator, reader, b, embedding)
+        return
+    import ray
+
+    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+
+    started = not ray.is_initialized()
+    init_ray(cfg)
+    actors = []
+    try:
+        worker = ray.remote(num_cpus=cfg.annotate.cpus_per_worker)(_BlockWorker)
+        actors = [worker.remote(ref) for _ in range(min(workers, len(blocks)))]
+        free = actors * 2
+        todo = list(reversed(blocks))
+        pending: dict = {}
+        while todo or pending:
+            while todo and free:
+                actor = free.pop()
+                pending[actor.run.remote(todo.pop(), embedding)] = actor
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref_ in done:
+                free.append(pending.pop(ref_))
+                try:
+                    res = ray.get(ref_)
+                except ray.exceptions.RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, (InputError, StoreError, AnnotateError)):
+                        raise AnnotateError(str(cause)) from None
+                    raise
+                yield res
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            shutdown_ray()
+
+
+def _progress(total: int, initial: int, desc: str, show: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="cells", desc=desc, disable=None if show is None else not show,
+                smoothing=0.1, dynamic_ncols=True)
+
+
+@dataclass
+class AnnotateReport:
+    model_uri: str
+    target: str  # store URI or output file
+    columns: dict[str, str]  # what was written where
+    n_cells: int
+    blocks_total: int
+    blocks_computed: int
+    blocks_skipped: int
+    cells_computed: int
+    seconds: float
+    datasets: list[str] = field(default_factory=list)
+    gene_overlap: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cells_per_second(self) -> float:
+        """Cells annotated by this run per second of its wall time (start-up included)."""
+        return self.cells_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- the atlas
+def store_annotations(store: AtlasStore) -> dict:
+    """Which model versions annotated which datasets (the record kept in the store)."""
+    with store.locator.open() as exp:
+        return json.loads(exp.metadata.get(ANNOTATIONS_KEY, "{}"))
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """One annotation writer per store: blocks are whole-row rewrites of obs, so two runs
+    writing at once could lose each other's columns. Local stores only (a file beside it)."""
+    if "://" in uri:
+        yield
+        return
+    lock_path = Path(uri).with_name(Path(uri).name + ".annotate.lock")
+    with open(lock_path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AnnotateError(f"another `scpretrain annotate` is writing to {uri} (lock {lock_path}); "
+                                "wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _embedding_uri(store: AtlasStore, ref: ModelRef) -> str:
+    return f"{store.uri}/ms/{MEASUREMENT}/obsm/{ref.prefix}"
+
+
+def _finished_cells(store: AtlasStore, ref: ModelRef, lo: int, n: int, embedding: bool) -> np.ndarray:
+    """Boolean per cell of joinids [lo, lo+n): label written (and embedding, when asked)."""
+    import tiledbsoma as soma
+
+    done = np.zeros(n, dtype=bool)
+    if ref.label_column not in store.obs_schema().names:
+        return done
+    with soma.DataFrame.open(f"{store.uri}/obs") as obs:
+        tbl = obs.read(coords=(slice(lo, lo + n - 1),), column_names=["soma_joinid", ref.label_column]).concat()
+    ids = tbl["soma_joinid"].to_numpy()
+    done[ids - lo] = tbl[ref.label_column].is_valid().to_numpy(zero_copy_only=False)
+    if embedding:
+        have = np.zeros(n, dtype=bool)
+        uri = _embedding_uri(store, ref)
+        if Path(uri).exists() or "://" in uri:
+            try:
+                with soma.SparseNDArray.open(uri) as A:
+                    t = A.read(coords=(slice(lo, lo + n - 1), slice(0, 0))).tables().concat()
+                have[t["soma_dim_0"].to_numpy() - lo] = True
+            except Exception:  # no array yet
+                pass
+        done &= have
+    return done
+
+
+def _prepare_store_columns(store: AtlasStore, ref: ModelRef, embedding: bool, dim: int, n_cells: int) -> None:
+    """Add this version's obs columns (and embedding array) unless it already owns them;
+    refuse when another model's record holds these names."""
+    import tiledbsoma as soma
+
+    record = store_annotations(store).get(ref.prefix)
+    names = set(store.obs_schema().names)
+    mine = {ref.label_column, ref.confidence_column}
+    if record is not None and (record.get("model") != ref.name or int(record.get("version", -1)) != ref.version):
+        raise AnnotateError(
+            f"obs columns {sorted(mine)} of {store.uri} belong to {record.get('model')} v{record.get('version')}; "
+            "refusing to overwrite them (rename the registered model)"
+        )
+    if record is None and names & mine:
+        raise AnnotateError(f"obs of {store.uri} already has column(s) {sorted(names & mine)} that no annotation "
+                            "record accounts for; refusing to overwrite them")
+    if not mine <= names:
+        store.add_obs_columns({ref.label_column: pa.large_string(), ref.confidence_column: pa.float32()})
+    if embedding:
+        with soma.Experiment.open(store.uri, "w") as exp:
+            rna = exp.ms[MEASUREMENT]
+            obsm = rna["obsm"] if "obsm" in rna else rna.add_new_collection("obsm")
+            if ref.prefix not in obsm:
+                obsm.add_new_sparse_ndarray(ref.prefix, type=pa.float32(), shape=(max(n_cells, 1), dim))
+            elif obsm[ref.prefix].shape[0] < n_cells:
+                obsm[ref.prefix].resize((n_cells, dim))
+
+
+def _write_record(store: AtlasStore, ref: ModelRef, embedding: bool, updates: dict[str, dict]) -> None:
+    import tiledbsoma as soma
+
+    with soma.Experiment.open(store.uri, "w") as exp:
+        allrec = json.loads(exp.metadata.get(ANNOTATIONS_KEY, "{}"))
+        rec = allrec.setdefault(ref.prefix, {
+            "model": ref.name, "version": ref.version, "model_uri": ref.uri, "run_id": ref.run_id,
+            "tracking_uri": ref.tracking_uri,
+            "columns": {"label": ref.label_column, "confidence": ref.confidence_column}, "datasets": {},
+        })
+        if embedding:
+            rec["embedding"] = f"ms/{MEASUREMENT}/obsm/{ref.prefix}"
+        for name, info in updates.items():
+            rec["datasets"][name] = {**rec["datasets"].get(name, {}), **info}
+        exp.metadata[ANNOTATIONS_KEY] = json.dumps(allrec)
+
+
+def _write_store_block(store: AtlasStore, ref: ModelRef, res: BlockResult, classes: np.ndarray) -> None:
+    """Embedding first, then the block's whole obs rows (TileDB writes need every attribute),
+    in one write: the filled label column is the block's commit marker."""
+    import tiledbsoma as soma
+
+    src = res.block.source
+    lo = src.joinid_start + res.block.start
+    n = res.block.n_cells
+    ids = np.arange(lo, lo + n, dtype=np.int64)
+    if res.embedding is not None:
+        dim = res.embedding.shape[1]
+        with soma.SparseNDArray.open(_embedding_uri(store, ref), "w") as A:
+            A.write(pa.Table.from_pydict({
+                "soma_dim_0": np.repeat(ids, dim),
+                "soma_dim_1": np.tile(np.arange(dim, dtype=np.int64), n),
+                "soma_data": res.embedding.astype(np.float32).ravel(),
+            }))
+    with soma.DataFrame.open(f"{store.uri}/obs") as obs:
+        tbl = obs.read(coords=(slice(lo, lo + n - 1),)).concat()
+    if tbl.num_rows != n:
+        raise StoreError(f"obs of {store.uri} holds {tbl.num_rows} rows for joinids {lo}..{lo + n - 1}, expected {n}")
+    order = np.argsort(tbl["soma_joinid"].to_numpy())
+    tbl = tbl.take(pa.array(order))
+    pos = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
+    labels = pa.array(classes[res.codes[pos]].tolist(), pa.large_string())
+    conf = pa.array(res.confidence[pos].astype(np.float32), pa.float32())
+    tbl = tbl.set_column(tbl.schema.get_field_index(ref.label_column), ref.label_column, labels)
+    tbl = tbl.set_column(tbl.schema.get_field_index(ref.confidence_column), ref.confidence_column, conf)
+    with soma.DataFrame.open(f"{store.uri}/obs", "w") as obs:
+        obs.write(tbl)
+
+
+def annotate_store(
+    cfg: RunConfig,
+    model_uri: str,
+    store_uri: str,
+    datasets: list[str] | None = None,
+    embedding: bool = False,
+    block_size: int | None = None,
+    workers: int | None = None,
+    on_block: Callable[[BlockResult], None] | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> AnnotateReport:
+    """Annotate datasets of the atlas (all by default) into obs columns named after the model
+    version; ``on_block`` is called after each block is durably written."""
+    t0 = time.perf_counter()
+    block_size = block_size or cfg.annotate.block_size
+    workers = cfg.annotate.workers if workers is None else workers
+    if block_size < 1:
+        raise AnnotateError(f"block size must be positive, got {block_size}")
+    ref = resolve_model(model_uri, cfg.tracking_uri)
+    store = AtlasStore(str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri)
+    records = {r.name: r for r in store.datasets()}
+    names = list(datasets) if datasets else list(records)
+    unknown = [d for d in names if d not in records]
+    if unknown:
+        raise StoreError(f"dataset(s) {unknown} are not in the atlas {store.uri}; it holds: {', '.join(records) or 'nothing'}")
+    annotator = load_annotator(ref)
+    genes = store.genes()
+    overlaps = {}
+    for d in names:  # every check before the first write
+        try:
+            overlaps[d] = annotator.check_genes(genes[store.dataset_gene_mask(d)])
+        except InputError as e:
+            raise AnnotateError(f"dataset {d}: {e}") from None
+    n_atlas = sum(r.n_cells for r in records.values())
+    dim = annotator.w["enc_w"].shape[1]
+    locator = store.locator.pinned()
+    with _store_lock(store.uri):
+        _prepare_store_columns(store, ref, embedding, dim, n_atlas)
+        prior = store_annotations(store).get(ref.prefix, {}).get("datasets", {})
+        blocks, pending, done_cells = [], [], 0
+        sizes = {}
+        for d in names:
+            rec = records[d]
+            bs = block_size
+            if prior.get(d, {}).get("status") == "running" and prior[d].get("block_size") not in (None, bs):
+                bs = int(prior[d]["block_size"])
+                log(f"annotate: resuming {d} with its block size {bs}")
+            sizes[d] = bs
+            finished = _finished_cells(store, ref, rec.joinid_start, rec.n_cells, embedding)
+            done_cells += int(finished.sum())
+            for b in make_blocks(StoreSource(locator, d, rec.joinid_start, rec.value_type), rec.n_cells, bs):
+                blocks.append(b)
+                if not finished[b.start : b.stop].all():
+                    pending.append(b)
+        left = {d: sum(1 for b in pending if b.source.dataset == d) for d in names}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_record(store, ref, embedding, {
+            d: {"status": "running" if left[d] else "complete", "block_size": sizes[d], "cells": records[d].n_cells,
+                "gene_overlap": round(overlaps[d], 4), **({} if left[d] or d in prior else {"finished_at": now})}
+            for d in names})
+        total = sum(records[d].n_cells for d in names)
+        log(f"annotate: {ref.uri} ({model_uri}) -> {store.uri}: {len(names)} dataset(s), {total} cells, "
+            f"{len(pending)} of {len(blocks)} blocks to do; columns {ref.label_column}, {ref.confidence_column}"
+            + (f", embedding ms/{MEASUREMENT}/obsm/{ref.prefix}" if embedding else ""))
+        computed = 0
+        bar = _progress(total, done_cells, "annotate", progress)
+        try:
+            with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
+                for res in results:
+                    _write_store_block(store, ref, res, annotator.classes)
+                    computed += 1
+                    bar.update(res.block.n_cells)
+                    d = res.block.source.dataset
+                    left[d] -= 1
+                    if left[d] == 0:
+                        _write_record(store, ref, embedding, {d: {"status": "complete",
+                                                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+                    if on_block is not None:
+                        on_block(res)
+        finally:
+            bar.close()
+    cols = {"label": f"obs.{ref.label_column}", "confidence": f"obs.{ref.confidence_column}"}
+    if embedding:
+        cols["embedding"] = f"ms/{MEASUREMENT}/obsm/{ref.prefix}"
+    return AnnotateReport(ref.uri, store.uri, cols, total, len(blocks), computed, len(blocks) - len(pending),
+                          sum(b.n_cells for b in pending), time.perf_counter() - t0, names, overlaps)
+
+
+# ---------------------------------------------------------------------------- .h5ad files
+def _file_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def annotate_h5ad(
+    cfg: RunConfig,
+    model_uri: str,
+    path: str | Path,
+    out: str | Path | None = None,
+    embedding: bool = False,
+    block_size: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_block: Callable[[BlockResult], None] | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> AnnotateReport:
+    """Annotate every cell of an ``.h5ad``: ``obs['scpretrain_label']``,
+    ``obs['scpretrain_confidence']`` (and ``obsm['X_scpretrain']``), written to ``out``
+    (default: the input, replaced atomically at the end, so an interrupted run loses nothing).
+
+    Finished blocks wait in ``<out>.annotate-progress/``; a rerun picks them up."""
+    import anndata as ad
+    import h5py
+
+    t0 = time.perf_counter()
+    block_size = block_size or cfg.annotate.block_size
+    workers = cfg.annotate.workers if workers is None else workers
+    path = Path(path)
+    out = Path(out) if out else path
+    if not path.exists():
+        raise AnnotateError(f"--h5ad {path} does not exist")
+    if out.resolve() != path.resolve() and out.exists():
+        raise AnnotateError(f"--out {out} already exists; choose another path or remove it")
+    ref = resolve_model(model_uri, cfg.tracking_uri)
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as e:  # anndata raises many types for a broken file
+        raise AnnotateError(f"{path} is not a readable .h5ad file ({type(e).__name__}: {e})") from None
+    n_cells, genes = adata.n_obs, np.asarray(adata.var_names.astype(str))
+    clash = [c for c in (H5AD_LABEL, H5AD_CONFIDENCE) if c in adata.obs] + \
+            ([H5AD_EMBEDDING] if H5AD_EMBEDDING in adata.obsm else [])
+    if n_cells == 0:
+        adata.file.close()
+        raise AnnotateError(f"{path} holds no cells")
+    if clash and not overwrite:
+        adata.file.close()
+        raise AnnotateError(f"{path} already has {clash}; pass --overwrite to replace them or --out to write a new file")
+    annotator = load_annotator(ref)
+    try:
+        overlap = annotator.check_genes(genes)
+        probe = annotator.gene_map(genes)
+        first = adata.X[: min(n_cells, 20_000)]
+        first = first[:, probe.src]
+        _check_values(first.data if sp.issparse(first) else np.asarray(first))
+        from scpretrain_dist.data.normalize import detect_value_type
+
+        value_type = detect_value_type(first)
+    except InputError as e:
+        raise AnnotateError(f"{path}: {e}") from None
+    finally:
+        adata.file.close()
+    src = H5adSource(str(path.resolve()), value_type)
+    blocks = make_blocks(src, n_cells, block_size)
+    progress_dir = out.with_name(out.name + ".annotate-progress")
+    manifest = {"model_uri": ref.uri, "input": _file_identity(path), "n_cells": n_cells,
+                "block_size": block_size, "embedding": embedding, "value_type": value_type}
+    mf = progress_dir / "manifest.json"
+    if mf.exists():
+        old = json.loads(mf.read_text())
+        if old != manifest:
+            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise AnnotateError(
+                f"{progress_dir} holds an unfinished run that differs in {diff} "
+                f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); rerun it with the same settings, "
+                "or remove that folder to start over"
+            )
+    else:
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        tmp = mf.with_name("manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, mf)
+
+    def block_file(b: Block) -> Path:
+        return progress_dir / f"block_{b.index:06d}.npz"
+
+    pending = [b for b in blocks if not block_file(b).exists()]
+    log(f"annotate: {ref.uri} ({model_uri}) -> {out}: {n_cells} cells, {len(genes)} genes "
+        f"({overlap:.1%} of the model's), {value_type}; {len(pending)} of {len(blocks)} blocks to do")
+    bar = _progress(n_cells, sum(b.n_cells for b in blocks if b not in pending), "annotate", progress)
+    computed = 0
+    try:
+        with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
+            for res in results:
+                arrays = {"codes": res.codes, "confidence": res.confidence}
+                if res.embedding is not None:
+                    arrays["embedding"] = res.embedding
+                _save_npz_atomic(block_file(res.block), **arrays)
+                computed += 1
+                bar.update(res.block.n_cells)
+                if on_block is not None:
+                    on_block(res)
+    finally:
+        bar.close()
+
+    codes = np.empty(n_cells, np.int32)
+    conf = np.empty(n_cells, np.float32)
+    emb = None
+    for b in blocks:
+        with np.load(block_file(b)) as z:
+            codes[b.start : b.stop] = z["codes"]
+            conf[b.start : b.stop] = z["confidence"]
+            if embedding:
+                if emb is None:
+                    emb = np.empty((n_cells, z["embedding"].shape[1]), np.float32)
+                emb[b.start : b.stop] = z["embedding"]
+    info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": model_uri,
+            "run_id": ref.run_id, "gene_overlap": overlap, "value_type": value_type,
+            "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_h5ad_annotation(path, out, annotator.classes, codes, conf, emb, info, h5py)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    cols = {"label": f"obs.{H5AD_LABEL}", "confidence": f"obs.{H5AD_CONFIDENCE}"}
+    if embedding:
+        cols["embedding"] = f"obsm.{H5AD_EMBEDDING}"
+    return AnnotateReport(ref.uri, str(out), cols, n_cells, len(blocks), computed, len(blocks) - len(pending),
+                          sum(b.n_cells for b in pending), time.perf_counter() - t0, [path.stem], {path.stem: overlap})
+
+
+def _write_h5ad_annotation(path: Path, out: Path, classes, codes, conf, emb, info: dict, h5py) -> None:
+    """Copy the file, add the entries to the copy's existing HDF5 groups (nothing else is
+    rewritten), then move it over ``out`` in one rename."""
+    import pandas as pd
+    from anndata.io import write_elem
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.annotate-{os.getpid()}.tmp")
+    shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            obs = f["obs"]
+            order = [str(c) for c in np.atleast_1d(obs.attrs.get("column-order", []))]
+            for key in (H5AD_LABEL, H5AD_CONFIDENCE):
+                if key in obs:
+                    del obs[key]
+                if key in order:
+                    order.remove(key)
+            write_elem(obs, H5AD_LABEL, pd.Categorical.from_codes(codes, categories=[str(c) for c in classes]))
+            write_elem(obs, H5AD_CONFIDENCE, conf)
+            obs.attrs["column-order"] = np.array(order + [H5AD_LABEL, H5AD_CONFIDENCE], dtype=object)
+            if emb is not None:
+                if "obsm" not in f:
+                    write_elem(f, "obsm", {})
+                if H5AD_EMBEDDING in f["obsm"]:
+                    del f["obsm"][H5AD_EMBEDDING]
+                write_elem(f["obsm"], H5AD_EMBEDDING, emb)
+            if "uns" not in f:
+                write_elem(f, "uns", {})
+            if H5AD_UNS in f["uns"]:
+                del f["uns"][H5AD_UNS]
+            write_elem(f["uns"], H5AD_UNS, info)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
