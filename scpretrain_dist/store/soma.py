@@ -75,6 +75,7 @@ class DatasetRecord:
     source: str
     sha256: str
     ingested_at: str
+    group: str = ""  # the catalog's group (e.g. "pbmc"); empty when ingested without a catalog
 
     @property
     def labelled(self) -> bool:
@@ -411,6 +412,7 @@ class AtlasStore:
                             source=str(p.entry.path),
                             sha256=p.sha256,
                             ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            group=p.entry.group,
                         )
                     )
                 )
