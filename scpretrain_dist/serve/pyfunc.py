@@ -49,7 +49,9 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    from scipy.special import expit  # no overflow warnings for large negative inputs
+
+    return expit(x)
 
 
 @dataclass
@@ -70,7 +72,7 @@ class _GeneMap:
     src: np.ndarray  # input column of each matched gene
     dst: np.ndarray  # its row in the model's gene list
     enc_w: np.ndarray  # encoder rows of the matched genes (matched x 200), gathered once
-    identity: bool  # the input columns are exactly the matched genes, in order
+    all_columns: bool  # every input column is a model gene (no column selection needed)
 
 
 class Annotator:
@@ -102,7 +104,7 @@ class Annotator:
         src = np.array([i for i, c in enumerate(cols) if c in self._index], dtype=np.int64)
         dst = np.array([self._index[cols[i]] for i in src], dtype=np.int64)
         hit = _GeneMap(src, dst, np.ascontiguousarray(self.w["enc_w"][dst]),
-                       identity=len(src) == len(cols) and bool((src == np.arange(len(cols))).all()))
+                       all_columns=len(src) == len(cols))
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -168,7 +170,7 @@ class Annotator:
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
         from scpretrain_dist.data.normalize import TARGET_SUM, detect_value_type, to_linear
 
-        Xm = X if gm.identity else X[:, gm.src]  # cells x matched genes
+        Xm = X if gm.all_columns else X[:, gm.src]  # cells x matched genes
         if value_type == "auto":
             value_type = detect_value_type(Xm)
         if value_type not in ("counts", "lognorm", "log2norm"):

@@ -1,0 +1,116 @@
+"""The annotator's matrix path (batch annotation) against its DataFrame path (serving), blocks
+and the column names of a model version. No Ray, no MLflow server."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scpretrain_dist.model import CellTypeClassifier
+
+with warnings.catch_warnings(record=True):
+    from scpretrain_dist.serve.annotate import H5adSource, ModelRef, make_blocks
+    from scpretrain_dist.serve.pyfunc import Annotator, InputError, export_annotator
+
+GENES = np.array([f"G{i:03d}" for i in range(50)])
+CLASSES = np.array(["a", "b", "c", "d"])
+
+
+@pytest.fixture(scope="module")
+def annotator(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CellTypeClassifier(len(GENES), len(CLASSES))
+    with torch.no_grad():  # spread the weights so that cells get different classes
+        model.encoder.weight.mul_(20)
+        model.out.weight.mul_(10)
+    art = export_annotator(model, GENES, CLASSES, tmp_path_factory.mktemp("m"))
+    return Annotator(art["weights"], art["meta"])
+
+
+def counts(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(rng.uniform(0.05, 3, len(GENES)), (n, len(GENES))).astype(np.float32)
+    X[:, 0] += 1
+    return X
+
+
+def test_sparse_dense_and_dataframe_paths_agree(annotator):
+    X = counts()
+    # input genes: a shuffled subset of the model's, in lower case, plus genes it does not know
+    rng = np.random.default_rng(1)
+    keep = rng.permutation(len(GENES))[:40]
+    genes = np.concatenate([np.char.lower(GENES[keep].astype(str)), ["EXTRA1", "EXTRA2"]])
+    Xin = np.concatenate([X[:, keep], rng.poisson(5, (len(X), 2))], axis=1).astype(np.float32)
+    df = annotator.predict(pd.DataFrame(Xin, columns=genes), return_embedding=True)
+    for M in (Xin, sp.csr_matrix(Xin), sp.csc_matrix(Xin)):
+        p = annotator.predict_matrix(M, genes, return_embedding=True)
+        assert p.labels.tolist() == df["cell_type"].tolist()
+        np.testing.assert_allclose(p.confidence, df["confidence"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.embedding, df[[f"emb_{i}" for i in range(200)]], rtol=1e-5, atol=1e-6)
+        assert p.overlap == pytest.approx(40 / 50) and p.n_matched == 40 and p.value_type == "counts"
+    assert len(set(df["cell_type"])) > 1, "the fixture model predicts more than one class"
+
+
+def test_sparse_path_dense_and_sparse_multiply_agree(annotator, monkeypatch):
+    from scpretrain_dist.serve import pyfunc
+
+    X = sp.csr_matrix(counts(seed=3))
+    a = annotator.predict_matrix(X, GENES)
+    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)  # force the sparse product
+    b = annotator.predict_matrix(X, GENES)
+    assert a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-5)
+
+
+def test_lognormalised_sparse_input_is_detected(annotator):
+    X = counts(seed=4)
+    lib = X.sum(1, keepdims=True)
+    log = sp.csr_matrix(np.log1p(X / lib * 1e4).astype(np.float32))
+    a = annotator.predict_matrix(sp.csr_matrix(X), GENES)
+    b = annotator.predict_matrix(log, GENES)
+    assert b.value_type == "lognorm"
+    assert a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-4, atol=1e-5)
+
+
+def test_gene_map_is_cached_per_column_list(annotator):
+    m1 = annotator.gene_map(list(GENES))
+    assert annotator.gene_map(list(GENES)) is m1 and m1.all_columns
+    m2 = annotator.gene_map(list(GENES[::-1]))
+    assert m2 is not m1 and m2.all_columns
+    np.testing.assert_array_equal(GENES[m2.dst], GENES[::-1][m2.src])
+    np.testing.assert_array_equal(m2.enc_w, annotator.w["enc_w"][::-1])
+    m3 = annotator.gene_map(["NOPE", *GENES[:30]])
+    assert not m3.all_columns and m3.src.tolist() == list(range(1, 31)) and m3.dst.tolist() == list(range(30))
+
+
+def test_matrix_path_refuses_bad_input(annotator):
+    X = sp.csr_matrix(counts(8))
+    with pytest.raises(InputError, match="columns"):
+        annotator.predict_matrix(X, GENES[:10])
+    neg = X.copy()
+    neg.data[0] = -1
+    with pytest.raises(InputError, match="negative"):
+        annotator.predict_matrix(neg, GENES)
+    with pytest.raises(InputError, match="only 5 of"):
+        annotator.predict_matrix(X[:, :5], GENES[:5])
+    with pytest.raises(InputError, match="repeats"):
+        annotator.predict_matrix(X[:, :2], np.array(["G001", "g001"]))
+
+
+def test_blocks_cover_every_cell_once():
+    blocks = make_blocks(H5adSource("x.h5ad", "counts"), 1001, 250)
+    assert [(b.start, b.stop) for b in blocks] == [(0, 250), (250, 500), (500, 750), (750, 1000), (1000, 1001)]
+    assert [b.index for b in blocks] == list(range(5))
+
+
+def test_column_names_are_per_model_version():
+    ref = ModelRef("scpretrain-annotator", 3, "run", "sqlite:///x", "models:/scpretrain-annotator@champion")
+    assert ref.uri == "models:/scpretrain-annotator/3"
+    assert ref.label_column == "scpretrain__scpretrain_annotator__v3__label"
+    assert ref.confidence_column == "scpretrain__scpretrain_annotator__v3__confidence"
