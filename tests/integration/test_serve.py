@@ -123,3 +123,21 @@ def test_huge_request_refused(server):
     assert 400 <= status < 500
     assert "per request" in json.dumps(body)
     assert post(port, frame(counts.head(1)))[0] == 200
+
+
+def test_sparse_request_format_over_http(server):
+    import scipy.sparse as sp
+
+    from scpretrain_dist.serve.pyfunc import sparse_request
+
+    port, loaded, counts = server
+    status, body = post(port, sparse_request(sp.csr_matrix(counts.to_numpy()), counts.columns))
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    local = loaded.predict(counts)
+    assert served["cell_type"].tolist() == local["cell_type"].tolist()
+    np.testing.assert_allclose(served["confidence"], local["confidence"], rtol=1e-5)
+    bad = sparse_request(sp.csr_matrix(counts.to_numpy()[:2]), counts.columns)
+    bad["dataframe_split"]["data"][0][0] = [0, 1]  # two indices, more values
+    status, body = post(port, bad)
+    assert status == 400 and "indices but" in json.dumps(body)

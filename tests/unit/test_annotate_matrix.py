@@ -114,3 +114,46 @@ def test_column_names_are_per_model_version():
     assert ref.uri == "models:/scpretrain-annotator/3"
     assert ref.label_column == "scpretrain__scpretrain_annotator__v3__label"
     assert ref.confidence_column == "scpretrain__scpretrain_annotator__v3__confidence"
+
+
+def _payload_frame(payload: dict) -> pd.DataFrame:
+    """What the scoring server hands the model: the JSON parsed into a DataFrame."""
+    import json
+
+    split = json.loads(json.dumps(payload))["dataframe_split"]
+    return pd.DataFrame(split["data"], columns=split["columns"])
+
+
+def test_sparse_request_format_gives_the_dense_answer(annotator):
+    from scpretrain_dist.serve.pyfunc import sparse_request
+
+    X = counts(20, seed=5)
+    X[3] = 0  # a cell with no counts at all
+    X[3, 7] = 1
+    genes = np.char.lower(GENES.astype(str))
+    dense = annotator.predict(pd.DataFrame(X, columns=genes), return_embedding=True)
+    payload = sparse_request(sp.csr_matrix(X), genes)
+    assert payload["params"]["genes"] == list(genes)
+    out = annotator.predict(_payload_frame(payload), genes=payload["params"]["genes"], return_embedding=True)
+    assert out["cell_type"].tolist() == dense["cell_type"].tolist()
+    np.testing.assert_allclose(out.drop(columns="cell_type").to_numpy(float),
+                               dense.drop(columns="cell_type").to_numpy(float), rtol=1e-5, atol=1e-6)
+    # plain JSON lists work too, in any order within a cell
+    Xc = sp.csr_matrix(X)
+    rows = [[Xc.indices[a:b][::-1].tolist(), Xc.data[a:b][::-1].tolist()] for a, b in zip(Xc.indptr[:-1], Xc.indptr[1:])]
+    lists = annotator.predict(pd.DataFrame(rows, columns=["indices", "values"]), genes=list(genes))
+    assert lists["cell_type"].tolist() == dense["cell_type"].tolist()
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([[[0, 1], [1.0]]], "2 indices but 1 values"),
+    ([[[0, 99], [1.0, 2.0]]], "must lie in"),
+    ([[[3, 3], [1.0, 2.0]]], "repeats a gene index"),
+    ([["not base64!", "AAAA"]], "base64"),
+    ([[[0, 1], ["x", "y"]]], "list of numbers"),
+])
+def test_sparse_request_format_refuses_bad_rows(annotator, rows, words):
+    with pytest.raises(InputError, match=words):
+        annotator.predict(pd.DataFrame(rows, columns=["indices", "values"]), genes=list(GENES))
+    with pytest.raises(InputError, match="columns"):
+        annotator.predict(pd.DataFrame({"a": [1]}), genes=list(GENES))
