@@ -30,6 +30,9 @@ class DemoDataConfig:
     markers_per_type: int = 40
     genes_kept: float = 0.85  # fraction of the atlas genes each dataset measures
     seed: int = 0
+    # > 0: an atlas of this many cells over n_datasets datasets of uneven (log-normal) sizes,
+    # streamed into the store block by block instead of written as .h5ad files
+    n_cells: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,14 @@ class PseudoLabelConfig:
     pca_dims: int = 50
     num_actors: int = 2
     cpus_per_actor: float = 0.5
-    use_gpu: bool = False
+    use_gpu: bool = False  # faiss-gpu assignment (the [gpu] extra) on a GPU per actor
     seed: int = 0
+    # A dataset with more cells than this is clustered by sharded Lloyd iterations across all
+    # actors (each reads and featurises its own rows; the driver reduces the sums).
+    shard_threshold_cells: int = 200_000
+    # k-means++ (and the PCA of phase1_space="pca") run on a seeded sample of at most this
+    # many cells of a dataset; at or below it, on all of them.
+    init_sample_cells: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,13 @@ class PretrainConfig:
     seed: int = 0
     # Datasets left out of pretraining (the held-out targets of leave-one-dataset-out).
     exclude_datasets: tuple[str, ...] = ()
+    # Sparse updates: the encoder and heads get gradients over the rows a batch touched only
+    # (genes present, heads of its datasets), stepped by lazy Adam (train/optim.py) and
+    # averaged across workers by an all-reduce of the touched rows (train/parallel.py).
+    # false: dense gradients, torch Adam and DDP's dense all-reduce.
+    sparse_updates: bool = True
+    # Head layout per batch: "auto", "block" (cells x gathered rows) or "padded" (cells x k_max).
+    head_layout: str = "auto"
 
 
 @dataclass(frozen=True)

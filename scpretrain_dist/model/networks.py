@@ -19,19 +19,40 @@ from torch import nn
 @dataclass
 class SparseBatch:
     """A CSR batch of cells in the form ``embedding_bag`` consumes: the encoder's first layer
-    then costs O(non-zeros x 200) instead of O(genes x 200) per cell."""
+    then costs O(non-zeros x 200) instead of O(genes x 200) per cell.
+
+    ``genes`` (the sorted distinct genes of the batch) and ``local_indices`` (``indices``
+    renumbered into ``genes``) let an encoder with sparse gradients gather only the rows it
+    needs; they are computed here, on the loader's side, when absent the encoder computes them.
+    """
 
     indices: torch.Tensor  # (nnz,) gene index of each value
     offsets: torch.Tensor  # (n_cells,) start of each cell in indices
     values: torch.Tensor  # (nnz,) float32
+    genes: torch.Tensor | None = None  # (n_present,) sorted distinct gene indices
+    local_indices: torch.Tensor | None = None  # (nnz,) position of each index in ``genes``
 
     @classmethod
     def from_csr(cls, X: sp.csr_matrix, device: torch.device | str = "cpu") -> SparseBatch:
+        # distinct genes by a presence mask: O(nnz + genes), cheaper than sorting the indices
+        present = np.zeros(X.shape[1], dtype=bool)
+        present[X.indices] = True
+        genes = np.flatnonzero(present)
+        local = (np.cumsum(present, dtype=np.int64) - 1)[X.indices]
         return cls(
             torch.from_numpy(X.indices.astype(np.int64)).to(device),
             torch.from_numpy(X.indptr[:-1].astype(np.int64)).to(device),
             torch.from_numpy(X.data.astype(np.float32)).to(device),
+            torch.from_numpy(genes.astype(np.int64)).to(device),
+            torch.from_numpy(local).to(device),
         )
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distinct genes, indices renumbered into them)."""
+        if self.genes is None or self.local_indices is None:
+            genes, local = torch.unique(self.indices, sorted=True, return_inverse=True)
+            return genes, local
+        return self.genes, self.local_indices
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -39,21 +60,32 @@ class SparseBatch:
 
 class Encoder(nn.Module):
     """Linear(n_genes, dim). The weight is stored genes x dim so a gene's row can be copied
-    between gene spaces and gathered by ``embedding_bag`` for sparse input."""
+    between gene spaces and gathered by ``embedding_bag`` for sparse input.
 
-    def __init__(self, n_genes: int, dim: int = 200):
+    With ``sparse_grad`` a sparse batch first gathers the rows of the genes it contains, so the
+    weight's gradient is a sparse tensor over those rows only (an optimizer and a gradient
+    all-reduce then touch only them); the output is the same as without.
+    """
+
+    def __init__(self, n_genes: int, dim: int = 200, sparse_grad: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_genes, dim))
         self.bias = nn.Parameter(torch.empty(dim))
+        self.sparse_grad = sparse_grad
         bound = 1.0 / math.sqrt(n_genes)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         if isinstance(x, SparseBatch):
-            h = F.embedding_bag(
-                x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values
-            )
+            if self.sparse_grad:
+                genes, local = x.gathered()
+                rows = F.embedding(genes, self.weight, sparse=True)  # (n_present, dim)
+                h = F.embedding_bag(local, rows, x.offsets, mode="sum", per_sample_weights=x.values)
+            else:
+                h = F.embedding_bag(
+                    x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values
+                )
         else:
             h = x @ self.weight
         return h + self.bias
@@ -62,46 +94,94 @@ class Encoder(nn.Module):
         return torch.sigmoid(self(x))
 
 
-class MultiTaskHeads(nn.Module):
-    """One linear head per (dataset, partition), fused: partition p holds the rows of every
-    dataset's head back to back. A cell's logits are masked to its own dataset's rows, so the
-    cross-entropy of each cell runs over its dataset's clusters only."""
+@dataclass
+class PartitionLogits:
+    """One partition's logits for a batch: column ``first_column[i] + c`` of row i is cell i's
+    logit for cluster c of its own dataset; every other column of the row is -inf."""
 
-    def __init__(self, ks: list[list[int]], dim: int = 200, activation: str = "none"):
+    logits: torch.Tensor  # (cells, columns)
+    first_column: torch.Tensor  # (cells,) int64
+
+    def targets(self, local_labels: torch.Tensor) -> torch.Tensor:
+        return self.first_column + local_labels
+
+
+class MultiTaskHeads(nn.Module):
+    """One linear head per (dataset, partition), fused: partition p is one parameter holding
+    every dataset's head rows back to back, with the bias as the last column.
+
+    A batch gathers only the rows of the datasets it contains, in one of two layouts chosen per
+    batch by cost: ``block`` (every cell against all gathered rows, masked to its own dataset:
+    cells x rows) or ``padded`` (every cell against its own dataset's rows only, padded to the
+    largest k: cells x k_max). With ``sparse_grad`` the gradient is a sparse tensor over the
+    gathered rows, so heads of datasets absent from the batch see neither a gradient nor an
+    optimizer update.
+    """
+
+    def __init__(
+        self, ks: list[list[int]], dim: int = 200, activation: str = "none",
+        sparse_grad: bool = False, layout: str = "auto",
+    ):
         super().__init__()
         if activation not in {"none", "sigmoid"}:
             raise ValueError(f"head activation {activation!r} must be 'none' or 'sigmoid'")
+        if layout not in {"auto", "block", "padded"}:
+            raise ValueError(f"head layout {layout!r} must be 'auto', 'block' or 'padded'")
         self.activation = activation
+        self.sparse_grad = sparse_grad
+        self.layout = layout
         ks_arr = np.asarray(ks, dtype=np.int64)  # (n_datasets, n_partitions)
+        if ks_arr.ndim != 2 or (ks_arr < 1).any():
+            raise ValueError(f"ks must be a datasets x partitions table of positive k, got {ks}")
         self.n_partitions = ks_arr.shape[1]
         self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
         for p in range(self.n_partitions):
             total = int(ks_arr[:, p].sum())
-            w = torch.empty(total, dim)
-            nn.init.uniform_(w, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+            w = torch.empty(total, dim + 1)
+            nn.init.uniform_(w[:, :dim], -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+            nn.init.zeros_(w[:, dim])
             self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(torch.zeros(total)))
             offsets = np.concatenate([[0], np.cumsum(ks_arr[:, p])[:-1]])
-            owner = np.repeat(np.arange(len(ks_arr)), ks_arr[:, p])
-            self.register_buffer(f"offset_{p}", torch.from_numpy(offsets))
-            self.register_buffer(f"owner_{p}", torch.from_numpy(owner))
+            self.register_buffer(f"offset_{p}", torch.from_numpy(offsets), persistent=False)
+            self.register_buffer(f"k_{p}", torch.from_numpy(ks_arr[:, p].copy()), persistent=False)
 
-    def forward(self, z: torch.Tensor, dataset_idx: torch.Tensor) -> list[torch.Tensor]:
+    def _gather(self, p: int, rows: torch.Tensor) -> torch.Tensor:
+        return F.embedding(rows, self.weights[p], sparse=self.sparse_grad)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        # the original code squashed logits with a sigmoid before the cross-entropy
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits
+
+    def forward(self, z: torch.Tensor, dataset_idx: torch.Tensor) -> list[PartitionLogits]:
+        present, inverse = torch.unique(dataset_idx, sorted=True, return_inverse=True)
+        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)  # bias column
         out = []
         for p in range(self.n_partitions):
-            logits = z @ self.weights[p].T + self.biases[p]
-            if self.activation == "sigmoid":  # the original code squashed logits before CE
-                logits = torch.sigmoid(logits)
-            mask = getattr(self, f"owner_{p}")[None, :] != dataset_idx[:, None]
-            out.append(logits.masked_fill(mask, float("-inf")))
+            k_present = getattr(self, f"k_{p}")[present]
+            k_max = int(k_present.max())
+            n_rows = int(k_present.sum())
+            layout = self.layout
+            if layout == "auto":  # padded gathers cells x k_max rows: worth it once rows >> k_max
+                layout = "padded" if n_rows > 4 * k_max else "block"
+            starts = getattr(self, f"offset_{p}")[present]
+            if layout == "block":
+                # rows of the present datasets back to back; owner = position in ``present``
+                owner = torch.repeat_interleave(torch.arange(len(present), device=z.device), k_present)
+                first = torch.cumsum(k_present, 0) - k_present
+                rows = starts[owner] + torch.arange(n_rows, device=z.device) - first[owner]
+                logits = self._activate(z1 @ self._gather(p, rows).T)
+                mask = owner[None, :] != inverse[:, None]
+                out.append(PartitionLogits(logits.masked_fill(mask, float("-inf")), first[inverse]))
+            else:
+                cols = torch.arange(k_max, device=z.device)
+                k_cell = k_present[inverse]
+                valid = cols[None, :] < k_cell[:, None]
+                rows_cell = starts[inverse][:, None] + torch.where(valid, cols[None, :], 0)
+                w = self._gather(p, rows_cell.reshape(-1)).view(len(z), k_max, -1)
+                logits = self._activate(torch.bmm(w, z1.unsqueeze(2)).squeeze(2))
+                out.append(PartitionLogits(logits.masked_fill(~valid, float("-inf")),
+                                           torch.zeros_like(inverse)))
         return out
-
-    def global_targets(self, labels: torch.Tensor, dataset_idx: torch.Tensor) -> list[torch.Tensor]:
-        """Local cluster ids (cells x partitions) -> row indices in each fused head."""
-        return [
-            getattr(self, f"offset_{p}")[dataset_idx] + labels[:, p] for p in range(self.n_partitions)
-        ]
 
 
 @dataclass
@@ -112,19 +192,28 @@ class PretrainLoss:
 
 
 class PretrainModel(nn.Module):
-    def __init__(self, n_genes: int, ks: list[list[int]], dim: int = 200, head_activation: str = "none"):
-        super().__init__()
-        self.encoder = Encoder(n_genes, dim)
-        self.heads = MultiTaskHeads(ks, dim, head_activation)
+    """Encoder plus fused heads. ``sparse_grad`` makes the encoder's weight and every head
+    produce sparse gradients over the rows a batch touched (see :class:`Encoder`,
+    :class:`MultiTaskHeads`); the outputs do not change."""
 
-    def forward(self, x: torch.Tensor | SparseBatch, dataset_idx: torch.Tensor) -> list[torch.Tensor]:
+    def __init__(
+        self, n_genes: int, ks: list[list[int]], dim: int = 200, head_activation: str = "none",
+        sparse_grad: bool = False, head_layout: str = "auto",
+    ):
+        super().__init__()
+        self.encoder = Encoder(n_genes, dim, sparse_grad=sparse_grad)
+        self.heads = MultiTaskHeads(ks, dim, head_activation, sparse_grad=sparse_grad, layout=head_layout)
+
+    def forward(self, x: torch.Tensor | SparseBatch, dataset_idx: torch.Tensor) -> list[PartitionLogits]:
         return self.heads(self.encoder.embed(x), dataset_idx)
 
-    def loss(self, logits: list[torch.Tensor], labels: torch.Tensor, dataset_idx: torch.Tensor) -> PretrainLoss:
-        targets = self.heads.global_targets(labels, dataset_idx)
-        losses = [F.cross_entropy(lg, t) for lg, t in zip(logits, targets)]
-        acc = float(np.mean([(lg.argmax(1) == t).float().mean().item() for lg, t in zip(logits, targets)]))
-        return PretrainLoss(torch.stack(losses).sum(), [x.item() for x in losses], acc)
+    def loss(self, logits: list[PartitionLogits], labels: torch.Tensor, dataset_idx: torch.Tensor | None = None) -> PretrainLoss:
+        targets = [lg.targets(labels[:, p]) for p, lg in enumerate(logits)]
+        losses = [F.cross_entropy(lg.logits, t) for lg, t in zip(logits, targets)]
+        with torch.no_grad():
+            acc = torch.stack([(lg.logits.argmax(1) == t).float().mean() for lg, t in zip(logits, targets)])
+        per = torch.stack([x.detach() for x in losses]).tolist()
+        return PretrainLoss(torch.stack(losses).sum(), per, float(acc.mean()))
 
 
 class CellTypeClassifier(nn.Module):

@@ -1,10 +1,23 @@
-"""Pure K-means: arrays in, labels and stats out. faiss Lloyd iterations from a k-means++ start."""
+"""Pure K-means: arrays in, labels and stats out.
+
+Lloyd iterations from a k-means++ start, with every partition of a dataset (one k each) run in
+lockstep over one pass of its cells. An iteration is written as (partial sums over a shard of
+cells -> reduce -> update), so a dataset split over several workers gives exactly the
+single-process result: :func:`lloyd` is :func:`run_lloyd` with one shard. Assignment is faiss
+(exact L2 search; faiss-gpu when asked), empty clusters are re-seeded as faiss does (split a
+large cluster in two).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# rows per assignment block: bounds the distance table and the float64 copy of the cells
+BLOCK_ROWS = 32768
 
 
 @dataclass
@@ -23,65 +36,208 @@ def n_clusters(n_cells: int, cluster_sizes: tuple[int, ...], min_k: int = 2) -> 
 def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.cluster import kmeans_plusplus
 
-    centers, _ = kmeans_plusplus(x, k, random_state=seed)
+    centers, _ = kmeans_plusplus(np.ascontiguousarray(x, dtype=np.float32), k, random_state=seed)
     return np.ascontiguousarray(centers, dtype=np.float32)
 
 
-def kmeans(
-    x: np.ndarray, k: int, niter: int = 30, seed: int = 0, gpu: bool = False
-) -> KMeansResult:
-    """Lloyd's algorithm in faiss, started from k-means++ centroids (a random start fits much
-    worse on expression data)."""
-    import time
+def init_sample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
+    """Sorted positions of the cells k-means++ (and PCA) start from: all of them up to
+    ``max_cells``, else a seeded uniform sample of that size (independent of any sharding)."""
+    if n_cells <= max_cells:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng([seed, n_cells]).choice(n_cells, max_cells, replace=False))
 
+
+def plusplus_inits(x_sample: np.ndarray, ks: Sequence[int], seed: int) -> list[np.ndarray]:
+    """One k-means++ start per partition (seed + partition)."""
+    for k in ks:
+        if not 1 <= k <= len(x_sample):
+            raise ValueError(f"k={k} must lie between 1 and the number of points ({len(x_sample)})")
+    return [kmeans_plusplus_init(x_sample, k, seed + p) for p, k in enumerate(ks)]
+
+
+# ------------------------------------------------------------------ assignment
+_GPU_RES = None
+
+
+def _gpu_resources():
+    """faiss GPU resources, once per process; a clear error where faiss has no GPU."""
+    global _GPU_RES
     import faiss
 
+    if _GPU_RES is None:
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+            raise RuntimeError(
+                "pseudolabel.use_gpu=true but this faiss has no GPU support or sees no GPU: on a "
+                "CUDA machine install the [gpu] extra (pip install faiss-gpu-cu12, then "
+                "pip uninstall faiss-cpu), or set pseudolabel.use_gpu=false"
+            )
+        _GPU_RES = faiss.StandardGpuResources()
+    return _GPU_RES
+
+
+def _index(centroids: np.ndarray, gpu: bool):
+    import faiss
+
+    d = centroids.shape[1]
+    index = faiss.GpuIndexFlatL2(_gpu_resources(), d) if gpu else faiss.IndexFlatL2(d)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every cell in every partition: labels (n, P) int64 and squared
+    distances (n, P) float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    labels = np.empty((len(x), len(centroids)), dtype=np.int64)
+    dist = np.empty((len(x), len(centroids)), dtype=np.float32)
+    for p, c in enumerate(centroids):
+        index = _index(c, gpu)
+        for lo in range(0, len(x), BLOCK_ROWS):
+            d, i = index.search(x[lo : lo + BLOCK_ROWS], 1)
+            labels[lo : lo + BLOCK_ROWS, p] = i[:, 0]
+            dist[lo : lo + BLOCK_ROWS, p] = d[:, 0]
+    return labels, dist
+
+
+# ------------------------------------------------------------------ one Lloyd iteration
+@dataclass
+class LloydPartial:
+    """A shard's contribution to one iteration: per partition, the float64 sum of the cells
+    assigned to each centroid, their count, and the summed squared distance."""
+
+    sums: list[np.ndarray]  # (k_p, d) float64
+    counts: list[np.ndarray]  # (k_p,) int64
+    objective: list[float]
+
+    @staticmethod
+    def reduce(parts: Sequence[LloydPartial]) -> LloydPartial:
+        first = parts[0]
+        sums = [s.copy() for s in first.sums]
+        counts = [c.copy() for c in first.counts]
+        objective = list(first.objective)
+        for part in parts[1:]:
+            for p in range(len(sums)):
+                sums[p] += part.sums[p]
+                counts[p] += part.counts[p]
+                objective[p] += part.objective[p]
+        return LloydPartial(sums, counts, objective)
+
+
+def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) -> LloydPartial:
+    """Assign a shard's cells to every partition's centroids and sum them per centroid."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[1]
+    sums = [np.zeros((len(c), d), dtype=np.float64) for c in centroids]
+    counts = [np.zeros(len(c), dtype=np.int64) for c in centroids]
+    objective = [0.0] * len(centroids)
+    for lo in range(0, len(x), BLOCK_ROWS):
+        block = x[lo : lo + BLOCK_ROWS]
+        labels, dist = assign(block, centroids, gpu)
+        for p, c in enumerate(centroids):
+            sums[p] += _sum_by_label(block, labels[:, p], len(c))
+            counts[p] += np.bincount(labels[:, p], minlength=len(c))
+            objective[p] += float(dist[:, p].sum(dtype=np.float64))
+    return LloydPartial(sums, counts, objective)
+
+
+def _sum_by_label(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64 sums of the rows of ``x`` per label: rows sorted by label, then summed
+    per run in float64 (cells in their original order within a label)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    out = np.zeros((k, x.shape[1]), dtype=np.float64)
+    if len(order):
+        out[sorted_labels[starts]] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    return out
+
+
+def update_centroids(previous: Sequence[np.ndarray], total: LloydPartial, seed: int, iteration: int) -> list[np.ndarray]:
+    """Means of the assigned cells; an empty cluster takes half of a large one, as faiss does
+    (copy a centroid chosen with probability ~ its size - 1, then push the two copies apart by
+    a relative 1/1024 in alternating directions)."""
+    rng = np.random.default_rng([seed, iteration])
+    out = []
+    for c_prev, s, cnt in zip(previous, total.sums, total.counts):
+        k, d = c_prev.shape
+        cnt = cnt.astype(np.float64)
+        c = np.where(cnt[:, None] > 0, s / np.maximum(cnt, 1)[:, None], c_prev.astype(np.float64))
+        empty = np.flatnonzero(cnt == 0)
+        if len(empty):
+            sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0) / 1024.0
+            for ci in empty:
+                weight = np.maximum(cnt - 1, 0)
+                if weight.sum() <= 0:
+                    break
+                cj = int(rng.choice(k, p=weight / weight.sum()))
+                c[ci] = c[cj] * (1 + sign)
+                c[cj] = c[cj] * (1 - sign)
+                cnt[ci] = np.floor(cnt[cj] / 2)
+                cnt[cj] -= cnt[ci]
+        out.append(c.astype(np.float32))
+    return out
+
+
+def run_lloyd(
+    step: Callable[[list[np.ndarray]], Sequence[LloydPartial]],
+    inits: Sequence[np.ndarray],
+    niter: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """``niter`` Lloyd iterations where ``step(centroids)`` returns the partial sums of every
+    shard (computed wherever the shards live); returns the final centroids."""
+    centroids = [np.ascontiguousarray(c, dtype=np.float32) for c in inits]
+    for it in range(niter):
+        total = LloydPartial.reduce(step(centroids))
+        centroids = update_centroids(centroids, total, seed, it)
+    return centroids
+
+
+def lloyd(
+    x: np.ndarray, inits: Sequence[np.ndarray], niter: int, seed: int, gpu: bool = False
+) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """Single-process Lloyd: (labels (n, P), final centroids, objective per partition)."""
+    centroids = run_lloyd(lambda c: [partial_step(x, c, gpu)], inits, niter, seed)
+    labels, dist = assign(x, centroids, gpu)
+    return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]
+
+
+def lloyd_flops(n_cells: int, ks: Sequence[int], dims: int, niter: int) -> float:
+    """Floating-point operations of ``niter`` iterations plus the final assignment: 2 n k d per
+    assignment (the distance GEMM) and n d per update (the sums), per partition."""
+    per_assign = sum(2.0 * n_cells * k * dims for k in ks)
+    per_update = len(ks) * float(n_cells) * dims
+    return niter * (per_assign + per_update) + per_assign
+
+
+# ------------------------------------------------------------------ whole-dataset entry points
+def cluster_partitions(
+    x: np.ndarray, ks: list[int], niter: int, seed: int, gpu: bool = False,
+    init_sample_cells: int = 100_000,
+) -> tuple[np.ndarray, list[float]]:
+    """All partitions of one dataset: labels (n, len(ks)) and each partition's objective."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sample = init_sample(len(x), init_sample_cells, seed)
+    inits = plusplus_inits(x[sample], ks, seed)
+    labels, _, objectives = lloyd(x, inits, niter, seed, gpu)
+    return labels, objectives
+
+
+def kmeans(x: np.ndarray, k: int, niter: int = 30, seed: int = 0, gpu: bool = False) -> KMeansResult:
+    """One partition: Lloyd from a k-means++ start (a random start fits much worse on
+    expression data)."""
     t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must lie between 1 and the number of points ({n})")
-    init = kmeans_plusplus_init(x, k, seed)
-    km = faiss.Kmeans(
-        d, k, niter=niter, seed=seed, gpu=gpu, min_points_per_centroid=1,
-        max_points_per_centroid=max(256, n // k + 1), verbose=False,
-    )
-    km.train(x, init_centroids=init)
-    dist, labels = km.index.search(x, 1)
-    return KMeansResult(
-        labels=labels.ravel().astype(np.int64),
-        centroids=km.centroids.copy(),
-        objective=float(dist.sum()),
-        seconds=time.perf_counter() - t0,
-    )
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k={k} must lie between 1 and the number of points ({len(x)})")
+    labels, centroids, objective = lloyd(x, [kmeans_plusplus_init(x, k, seed)], niter, seed, gpu)
+    return KMeansResult(labels[:, 0], centroids[0], objective[0], time.perf_counter() - t0)
 
 
 def lloyd_step(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """One assignment pass over a shard: (labels, per-centroid sums, counts, objective).
-
-    Sharded Lloyd iterations reduce the sums and counts of every shard, then divide.
-    """
-    import faiss
-
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    dist, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    labels = labels.ravel()
-    k = centroids.shape[0]
-    sums = np.zeros_like(centroids, dtype=np.float64)
-    np.add.at(sums, labels, x)
-    counts = np.bincount(labels, minlength=k)
-    return labels, sums, counts, float(dist.sum())
-
-
-def cluster_partitions(
-    x: np.ndarray, ks: list[int], niter: int, seed: int, gpu: bool = False
-) -> tuple[np.ndarray, list[float]]:
-    """All partitions of one dataset: labels (n, len(ks)) and each partition's objective."""
-    labels = np.empty((x.shape[0], len(ks)), dtype=np.int64)
-    objectives = []
-    for p, k in enumerate(ks):
-        res = kmeans(x, k, niter=niter, seed=seed + p, gpu=gpu)
-        labels[:, p] = res.labels
-        objectives.append(res.objective)
-    return labels, objectives
+    """One assignment pass of one partition over a shard: (labels, per-centroid sums, counts,
+    objective)."""
+    part = partial_step(x, [centroids])
+    labels, _ = assign(x, [centroids])
+    return labels[:, 0], part.sums[0], part.counts[0], part.objective[0]

@@ -1,7 +1,11 @@
-"""Refresh pseudo-labels with a pool of Ray actors, one dataset per task, largest first.
+"""Refresh pseudo-labels with a pool of Ray actors.
 
-Each actor reads its dataset from the store itself (only a locator travels) and, after the
-first phase, embeds the cells with the current encoder next to the data.
+Datasets go one per task to a pool of actors, largest first. A dataset larger than
+``shard_threshold_cells`` is split instead: every actor reads and featurises its own slice of
+the dataset's cells, and the driver runs Lloyd iterations by reducing the actors' partial sums
+(the same k-means++ start and the same result as one process, see ``kmeans.py``). Actors read
+from the store themselves (only a locator and an encoder checkpoint path travel) and embed
+their cells with the current encoder next to the data.
 """
 
 from __future__ import annotations
@@ -13,9 +17,31 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scpretrain_dist.config import PseudoLabelConfig
-from scpretrain_dist.pseudolabel.kmeans import cluster_partitions, n_clusters
+from scpretrain_dist.config import ConfigError, PseudoLabelConfig
+from scpretrain_dist.pseudolabel.features import (
+    SPACES,
+    Projection,
+    embed,
+    featurize,
+    fit_pca,
+    read_cells,
+    read_encoder,
+)
+from scpretrain_dist.pseudolabel.kmeans import (
+    LloydPartial,
+    assign,
+    init_sample,
+    lloyd,
+    lloyd_flops,
+    n_clusters,
+    partial_step,
+    plusplus_inits,
+    run_lloyd,
+)
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+
+__all__ = ["KMeansPool", "KMeansWorker", "PseudoLabels", "agreement", "cluster_dataset", "cluster_sharded", "embed",
+           "refresh_pseudo_labels"]
 
 
 @dataclass
@@ -44,69 +70,213 @@ class PseudoLabels:
         return cls(int(z["version"]), labels, ks, str(z["space"]))
 
 
-def embed(X: sp.csr_matrix, encoder: dict[str, np.ndarray], block: int = 8192) -> np.ndarray:
-    """sigmoid(X W + b) for a cells x atlas-genes matrix, in blocks."""
-    W, b = encoder["weight"], encoder["bias"]
-    out = np.empty((X.shape[0], W.shape[1]), dtype=np.float32)
-    for lo in range(0, X.shape[0], block):
-        z = X[lo : lo + block] @ W + b
-        out[lo : lo + block] = 1.0 / (1.0 + np.exp(-z))
-    return out
+Encoder = dict[str, np.ndarray] | str | None  # arrays, or the path of an encoder.pt checkpoint
 
 
-def clustering_features(
-    store: AtlasStore,
-    dataset: str,
-    space: str,
-    encoder: dict[str, np.ndarray] | None,
-    pca_dims: int,
-    seed: int,
-) -> np.ndarray:
-    """The matrix K-means runs on: embeddings when an encoder is given, else (normalised or
-    raw) expression over the dataset's own genes, optionally PCA-projected."""
-    rec = store.dataset(dataset)
-    if encoder is not None:
-        X = store.read_rows(rec.joinids, rec.value_type, normalize=True)
-        return embed(X, encoder)
-    X = store.read_rows(rec.joinids, rec.value_type, normalize=(space != "raw"))
-    mask = store.dataset_gene_mask(dataset)
-    # Genes a dataset never measured are zero in all its cells: dropping them leaves every
-    # distance unchanged and shrinks the problem to the dataset's own genes.
-    X = X[:, np.flatnonzero(mask)]
-    if space == "pca":
-        from sklearn.decomposition import TruncatedSVD
-
-        dims = min(pca_dims, X.shape[1] - 1, X.shape[0] - 1)
-        centered = X.toarray() - np.asarray(X.mean(0))
-        return TruncatedSVD(dims, random_state=seed).fit_transform(centered).astype(np.float32)
-    return X.toarray()
+def cluster_dataset(
+    store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str, encoder: dict | None = None
+) -> tuple[np.ndarray, list[int], dict]:
+    """All partitions of one dataset in this process: (labels (n, P), ks, stats)."""
+    t0 = time.perf_counter()
+    n = store.dataset(dataset).n_cells
+    X = read_cells(store, dataset, 0, n, space)
+    t_read = time.perf_counter()
+    sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
+    projection = fit_pca(X[sample], cfg.pca_dims, cfg.seed) if space == "pca" else None
+    x = featurize(X, space, encoder, projection)
+    del X
+    t_feat = time.perf_counter()
+    ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
+    inits = plusplus_inits(x[sample], ks, cfg.seed)
+    t_init = time.perf_counter()
+    labels, _, objectives = lloyd(x, inits, cfg.niter, cfg.seed, cfg.use_gpu)
+    t_end = time.perf_counter()
+    stats = {
+        "n_cells": n, "dims": int(x.shape[1]), "ks": ks, "shards": 1,
+        "read_seconds": t_read - t0, "feature_seconds": t_feat - t_read,
+        "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
+        "kmeans_seconds": t_end - t_feat,
+        "lloyd_flops": lloyd_flops(n, ks, int(x.shape[1]), cfg.niter),
+        "objectives": objectives,
+    }
+    return labels, ks, stats
 
 
 class KMeansWorker:
-    """Clusters whole datasets. Wrapped as a Ray actor by :func:`refresh_pseudo_labels`."""
+    """Clusters whole datasets, or holds one slice of a large dataset's cells for sharded Lloyd
+    iterations driven by :func:`cluster_sharded`. Wrapped as a Ray actor by
+    :func:`refresh_pseudo_labels`; every method is plain compute on what the actor read."""
 
     def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig):
         self.store = AtlasStore(locator.uri, locator.timestamp_ms)
         self.cfg = cfg
+        self._encoders: dict[str, dict] = {}
+        self._shards: dict[str, dict] = {}
 
-    def cluster(self, dataset: str, encoder: dict | None, space: str) -> tuple[str, np.ndarray, list[int], dict]:
-        t0 = time.perf_counter()
-        x = clustering_features(
-            self.store, dataset, space, encoder, self.cfg.pca_dims, self.cfg.seed
-        )
-        t_read = time.perf_counter() - t0
-        ks = n_clusters(x.shape[0], self.cfg.cluster_sizes, self.cfg.min_k)
-        labels, objectives = cluster_partitions(
-            x, ks, self.cfg.niter, self.cfg.seed, gpu=self.cfg.use_gpu
-        )
-        stats = {
-            "n_cells": int(x.shape[0]),
-            "dims": int(x.shape[1]),
-            "read_seconds": t_read,
-            "kmeans_seconds": time.perf_counter() - t0 - t_read,
-            "objectives": objectives,
-        }
+    def _encoder(self, encoder: Encoder) -> dict | None:
+        if isinstance(encoder, str):
+            if encoder not in self._encoders:
+                self._encoders[encoder] = read_encoder(encoder)
+            return self._encoders[encoder]
+        return encoder
+
+    def warm_up(self) -> bool:
+        import faiss  # noqa: F401
+        import sklearn.cluster  # noqa: F401
+
+        self.store.datasets()
+        return True
+
+    def cluster(self, dataset: str, encoder: Encoder, space: str) -> tuple[str, np.ndarray, list[int], dict]:
+        labels, ks, stats = cluster_dataset(self.store, dataset, self.cfg, space, self._encoder(encoder))
         return dataset, labels, ks, stats
+
+    # -------------------------------------------------------------- one slice of a dataset
+    def load_shard(self, dataset: str, lo: int, hi: int, encoder: Encoder, space: str) -> dict:
+        """Read cells ``lo:hi`` of ``dataset`` and featurise them (PCA waits for its fit)."""
+        t0 = time.perf_counter()
+        X = read_cells(self.store, dataset, lo, hi, space)
+        t1 = time.perf_counter()
+        shard = {"lo": lo, "hi": hi, "X": X, "x": None}
+        if space != "pca":
+            shard["x"] = featurize(X, space, self._encoder(encoder))
+            shard["X"] = None
+        self._shards[dataset] = shard
+        return {"read_seconds": t1 - t0, "feature_seconds": time.perf_counter() - t1}
+
+    def sample(self, dataset: str, positions: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """Rows at dataset positions (within this shard): raw CSR before a PCA fit, else
+        features."""
+        shard = self._shards[dataset]
+        local = np.asarray(positions) - shard["lo"]
+        return shard["X"][local] if shard["x"] is None else shard["x"][local]
+
+    def project(self, dataset: str, projection: Projection) -> float:
+        t0 = time.perf_counter()
+        shard = self._shards[dataset]
+        shard["x"] = projection.apply(shard["X"])
+        shard["X"] = None
+        return time.perf_counter() - t0
+
+    def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
+        return partial_step(self._shards[dataset]["x"], centroids, self.cfg.use_gpu)
+
+    def final(self, dataset: str, centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Labels of this shard's cells and its summed squared distances per partition."""
+        labels, dist = assign(self._shards.pop(dataset)["x"], centroids, self.cfg.use_gpu)
+        return labels, dist.sum(0, dtype=np.float64)
+
+
+def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str,
+                    encoder: Encoder) -> tuple[np.ndarray, list[int], dict]:
+    """One large dataset over every actor: each featurises its slice; the driver gathers the
+    k-means++ sample (and fits the PCA on it), then runs Lloyd by reducing the actors' sums."""
+    import ray
+
+    t0 = time.perf_counter()
+    n = store.dataset(dataset).n_cells
+    bounds = np.linspace(0, n, len(actors) + 1).astype(np.int64)
+    loads = ray.get([a.load_shard.remote(dataset, int(lo), int(hi), encoder, space)
+                     for a, lo, hi in zip(actors, bounds[:-1], bounds[1:])])
+    t_load = time.perf_counter()
+    sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
+    owner = np.searchsorted(bounds, sample, side="right") - 1
+    parts = ray.get([a.sample.remote(dataset, sample[owner == i]) for i, a in enumerate(actors)])
+    if space == "pca":
+        X_sample = sp.vstack(parts).tocsr()
+        projection = fit_pca(X_sample, cfg.pca_dims, cfg.seed)
+        ref = ray.put(projection)
+        ray.get([a.project.remote(dataset, ref) for a in actors])
+        x_sample = projection.apply(X_sample)
+    else:
+        x_sample = np.concatenate(parts)
+    t_feat = time.perf_counter()
+    ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
+    inits = plusplus_inits(x_sample, ks, cfg.seed)
+    t_init = time.perf_counter()
+
+    def step(centroids):
+        ref = ray.put(centroids)
+        return ray.get([a.step.remote(dataset, ref) for a in actors])
+
+    centroids = run_lloyd(step, inits, cfg.niter, cfg.seed)
+    ref = ray.put(centroids)
+    finals = ray.get([a.final.remote(dataset, ref) for a in actors])
+    t_end = time.perf_counter()
+    labels = np.concatenate([f[0] for f in finals])
+    dims = int(x_sample.shape[1])
+    stats = {
+        "n_cells": n, "dims": dims, "ks": ks, "shards": len(actors),
+        "read_seconds": max(ld["read_seconds"] for ld in loads),
+        "feature_seconds": t_feat - t_load + max(ld["feature_seconds"] for ld in loads),
+        "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
+        "kmeans_seconds": t_end - t_feat, "wall_seconds": t_end - t0,
+        "lloyd_flops": lloyd_flops(n, ks, dims, cfg.niter),
+        "objectives": [float(v) for v in np.sum([f[1] for f in finals], axis=0)],
+    }
+    return labels, ks, stats
+
+
+class KMeansPool:
+    """A pool of K-means actors reused across refreshes (their start-up and imports are paid
+    once). Use as a context manager, or call :meth:`close`; Ray must be up."""
+
+    def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig, n_actors: int | None = None):
+        import ray
+
+        self.locator, self.cfg = locator, cfg
+        Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)(KMeansWorker)
+        self.actors = [Actor.remote(locator, cfg) for _ in range(max(1, n_actors or cfg.num_actors))]
+
+    def warm_up(self) -> None:
+        """Wait until every actor has started and imported what clustering needs."""
+        import ray
+
+        ray.get([a.warm_up.remote() for a in self.actors])
+
+    def refresh(self, datasets: list[str], version: int, encoder: Encoder = None) -> PseudoLabels:
+        """Cluster every dataset at every partition.
+
+        ``encoder``: None for the first phase (``cfg.phase1_space``), else the embedding space
+        of this encoder, given as the path of its checkpoint (each actor loads it) or as arrays.
+        """
+        import ray
+        from ray.util import ActorPool
+
+        cfg = self.cfg
+        store = AtlasStore(self.locator.uri, self.locator.timestamp_ms)
+        sizes = {r.name: r.n_cells for r in store.datasets()}
+        missing = sorted(set(datasets) - set(sizes))
+        if missing:
+            raise ConfigError(f"datasets {missing} are not in the atlas {self.locator.uri}")
+        order = sorted(datasets, key=lambda d: -sizes[d])  # largest first: shortest makespan
+        space = "embedding" if encoder is not None else cfg.phase1_space
+        if space not in SPACES:
+            raise ConfigError(f"pseudolabel.phase1_space={space!r} is not one of {', '.join(SPACES[:3])}")
+        sharded = [d for d in order if sizes[d] > cfg.shard_threshold_cells]
+        whole = [d for d in order if sizes[d] <= cfg.shard_threshold_cells]
+        encoder_ref = ray.put(encoder) if isinstance(encoder, dict) else encoder
+        labels, ks, stats = {}, {}, {}
+        for name in sharded:
+            labels[name], ks[name], stats[name] = cluster_sharded(self.actors, store, name, cfg, space, encoder_ref)
+        for name, lab, k, st in ActorPool(self.actors).map_unordered(
+            lambda a, d: a.cluster.remote(d, encoder_ref, space), whole
+        ):
+            labels[name], ks[name], stats[name] = lab, k, st
+        return PseudoLabels(version, {d: labels[d] for d in datasets}, {d: ks[d] for d in datasets}, space, stats)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> KMeansPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def refresh_pseudo_labels(
@@ -114,28 +284,14 @@ def refresh_pseudo_labels(
     datasets: list[str],
     cfg: PseudoLabelConfig,
     version: int,
-    encoder: dict[str, np.ndarray] | None = None,
+    encoder: Encoder = None,
 ) -> PseudoLabels:
-    """Cluster every dataset at every partition on a pool of Ray actors (Ray must be up)."""
-    import ray
-    from ray.util import ActorPool
-
-    store = AtlasStore(locator.uri, locator.timestamp_ms)
-    sizes = {r.name: r.n_cells for r in store.datasets()}
-    order = sorted(datasets, key=lambda d: -sizes[d])  # largest first: shortest makespan
-    space = "embedding" if encoder is not None else cfg.phase1_space
-    Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)(KMeansWorker)
-    actors = [Actor.remote(locator, cfg) for _ in range(max(1, min(cfg.num_actors, len(order))))]
-    encoder_ref = ray.put(encoder) if encoder is not None else None
-    pool = ActorPool(actors)
-    labels, ks, stats = {}, {}, {}
-    for name, lab, k, st in pool.map_unordered(
-        lambda a, d: a.cluster.remote(d, encoder_ref, space), order
-    ):
-        labels[name], ks[name], stats[name] = lab, k, st
-    for a in actors:
-        ray.kill(a)
-    return PseudoLabels(version, {d: labels[d] for d in datasets}, {d: ks[d] for d in datasets}, space, stats)
+    """One refresh on a pool started for it (see :meth:`KMeansPool.refresh`)."""
+    sizes = {r.name: r.n_cells for r in AtlasStore(locator.uri, locator.timestamp_ms).datasets()}
+    any_sharded = any(sizes.get(d, 0) > cfg.shard_threshold_cells for d in datasets)
+    n_actors = cfg.num_actors if any_sharded else min(cfg.num_actors, max(1, len(datasets)))
+    with KMeansPool(locator, cfg, n_actors) as pool:
+        return pool.refresh(datasets, version, encoder)
 
 
 def agreement(previous: PseudoLabels, current: PseudoLabels) -> dict[str, float]:

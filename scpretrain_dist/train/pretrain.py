@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from scpretrain_dist.config import RunConfig
-from scpretrain_dist.pseudolabel.pool import PseudoLabels, agreement, refresh_pseudo_labels
+from scpretrain_dist.pseudolabel.features import read_encoder
+from scpretrain_dist.pseudolabel.pool import (
+    KMeansPool,
+    PseudoLabels,
+    agreement,
+    refresh_pseudo_labels,
+)
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 
 ENCODER_FILE = "encoder.pt"
@@ -31,8 +37,7 @@ class PretrainResult:
 
 
 def load_encoder(path: str | Path) -> dict[str, np.ndarray]:
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return {"weight": state["weight"].numpy(), "bias": state["bias"].numpy()}
+    return read_encoder(path)
 
 
 def pretrain_loop_per_worker(config: dict) -> None:
@@ -42,7 +47,9 @@ def pretrain_loop_per_worker(config: dict) -> None:
 
     from scpretrain_dist.data.dataset import CellShard
     from scpretrain_dist.model.networks import PretrainModel
-    from scpretrain_dist.train.steps import pretrain_step
+    from scpretrain_dist.train.optim import LazyAdam
+    from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
+    from scpretrain_dist.train.steps import pretrain_eval, pretrain_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -53,15 +60,27 @@ def pretrain_loop_per_worker(config: dict) -> None:
         AtlasLocator(**config["locator"]), datasets, labels, rank, world, seed=config["seed"]
     )
     ks = [labels.ks[d] for d in datasets]
-    model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"])
+    sparse = config.get("sparse_updates", True)
+    model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"],
+                          sparse_grad=sparse, head_layout=config.get("head_layout", "auto"))
     if config.get("init_encoder"):
         enc = load_encoder(config["init_encoder"])
         with torch.no_grad():
             model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
             model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    sync = None
+    if sparse:
+        # rows a batch touched only: lazy Adam, and an all-reduce of the touched rows instead
+        # of DDP's dense all-reduce of every parameter
+        model = model.to(device)
+        broadcast_parameters(model)
+        if world > 1:
+            sync = RowGradSync(model, [model.encoder.weight, *model.heads.weights])
+        optimizer = LazyAdam(model.parameters(), lr=config["lr"])
+    else:
+        model = ray.train.torch.prepare_model(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     client = None
     if rank == 0 and config.get("mlflow_run_id"):
         from mlflow import MlflowClient
@@ -73,7 +92,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
         sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
         model.train()
         for x, didx, lab in shard.batches(config["batch_size"], config["seed"], epoch + 1000 * config["iteration"], device):
-            out = pretrain_step(model, x, didx, lab, optimizer)
+            out = pretrain_step(model, x, didx, lab, optimizer, sync_gradients=sync)
             n = len(didx)
             sums += torch.tensor([out.total.item() * n, out.accuracy * n, n], dtype=torch.float64)
         if world > 1:
@@ -85,6 +104,8 @@ def pretrain_loop_per_worker(config: dict) -> None:
             "pseudo_label_accuracy": float(sums[1] / sums[2]),
             "cells_per_second_per_worker": float(sums[2] / world / (time.perf_counter() - t0)),
         }
+        if epoch == n_epochs - 1:
+            metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval))
         step = config["iteration"] * n_epochs + epoch
         if client is not None:  # side effects on rank 0 only
             for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
@@ -97,6 +118,61 @@ def pretrain_loop_per_worker(config: dict) -> None:
             (tmp / META_FILE).write_text(json.dumps({k: config[k] for k in ("iteration", "datasets", "labels_path", "locator")} | {"metrics": metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval) -> dict:
+    """Peak RSS of every worker; on request the loss over every cell without updates and the
+    largest difference between the replicas' parameters (0 when data parallelism is sound)."""
+    from scpretrain_dist.bench.report import peak_rss_mib
+
+    out = {}
+    rss = torch.tensor([peak_rss_mib()], dtype=torch.float64)
+    if world > 1:
+        gathered = [torch.zeros_like(rss) for _ in range(world)]
+        torch.distributed.all_gather(gathered, rss)
+        rss = torch.cat(gathered)
+    out["peak_rss_mib_per_worker"] = [round(float(v), 1) for v in rss]
+    if config.get("final_eval"):
+        model.eval()
+        sums = torch.tensor(pretrain_eval(model, shard.batches(config["batch_size"], config["seed"], 10**6, device)),
+                            dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        out["final_eval_loss"] = float(sums[0] / sums[2])
+        out["final_eval_accuracy"] = float(sums[1] / sums[2])
+    if config.get("check_replicas") and world > 1:
+        flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
+        lo, hi = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        out["replica_max_diff"] = float((hi - lo).max())
+    return out
+
+
+def loop_config(
+    cfg: RunConfig, locator: AtlasLocator, datasets: list[str], labels_path: str | Path, n_genes: int,
+    iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None, **extra,
+) -> dict:
+    """What every training worker of one iteration receives (plain values only)."""
+    p = cfg.pretrain
+    return {
+        "locator": asdict(locator),
+        "datasets": list(datasets),
+        "labels_path": str(Path(labels_path).resolve()),
+        "n_genes": n_genes,
+        "dim": cfg.model.embedding_dim,
+        "head_activation": cfg.model.head_activation,
+        "lr": p.lr,
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "seed": p.seed,
+        "iteration": iteration,
+        "init_encoder": init_encoder,
+        "sparse_updates": p.sparse_updates,
+        "head_layout": p.head_layout,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": cfg.tracking_uri,
+    } | extra
 
 
 def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, list[dict]]:
@@ -146,34 +222,36 @@ def pretrain(
         from mlflow import MlflowClient
 
         client = MlflowClient(cfg.tracking_uri)
+    t0 = time.perf_counter()
+    # CPU actors stay up between refreshes (start-up paid once); GPU actors are released so
+    # that training can have the GPUs
+    pool = None if cfg.pseudolabel.use_gpu else KMeansPool(locator, cfg.pseudolabel)
+    try:
+        return _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlflow_run_id, log,
+                           t_start, t0)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlflow_run_id, log, t_start, t0):
+    def refresh(version: int, encoder: str | None):
+        if pool is not None:
+            return pool.refresh(datasets, version, encoder)
+        return refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, version, encoder)
+
     p = cfg.pretrain
     history: list[dict] = []
     encoder_path: str | None = None
-    t0 = time.perf_counter()
-    labels = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, version=0)
+    labels = refresh(0, None)
     log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
     stopped_early = False
     it = 0
     for it in range(p.iterations):
         labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
-        loop_config = {
-            "locator": asdict(locator),
-            "datasets": datasets,
-            "labels_path": str(labels_path.resolve()),
-            "n_genes": n_genes,
-            "dim": cfg.model.embedding_dim,
-            "head_activation": cfg.model.head_activation,
-            "lr": p.lr,
-            "epochs": p.epochs,
-            "batch_size": p.batch_size,
-            "seed": p.seed,
-            "iteration": it,
-            "init_encoder": encoder_path,
-            "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": cfg.tracking_uri,
-        }
+        worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
         t0 = time.perf_counter()
-        ckpt_dir, epochs = _fit_iteration(cfg, loop_config, f"pretrain-{tag}-it{it:02d}")
+        ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}")
         encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
         last = epochs[-1] if epochs else {}
         entry = {"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
@@ -184,9 +262,7 @@ def pretrain(
             history.append(entry)
             break
         t0 = time.perf_counter()
-        new = refresh_pseudo_labels(
-            locator, datasets, cfg.pseudolabel, version=it + 1, encoder=load_encoder(encoder_path)
-        )
+        new = refresh(it + 1, encoder_path)
         nmi = agreement(labels, new)
         entry.update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
         history.append(entry)

@@ -55,30 +55,57 @@ def test_sparse_input_equals_dense_input():
 KS = [[3, 2], [4, 1], [2, 2]]  # (datasets x partitions)
 
 
+@pytest.mark.parametrize("layout", ["block", "padded"])
 @pytest.mark.parametrize("activation", ["none", "sigmoid"])
-def test_heads_mask_logits_to_the_cells_own_dataset(activation):
+def test_heads_mask_logits_to_the_cells_own_dataset(activation, layout):
     torch.manual_seed(0)
-    heads = MultiTaskHeads(KS, dim=8, activation=activation)
+    heads = MultiTaskHeads(KS, dim=8, activation=activation, layout=layout)
     assert heads.n_partitions == 2
     z = torch.randn(12, 8)
-    didx = torch.tensor([0, 1, 2] * 4)
+    didx = torch.tensor([0, 2] * 6)  # dataset 1 absent from the batch
     out = heads(z, didx)
     ks = np.array(KS)
-    for p, logits in enumerate(out):
-        assert logits.shape == (12, ks[:, p].sum())
+    labels = torch.tensor([[k % 2, 1] for k in range(12)])
+    for p, part in enumerate(out):
         starts = np.concatenate([[0], np.cumsum(ks[:, p])])
+        w = heads.weights[p].detach()
+        targets = part.targets(labels[:, p])
         for i, d in enumerate(didx.tolist()):
-            own = np.zeros(logits.shape[1], dtype=bool)
-            own[starts[d] : starts[d + 1]] = True
-            assert torch.isfinite(logits[i, own]).all()
-            assert torch.isneginf(logits[i, ~own]).all()
-    # local cluster ids map into each dataset's block
-    labels = torch.tensor([[k % 2, 0] for k in range(12)])
-    targets = heads.global_targets(labels, didx)
-    for p in range(2):
-        starts = np.concatenate([[0], np.cumsum(ks[:, p])])
-        expected = torch.tensor(starts[didx.numpy()]) + labels[:, p]
-        torch.testing.assert_close(targets[p], expected)
+            row = part.logits[i]
+            finite = torch.isfinite(row)
+            assert int(finite.sum()) == ks[d, p]  # exactly the cell's own dataset's clusters
+            lo = int(part.first_column[i])
+            assert finite[lo : lo + ks[d, p]].all()
+            # column first_column + c is the logit of the cell's cluster c
+            own = w[starts[d] : starts[d + 1]]
+            expect = z[i] @ own[:, :8].T + own[:, 8]
+            if activation == "sigmoid":
+                expect = torch.sigmoid(expect)
+            torch.testing.assert_close(row[lo : lo + ks[d, p]], expect, rtol=1e-5, atol=1e-6)
+            assert int(targets[i]) == lo + int(labels[i, p])
+
+
+def test_head_layouts_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    ks = [[5, 2], [3, 3], [7, 1], [2, 2]]
+    z = torch.randn(20, 8)
+    didx = torch.tensor([0, 1, 3] * 6 + [0, 3])
+    labels = torch.stack([torch.tensor(np.random.default_rng(0).integers(0, 2, 20)),
+                          torch.zeros(20, dtype=torch.int64)], 1)
+    grads, losses = {}, {}
+    for layout in ("block", "padded"):
+        torch.manual_seed(1)
+        heads = MultiTaskHeads(ks, dim=8, layout=layout)
+        out = heads(z, didx)
+        loss = sum(torch.nn.functional.cross_entropy(o.logits, o.targets(labels[:, p])) for p, o in enumerate(out))
+        loss.backward()
+        losses[layout] = loss.detach()
+        grads[layout] = [w.grad.clone() for w in heads.weights]
+    torch.testing.assert_close(losses["block"], losses["padded"])
+    for a, b in zip(grads["block"], grads["padded"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # dataset 2 is absent: its rows get no gradient in either layout
+    assert torch.equal(grads["block"][0][8:15], torch.zeros(7, 9))
 
 
 def test_heads_refuse_unknown_activation():
@@ -102,12 +129,10 @@ def test_pretrain_step_leaves_other_datasets_heads_alone():
     after = model.state_dict()
     for p, (k0, _k1) in enumerate(zip(*ks)):
         w0, w1 = before[f"heads.weights.{p}"], after[f"heads.weights.{p}"]
-        b0, b1 = before[f"heads.biases.{p}"], after[f"heads.biases.{p}"]
-        # dataset 1's rows: bit-for-bit unchanged; dataset 0's rows: trained
+        # dataset 1's rows: bit-for-bit unchanged; dataset 0's rows (weights and bias): trained
         assert torch.equal(w0[k0:], w1[k0:])
-        assert torch.equal(b0[k0:], b1[k0:])
-        assert not torch.equal(w0[:k0], w1[:k0])
-        assert not torch.equal(b0[:k0], b1[:k0])
+        assert not torch.equal(w0[:k0, :-1], w1[:k0, :-1])
+        assert not torch.equal(w0[:k0, -1], w1[:k0, -1])
         assert torch.isfinite(w1).all()
     assert not torch.equal(before["encoder.weight"], after["encoder.weight"])
 

@@ -1,0 +1,99 @@
+"""What K-means clusters: a dataset's cells as normalised (or raw) expression over its own
+genes, a PCA projection of that, or the encoder's embedding. Pure functions on arrays plus one
+reader that takes its rows from the store, so any process holding a locator can featurise its
+own rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from scpretrain_dist.store.soma import AtlasStore
+
+SPACES = ("expression", "pca", "raw", "embedding")
+
+
+def read_encoder(path: str | Path) -> dict[str, np.ndarray]:
+    """An ``encoder.pt`` checkpoint as numpy arrays ({"weight": genes x dim, "bias": dim})."""
+    import torch
+
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return {"weight": state["weight"].numpy(), "bias": state["bias"].numpy()}
+
+
+def embed(X: sp.csr_matrix, encoder: dict[str, np.ndarray], block: int = 8192) -> np.ndarray:
+    """sigmoid(X W + b) for a cells x atlas-genes matrix, in blocks."""
+    W, b = encoder["weight"], encoder["bias"]
+    out = np.empty((X.shape[0], W.shape[1]), dtype=np.float32)
+    for lo in range(0, X.shape[0], block):
+        z = X[lo : lo + block] @ W + b
+        out[lo : lo + block] = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
+@dataclass
+class Projection:
+    """PCA as a mean and components over a dataset's genes: ``(x - mean) @ components``."""
+
+    mean: np.ndarray  # (genes,) float64
+    components: np.ndarray  # (genes, dims) float64
+
+    def apply(self, X: sp.csr_matrix | np.ndarray) -> np.ndarray:
+        out = X @ self.components - self.mean @ self.components
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_iter: int = 4, oversample: int = 10) -> Projection:
+    """Randomized PCA of a sparse matrix with the centring kept implicit: every product is
+    ``X @ B - 1 (mean @ B)``, so the matrix is never densified (cost ~ non-zeros x dims)."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    n, g = X.shape
+    dims = max(1, min(dims, g - 1 if g > 1 else 1, n - 1 if n > 1 else 1))
+    mean = np.asarray(X.mean(0)).ravel()
+    width = min(dims + oversample, g, n)
+    XT = X.T.tocsr()
+
+    def times(B):  # (X - 1 mean) @ B
+        return X @ B - mean @ B
+
+    def t_times(C):  # (X - 1 mean).T @ C
+        return XT @ C - np.outer(mean, C.sum(0))
+
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(times(rng.standard_normal((g, width))))[0]
+    for _ in range(n_iter):
+        Q = np.linalg.qr(t_times(Q))[0]
+        Q = np.linalg.qr(times(Q))[0]
+    B = t_times(Q).T  # (width, g)
+    _, _, vt = np.linalg.svd(B, full_matrices=False)
+    return Projection(mean, np.ascontiguousarray(vt[:dims].T))
+
+
+def read_cells(store: AtlasStore, dataset: str, lo: int, hi: int, space: str) -> sp.csr_matrix:
+    """Cells ``lo:hi`` of a dataset (in joinid order) as CSR. For the expression spaces, over the
+    dataset's own genes: genes it never measured are zero in all its cells, so dropping them
+    leaves every distance unchanged and shrinks the problem."""
+    rec = store.dataset(dataset)
+    X = store.read_rows(rec.joinids[lo:hi], rec.value_type, normalize=(space != "raw"))
+    if space in ("expression", "pca", "raw"):
+        X = X[:, np.flatnonzero(store.dataset_gene_mask(dataset))]
+    return X.tocsr()
+
+
+def featurize(X: sp.csr_matrix, space: str, encoder: dict | None = None,
+              projection: Projection | None = None) -> np.ndarray:
+    """Dense float32 features of cells read by :func:`read_cells`."""
+    if space == "embedding":
+        if encoder is None:
+            raise ValueError("the embedding space needs an encoder")
+        return embed(X, encoder)
+    if space == "pca":
+        if projection is None:
+            raise ValueError("the pca space needs a fitted projection")
+        return projection.apply(X)
+    if space in ("expression", "raw"):
+        return np.ascontiguousarray(X.toarray(), dtype=np.float32)
+    raise ValueError(f"unknown clustering space {space!r}; choose one of {', '.join(SPACES)}")
