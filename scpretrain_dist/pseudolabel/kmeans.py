@@ -80,7 +80,11 @@ def _index(centroids: np.ndarray, gpu: bool):
     import faiss
 
     d = centroids.shape[1]
-    index = faiss.GpuIndexFlatL2(_gpu_resources(), d) if gpu else faiss.IndexFlatL2(d)
+    if gpu:
+        res = _gpu_resources()
+        index = faiss.GpuIndexFlatL2(res, d)
+    else:
+        index = faiss.IndexFlatL2(d)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index
 

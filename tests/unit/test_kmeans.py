@@ -129,3 +129,104 @@ def test_pseudo_labels_round_trip(tmp_path):
     for d in labels:
         np.testing.assert_array_equal(back.labels[d], labels[d])
         assert back.labels[d].dtype == np.int64
+
+
+# ------------------------------------------------------------------ sharded Lloyd
+from scpretrain_dist.pseudolabel.features import Projection, fit_pca  # noqa: E402
+from scpretrain_dist.pseudolabel.kmeans import (  # noqa: E402
+    LloydPartial,
+    init_sample,
+    lloyd,
+    lloyd_flops,
+    partial_step,
+    plusplus_inits,
+    run_lloyd,
+    update_centroids,
+)
+
+
+@pytest.mark.parametrize("n_shards", [2, 3, 7])
+def test_sharded_lloyd_equals_single_process_lloyd(n_shards):
+    x, _ = blobs(n_per=150, k=6, d=12, spread=2.5, seed=4)
+    ks = [12, 6, 3]
+    inits = plusplus_inits(x, ks, seed=0)
+    inits[0][1] = inits[0][0]  # a duplicated start: one cluster empties and is re-seeded
+    labels, centroids, objectives = lloyd(x, inits, niter=15, seed=0)
+    shards = np.array_split(x, n_shards)  # unequal sizes
+    sharded = run_lloyd(lambda c: [partial_step(s, c) for s in shards], inits, niter=15, seed=0)
+    for a, b in zip(centroids, sharded):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    from scpretrain_dist.pseudolabel.kmeans import assign
+
+    sharded_labels = np.concatenate([assign(s, sharded)[0] for s in shards])
+    np.testing.assert_array_equal(sharded_labels, labels)
+    assert labels.shape == (len(x), 3)
+    for p, k in enumerate(ks):
+        assert len(np.unique(labels[:, p])) == k  # the empty cluster was re-seeded
+        d2 = ((x - centroids[p][labels[:, p]]) ** 2).sum()
+        assert objectives[p] == pytest.approx(d2, rel=1e-4)
+
+
+def test_partials_reduce_to_the_whole():
+    x, _ = blobs(n_per=50, k=3, d=5)
+    c = [x[:4].copy(), x[10:12].copy()]
+    whole = partial_step(x, c)
+    parts = LloydPartial.reduce([partial_step(s, c) for s in np.array_split(x, 4)])
+    for p in range(2):
+        np.testing.assert_array_equal(parts.counts[p], whole.counts[p])
+        np.testing.assert_allclose(parts.sums[p], whole.sums[p], rtol=1e-12)
+        assert parts.objective[p] == pytest.approx(whole.objective[p], rel=1e-6)
+        assert whole.counts[p].sum() == len(x)
+
+
+def test_update_splits_an_empty_cluster_like_faiss():
+    prev = [np.array([[1.0, 2.0], [5.0, 5.0], [9.0, 9.0]], dtype=np.float32)]
+    total = LloydPartial([np.array([[10.0, 20.0], [0.0, 0.0], [90.0, 90.0]])],
+                         [np.array([10, 0, 1])], [0.0])
+    new = update_centroids(prev, total, seed=0, iteration=0)[0]
+    np.testing.assert_allclose(new[2], [90.0, 90.0])  # a plain mean
+    # the empty cluster 1 took half of cluster 0 (the only one with more than one cell)
+    np.testing.assert_allclose(new[1], [1.0 * (1 + 1 / 1024), 2.0 * (1 - 1 / 1024)], rtol=1e-6)
+    np.testing.assert_allclose(new[0], [1.0 * (1 - 1 / 1024), 2.0 * (1 + 1 / 1024)], rtol=1e-6)
+    again = update_centroids(prev, total, seed=0, iteration=0)[0]
+    np.testing.assert_array_equal(new, again)
+
+
+def test_init_sample():
+    np.testing.assert_array_equal(init_sample(10, 100, 0), np.arange(10))
+    s = init_sample(1000, 100, 3)
+    assert len(s) == 100 == len(np.unique(s)) and (np.diff(s) > 0).all() and s.max() < 1000
+    np.testing.assert_array_equal(s, init_sample(1000, 100, 3))
+
+
+def test_lloyd_flops():
+    assert lloyd_flops(100, [10, 5], 4, niter=2) == 2 * (2 * 100 * 15 * 4 + 2 * 100 * 4) + 2 * 100 * 15 * 4
+
+
+def test_sparse_pca_matches_dense_pca():
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(300, 4)) * np.array([10, 6, 4, 3])
+    dense = np.maximum(latent @ rng.normal(size=(4, 80)) + rng.normal(0, 0.3, (300, 80)), 0)
+    X = sp.csr_matrix(dense.astype(np.float32))
+    proj = fit_pca(X, dims=4, seed=0)
+    assert isinstance(proj, Projection) and proj.components.shape == (80, 4)
+    ref = PCA(4).fit(dense)
+    # same subspace: the singular values of V_ours^T V_ref are all ~1
+    cos = np.linalg.svd(proj.components.T @ ref.components_.T, compute_uv=False)
+    assert cos.min() > 0.999
+    z = proj.apply(X)
+    assert z.dtype == np.float32 and z.shape == (300, 4)
+    np.testing.assert_allclose(np.abs(z), np.abs(ref.transform(dense)), rtol=1e-3, atol=1e-3)
+
+
+def test_gpu_request_without_faiss_gpu_is_a_clear_error():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    x, _ = blobs()
+    with pytest.raises(RuntimeError, match="faiss-gpu-cu12"):
+        kmeans(x, 4, niter=2, gpu=True)

@@ -1,0 +1,101 @@
+"""Scale paths on a real local Ray and a SOMA store on disk: datasets clustered by sharded
+Lloyd over the K-means actors equal the whole-dataset result, and pretraining with sparse
+row updates over 2 Ray Train workers keeps the replicas identical."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scpretrain_dist import recipes
+from scpretrain_dist.catalog import load_catalog
+from scpretrain_dist.catalog.synthetic import write_demo_atlas
+from scpretrain_dist.config import DemoDataConfig, resolve
+from scpretrain_dist.store import AtlasStore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_atlas(tmp_path_factory):
+    """A 3-dataset demo atlas and a local Ray whose files live in the test's temp dir."""
+    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+
+    work = tmp_path_factory.mktemp("scale")
+    demo = DemoDataConfig(n_datasets=3, cells_per_dataset=300, n_genes=400, n_types=4,
+                          markers_per_type=15, seed=1)
+    write_demo_atlas(work / "demo", demo)
+    store = AtlasStore.create(work / "atlas.soma")
+    store.ingest(load_catalog(work / "demo" / "catalog.toml"), log=lambda m: None)
+    cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8"])
+    init_ray(cfg)
+    try:
+        yield cfg, store
+    finally:
+        shutdown_ray()
+
+
+@pytest.mark.parametrize("space", ["pca", "embedding"])
+def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path):
+    from scpretrain_dist.pseudolabel.pool import KMeansPool, cluster_dataset
+
+    cfg, store = ray_atlas
+    locator = store.locator.pinned()
+    datasets = [r.name for r in store.datasets()]
+    encoder = None
+    if space == "embedding":
+        gen = torch.Generator().manual_seed(0)
+        n_genes = len(store.genes())
+        encoder = str(tmp_path / "encoder.pt")
+        torch.save({"weight": torch.randn(n_genes, 16, generator=gen) * 0.1,
+                    "bias": torch.zeros(16)}, encoder)
+    whole_cfg = dataclasses.replace(cfg.pseudolabel, phase1_space="pca", num_actors=2)
+    # every dataset is "too large": each is split over both actors; the k-means++ sample is
+    # smaller than a dataset, so the driver gathers it from the actors
+    sharded_cfg = dataclasses.replace(whole_cfg, shard_threshold_cells=100, init_sample_cells=250)
+    with KMeansPool(locator, dataclasses.replace(whole_cfg, init_sample_cells=250)) as pool:
+        whole = pool.refresh(datasets, 0, encoder)
+    with KMeansPool(locator, sharded_cfg) as pool:
+        sharded = pool.refresh(datasets, 0, encoder)
+    assert whole.space == sharded.space == space
+    for d in datasets:
+        assert whole.stats[d]["shards"] == 1 and sharded.stats[d]["shards"] == 2
+        assert whole.ks[d] == sharded.ks[d] == [6, 3, 2]
+        np.testing.assert_array_equal(sharded.labels[d], whole.labels[d])
+        np.testing.assert_allclose(sharded.stats[d]["objectives"], whole.stats[d]["objectives"], rtol=1e-5)
+    # and both equal clustering the dataset in this process
+    enc = None
+    if encoder:
+        from scpretrain_dist.pseudolabel.features import read_encoder
+
+        enc = read_encoder(encoder)
+    local, ks, _ = cluster_dataset(AtlasStore(locator.uri, locator.timestamp_ms), datasets[0],
+                                   dataclasses.replace(whole_cfg, init_sample_cells=250), space, enc)
+    np.testing.assert_array_equal(local, whole.labels[datasets[0]])
+
+
+def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
+    from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
+    from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
+
+    cfg, store = ray_atlas
+    cfg = resolve(cfg, overrides=["pretrain.epochs=2", "pretrain.num_workers=2", "pretrain.sparse_updates=true",
+                                  'pseudolabel.phase1_space="pca"', "model.embedding_dim=32"])
+    locator = store.locator.pinned()
+    datasets = [r.name for r in store.datasets()]
+    labels = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, 0)
+    path = labels.save(f"{cfg.work_dir}/labels.npz")
+    n_genes = len(store.genes())
+    worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
+    ckpt, epochs = _fit_iteration(cfg, worker_cfg, "scale-test")
+    last = epochs[-1]
+    assert last["replica_max_diff"] == 0.0  # both workers hold the same model after every step
+    uniform = sum(math.log(k) for k in labels.ks[datasets[0]])  # loss of a uniform prediction
+    assert last["final_eval_loss"] < uniform
+    assert len(last["peak_rss_mib_per_worker"]) == 2 and min(last["peak_rss_mib_per_worker"]) > 0
+    enc = load_encoder(f"{ckpt}/encoder.pt")
+    assert enc["weight"].shape == (n_genes, 32) and np.isfinite(enc["weight"]).all()
