@@ -76,23 +76,39 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from scpretrain_dist.pipeline import choose_targets, finetune_and_evaluate, pretrain, stage_run
+    from scpretrain_dist.pipeline import (
+        evaluate_lodo,
+        evaluate_transfer,
+        resolve_targets,
+        stage_run,
+    )
     from scpretrain_dist.store.soma import AtlasStore
     from scpretrain_dist.train.launch import shutdown_ray
 
-    cfg = _config(args)
-    if args.protocol != "lodo":
-        raise ConfigError(f"protocol {args.protocol!r} is not available yet; use --protocol lodo")
-    targets = args.targets or choose_targets(cfg, AtlasStore(cfg.store_uri))
+    sets = []
+    if args.group:
+        sets.append(f'evaluate.group="{args.group}"')
+    if args.folds:
+        sets.append(f'evaluate.folds="{args.folds}"')
+    if args.budgets:
+        sets.append(f"evaluate.budgets={list(args.budgets)}")
+    if args.methods:
+        sets.append(f"evaluate.methods={json.dumps(list(args.methods))}")
+    cfg = resolve(_config(args), overrides=sets)
+    if not Path(cfg.store_uri).exists():
+        raise ConfigError(f"no atlas at {cfg.store_uri}; run `scpretrain ingest ... --work-dir {cfg.work_dir}` first")
+    out = args.out or Path(cfg.work_dir) / f"report_{args.protocol}"
     try:
-        with stage_run("evaluate", cfg):
-            with stage_run("pretrain", cfg):
-                import mlflow
-
-                result, run_id = pretrain(cfg, exclude=tuple(targets))
-                run_id = run_id or mlflow.active_run().info.run_id
-            with stage_run("finetune-evaluate", cfg):
-                finetune_and_evaluate(cfg, targets, result, run_id, args.out or Path(cfg.work_dir) / "report")
+        with stage_run(f"evaluate-{args.protocol}", cfg):
+            if args.protocol == "lodo":
+                targets = resolve_targets(cfg, AtlasStore(cfg.store_uri), args.targets)
+                evaluate_lodo(cfg, targets, out)
+            elif args.protocol == "transfer":
+                refs = args.references or list(cfg.evaluate.references)
+                queries = args.queries or list(cfg.evaluate.queries)
+                evaluate_transfer(cfg, refs, queries, args.label_mapping or cfg.evaluate.label_mapping or None, out)
+            else:
+                raise ConfigError(f"--protocol {args.protocol!r}: use lodo or transfer")
     finally:
         shutdown_ray()
 
@@ -240,11 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="leave-datasets-out: pretrain without the targets, fine-tune, report")
+    p = sub.add_parser("evaluate", help="lodo: pretrain without the targets, fine-tune on each, report; "
+                                          "transfer: fine-tune on references, predict queries")
     _common(p)
-    p.add_argument("--protocol", default="lodo")
-    p.add_argument("--targets", nargs="*")
-    p.add_argument("--out", help="report folder")
+    p.add_argument("--protocol", default="lodo", choices=["lodo", "transfer"])
+    p.add_argument("--targets", nargs="*", help="lodo: labelled datasets to hold out and fine-tune on")
+    p.add_argument("--group", help="lodo: every labelled dataset of this catalog group is a target (e.g. pbmc)")
+    p.add_argument("--folds", choices=["grouped", "per_target"],
+                   help="grouped: one pretraining without all targets (default); per_target: one per target")
+    p.add_argument("--budgets", nargs="+", type=int, metavar="N", help="labelled training cells to sweep (default 25 50 100 250 1000)")
+    p.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
+    p.add_argument("--references", nargs="+", help="transfer: labelled reference datasets to fine-tune on")
+    p.add_argument("--queries", nargs="+", help="transfer: datasets to predict")
+    p.add_argument("--label-mapping", help="transfer: JSON {dataset: {label: shared label or null}}")
+    p.add_argument("--out", help="report folder (default <work-dir>/report_<protocol>)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("quickstart", help="demo data (or --data) -> ingest -> pretrain -> fine-tune -> report -> registry")

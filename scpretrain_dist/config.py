@@ -105,9 +105,15 @@ class FinetuneConfig:
     """Supervised fine-tuning of encoder -> sigmoid -> 100 -> sigmoid -> n_types."""
 
     lr: float = 2e-3
+    # learning rate of the (pretrained) encoder; 0 means ``lr`` as in the paper. A smaller one
+    # keeps more of what pretraining learnt (discriminative fine-tuning).
+    encoder_lr: float = 0.0
     max_epochs: int = 300
     patience: int = 20
     batch_size: int = 64
+    # an epoch is at least this many steps (small label budgets go round their cells several
+    # times), so patience means the same amount of training whatever the budget
+    min_steps_per_epoch: int = 16
     train_frac: float = 0.6
     val_frac: float = 0.1
     train_cap: int = 1000
@@ -119,7 +125,25 @@ class EvaluateConfig:
     """Which labelled datasets are held out and fine-tuned on (empty: every labelled one)."""
 
     targets: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ("scpretrain", "no_pretrain", "logreg")
+    group: str = ""  # catalog group whose labelled datasets are the targets (e.g. "pbmc")
+    # "grouped": one pretraining without every target serves them all; "per_target": one
+    # pretraining per target, without just that target (the strict leave-one-dataset-out)
+    folds: str = "grouped"
+    methods: tuple[str, ...] = (
+        "scpretrain", "no_pretrain", "logreg",
+        "emb_rf", "emb_logreg", "emb_svm", "pca_rf", "pca_logreg", "pca_svm",
+    )
+    # labelled training cells per fine-tuning; the largest is the paper's protocol (capped at
+    # min(budget, 0.6 n)); the smaller ones are stratified subsets of its training cells
+    budgets: tuple[int, ...] = (25, 50, 100, 250, 1000)
+    # methods run at every budget (the networks always are); the rest at the largest only
+    sweep_methods: tuple[str, ...] = ("logreg",)
+    cluster: bool = True  # K-means on embeddings vs UMAP of PCA (Rand index, ARI)
+    figures: bool = True
+    # transfer protocol: fine-tune on the references, predict the queries
+    references: tuple[str, ...] = ()
+    queries: tuple[str, ...] = ()
+    label_mapping: str = ""  # JSON {dataset: {label: shared label or null}}
 
 
 @dataclass(frozen=True)

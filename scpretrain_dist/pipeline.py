@@ -101,6 +101,109 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     return result, run_id
 
 
+def load_encoder_for(store: AtlasStore, pretrain_result):
+    """The pretrained encoder with the atlas gene space and the genes its datasets measured."""
+    from scpretrain_dist.evaluate.protocols import Encoder
+    from scpretrain_dist.train.pretrain import load_encoder
+
+    if pretrain_result is None:
+        return None
+    genes = store.genes()
+    mask = np.zeros(len(genes), dtype=bool)
+    for d in pretrain_result.datasets:
+        mask |= store.dataset_gene_mask(d)
+    return Encoder(load_encoder(pretrain_result.encoder_path), genes, mask)
+
+
+def check_targets(store: AtlasStore, targets: list[str], pretrain_result=None) -> None:
+    records = {r.name: r for r in store.datasets()}
+    for t in targets:
+        if t not in records:
+            raise StoreError(f"target {t!r} is not in the atlas; it holds {', '.join(records)}")
+        if not records[t].labelled:
+            raise StoreError(f"target {t!r} has no cell-type labels; choose a labelled dataset")
+        if pretrain_result is not None and t in pretrain_result.datasets:
+            raise StoreError(f"target {t!r} was seen in pretraining; exclude it to evaluate honestly")
+
+
+class Evaluation:
+    """Rows, splits, clustering scores, UMAP views and fine-tuned models gathered over folds."""
+
+    def __init__(self):
+        self.rows, self.splits, self.clustering = [], [], []
+        self.views, self.first_model, self.folds = {}, None, []
+
+    def add_targets(self, cfg: RunConfig, store: AtlasStore, targets: list[str], pretrain_result, encoder_run_id, log=print):
+        from scpretrain_dist.evaluate.protocols import cluster_target, evaluate_target, load_target
+
+        check_targets(store, targets, pretrain_result)
+        encoder = load_encoder_for(store, pretrain_result)
+        self.folds.append({"targets": list(targets), "encoder_run": encoder_run_id,
+                           "pretraining datasets": list(pretrain_result.datasets) if pretrain_result else [],
+                           "encoder": pretrain_result.encoder_path if pretrain_result else None})
+        for t in targets:
+            data = load_target(store, t)
+            rows, splits, models = evaluate_target(cfg, data, encoder, log=log)
+            self.rows += rows
+            self.splits += splits
+            if cfg.evaluate.cluster:
+                crows, view = cluster_target(data, encoder, seed=min(cfg.finetune.seeds))
+                self.clustering += crows
+                self.views[t] = view
+                log("  " + t + " K-means ARI: " + ", ".join(f"{r['space']} {r['ari']:.3f}" for r in crows))
+            if self.first_model is None and models:
+                seed = min(models)
+                self.first_model = (data, models[seed], seed, pretrain_result, encoder_run_id, t)
+
+    def finish(self, cfg: RunConfig, store: AtlasStore, report_dir, context: dict, register: bool, log=print) -> list[dict]:
+        import mlflow
+
+        from scpretrain_dist.evaluate.figures import write_figures
+        from scpretrain_dist.evaluate.report import format_table, summary, write_report
+
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figures = write_figures(self.rows, self.views, out) if cfg.evaluate.figures else []
+        js, md = write_report(self.rows, out, context, self.splits, self.clustering, figures)
+        if mlflow.active_run():
+            for path in (js, md, *figures):
+                mlflow.log_artifact(str(path), "report")
+            for _, r in summary(self.rows).iterrows():
+                if r["dataset"] == "MEAN":
+                    for m in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
+                        mlflow.log_metric(f"{r['method']}_{m}", float(r[m]))
+            if register and self.first_model is not None and self.first_model[3] is not None:
+                self._register(cfg, store, log)
+        log("\n" + format_table(self.rows))
+        log(f"\nreport: {js} and {md}" + (f"; figures: {', '.join(Path(f).name for f in figures)}" if figures else ""))
+        return self.rows
+
+    def _register(self, cfg: RunConfig, store: AtlasStore, log=print) -> None:
+        import pandas as pd
+
+        from scpretrain_dist.tracking.mlflow_runs import log_annotator
+
+        data, model, seed, pretrain_result, encoder_run_id, row_dataset = self.first_model
+        full = max(r["budget"] for r in self.rows if r["dataset"] == row_dataset)
+        mine = [r for r in self.rows if r["dataset"] == row_dataset and r["method"] == "scpretrain"
+                and r["seed"] == seed and r["budget"] == full][0]
+        example = pd.DataFrame(np.expm1(data.X[:3].toarray()).round(0), columns=[str(g) for g in data.genes])
+        lineage = {
+            "store_uri": str(Path(cfg.store_uri).resolve()),
+            "store_version": str(store.locator.pinned().timestamp_ms),
+            "pretrain_datasets": pretrain_result.datasets,
+            "pseudo_label_version": str(pretrain_result.iterations_run - 1),
+            "encoder_run": encoder_run_id or "",
+            "encoder_path": pretrain_result.encoder_path,
+            "finetune_dataset": mine.get("references") or data.name,
+            "finetune_seed": str(seed),
+            "metrics": {k: round(mine[k], 4) for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")},
+        }
+        name, version = log_annotator(model, data.genes, data.classes, example, lineage,
+                                      cfg.tracking.registered_model, cfg.tracking.alias)
+        log(f"registered models:/{name}/{version} with alias @{cfg.tracking.alias}")
+
+
 def finetune_and_evaluate(
     cfg: RunConfig,
     targets: list[str],
@@ -110,81 +213,132 @@ def finetune_and_evaluate(
     register: bool = True,
     log=print,
 ) -> list[dict]:
-    """Fine-tune every method on every target and seed; write the report; register the first
-    target's scPretrain model with the configured alias."""
-    import mlflow
-
-    from scpretrain_dist.evaluate.protocols import evaluate_target, load_target
-    from scpretrain_dist.evaluate.report import format_table, write_report
-    from scpretrain_dist.train.pretrain import load_encoder
-
+    """Fine-tune every method on every target, seed and label budget with one pretrained
+    encoder (or none); write the report and figures; register the first target's scPretrain
+    model with the configured alias."""
     store = AtlasStore(cfg.store_uri)
-    records = {r.name: r for r in store.datasets()}
-    for t in targets:
-        if t not in records:
-            raise StoreError(f"target {t!r} is not in the atlas; it holds {', '.join(records)}")
-        if not records[t].labelled:
-            raise StoreError(f"target {t!r} has no cell-type labels; choose a labelled dataset")
-        if pretrain_result is not None and t in pretrain_result.datasets:
-            raise StoreError(f"target {t!r} was seen in pretraining; exclude it to evaluate honestly")
-    encoder, genes, mask = None, None, None
-    if pretrain_result is not None:
-        encoder = load_encoder(pretrain_result.encoder_path)
-        genes = store.genes()
-        mask = np.zeros(len(genes), dtype=bool)
-        for d in pretrain_result.datasets:
-            mask |= store.dataset_gene_mask(d)
-    rows, first_model = [], None
-    for t in targets:
-        data = load_target(store, t)
-        t_rows, models = evaluate_target(cfg, data, encoder, genes, mask, log=log)
-        rows += t_rows
-        if first_model is None and models:
-            seed = min(models)
-            first_model = (data, models[seed], seed)
-    context = {
-        "protocol": "leave-datasets-out (one pretraining serves every target outside it)",
-        "targets": ", ".join(targets),
-        "pretraining datasets": ", ".join(pretrain_result.datasets) if pretrain_result else "none",
-        "pretraining iterations": pretrain_result.iterations_run if pretrain_result else 0,
+    ev = Evaluation()
+    ev.add_targets(cfg, store, targets, pretrain_result, encoder_run_id, log=log)
+    return ev.finish(cfg, store, report_dir, _context(cfg, ev, "fine-tune on each target's own cells"), register, log)
+
+
+def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:
+    return {
+        "protocol": protocol,
+        "folds": "; ".join(f"targets {', '.join(f['targets'])} <- encoder pretrained on "
+                           f"{len(f['pretraining datasets'])} datasets ({', '.join(f['pretraining datasets']) or 'none'})"
+                           for f in ev.folds),
+        "fold scheme": cfg.evaluate.folds,
+        "seeds": ", ".join(map(str, cfg.finetune.seeds)),
+        "label budgets": ", ".join(map(str, cfg.evaluate.budgets)) + " (validation: 10% of each target, fixed per seed)",
+        "fine-tuning": f"lr {cfg.finetune.lr}, encoder lr {cfg.finetune.encoder_lr or cfg.finetune.lr}, "
+                       f"batch {cfg.finetune.batch_size}, early stopping on validation accuracy (patience {cfg.finetune.patience})",
+        "pretraining": f"{cfg.pretrain.iterations} iterations max x {cfg.pretrain.epochs} epochs, lr {cfg.pretrain.lr}, "
+                       f"stop at NMI >= {cfg.pretrain.nmi_stop}",
         "store": cfg.store_uri,
     }
-    js, md = write_report(rows, report_dir, context)
-    table = format_table(rows)
-    if mlflow.active_run():
-        from scpretrain_dist.evaluate.report import summary
 
-        mlflow.log_artifact(str(js), "report")
-        mlflow.log_artifact(str(md), "report")
-        for _, r in summary(rows).iterrows():
-            if r["dataset"] == "MEAN":
-                for m in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
-                    mlflow.log_metric(f"{r['method']}_{m}", float(r[m]))
-        if register and first_model is not None:
-            import pandas as pd
 
-            from scpretrain_dist.tracking.mlflow_runs import log_annotator
+def resolve_targets(cfg: RunConfig, store: AtlasStore, targets: list[str] | None = None, log=print) -> list[str]:
+    """Explicit targets, else the configured ones, else the labelled datasets of the configured
+    group; unlabelled datasets are skipped (they still take part in pretraining)."""
+    records = {r.name: r for r in store.datasets()}
+    wanted = list(targets or cfg.evaluate.targets)
+    if not wanted and cfg.evaluate.group:
+        wanted = [n for n, r in records.items() if r.group == cfg.evaluate.group]
+        if not wanted:
+            groups = sorted({r.group for r in records.values() if r.group})
+            raise StoreError(f"no dataset of group {cfg.evaluate.group!r} in the atlas (groups: {', '.join(groups) or 'none'}; "
+                             f"ingest with a catalog that sets group, e.g. --catalog data_catalog/scrna_shared.toml)")
+    if not wanted:
+        return choose_targets(cfg, store)
+    unknown = [t for t in wanted if t not in records]
+    if unknown:
+        raise StoreError(f"targets {unknown} are not in the atlas; it holds {', '.join(records)}")
+    skipped = [t for t in wanted if not records[t].labelled]
+    if skipped:
+        log(f"skipping unlabelled datasets as targets (they stay in pretraining): {', '.join(skipped)}")
+    out = [t for t in wanted if records[t].labelled]
+    if not out:
+        raise StoreError("none of the chosen targets has cell-type labels")
+    return out
 
-            data, model, seed = first_model
-            example = pd.DataFrame(np.expm1(data.X[:3]).round(0), columns=[str(g) for g in data.genes])
-            mine = [r for r in rows if r["dataset"] == data.name and r["method"] == "scpretrain" and r["seed"] == seed][0]
-            lineage = {
-                "store_uri": str(Path(cfg.store_uri).resolve()),
-                "store_version": str(store.locator.pinned().timestamp_ms),
-                "pretrain_datasets": pretrain_result.datasets,
-                "pseudo_label_version": str(pretrain_result.iterations_run - 1),
-                "encoder_run": encoder_run_id or "",
-                "encoder_path": pretrain_result.encoder_path,
-                "finetune_dataset": data.name,
-                "finetune_seed": str(seed),
-                "metrics": {k: round(mine[k], 4) for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")},
-            }
-            name, version = log_annotator(model, data.genes, data.classes, example, lineage,
-                                          cfg.tracking.registered_model, cfg.tracking.alias)
-            log(f"registered models:/{name}/{version} with alias @{cfg.tracking.alias}")
-    log("\n" + table)
-    log(f"\nreport: {js} and {md}")
-    return rows
+
+def fold_exclusions(targets: list[str], scheme: str) -> list[list[str]]:
+    if scheme == "grouped":
+        return [list(targets)]
+    if scheme == "per_target":
+        return [[t] for t in targets]
+    raise StoreError(f"evaluate.folds {scheme!r} must be 'grouped' or 'per_target'")
+
+
+def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
+    """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
+    reused), fine-tune and test on each of its targets; one report over every fold."""
+    import mlflow
+
+    store = AtlasStore(cfg.store_uri)
+    check_targets(store, targets)
+    ev = Evaluation()
+    for fold in fold_exclusions(targets, cfg.evaluate.folds):
+        with stage_run("pretrain", cfg):
+            result, run_id = pretrain(cfg, exclude=tuple(fold), log=log)
+            run_id = run_id or mlflow.active_run().info.run_id
+        with stage_run("finetune-evaluate", cfg):
+            ev.add_targets(cfg, store, fold, result, run_id, log=log)
+    proto = ("leave-one-dataset-out, one pretraining per target" if cfg.evaluate.folds == "per_target" else
+             "leave-datasets-out, grouped folds: one pretraining without every target serves them all")
+    return ev.finish(cfg, store, report_dir, _context(cfg, ev, proto), register=True, log=log)
+
+
+def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str], mapping_path: str | None,
+                      report_dir, log=print) -> list[dict]:
+    """Reference -> query: pretrain without the queries (cached encoders reused), fine-tune on
+    the labelled references with harmonised labels, predict each query; one report."""
+    import mlflow
+
+    from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
+    from scpretrain_dist.evaluate.protocols import load_mapping
+
+    store = AtlasStore(cfg.store_uri)
+    if not references or not queries:
+        raise StoreError("the transfer protocol needs --references and --queries (datasets in the atlas)")
+    overlap = sorted(set(references) & set(queries))
+    if overlap:
+        raise StoreError(f"{overlap} are both reference and query; a query must be a different dataset")
+    check_targets(store, [*references, *queries])
+    mapping = load_mapping(mapping_path)
+    exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
+    ev = Evaluation()
+    for q in queries:
+        with stage_run("pretrain", cfg):
+            result, run_id = pretrain(cfg, exclude=exclude or (q,), log=log)
+            run_id = run_id or mlflow.active_run().info.run_id
+        with stage_run("finetune-evaluate", cfg):
+            encoder = load_encoder_for(store, result)
+            rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=log)
+            ev.rows += rows
+            ev.splits += splits
+            ev.folds.append({"targets": [q], "encoder_run": run_id, "pretraining datasets": list(result.datasets),
+                             "encoder": result.encoder_path})
+            if ev.first_model is None and out["models"]:
+                from scpretrain_dist.evaluate.protocols import TargetData
+
+                seed = min(out["models"])
+                ref = TargetData("+".join(references), _example_rows(store, references[0], out["genes"]),
+                                 out["genes"], np.zeros(0, int), out["classes"], np.zeros(0))
+                ev.first_model = (ref, out["models"][seed], seed, result, run_id, q)
+    context = _context(cfg, ev, "reference -> query transfer")
+    context |= {"references": ", ".join(references), "queries": ", ".join(queries),
+                "label mapping": mapping_path or "none (labels must match verbatim)"}
+    return ev.finish(cfg, store, report_dir, context, register=True, log=log)
+
+
+def _example_rows(store: AtlasStore, name: str, genes: np.ndarray):
+    from scpretrain_dist.evaluate.protocols import load_target
+
+    t = load_target(store, name, genes)
+    return t.X[:3]
 
 
 def choose_targets(cfg: RunConfig, store: AtlasStore) -> list[str]:

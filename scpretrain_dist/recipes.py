@@ -35,7 +35,7 @@ def tiny() -> RunConfig:
             iterations=2, epochs=6, batch_size=128, lr=1e-3, num_workers=2, cpus_per_worker=0.5
         ),
         finetune=FinetuneConfig(max_epochs=80, patience=10, seeds=(0,)),
-        evaluate=EvaluateConfig(targets=("demo_03",)),
+        evaluate=EvaluateConfig(targets=("demo_03",), budgets=(25, 100, 1000)),
     )
 
 

@@ -42,7 +42,7 @@ def emit(res: dict, json_path: str | None) -> None:
     print(f"  ours: {_fmt(res['ours'])}")
     for peer, y in res["peers"].items():
         r = res["ratios"].get(peer)
-        print(f"  {peer}: {_fmt(y)}   ratio {('%.2fx' % r) if r is not None else 'n/a'} in our favour")
+        print(f"  {peer}: {_fmt(y)}   ratio {f'{r:.2f}x' if r is not None else 'n/a'} in our favour")
     for k, v in res.items():
         if k not in {"benchmark", "unit", "ours", "peers", "ratios", "higher_is_better", "machine", "when"}:
             print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")

@@ -33,3 +33,26 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
         "macro_auprc": float(np.mean(auprc)) if auprc else float("nan"),
         "macro_auroc": float(np.mean(auroc)) if auroc else float("nan"),
     }
+
+
+def clustering_metrics(y_true: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    """Rand index and adjusted Rand index of a clustering against the true labels."""
+    from sklearn.metrics import adjusted_rand_score, rand_score
+
+    return {"rand": float(rand_score(y_true, clusters)), "ari": float(adjusted_rand_score(y_true, clusters))}
+
+
+def paired_wilcoxon(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Two-sided paired Wilcoxon signed-rank test of a vs b (e.g. pretrained vs not across
+    targets x seeds); mean difference and how many pairs a wins."""
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    d = a - b
+    if len(d) == 0:
+        return {"n": 0, "mean_diff": float("nan"), "wins": 0, "p_value": float("nan")}
+    p = float(wilcoxon(a, b).pvalue) if np.any(d != 0) else 1.0
+    return {"n": int(len(d)), "mean_diff": float(d.mean()), "wins": int((d > 0).sum()),
+            "losses": int((d < 0).sum()), "p_value": p}

@@ -1,92 +1,295 @@
-"""Evaluation protocols. ``evaluate_target``: fine-tune on one held-out labelled dataset (never
-seen in pretraining) and test on its held-out cells, for every method and seed, on identical
-splits."""
+"""Evaluation protocols, every method on identical cells.
+
+- ``evaluate_target`` (the paper's track): a labelled dataset never seen in pretraining is split
+  60/10/30 per seed (training capped at min(1000, 0.6 n)); at each label budget a stratified
+  subset of the training split is fine-tuned on, the validation split drives early stopping,
+  and the test split is scored.
+- ``cluster_target``: K-means with k = number of true types on the frozen pretrained embedding
+  vs on UMAP of PCA (the paper's Fig. 3), scored by Rand index and ARI.
+- ``evaluate_transfer`` (the annotation track): fine-tune on labelled reference datasets and
+  predict another dataset, labels harmonised through a user-given mapping.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from scpretrain_dist.config import RunConfig
-from scpretrain_dist.evaluate.metrics import classification_metrics
-from scpretrain_dist.evaluate.splits import split_cells
-from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore
-from scpretrain_dist.train.finetune import finetune, gene_index, predict_proba
+from scpretrain_dist.data.normalize import normalize_rows, to_linear
+from scpretrain_dist.evaluate.methods import (
+    NEEDS_ENCODER,
+    NETWORKS,
+    Cells,
+    check_methods,
+    embed,
+    run_method,
+)
+from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
+from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
+from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
+from scpretrain_dist.train.finetune import gene_index
 
 
 @dataclass
 class TargetData:
     name: str
-    X: np.ndarray  # labelled cells x the dataset's own genes, log1p(CP10k)
+    X: sp.csr_matrix  # labelled cells x ``genes``, log1p(CP10k)
     genes: np.ndarray
     labels: np.ndarray  # int codes
     classes: np.ndarray  # code -> label name
     obs_ids: np.ndarray
 
 
-def load_target(store: AtlasStore, name: str) -> TargetData:
-    X, obs = store.read_dataset(name)
-    mask = store.dataset_gene_mask(name)
-    genes = store.genes()[mask]
-    keep = (obs["cell_type"] != UNKNOWN_LABEL).to_numpy()
+@dataclass
+class Encoder:
+    """A pretrained encoder and the atlas gene space it was trained on."""
+
+    weights: dict  # {"weight": genes x dim, "bias": dim}
+    genes: np.ndarray  # atlas gene symbols
+    mask: np.ndarray  # genes measured by the pretraining datasets
+
+    def index(self, genes: np.ndarray) -> np.ndarray:
+        return gene_index(genes, self.genes, self.mask)
+
+
+# ---------------------------------------------------------------- label mapping
+def load_mapping(path: str | Path | None) -> dict[str, dict[str, str | None]] | None:
+    """A JSON file {dataset: {label: shared label, or null to drop the cells}}."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"label mapping {p} does not exist; give a JSON file {{dataset: {{label: shared label or null}}}}")
+    try:
+        mapping = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"label mapping {p} is not valid JSON ({e}); expected {{dataset: {{label: shared label or null}}}}") from e
+    if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
+        raise StoreError(f"label mapping {p} must be an object of objects: {{dataset: {{label: shared label or null}}}}")
+    for ds, m in mapping.items():
+        bad = [k for k, v in m.items() if v is not None and not isinstance(v, str)]
+        if bad:
+            raise StoreError(f"label mapping {p}: dataset {ds!r} maps {bad} to non-strings; use a label or null")
+    return mapping
+
+
+def _harmonise(name: str, labels: np.ndarray, mapping: dict | None) -> np.ndarray:
+    """Mapped labels (UNKNOWN_LABEL where the mapping drops a cell)."""
+    if mapping is None:
+        return labels
+    if name not in mapping:
+        raise StoreError(f"the label mapping has no entry for dataset {name!r}; add one "
+                         f"(it has {', '.join(mapping) or 'none'})")
+    m = mapping[name]
+    present = sorted(set(labels) - {UNKNOWN_LABEL})
+    missing = [lab for lab in present if lab not in m]
+    if missing:
+        raise StoreError(f"the label mapping for {name!r} does not cover labels {missing}; map each to a "
+                         f"shared label or to null to drop those cells")
+    return np.array([UNKNOWN_LABEL if lab == UNKNOWN_LABEL or m[lab] is None else m[lab] for lab in labels],
+                    dtype=object)
+
+
+# ---------------------------------------------------------------- loading
+def load_target(
+    store: AtlasStore,
+    name: str,
+    genes: np.ndarray | None = None,
+    mapping: dict | None = None,
+    classes: np.ndarray | None = None,
+) -> TargetData:
+    """Labelled cells of one dataset, log1p(CP10k)-normalised over ``genes`` (default: the
+    dataset's own genes), labels mapped through ``mapping`` and coded against ``classes``
+    (default: its own label set). A restricted gene space is normalised again over it, so a
+    reference and a query measured on different panels are normalised alike."""
+    rec = store.dataset(name)
+    if not rec.labelled:
+        raise StoreError(f"dataset {name!r} has no cell-type labels; it cannot be a fine-tuning target")
+    raw, obs = store.read_dataset(name, normalize=False)
+    atlas_genes = store.genes()
+    if genes is None:
+        cols = np.flatnonzero(store.dataset_gene_mask(name))
+        genes = atlas_genes[cols]
+    else:
+        where = {g: i for i, g in enumerate(atlas_genes)}
+        cols = np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
+    labels = _harmonise(name, obs["cell_type"].to_numpy().astype(object), mapping)
+    keep = labels != UNKNOWN_LABEL
+    if classes is not None:
+        keep &= np.isin(labels, classes)
     if keep.sum() == 0:
-        raise ValueError(f"dataset {name} has no labelled cells; it cannot be a fine-tuning target")
-    classes, codes = np.unique(obs["cell_type"].to_numpy()[keep], return_inverse=True)
-    return TargetData(name, X[keep][:, np.flatnonzero(mask)].toarray(), genes, codes, classes,
+        raise StoreError(f"dataset {name!r} has no labelled cells left (after the label mapping)")
+    X = raw[np.flatnonzero(keep)]
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.data = to_linear(X.data, rec.value_type).astype(np.float32)
+    present = cols >= 0
+    Xg = sp.csr_matrix((X.shape[0], len(genes)), dtype=np.float32)
+    if present.any():
+        Xg = sp.hstack([X[:, cols[present]], sp.csr_matrix((X.shape[0], int((~present).sum())), dtype=np.float32)]).tocsr()
+        order = np.concatenate([np.flatnonzero(present), np.flatnonzero(~present)])
+        Xg = Xg[:, np.argsort(order)]
+    Xg = normalize_rows(Xg, "counts")
+    if classes is None:
+        classes, codes = np.unique(labels[keep].astype(str), return_inverse=True)
+    else:
+        codes = np.searchsorted(classes, labels[keep].astype(str))
+    return TargetData(name, Xg.tocsr(), np.asarray(genes), codes, np.asarray(classes),
                       obs["obs_id"].to_numpy()[keep])
 
 
+def _cells(t: TargetData, pos: np.ndarray) -> Cells:
+    return Cells(t.X[pos], t.labels[pos])
+
+
+def _row(dataset, method, seed, budget, m, n_train, n_val, n_test, n_types, seconds, extra) -> dict:
+    return {"dataset": dataset, "method": method, "seed": seed, "budget": budget, **m,
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_types": n_types,
+            "seconds": seconds, **extra}
+
+
+# ---------------------------------------------------------------- the paper's track
 def evaluate_target(
     cfg: RunConfig,
     target: TargetData,
-    encoder: dict[str, np.ndarray] | None,
-    pretrained_genes: np.ndarray | None,
-    pretrained_mask: np.ndarray | None,
+    encoder: Encoder | None,
     log=print,
-) -> tuple[list[dict], dict]:
-    """Rows of (dataset, method, seed, metrics, split ids); and the fine-tuned scPretrain
-    models by seed (for registration)."""
-    rows, models = [], {}
-    f = cfg.finetune
+) -> tuple[list[dict], list[dict], dict]:
+    """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget)
+    and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
+    ev, f = cfg.evaluate, cfg.finetune
+    methods = [m for m in ev.methods if encoder is not None or m not in NEEDS_ENCODER]
+    check_methods(methods)
     n_types = len(target.classes)
+    gidx = encoder.index(target.genes) if encoder is not None else None
+    budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
+    full = max(budgets)
+    rows, splits, models = [], [], {}
     for seed in f.seeds:
         split = split_cells(target.labels, seed, f.train_frac, f.val_frac, f.train_cap)
-        Xtr, ytr = target.X[split.train], target.labels[split.train]
-        Xva, yva = target.X[split.val], target.labels[split.val]
-        Xte, yte = target.X[split.test], target.labels[split.test]
-        for method in cfg.evaluate.methods:
-            t0 = time.perf_counter()
-            extra: dict = {}
-            if method in ("scpretrain", "no_pretrain"):
-                init = None
-                if method == "scpretrain":
-                    if encoder is None:
-                        continue
-                    init = {**encoder, "gene_index": gene_index(target.genes, pretrained_genes, pretrained_mask)}
-                res = finetune(Xtr, ytr, Xva, yva, n_types, f, cfg.model, seed, init)
-                proba = predict_proba(res.model, Xte)
-                extra = {"best_epoch": res.best_epoch, "n_pretrained_genes": res.n_pretrained_genes}
-                if method == "scpretrain":
-                    models[seed] = res.model
-            elif method == "logreg":
-                from sklearn.linear_model import LogisticRegression
+        val, test = _cells(target, split.val), _cells(target, split.test)
+        done: dict[int, list[dict]] = {}  # n_train -> rows, when budgets above the split coincide
+        for budget in budgets:
+            train_pos = budget_subset(target.labels, split.train, budget, seed)
+            splits.append({"dataset": target.name, "seed": seed, "budget": budget,
+                           **_ids(target.obs_ids, Split(train_pos, split.val, split.test))})
+            if len(train_pos) in done:  # the same cells as a smaller budget: same results
+                rows += [{**r, "budget": budget} for r in done[len(train_pos)]]
+                continue
+            train = _cells(target, train_pos)
+            on = [m for m in methods if budget == full or m in NETWORKS or m in ev.sweep_methods]
+            features: dict = {}
+            these = []
+            for method in on:
+                t0 = time.perf_counter()
+                fit = run_method(method, train, val, test, n_types, seed, cfg,
+                                 encoder.weights if encoder else None, gidx, features)
+                m = classification_metrics(test.y, fit.proba)
+                these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
+                                  len(split.test), n_types, time.perf_counter() - t0, fit.extra))
+                if method == "scpretrain" and budget == full:
+                    models[seed] = fit.model
+                log(f"  {target.name:26s} budget {len(train_pos):5d} {method:12s} seed {seed}: "
+                    f"accuracy {m['accuracy']:.3f} kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
+            done[len(train_pos)] = these
+            rows += these
+    return rows, splits, models
 
-                clf = LogisticRegression(max_iter=1000, C=1.0).fit(Xtr, ytr)
-                proba = np.zeros((len(yte), n_types))
-                proba[:, clf.classes_] = clf.predict_proba(Xte)
-            else:
-                raise ValueError(f"unknown method {method!r}; use scpretrain, no_pretrain or logreg")
-            m = classification_metrics(yte, proba)
-            rows.append({
-                "dataset": target.name, "method": method, "seed": seed, **m,
-                "n_train": len(ytr), "n_val": len(yva), "n_test": len(yte), "n_types": n_types,
-                "seconds": time.perf_counter() - t0, **extra,
-                "split": {"train": target.obs_ids[split.train].tolist(),
-                          "val": target.obs_ids[split.val].tolist(),
-                          "test": target.obs_ids[split.test].tolist()},
-            })
-            log(f"  {target.name:28s} {method:12s} seed {seed}: accuracy {m['accuracy']:.3f} "
-                f"kappa {m['kappa']:.3f} macro-F1 {m['macro_f1']:.3f}")
-    return rows, models
+
+def _ids(obs_ids: np.ndarray, s: Split) -> dict:
+    return {"train": obs_ids[s.train].tolist(), "val": obs_ids[s.val].tolist(), "test": obs_ids[s.test].tolist()}
+
+
+def cluster_target(target: TargetData, encoder: Encoder | None, seed: int = 0, n_pcs: int = 50) -> tuple[list[dict], dict]:
+    """K-means (k = number of true types) on the pretrained embedding, on PCA, and on UMAP of
+    PCA; Rand index and ARI against the true labels. Also returns 2-D UMAP coordinates of the
+    embedding and of PCA for the figures."""
+    import umap
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    k = len(target.classes)
+    dense = np.asarray(target.X.todense(), np.float32)
+    pcs = PCA(n_components=min(n_pcs, dense.shape[0] - 1, dense.shape[1]), random_state=seed).fit_transform(dense)
+    spaces = {"pca": pcs}
+    coords = {"pca": umap.UMAP(random_state=seed, n_jobs=1).fit_transform(pcs)}
+    spaces["umap_pca"] = coords["pca"]
+    if encoder is not None:
+        emb = embed(encoder.weights, encoder.index(target.genes), target.X)
+        spaces["embedding"] = emb
+        coords["embedding"] = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(emb)
+    rows = []
+    for space, Z in spaces.items():
+        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(Z)
+        rows.append({"dataset": target.name, "space": space, "k": k, "seed": seed,
+                     **clustering_metrics(target.labels, km.labels_)})
+    return rows, {"coords": coords, "labels": target.classes[target.labels]}
+
+
+# ---------------------------------------------------------------- the annotation track
+def shared_genes(store: AtlasStore, datasets: list[str]) -> np.ndarray:
+    """Atlas genes measured in every one of ``datasets``."""
+    mask = np.ones(len(store.genes()), dtype=bool)
+    for d in datasets:
+        mask &= store.dataset_gene_mask(d)
+    return store.genes()[mask]
+
+
+def evaluate_transfer(
+    cfg: RunConfig,
+    store: AtlasStore,
+    references: list[str],
+    query: str,
+    mapping: dict | None,
+    encoder: Encoder | None,
+    log=print,
+) -> tuple[list[dict], list[dict], dict]:
+    """Fine-tune on the labelled reference datasets (90% train, 10% validation per seed;
+    training capped at the largest budget), predict every labelled query cell whose
+    harmonised label the references know. Genes: those measured in the references and the
+    query, normalised over that shared panel in both."""
+    ev, f = cfg.evaluate, cfg.finetune
+    genes = shared_genes(store, [*references, query])
+    if len(genes) < 50:
+        raise StoreError(f"references {references} and query {query!r} share only {len(genes)} genes; "
+                         f"transfer needs at least 50")
+    refs = [load_target(store, r, genes, mapping) for r in references]
+    classes = np.unique(np.concatenate([r.classes[r.labels] for r in refs]))
+    refs = [load_target(store, r, genes, mapping, classes) for r in references]
+    q = load_target(store, query, genes, mapping, classes)
+    dropped = int(store.dataset(query).n_cells - len(q.labels))
+    Xr = sp.vstack([r.X for r in refs]).tocsr()
+    yr = np.concatenate([r.labels for r in refs])
+    ids = np.concatenate([r.obs_ids for r in refs])
+    methods = [m for m in ev.methods if encoder is not None or m not in NEEDS_ENCODER]
+    check_methods(methods)
+    gidx = encoder.index(genes) if encoder is not None else None
+    cap = max(ev.budgets) if ev.budgets else f.train_cap
+    rows, splits, models = [], [], {}
+    for seed in f.seeds:
+        s = split_cells(yr, seed, train_frac=1 - f.val_frac, val_frac=f.val_frac, train_cap=10**9)
+        # split_cells puts its test share first; with train_frac = 1 - val_frac there is none
+        train_pos = budget_subset(yr, s.train, cap, seed)
+        train, val, test = Cells(Xr[train_pos], yr[train_pos]), Cells(Xr[s.val], yr[s.val]), Cells(q.X, q.labels)
+        splits.append({"dataset": query, "seed": seed, "budget": cap, "references": references,
+                       "train": ids[train_pos].tolist(), "val": ids[s.val].tolist(), "test": q.obs_ids.tolist()})
+        features: dict = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            fit = run_method(method, train, val, test, len(classes), seed, cfg,
+                             encoder.weights if encoder else None, gidx, features)
+            m = classification_metrics(test.y, fit.proba)
+            rows.append(_row(query, method, seed, cap, m, len(train_pos), len(s.val), len(q.labels), len(classes),
+                             time.perf_counter() - t0,
+                             {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
+                              "query_cells_dropped": dropped}))
+            if method == "scpretrain":
+                models[seed] = fit.model
+            log(f"  {'+'.join(references)} -> {query}: {method:12s} seed {seed}: accuracy {m['accuracy']:.3f} "
+                f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
+    return rows, splits, {"models": models, "genes": genes, "classes": classes}

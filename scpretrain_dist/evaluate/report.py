@@ -1,4 +1,5 @@
-"""report.json (one row per dataset x method x seed, with split cell ids) and report.md."""
+"""report.json (one row per dataset x method x seed x budget, the cell ids of every split, the
+clustering scores and paired tests) and report.md (the tables a reader wants first)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,61 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scpretrain_dist.evaluate.metrics import METRICS
+from scpretrain_dist.evaluate.metrics import METRICS, paired_wilcoxon
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "split"} for r in rows])
+    if "budget" not in df:
+        df["budget"] = 0
+    return df
+
+
+def main_rows(rows: list[dict]) -> pd.DataFrame:
+    """Rows of the main protocol: each dataset's largest budget (the paper's cap)."""
+    df = _frame(rows)
+    top = df.groupby("dataset")["budget"].transform("max")
+    return df[df["budget"] == top]
 
 
 def summary(rows: list[dict]) -> pd.DataFrame:
-    """Mean of each metric over seeds, per dataset and method, plus an overall mean."""
-    df = pd.DataFrame([{k: v for k, v in r.items() if k != "split"} for r in rows])
+    """Mean of each metric over seeds at the full budget, per dataset and method, plus the mean
+    over datasets."""
+    df = main_rows(rows)
     per = df.groupby(["dataset", "method"], sort=False)[list(METRICS)].mean().reset_index()
-    overall = df.groupby("method", sort=False)[list(METRICS)].mean().reset_index()
+    overall = per.groupby("method", sort=False)[list(METRICS)].mean().reset_index()
     overall.insert(0, "dataset", "MEAN")
     return pd.concat([per, overall], ignore_index=True)
+
+
+def budget_curve(rows: list[dict], metric: str = "kappa") -> pd.DataFrame:
+    """Mean ``metric`` over datasets and seeds per method (rows) and label budget (columns)."""
+    df = _frame(rows)
+    per = df.groupby(["method", "budget", "dataset"])[metric].mean().reset_index()
+    return per.pivot_table(index="method", columns="budget", values=metric, aggfunc="mean")
+
+
+def paired_tests(rows: list[dict], a: str = "scpretrain", against=("no_pretrain", "logreg")) -> list[dict]:
+    """Paired Wilcoxon signed-rank tests of method ``a`` vs each of ``against`` over the
+    (dataset, seed) pairs, per metric at the full budget and for kappa at every budget."""
+    df = _frame(rows)
+    out = []
+    full = main_rows(rows)
+    for b in against:
+        for metric in METRICS:
+            out.append({"a": a, "b": b, "metric": metric, "budget": "full", **_pair(full, a, b, metric)})
+        for budget in sorted(df["budget"].unique()):
+            out.append({"a": a, "b": b, "metric": "kappa", "budget": int(budget),
+                        **_pair(df[df["budget"] == budget], a, b, "kappa")})
+    return out
+
+
+def _pair(df: pd.DataFrame, a: str, b: str, metric: str) -> dict:
+    wide = df[df["method"].isin([a, b])].pivot_table(index=["dataset", "seed"], columns="method", values=metric)
+    if a not in wide or b not in wide:
+        return {"n": 0, "mean_diff": float("nan"), "wins": 0, "losses": 0, "p_value": float("nan")}
+    wide = wide.dropna()
+    return paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy())
 
 
 def format_table(rows: list[dict]) -> str:
@@ -26,27 +72,62 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for _, r in s.iterrows():
         lines.append(f"{r['dataset']:30s} {r['method']:12s} " + " ".join(f"{r[m]:11.3f}" for m in METRICS))
+    curve = budget_curve(rows)
+    if curve.shape[1] > 1:
+        lines += ["", "kappa by label budget (mean over datasets and seeds):",
+                  f"{'method':12s} " + " ".join(f"{int(b):>7d}" for b in curve.columns)]
+        for m, r in curve.iterrows():
+            lines.append(f"{m:12s} " + " ".join("    n/a" if np.isnan(v) else f"{v:7.3f}" for v in r))
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out_dir: str | Path, context: dict | None = None) -> tuple[Path, Path]:
+def _md_table(df: pd.DataFrame, cols: list[str], fmt: str = "{:.3f}") -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        out.append("| " + " | ".join(fmt.format(r[c]) if isinstance(r[c], (float, np.floating)) else str(r[c]) for c in cols) + " |")
+    return out
+
+
+def write_report(
+    rows: list[dict],
+    out_dir: str | Path,
+    context: dict | None = None,
+    splits: list[dict] | None = None,
+    clustering: list[dict] | None = None,
+    figures: list[str] | None = None,
+) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = [{k: v for k, v in r.items() if k != "split"} for r in rows]
-    splits = [{"dataset": r["dataset"], "seed": r["seed"], **r["split"]} for r in rows if "split" in r]
-    unique_splits = list({(s["dataset"], s["seed"]): s for s in splits}.values())
+    tests = paired_tests(rows) if any(r["method"] == "scpretrain" for r in rows) else []
     js = out / "report.json"
-    js.write_text(json.dumps({"context": context or {}, "rows": results, "splits": unique_splits}, indent=1, default=_default))
+    js.write_text(json.dumps({"context": context or {}, "rows": results, "splits": splits or [],
+                              "clustering": clustering or [], "paired_tests": tests,
+                              "figures": figures or []}, indent=1, default=_default))
     md = out / "report.md"
     seeds = sorted({r["seed"] for r in rows})
     text = ["# scPretrain evaluation", ""]
     for k, v in (context or {}).items():
         text.append(f"- **{k}**: {v}")
-    text += ["", f"Mean over seeds {seeds} of metrics on each target's held-out test cells.", "",
-             "| dataset | method | " + " | ".join(METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for _, r in summary(rows).iterrows():
-        text.append(f"| {r['dataset']} | {r['method']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |")
+    text += ["", f"## Main protocol (largest label budget), mean over seeds {seeds}", ""]
+    text += _md_table(summary(rows), ["dataset", "method", *METRICS])
+    curve = budget_curve(rows)
+    if curve.shape[1] > 1:
+        text += ["", "## Kappa by labelled training cells (mean over datasets and seeds)", "",
+                 "A budget above a dataset's training split uses the whole split (min(1000, 0.6 n) cells).", ""]
+        c = curve.reset_index()
+        c.columns = [str(x) for x in c.columns]
+        text += _md_table(c, list(c.columns))
+    if tests:
+        text += ["", "## Paired Wilcoxon signed-rank tests over (dataset, seed)", ""]
+        text += _md_table(pd.DataFrame(tests), ["a", "b", "metric", "budget", "n", "mean_diff", "wins", "losses", "p_value"],
+                          "{:.4f}")
+    if clustering:
+        cl = pd.DataFrame(clustering).groupby(["dataset", "space"], sort=False)[["rand", "ari"]].mean().reset_index()
+        text += ["", "## K-means with k = number of true types (Rand index, ARI)", ""]
+        text += _md_table(cl, ["dataset", "space", "rand", "ari"])
+    if figures:
+        text += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     md.write_text("\n".join(text) + "\n")
     return js, md
 
@@ -56,4 +137,6 @@ def _default(o):
         return int(o)
     if isinstance(o, (np.floating,)):
         return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     return str(o)

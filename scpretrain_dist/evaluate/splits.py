@@ -37,3 +37,32 @@ def split_cells(
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     train = train[:n_train]
     return Split(np.sort(train), np.sort(val), np.sort(test))
+
+
+def budget_subset(labels: np.ndarray, train: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """``budget`` cells of the training split, stratified: every class of the split gets at least
+    one cell when the budget allows, the rest in proportion to class size (largest remainders).
+    Smaller budgets of the same seed are nested in larger ones only through the shared split;
+    a budget at or above the split's size returns the whole split."""
+    train = np.asarray(train)
+    if budget <= 0:
+        raise ValueError(f"label budget must be positive, got {budget}")
+    if budget >= len(train):
+        return np.sort(train)
+    rng = np.random.default_rng([seed, budget])
+    y = np.asarray(labels)[train]
+    classes, counts = np.unique(y, return_counts=True)
+    if budget >= len(classes):
+        quota = np.ones(len(classes), dtype=np.int64)
+        rest = budget - len(classes)
+        share = (counts - 1) / max((counts - 1).sum(), 1) * rest
+        quota += np.floor(share).astype(np.int64)
+        left = budget - quota.sum()
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        quota[order[:left]] += 1
+    else:  # fewer cells than classes: the largest classes, one cell each
+        quota = np.zeros(len(classes), dtype=np.int64)
+        quota[np.argsort(-counts, kind="stable")[:budget]] = 1
+    quota = np.minimum(quota, counts)
+    picked = [rng.choice(train[y == c], size=q, replace=False) for c, q in zip(classes, quota) if q > 0]
+    return np.sort(np.concatenate(picked))

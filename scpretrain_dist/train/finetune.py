@@ -6,11 +6,22 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
-from scpretrain_dist.model.networks import CellTypeClassifier
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch
+
+
+def _rows(X, idx=None):
+    """Rows of a dense array or a CSR matrix as the encoder's input (CSR -> SparseBatch, so the
+    first layer costs O(non-zeros) rather than O(genes) per cell)."""
+    if sp.issparse(X):
+        sub = X[idx] if idx is not None else X
+        return SparseBatch.from_csr(sp.csr_matrix(sub, dtype=np.float32))
+    sub = X[idx] if idx is not None else X
+    return torch.from_numpy(np.asarray(sub, np.float32))
 
 
 @dataclass
@@ -31,6 +42,17 @@ def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask:
     if pretrained_mask is not None:
         idx[(idx >= 0) & ~pretrained_mask[np.maximum(idx, 0)]] = -1
     return idx
+
+
+def epoch_batches(n: int, batch_size: int, min_steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's mini-batches: shuffled passes over the n cells until at least ``min_steps``
+    batches (a pass ends with a smaller batch rather than mixing passes)."""
+    batches: list[np.ndarray] = []
+    while True:
+        order = rng.permutation(n)
+        batches += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if len(batches) >= min_steps or n == 0:
+            return batches
 
 
 def finetune(
@@ -54,18 +76,22 @@ def finetune(
     n_pre = 0
     if pretrained is not None:
         n_pre = model.load_pretrained_encoder(pretrained["weight"], pretrained["bias"], pretrained["gene_index"])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    Xt, yt = torch.from_numpy(np.asarray(X_train, np.float32)), torch.from_numpy(np.asarray(y_train, np.int64))
-    Xv, yv = torch.from_numpy(np.asarray(X_val, np.float32)), torch.from_numpy(np.asarray(y_val, np.int64))
+    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
+    enc_lr = (cfg.encoder_lr or cfg.lr) if pretrained is not None else cfg.lr
+    opt = torch.optim.Adam([{"params": list(model.encoder.parameters()), "lr": enc_lr},
+                            {"params": head, "lr": cfg.lr}])
+    if sp.issparse(X_train):
+        X_train = sp.csr_matrix(X_train, dtype=np.float32)
+    yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
     best_acc, best_epoch, best_state, history = -1.0, 0, None, []
     epoch = 0
     for epoch in range(cfg.max_epochs):
         model.train()
-        order = rng.permutation(len(yt))
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
+        for idx in epoch_batches(len(yt), cfg.batch_size, cfg.min_steps_per_epoch, rng):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+            F.cross_entropy(model(_rows(X_train, idx)), yt[idx]).backward()
             opt.step()
         model.eval()
         with torch.no_grad():
@@ -84,7 +110,6 @@ def finetune(
 def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
     model.eval()
     out = [
-        torch.softmax(model(torch.from_numpy(np.asarray(X[i : i + batch], np.float32))), 1).numpy()
-        for i in range(0, X.shape[0], batch)
+        torch.softmax(model(_rows(X, slice(i, i + batch))), 1).numpy() for i in range(0, X.shape[0], batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)

@@ -58,7 +58,7 @@ def env(tmp_path_factory):
     for seed in (0, 1):  # version 1 and version 2 of the same registered model
         res = finetune(target.X[:160], target.labels[:160], target.X[160:], target.labels[160:],
                        len(target.classes), cfg.finetune, cfg.model, seed)
-        example = pd.DataFrame(np.expm1(target.X[:2]).round(0), columns=target.genes)
+        example = pd.DataFrame(np.expm1(target.X[:2].toarray()).round(0), columns=target.genes)
         lineage = {"store_uri": str(pristine), "store_version": "1", "pretrain_datasets": [],
                    "pseudo_label_version": "none", "encoder_run": "", "finetune_dataset": "demo_00",
                    "metrics": {"val_accuracy": round(res.best_val_accuracy, 4)}}

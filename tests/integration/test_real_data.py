@@ -11,7 +11,7 @@ from scpretrain_dist.config import resolve
 from scpretrain_dist.store import AtlasStore
 
 pytestmark = pytest.mark.realdata
-NAMES = ["pbmc_symphony_3pv1", "mouse_fetal_liver_gse87795", "pancreas_baron_human_cider",
+NAMES = ["pbmc_symphony_3pv1", "pbmc_symphony_5p", "mouse_fetal_liver_gse87795", "pancreas_baron_human_cider",
          "pancreas_baron_mouse_cider", "pancreas_cepo_3batch"]
 
 
@@ -47,9 +47,30 @@ def test_finetune_without_pretraining_on_real_pbmc(store, tmp_path):
     from scpretrain_dist.pipeline import finetune_and_evaluate
 
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"',
-                                             "finetune.seeds=[0]"])
+                                             "finetune.seeds=[0]", "evaluate.budgets=[50, 1000]",
+                                             "evaluate.cluster=false"])
     rows = finetune_and_evaluate(cfg, ["pbmc_symphony_3pv1"], None, None, tmp_path / "report",
                                  register=False, log=lambda m: None)
+    full = {r["method"]: r["accuracy"] for r in rows if r["budget"] == 1000}
+    # without an encoder, the methods that need one are left out
+    assert set(full) == {"no_pretrain", "logreg", "pca_rf", "pca_logreg", "pca_svm"}
+    assert full["logreg"] > 0.7 and full["no_pretrain"] > 0.6
+    small = [r for r in rows if r["budget"] == 50]
+    assert {r["n_train"] for r in small} == {50}
+    assert (tmp_path / "report" / "fig5_kappa_vs_label_budget.png").exists()
+
+
+def test_transfer_between_real_pbmc_sets_with_the_shared_mapping(store, shared_data, tmp_path):
+    from scpretrain_dist.evaluate.protocols import evaluate_transfer, load_mapping
+
+    cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"',
+                                             "finetune.seeds=[0]", 'evaluate.methods=["no_pretrain", "logreg"]'])
+    mapping = load_mapping(shared_data / "pbmc_coarse_labels.json")
+    rows, splits, out = evaluate_transfer(cfg, store, ["pbmc_symphony_5p"], "pbmc_symphony_3pv1", mapping, None,
+                                          log=lambda m: None)
     acc = {r["method"]: r["accuracy"] for r in rows}
-    assert set(acc) == {"no_pretrain", "logreg"}
-    assert acc["logreg"] > 0.7 and acc["no_pretrain"] > 0.6
+    assert acc["logreg"] > 0.8 and acc["no_pretrain"] > 0.7
+    assert "Megakaryocyte/Platelet" in out["classes"] and "HSC" not in out["classes"]
+    # the HSC cells the mapping drops are not scored; the rest of the query is
+    assert rows[0]["query_cells_dropped"] > 0
+    assert len(splits[0]["test"]) + rows[0]["query_cells_dropped"] == store.dataset("pbmc_symphony_3pv1").n_cells

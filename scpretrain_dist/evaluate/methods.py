@@ -1,0 +1,133 @@
+"""The methods every evaluation compares, on identical cells: each takes training, validation
+and test cells and returns class probabilities for the test cells.
+
+- ``scpretrain``: the pretrained encoder fine-tuned with the classifier head;
+- ``no_pretrain``: the same network from a random start;
+- ``logreg``: logistic regression on log-normalised expression (what CellTypist does);
+- ``{emb,pca}_{rf,logreg,svm}``: random forest, logistic regression and linear SVM on the frozen
+  pretrained embedding vs on PCA(200) fitted on the training cells (the paper's Fig. 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+NETWORKS = ("scpretrain", "no_pretrain")
+EXPRESSION = ("logreg",)
+CLASSIFIERS = ("rf", "logreg", "svm")
+FEATURE_METHODS = tuple(f"{space}_{c}" for space in ("emb", "pca") for c in CLASSIFIERS)
+ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS
+NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_"))
+
+
+@dataclass
+class Cells:
+    """Cells of one split in the input gene space (CSR of log1p(CP10k)) with integer labels."""
+
+    X: sp.csr_matrix
+    y: np.ndarray
+
+
+@dataclass
+class Fitted:
+    proba: np.ndarray  # test cells x n_types
+    extra: dict = field(default_factory=dict)
+    model: object = None
+
+
+def check_methods(methods) -> None:
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+
+
+def _full_proba(clf, X, n_types: int) -> np.ndarray:
+    out = np.zeros((X.shape[0], n_types))
+    if hasattr(clf, "predict_proba"):
+        out[:, clf.classes_] = clf.predict_proba(X)
+    else:  # linear SVM: softmax of decision values as a score for the ranking metrics
+        d = clf.decision_function(X)
+        d = d[:, None] if d.ndim == 1 else d
+        if d.shape[1] == 1:  # two classes: one decision value for the second
+            d = np.hstack([-d, d])
+        e = np.exp(d - d.max(1, keepdims=True))
+        out[:, clf.classes_] = e / e.sum(1, keepdims=True)
+    return out
+
+
+def classifier(name: str, seed: int):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    if name == "rf":
+        return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
+    if name == "logreg":
+        return LogisticRegression(max_iter=1000, C=1.0)
+    if name == "svm":
+        return LinearSVC(C=1.0, max_iter=5000, random_state=seed)
+    raise ValueError(f"unknown classifier {name!r}")
+
+
+def embed(encoder: dict, gene_idx: np.ndarray, X: sp.csr_matrix) -> np.ndarray:
+    """The frozen pretrained embedding sigmoid(x W + b) of cells in an input gene space whose
+    gene i is row ``gene_idx[i]`` of the encoder (-1: not pretrained, contributes nothing)."""
+    W = np.asarray(encoder["weight"], np.float32)
+    rows = np.zeros((len(gene_idx), W.shape[1]), np.float32)
+    found = gene_idx >= 0
+    rows[found] = W[gene_idx[found]]
+    h = np.asarray(sp.csr_matrix(X, dtype=np.float32) @ rows) + np.asarray(encoder["bias"], np.float32)
+    return 1.0 / (1.0 + np.exp(-h))
+
+
+def pca_features(train: sp.csr_matrix, *others: sp.csr_matrix, n_components: int = 200, seed: int = 0):
+    """PCA fitted on the training cells only (centred, via truncated SVD of the dense block),
+    applied to every split."""
+    from sklearn.decomposition import PCA
+
+    n = min(n_components, train.shape[0] - 1, train.shape[1])
+    pca = PCA(n_components=max(n, 1), random_state=seed, svd_solver="randomized" if n < 0.8 * min(train.shape) else "full")
+    dense = np.asarray(train.todense(), np.float32)
+    return [pca.fit_transform(dense)] + [pca.transform(np.asarray(o.todense(), np.float32)) for o in others]
+
+
+def run_method(
+    method: str,
+    train: Cells,
+    val: Cells,
+    test: Cells,
+    n_types: int,
+    seed: int,
+    cfg,
+    encoder: dict | None = None,
+    gene_idx: np.ndarray | None = None,
+    features: dict | None = None,
+) -> Fitted:
+    """Fit ``method`` on train (validation cells only for the networks' early stopping) and
+    return test probabilities. ``features`` caches embeddings/PCA per split across methods."""
+    from scpretrain_dist.train.finetune import finetune, predict_proba
+
+    if method in NETWORKS:
+        init = None
+        if method == "scpretrain":
+            init = {**encoder, "gene_index": gene_idx}
+        res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
+        return Fitted(predict_proba(res.model, test.X),
+                      {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+                       "n_pretrained_genes": res.n_pretrained_genes}, res.model)
+    if method == "logreg":
+        clf = classifier("logreg", seed).fit(train.X, train.y)
+        return Fitted(_full_proba(clf, test.X, n_types))
+    space, name = method.split("_", 1)
+    features = features if features is not None else {}
+    if space not in features:
+        if space == "emb":
+            features[space] = (embed(encoder, gene_idx, train.X), embed(encoder, gene_idx, test.X))
+        else:
+            features[space] = tuple(pca_features(train.X, test.X, seed=seed))
+    Ftr, Fte = features[space]
+    clf = classifier(name, seed).fit(Ftr, train.y)
+    return Fitted(_full_proba(clf, Fte, n_types), {"n_features": int(Ftr.shape[1])})

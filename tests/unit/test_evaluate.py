@@ -1,0 +1,163 @@
+"""Label budgets, label mapping, the comparison methods, paired tests and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scpretrain_dist import recipes
+from scpretrain_dist.config import resolve
+from scpretrain_dist.evaluate.methods import ALL_METHODS, Cells, check_methods, embed, run_method
+from scpretrain_dist.evaluate.metrics import clustering_metrics, paired_wilcoxon
+from scpretrain_dist.evaluate.protocols import _harmonise, load_mapping
+from scpretrain_dist.evaluate.report import budget_curve, paired_tests, summary, write_report
+from scpretrain_dist.evaluate.splits import budget_subset, split_cells
+from scpretrain_dist.store.soma import UNKNOWN_LABEL, StoreError
+from scpretrain_dist.train.finetune import epoch_batches
+
+
+# ------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("budget", [1, 3, 5, 25, 50, 99])
+def test_budget_subset_is_a_stratified_subset_of_the_split(budget):
+    labels = np.repeat(np.arange(5), [200, 100, 50, 20, 5])
+    split = split_cells(labels, seed=0, train_cap=1000)
+    sub = budget_subset(labels, split.train, budget, seed=0)
+    assert len(sub) == min(budget, len(split.train))
+    assert set(sub) <= set(split.train) and len(set(sub)) == len(sub)
+    present = np.unique(labels[sub])
+    if budget >= 5:  # every class of the split gets a cell
+        assert set(present) == set(np.unique(labels[split.train]))
+    if budget >= 50:  # and the rest is roughly proportional
+        frac = np.bincount(labels[sub], minlength=5) / len(sub)
+        want = np.bincount(labels[split.train], minlength=5) / len(split.train)
+        assert np.abs(frac - want).max() < 0.05
+
+
+def test_budget_above_the_split_takes_it_whole_and_is_deterministic():
+    labels = np.repeat([0, 1], [30, 30])
+    split = split_cells(labels, seed=1, train_cap=1000)
+    assert np.array_equal(budget_subset(labels, split.train, 10_000, 1), np.sort(split.train))
+    a = budget_subset(labels, split.train, 10, 3)
+    assert np.array_equal(a, budget_subset(labels, split.train, 10, 3))
+    assert not np.array_equal(a, budget_subset(labels, split.train, 10, 4))
+    with pytest.raises(ValueError, match="positive"):
+        budget_subset(labels, split.train, 0, 1)
+
+
+def test_small_budgets_still_train_for_the_minimum_number_of_steps():
+    rng = np.random.default_rng(0)
+    small = epoch_batches(25, 64, 16, rng)
+    assert len(small) == 16 and all(len(b) == 25 for b in small)
+    big = epoch_batches(1000, 64, 16, rng)
+    assert len(big) == 16 and np.array_equal(np.sort(np.concatenate(big)), np.arange(1000))
+
+
+# ------------------------------------------------------------------ label mapping
+def test_mapping_maps_drops_and_refuses_uncovered_labels(tmp_path):
+    m = tmp_path / "map.json"
+    m.write_text(json.dumps({"a": {"T_CD4": "CD4 T", "HSC": None}}))
+    mapping = load_mapping(m)
+    out = _harmonise("a", np.array(["T_CD4", "HSC", UNKNOWN_LABEL], dtype=object), mapping)
+    assert list(out) == ["CD4 T", UNKNOWN_LABEL, UNKNOWN_LABEL]
+    with pytest.raises(StoreError, match=r"does not cover labels \['B'\]"):
+        _harmonise("a", np.array(["B"], dtype=object), mapping)
+    with pytest.raises(StoreError, match="no entry for dataset 'b'"):
+        _harmonise("b", np.array(["B"], dtype=object), mapping)
+
+
+@pytest.mark.parametrize("text, msg", [("{not json", "not valid JSON"), ('["a"]', "object of objects"),
+                                       ('{"a": {"x": 3}}', "non-strings")])
+def test_bad_mapping_files_are_refused_with_the_reason(tmp_path, text, msg):
+    p = tmp_path / "m.json"
+    p.write_text(text)
+    with pytest.raises(StoreError, match=msg):
+        load_mapping(p)
+    with pytest.raises(StoreError, match="does not exist"):
+        load_mapping(tmp_path / "absent.json")
+
+
+# ------------------------------------------------------------------ methods
+def _toy(n=240, genes=60, types=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, types, n)
+    X = rng.poisson(1.0, (n, genes)).astype(np.float32)
+    for t in range(types):
+        X[y == t, t * 10 : t * 10 + 10] += 6
+    return sp.csr_matrix(np.log1p(X)), y
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_returns_probabilities_over_all_types(method):
+    X, y = _toy()
+    cfg = resolve(recipes.tiny(), overrides=["finetune.max_epochs=15", "finetune.patience=5"])
+    enc = {"weight": np.random.default_rng(1).normal(0, 0.1, (60, 200)).astype(np.float32),
+           "bias": np.zeros(200, np.float32)}
+    tr, va, te = Cells(X[:150], y[:150]), Cells(X[150:180], y[150:180]), Cells(X[180:], y[180:])
+    fit = run_method(method, tr, va, te, 4, 0, cfg, enc, np.arange(60), {})
+    assert fit.proba.shape == (60, 4)
+    np.testing.assert_allclose(fit.proba.sum(1), 1.0, atol=1e-5)
+    if method not in ("scpretrain", "no_pretrain"):  # sklearn: a type absent from training gets none
+        assert (fit.proba[:, 3] < 1e-6).all()
+    assert (fit.proba.argmax(1) == te.y).mean() > 0.8  # the toy types are easy
+
+
+def test_unknown_methods_are_named():
+    with pytest.raises(ValueError, match="unknown method"):
+        check_methods(["scpretrain", "magic"])
+
+
+def test_embedding_ignores_genes_absent_from_pretraining():
+    X = sp.csr_matrix(np.array([[1.0, 2.0], [0.0, 3.0]], np.float32))
+    enc = {"weight": np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), "bias": np.zeros(2, np.float32)}
+    e = embed(enc, np.array([0, -1]), X)
+    np.testing.assert_allclose(e, 1 / (1 + np.exp(-np.array([[1.0, 0.0], [0.0, 0.0]]))), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ metrics, tests, report
+def test_clustering_metrics_are_one_for_a_relabelled_perfect_clustering():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert clustering_metrics(y, np.array([5, 5, 3, 3, 9, 9])) == {"rand": 1.0, "ari": 1.0}
+    assert clustering_metrics(y, np.array([0, 1, 0, 1, 0, 1]))["ari"] < 0.1
+
+
+def test_paired_wilcoxon_counts_wins_and_detects_a_consistent_gain():
+    a = np.linspace(0.8, 0.9, 12)
+    r = paired_wilcoxon(a + 0.05, a)
+    assert r["wins"] == 12 and r["losses"] == 0 and r["p_value"] < 0.01
+    assert paired_wilcoxon(a, a)["p_value"] == 1.0
+    assert paired_wilcoxon(np.array([np.nan]), np.array([1.0]))["n"] == 0
+
+
+def _rows():
+    rows = []
+    for d in ("d1", "d2"):
+        for seed in (0, 1, 2):
+            for budget in (50, 1000):
+                for method, k in (("scpretrain", 0.9), ("no_pretrain", 0.8), ("logreg", 0.85)):
+                    k = k - (0.1 if budget == 50 else 0) + 0.01 * seed
+                    rows.append({"dataset": d, "method": method, "seed": seed, "budget": budget, "accuracy": k,
+                                 "kappa": k, "macro_f1": k, "macro_auprc": k, "macro_auroc": k})
+    return rows
+
+
+def test_report_tables_curve_tests_and_files(tmp_path):
+    rows = _rows()
+    s = summary(rows)
+    mean = s[(s.dataset == "MEAN") & (s.method == "scpretrain")]["kappa"].item()
+    assert mean == pytest.approx(0.91)  # the full budget only
+    curve = budget_curve(rows)
+    assert curve.loc["scpretrain", 50] == pytest.approx(0.81)
+    tests = {(t["b"], t["metric"], t["budget"]): t for t in paired_tests(rows)}
+    assert tests[("no_pretrain", "kappa", "full")]["wins"] == 6
+    assert tests[("logreg", "kappa", 50)]["mean_diff"] == pytest.approx(0.05)
+    js, md = write_report(rows, tmp_path, {"protocol": "test"},
+                          splits=[{"dataset": "d1", "seed": 0, "budget": 50, "train": ["c1"], "val": [], "test": ["c2"]}],
+                          clustering=[{"dataset": "d1", "space": "embedding", "rand": 0.9, "ari": 0.7}])
+    report = json.loads(js.read_text())
+    assert {"dataset", "method", "seed", "accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"} <= set(report["rows"][0])
+    assert report["splits"][0]["train"] == ["c1"]
+    text = md.read_text()
+    assert "Kappa by labelled training cells" in text and "Wilcoxon" in text and "ARI" in text
