@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="lodo", choices=["lodo", "transfer"])
     p.add_argument("--targets", nargs="*", help="lodo: labelled datasets to hold out and fine-tune on")
     p.add_argument("--group", help="lodo: every labelled dataset of this catalog group is a target (e.g. pbmc)")
-    p.add_argument("--folds", choices=["grouped", "per_target"],
-                   help="grouped: one pretraining without all targets (default); per_target: one per target")
+    p.add_argument("--folds", help="grouped: one pretraining without all targets (default); per_target: one per "
+                                   "target; N: N folds, each pretrained without its own targets only")
     p.add_argument("--budgets", nargs="+", type=int, metavar="N", help="labelled training cells to sweep (default 25 50 100 250 1000)")
     p.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
     p.add_argument("--references", nargs="+", help="transfer: labelled reference datasets to fine-tune on")

@@ -83,8 +83,9 @@ class PretrainConfig:
     epochs: int = 50
     batch_size: int = 256
     lr: float = 1e-4
-    # Stop early once every partition's NMI between consecutive pseudo-labels exceeds this.
-    nmi_stop: float = 1.01
+    # Stop early once every partition's NMI between consecutive pseudo-labels exceeds this
+    # (pseudo-labels have stopped changing); ``iterations`` is the maximum. Above 1: never stop.
+    nmi_stop: float = 0.95
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False

@@ -264,12 +264,22 @@ def resolve_targets(cfg: RunConfig, store: AtlasStore, targets: list[str] | None
     return out
 
 
-def fold_exclusions(targets: list[str], scheme: str) -> list[list[str]]:
+def fold_exclusions(targets: list[str], scheme: str, sizes: dict[str, int] | None = None) -> list[list[str]]:
+    """Targets per fold. "grouped": one fold of all; "per_target": one each; "N" (a number):
+    N folds, targets dealt largest first so fold sizes balance. Each fold's pretraining leaves
+    out that fold's targets only, so the other targets' cells help pretrain it."""
     if scheme == "grouped":
         return [list(targets)]
     if scheme == "per_target":
         return [[t] for t in targets]
-    raise StoreError(f"evaluate.folds {scheme!r} must be 'grouped' or 'per_target'")
+    if scheme.isdigit() and int(scheme) >= 1:
+        n = min(int(scheme), len(targets))
+        order = sorted(targets, key=lambda t: -(sizes or {}).get(t, 0))
+        folds: list[list[str]] = [[] for _ in range(n)]
+        for i, t in enumerate(order):
+            folds[i % n if (i // n) % 2 == 0 else n - 1 - i % n].append(t)
+        return [f for f in folds if f]
+    raise StoreError(f"evaluate.folds {scheme!r} must be 'grouped', 'per_target' or a number of folds")
 
 
 def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
@@ -280,14 +290,16 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> 
     store = AtlasStore(cfg.store_uri)
     check_targets(store, targets)
     ev = Evaluation()
-    for fold in fold_exclusions(targets, cfg.evaluate.folds):
+    sizes = {r.name: r.n_cells for r in store.datasets()}
+    for fold in fold_exclusions(targets, cfg.evaluate.folds, sizes):
         with stage_run("pretrain", cfg):
-            result, run_id = pretrain(cfg, exclude=tuple(fold), log=log)
+            result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*fold, *cfg.pretrain.exclude_datasets])), log=log)
             run_id = run_id or mlflow.active_run().info.run_id
         with stage_run("finetune-evaluate", cfg):
             ev.add_targets(cfg, store, fold, result, run_id, log=log)
-    proto = ("leave-one-dataset-out, one pretraining per target" if cfg.evaluate.folds == "per_target" else
-             "leave-datasets-out, grouped folds: one pretraining without every target serves them all")
+    proto = {"per_target": "leave-one-dataset-out, one pretraining per target",
+             "grouped": "leave-datasets-out, grouped folds: one pretraining without every target serves them all"}.get(
+        cfg.evaluate.folds, f"leave-datasets-out, {cfg.evaluate.folds} folds: each fold's pretraining leaves out its own targets only")
     return ev.finish(cfg, store, report_dir, _context(cfg, ev, proto), register=True, log=log)
 
 
@@ -312,7 +324,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     ev = Evaluation()
     for q in queries:
         with stage_run("pretrain", cfg):
-            result, run_id = pretrain(cfg, exclude=exclude or (q,), log=log)
+            result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*(exclude or (q,)), *cfg.pretrain.exclude_datasets])), log=log)
             run_id = run_id or mlflow.active_run().info.run_id
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)

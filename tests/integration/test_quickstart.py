@@ -36,20 +36,32 @@ def test_prints_pretrained_vs_baseline_table(run):
 
 
 def test_report_rows_and_splits(run):
+    from scpretrain_dist.evaluate.methods import ALL_METHODS
+
     work, _ = run
     report = json.loads((work / "report" / "report.json").read_text())
     rows = report["rows"]
-    assert {r["method"] for r in rows} == {"scpretrain", "no_pretrain", "logreg"}
+    assert {r["method"] for r in rows} == set(ALL_METHODS)
     for r in rows:
         assert r["dataset"] == "demo_03"
         for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
             assert 0.0 <= r[k] <= 1.0
-    # the synthetic types are learnable: every method beats chance (1/6) by far
-    assert min(r["accuracy"] for r in rows) > 0.6
-    (split,) = report["splits"]
-    train, val, test = map(set, (split["train"], split["val"], split["test"]))
+    # the synthetic types are learnable: every method beats chance (1/6) by far at the full budget
+    full = [r for r in rows if r["budget"] == 1000]
+    assert len(full) == len(ALL_METHODS) and min(r["accuracy"] for r in full) > 0.6
+    assert {r["n_train"] for r in rows if r["budget"] == 25} == {25}
+    splits = {s["budget"]: s for s in report["splits"]}
+    assert set(splits) == {25, 100, 1000}
+    train, val, test = map(set, (splits[1000]["train"], splits[1000]["val"], splits[1000]["test"]))
     assert not (train & val or train & test or val & test)
-    assert len(test) == 150 and len(val) == 50 and len(train) == 300
+    assert len(test) == 150 and len(val) == 50 and len(train) == 300  # min(1000, 0.6 n)
+    # a smaller budget: a subset of the same training cells, the same validation and test cells
+    assert set(splits[25]["train"]) <= train and set(splits[25]["test"]) == test
+    assert {c["space"] for c in report["clustering"]} == {"pca", "umap_pca", "embedding"}
+    assert {t["b"] for t in report["paired_tests"]} == {"no_pretrain", "logreg"}
+    for fig in ("fig2_pretrained_vs_not", "fig3_umap_embedding_vs_pca", "fig4_classifiers_embedding_vs_pca",
+                "fig5_kappa_vs_label_budget"):
+        assert (work / "report" / f"{fig}.png").stat().st_size > 10_000
     assert (work / "report" / "report.md").read_text().startswith("# scPretrain evaluation")
 
 
@@ -122,3 +134,41 @@ def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path):
     assert proc.returncode == 2
     assert "broken" in proc.stderr and "not a readable .h5ad" in proc.stderr
     assert ([r.name for r in store.datasets()], store.genes().tolist()) == before
+
+
+def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_path):
+    work, _ = run
+    common = ["--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set", 'pretrain.exclude_datasets=["demo_03"]']
+    bad = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_00",
+                     *common, check=False)
+    assert bad.returncode == 2 and "both reference and query" in bad.stderr
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"demo_00": {"type_A": "A"}}))
+    bad = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_03",
+                     "--label-mapping", str(mapping), *common, check=False)
+    assert bad.returncode == 2 and "does not cover labels" in bad.stderr
+    assert not (work / "report_transfer").exists()
+    proc = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "demo_01",
+                      "--queries", "demo_03", "--methods", "scpretrain", "no_pretrain", "logreg", *common)
+    assert "reusing cached encoder" in proc.stdout  # the quickstart's: demo_03 was left out of it too
+    report = json.loads((work / "report_transfer" / "report.json").read_text())
+    acc = {r["method"]: r["accuracy"] for r in report["rows"]}
+    assert set(acc) == {"scpretrain", "no_pretrain", "logreg"}
+    assert acc["scpretrain"] > 0.8 and acc["logreg"] > 0.8
+    (split,) = report["splits"]
+    assert all(c.startswith(("demo_00", "demo_01")) for c in split["train"])
+    assert len(split["test"]) == 500
+
+
+def test_lodo_protocol_from_the_cli_reuses_the_encoder(run):
+    work, _ = run
+    proc = scpretrain("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),
+                      "--methods", "scpretrain", "logreg", "--budgets", "50", "300",
+                      "--set", "finetune.seeds=[0]", "--set", "evaluate.cluster=false")
+    assert "reusing cached encoder" in proc.stdout
+    report = json.loads((work / "report_lodo" / "report.json").read_text())
+    assert {(r["method"], r["budget"]) for r in report["rows"]} == {
+        ("scpretrain", 50), ("scpretrain", 300), ("logreg", 50), ("logreg", 300)}
+    assert "demo_03" not in report["context"]["folds"].split("<-")[1]
+    bad = scpretrain("evaluate", "--protocol", "lodo", "--group", "nosuchgroup", "--work-dir", str(work), check=False)
+    assert bad.returncode == 2 and "no dataset of group 'nosuchgroup'" in bad.stderr

@@ -161,3 +161,17 @@ def test_report_tables_curve_tests_and_files(tmp_path):
     assert report["splits"][0]["train"] == ["c1"]
     text = md.read_text()
     assert "Kappa by labelled training cells" in text and "Wilcoxon" in text and "ARI" in text
+
+
+def test_fold_schemes_cover_every_target_once():
+    from scpretrain_dist.pipeline import fold_exclusions
+
+    t = ["a", "b", "c", "d", "e"]
+    sizes = {"a": 5000, "b": 4000, "c": 300, "d": 200, "e": 100}
+    assert fold_exclusions(t, "grouped") == [t]
+    assert fold_exclusions(t, "per_target") == [[x] for x in t]
+    two = fold_exclusions(t, "2", sizes)
+    assert sorted(sum(two, [])) == t and len(two) == 2
+    assert {"a", "b"} not in [set(f) for f in two]  # the two largest are in different folds
+    with pytest.raises(StoreError, match="must be"):
+        fold_exclusions(t, "sometimes")
