@@ -59,7 +59,11 @@ def _dense_step(p, grad, state, lr, b1, b2, eps) -> None:
 
 
 def _sparse_step(p, grad, state, lr, b1, b2, eps) -> None:
-    """Adam on the rows present in a sparse gradient, with per-row step counts."""
+    """Adam on the rows present in a sparse gradient, with per-row step counts.
+
+    Same update as the dense one, rearranged to save passes over the rows:
+    lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) == (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2)).
+    """
     if "row_step" not in state:
         state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
     grad = grad.coalesce()
@@ -67,15 +71,15 @@ def _sparse_step(p, grad, state, lr, b1, b2, eps) -> None:
     g = grad.values()
     if rows.numel() == 0:
         return
-    steps = state["row_step"][rows] + 1
-    state["row_step"][rows] = steps
-    m = state["exp_avg"][rows].lerp_(g, 1 - b1)
-    v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-    state["exp_avg"][rows] = m
-    state["exp_avg_sq"][rows] = v
+    steps = state["row_step"].index_select(0, rows).add_(1)
+    state["row_step"].index_copy_(0, rows, steps)
+    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+    state["exp_avg"].index_copy_(0, rows, m)
+    v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+    state["exp_avg_sq"].index_copy_(0, rows, v)
     shape = (-1,) + (1,) * (g.dim() - 1)
     steps64 = steps.to(torch.float64)
-    step_size = (lr / (1 - b1**steps64)).to(p.dtype).view(shape)
-    bc2_sqrt = torch.sqrt(1 - b2**steps64).to(p.dtype).view(shape)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p[rows] = p[rows] - step_size * m / denom
+    bc2_sqrt = torch.sqrt(1 - b2**steps64)
+    scale = (lr * bc2_sqrt / (1 - b1**steps64)).to(p.dtype).view(shape)
+    denom = v.sqrt_().add_((eps * bc2_sqrt).to(p.dtype).view(shape))  # v is stored already
+    p.index_add_(0, rows, m.mul_(scale).div_(denom), alpha=-1)  # so is m

@@ -87,6 +87,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
 
         client = MlflowClient(config["tracking_uri"])
     n_epochs = config["epochs"]
+    history = []  # per epoch: (seconds, loss, cells per second per worker)
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
@@ -104,7 +105,10 @@ def pretrain_loop_per_worker(config: dict) -> None:
             "pseudo_label_accuracy": float(sums[1] / sums[2]),
             "cells_per_second_per_worker": float(sums[2] / world / (time.perf_counter() - t0)),
         }
+        history.append([time.perf_counter() - t0, metrics["loss"], metrics["cells_per_second_per_worker"]])
         if epoch == n_epochs - 1:
+            metrics["epoch_history"] = history
+            metrics["torch_threads"] = torch.get_num_threads()
             metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval))
         step = config["iteration"] * n_epochs + epoch
         if client is not None:  # side effects on rank 0 only

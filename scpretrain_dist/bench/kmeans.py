@@ -1,0 +1,232 @@
+"""Refreshing every pseudo-label of an atlas (3 partitions per dataset, k = n/50, n/100, n/200):
+ours (the Ray actor pool) vs sequential faiss and scikit-learn on full normalised expression.
+
+What each method clusters, honestly stated in the result:
+- ours: ``pseudolabel.phase1_space`` (default here "pca": a 50-dimensional sparse randomized PCA
+  of each dataset's normalised expression) or, with ``--encoder``, the encoder's embedding;
+  datasets in parallel on the actor pool, Lloyd from a k-means++ start, all partitions of a
+  dataset in one pass; datasets above ``shard_threshold_cells`` split over every actor;
+- faiss_sequential_expression (the original implementation's approach): one dataset after the
+  other, faiss.Kmeans with its own (random) initialisation on the dense normalised expression
+  over the dataset's genes;
+- sklearn_expression: scikit-learn KMeans (k-means++, one init, Lloyd) on the sparse normalised
+  expression, one dataset after the other.
+Every method reads its cells from the same store and its time includes that reading. Peers get
+as many threads as ours has actors. Quality: NMI of each partition's pseudo-labels to the
+atlas's cell types (labelled cells only), averaged over datasets and partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+PEERS = ("faiss", "sklearn")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="atlas to cluster (default: the work dir's atlas.soma)")
+    p.add_argument("--datasets", nargs="*", help="datasets to cluster (default: all)")
+    p.add_argument("--space", default="pca", choices=["pca", "expression", "raw"],
+                   help="our first-phase space (default pca); ignored with --encoder")
+    p.add_argument("--encoder", help="an encoder.pt: cluster our side on its embedding instead")
+    p.add_argument("--peers", default="faiss,sklearn", help=f"peers to run, from {','.join(PEERS)} ('' for none)")
+    p.add_argument("--threads", type=int, default=0, help="threads for the peers (default: our actor count)")
+
+
+def run(args) -> dict:
+    from scpretrain_dist.bench.report import peak_rss_mib, result
+    from scpretrain_dist.cli import _config
+    from scpretrain_dist.config import ConfigError, resolve
+    from scpretrain_dist.pseudolabel.pool import KMeansPool
+    from scpretrain_dist.store.soma import AtlasStore, StoreError
+    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+
+    cfg = _config(args)
+    if args.store:
+        cfg = resolve(cfg, overrides=[f'store.uri="{Path(args.store).resolve()}"'])
+    pcfg = dataclasses.replace(cfg.pseudolabel, phase1_space=args.space)
+    peers = [p for p in str(args.peers).split(",") if p]
+    bad = sorted(set(peers) - set(PEERS))
+    if bad:
+        raise ConfigError(f"--peers {bad} unknown; choose from {', '.join(PEERS)}")
+    if args.encoder and not Path(args.encoder).exists():
+        raise ConfigError(f"--encoder {args.encoder} does not exist")
+    store = AtlasStore(cfg.store_uri)
+    records = {r.name: r for r in store.datasets()}
+    datasets = args.datasets or list(records)
+    unknown = sorted(set(datasets) - set(records))
+    if unknown:
+        raise StoreError(f"datasets {unknown} are not in the atlas {cfg.store_uri}")
+    threads = args.threads or max(1, pcfg.num_actors)
+    truth = _true_labels(store, datasets)
+    matmul = measure_matmul(threads)
+    print(f"matmul float32: {matmul['flops_per_second_1_thread'] / 1e9:.1f} GFLOP/s on 1 thread, "
+          f"{matmul['flops_per_second_all_threads'] / 1e9:.1f} on {matmul['threads']}")
+
+    # ---------------------------------------------------------------- ours
+    locator = store.locator.pinned()
+    encoder = str(Path(args.encoder).resolve()) if args.encoder else None
+    init_ray(cfg)
+    try:
+        t0 = time.perf_counter()
+        with KMeansPool(locator, pcfg) as pool:
+            pool.warm_up()
+            t_start = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ours = pool.refresh(datasets, 0, encoder)
+            t_ours = time.perf_counter() - t0
+    finally:
+        shutdown_ray()
+    flops = sum(s["lloyd_flops"] for s in ours.stats.values())
+    lloyd_core_seconds = sum(s["lloyd_seconds"] for s in ours.stats.values())
+    stage_seconds = {k: sum(s[k] for s in ours.stats.values())
+                     for k in ("read_seconds", "feature_seconds", "init_seconds", "lloyd_seconds")}
+    methods = {"ours": {"seconds": t_ours, "labels": ours.labels,
+                        "clusters": f"{ours.space} ({next(iter(ours.stats.values()))['dims']} dims)"}}
+    print(f"ours: {t_ours:.1f}s ({ours.space}), pool start-up {t_start:.1f}s")
+
+    # ---------------------------------------------------------------- peers
+    for peer in peers:
+        t0 = time.perf_counter()
+        labels, read_s = (faiss_sequential if peer == "faiss" else sklearn_sequential)(store, datasets, pcfg, threads)
+        methods[f"{peer}_{'sequential_' if peer == 'faiss' else ''}expression"] = {
+            "seconds": time.perf_counter() - t0, "read_seconds": read_s, "labels": labels,
+            "clusters": "dense normalised expression over each dataset's genes" if peer == "faiss"
+            else "sparse normalised expression over each dataset's genes"}
+        print(f"{peer}: {time.perf_counter() - t0:.1f}s")
+
+    nmi = {m: _nmi(v["labels"], truth) for m, v in methods.items()}
+    machine_rate = matmul["flops_per_second_all_threads"]
+    peer_seconds = {m: v["seconds"] for m, v in methods.items() if m != "ours"}
+    faiss_key = "faiss_sequential_expression"
+    targets = {}
+    if faiss_key in methods:
+        targets = {
+            "speedup_vs_faiss_expression": peer_seconds[faiss_key] / t_ours,
+            "speedup_target": 10.0,
+            "nmi_gap_to_faiss_expression": nmi["ours"]["mean"] - nmi[faiss_key]["mean"],
+            "nmi_gap_allowed": -0.02,
+        }
+    targets.update({"fraction_of_machine_matmul_rate": flops / t_ours / machine_rate, "fraction_target": 0.5})
+    return result(
+        "kmeans", "seconds to refresh all pseudo-labels", t_ours, peer_seconds, higher_is_better=False,
+        atlas={"store": cfg.store_uri, "datasets": len(datasets),
+               "cells": int(sum(records[d].n_cells for d in datasets))},
+        what_is_clustered={m: v["clusters"] for m, v in methods.items()},
+        nmi_to_cell_types={m: v["mean"] for m, v in nmi.items()},
+        nmi_per_dataset={m: v["per_dataset"] for m, v in nmi.items()},
+        ours_detail={
+            "actors": pcfg.num_actors, "space": ours.space, "niter": pcfg.niter,
+            "pool_startup_seconds": t_start, "stage_seconds_summed_over_datasets": stage_seconds,
+            "sharded_datasets": [d for d, s in ours.stats.items() if s["shards"] > 1],
+            "lloyd_flops": flops,
+            "flops_per_second_wall": flops / t_ours,
+            "flops_per_second_per_core_in_lloyd": flops / lloyd_core_seconds if lloyd_core_seconds else None,
+        },
+        matmul=matmul,
+        targets=targets,
+        peer_threads=threads,
+        peak_rss_mib_driver=peak_rss_mib(),
+    )
+
+
+def measure_matmul(threads: int, n: int = 2048, repeats: int = 5) -> dict:
+    """float32 GEMM rate of this machine: 1 thread and ``threads`` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = {"size": n, "threads": threads}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    try:
+        for key, t in (("flops_per_second_1_thread", 1), ("flops_per_second_all_threads", threads)):
+            torch.set_num_threads(t)
+            torch.mm(a, b)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - t0)
+            out[key] = 2.0 * n**3 / best
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def faiss_sequential(store, datasets, cfg, threads) -> tuple[dict, float]:
+    """The original approach: each dataset's dense normalised expression, faiss.Kmeans (its own
+    random initialisation), one dataset and one partition after the other."""
+    import faiss
+
+    from scpretrain_dist.pseudolabel.features import read_cells
+    from scpretrain_dist.pseudolabel.kmeans import n_clusters
+
+    faiss.omp_set_num_threads(threads)
+    out, read_s = {}, 0.0
+    for d in datasets:
+        t0 = time.perf_counter()
+        n = store.dataset(d).n_cells
+        x = np.ascontiguousarray(read_cells(store, d, 0, n, "expression").toarray(), dtype=np.float32)
+        read_s += time.perf_counter() - t0
+        ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
+        lab = np.empty((n, len(ks)), dtype=np.int64)
+        for p, k in enumerate(ks):
+            km = faiss.Kmeans(x.shape[1], k, niter=cfg.niter, seed=cfg.seed + p, verbose=False)
+            km.train(x)
+            lab[:, p] = km.index.search(x, 1)[1][:, 0]
+        out[d] = lab
+    return out, read_s
+
+
+def sklearn_sequential(store, datasets, cfg, threads) -> tuple[dict, float]:
+    """scikit-learn KMeans (k-means++, n_init=1, Lloyd, its default tolerance) on each
+    dataset's sparse normalised expression, one dataset and one partition after the other."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    from scpretrain_dist.pseudolabel.features import read_cells
+    from scpretrain_dist.pseudolabel.kmeans import n_clusters
+
+    out, read_s = {}, 0.0
+    with threadpool_limits(threads):
+        for d in datasets:
+            t0 = time.perf_counter()
+            n = store.dataset(d).n_cells
+            X = read_cells(store, d, 0, n, "expression")
+            read_s += time.perf_counter() - t0
+            ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
+            lab = np.empty((n, len(ks)), dtype=np.int64)
+            for p, k in enumerate(ks):
+                km = KMeans(k, init="k-means++", n_init=1, max_iter=cfg.niter, random_state=cfg.seed + p,
+                            algorithm="lloyd")
+                lab[:, p] = km.fit_predict(X)
+            out[d] = lab
+    return out, read_s
+
+
+def _true_labels(store, datasets) -> dict[str, np.ndarray]:
+    out = {}
+    for d in datasets:
+        if store.dataset(d).labelled:
+            out[d] = store.read_obs(d)["cell_type"].astype(str).to_numpy()
+    return out
+
+
+def _nmi(labels: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict:
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from scpretrain_dist.store.soma import UNKNOWN_LABEL
+
+    per = {}
+    for d, y in truth.items():
+        keep = y != UNKNOWN_LABEL
+        if keep.sum() < 2:
+            continue
+        lab = labels[d]
+        per[d] = [round(float(normalized_mutual_info_score(y[keep], lab[keep, p])), 4) for p in range(lab.shape[1])]
+    flat = [v for vs in per.values() for v in vs]
+    return {"mean": float(np.mean(flat)) if flat else float("nan"), "per_dataset": per}
