@@ -145,6 +145,9 @@ class EvaluateConfig:
     references: tuple[str, ...] = ()
     queries: tuple[str, ...] = ()
     label_mapping: str = ""  # JSON {dataset: {label: shared label or null}}
+    # transfer: also score every method after re-weighting its query probabilities to the
+    # query's class mix, estimated by EM on the unlabelled query (rows "<method>+shift")
+    label_shift: bool = True
 
 
 @dataclass(frozen=True)

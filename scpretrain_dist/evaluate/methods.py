@@ -131,3 +131,22 @@ def run_method(
     Ftr, Fte = features[space]
     clf = classifier(name, seed).fit(Ftr, train.y)
     return Fitted(_full_proba(clf, Fte, n_types), {"n_features": int(Ftr.shape[1])})
+
+
+def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:
+    """Re-weight predicted probabilities to the query's class proportions, estimated by EM on
+    the unlabelled query itself (Saerens, Latinne & Decaestecker 2002): a reference whose cell
+    type mix differs from the query's (label shift) otherwise biases every call towards the
+    reference's common types. Uses no query label."""
+    prior = np.asarray(train_prior, float)
+    prior = np.where(prior > 0, prior, 1e-12)
+    w = prior.copy()
+    q = proba
+    for _ in range(iters):
+        q = proba * (w / prior)
+        q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
+        new = q.mean(0)
+        if np.abs(new - w).max() < tol:
+            break
+        w = new
+    return q

@@ -26,6 +26,7 @@ from scpretrain_dist.evaluate.methods import (
     NEEDS_ENCODER,
     NETWORKS,
     Cells,
+    adapt_to_label_shift,
     check_methods,
     embed,
     run_method,
@@ -283,13 +284,18 @@ def evaluate_transfer(
             t0 = time.perf_counter()
             fit = run_method(method, train, val, test, len(classes), seed, cfg,
                              encoder.weights if encoder else None, gidx, features)
-            m = classification_metrics(test.y, fit.proba)
-            rows.append(_row(query, method, seed, cap, m, len(train_pos), len(s.val), len(q.labels), len(classes),
-                             time.perf_counter() - t0,
-                             {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
-                              "query_cells_dropped": dropped}))
+            seconds = time.perf_counter() - t0
+            variants = [(method, fit.proba)]
+            if ev.label_shift:
+                prior = np.bincount(train.y, minlength=len(classes)) / len(train.y)
+                variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
+            for name, proba in variants:
+                m = classification_metrics(test.y, proba)
+                rows.append(_row(query, name, seed, cap, m, len(train_pos), len(s.val), len(q.labels), len(classes),
+                                 seconds, {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
+                                           "query_cells_dropped": dropped}))
+                log(f"  {'+'.join(references)} -> {query}: {name:18s} seed {seed}: accuracy {m['accuracy']:.3f} "
+                    f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
             if method == "scpretrain":
                 models[seed] = fit.model
-            log(f"  {'+'.join(references)} -> {query}: {method:12s} seed {seed}: accuracy {m['accuracy']:.3f} "
-                f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
     return rows, splits, {"models": models, "genes": genes, "classes": classes}

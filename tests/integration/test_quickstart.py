@@ -153,7 +153,7 @@ def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_pat
     assert "reusing cached encoder" in proc.stdout  # the quickstart's: demo_03 was left out of it too
     report = json.loads((work / "report_transfer" / "report.json").read_text())
     acc = {r["method"]: r["accuracy"] for r in report["rows"]}
-    assert set(acc) == {"scpretrain", "no_pretrain", "logreg"}
+    assert set(acc) == {"scpretrain", "no_pretrain", "logreg", "scpretrain+shift", "no_pretrain+shift", "logreg+shift"}
     assert acc["scpretrain"] > 0.8 and acc["logreg"] > 0.8
     (split,) = report["splits"]
     assert all(c.startswith(("demo_00", "demo_01")) for c in split["train"])

@@ -175,3 +175,20 @@ def test_fold_schemes_cover_every_target_once():
     assert {"a", "b"} not in [set(f) for f in two]  # the two largest are in different folds
     with pytest.raises(StoreError, match="must be"):
         fold_exclusions(t, "sometimes")
+
+
+def test_label_shift_adaptation_recovers_the_query_mix_without_labels():
+    from scpretrain_dist.evaluate.methods import adapt_to_label_shift
+
+    rng = np.random.default_rng(0)
+    # a classifier calibrated for a 90/10 reference sees a 50/50 query
+    y = np.repeat([0, 1], 500)
+    score = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+    lik1, lik0 = np.exp(-(score - 1) ** 2 / 2), np.exp(-(score + 1) ** 2 / 2)
+    prior = np.array([0.9, 0.1])
+    p1 = lik1 * prior[1] / (lik1 * prior[1] + lik0 * prior[0])
+    P = np.stack([1 - p1, p1], 1)
+    Q = adapt_to_label_shift(P, prior)
+    assert abs(Q.mean(0)[1] - 0.5) < 0.05
+    assert (Q.argmax(1) == y).mean() > (P.argmax(1) == y).mean() + 0.05
+    np.testing.assert_allclose(Q.sum(1), 1.0)
