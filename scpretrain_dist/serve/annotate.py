@@ -204,7 +204,7 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
     """The unit of work: read one block, align its genes, predict."""
     t0 = time.perf_counter()
     X, genes = reader.read(block)
-    p = annotator.predict_matrix(X, genes, block.source.value_type, embedding)
+    p = annotator.predict_matrix(X, genes, block.source.value_type, embedding, merge_repeats=True)
     return BlockResult(block, p.codes.astype(np.int32), p.confidence, p.embedding, time.perf_counter() - t0)
 
 
@@ -456,7 +456,7 @@ def annotate_store(
     overlaps = {}
     for d in names:  # every check before the first write
         try:
-            overlaps[d] = annotator.check_genes(genes[store.dataset_gene_mask(d)])
+            overlaps[d] = annotator.check_genes(genes[store.dataset_gene_mask(d)], merge_repeats=True)
         except InputError as e:
             raise AnnotateError(f"dataset {d}: {e}") from None
     n_atlas = sum(r.n_cells for r in records.values())
@@ -575,8 +575,8 @@ def annotate_h5ad(
         raise AnnotateError(f"{path} already has {clash}; pass --overwrite to replace them or --out to write a new file")
     annotator = load_annotator(ref)
     try:
-        overlap = annotator.check_genes(genes)
-        probe = annotator.gene_map(genes)
+        overlap = annotator.check_genes(genes, merge_repeats=True)
+        probe = annotator.gene_map(genes, merge_repeats=True)
         first = adata.X[: min(n_cells, 20_000)]
         first = first[:, probe.src]
         _check_values(first.data if sp.issparse(first) else np.asarray(first))

@@ -38,6 +38,10 @@ class InputError(ValueError):
 def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str | Path,
                      min_overlap: float = 0.2, lineage: dict | None = None) -> dict[str, str]:
     """Write the weights and metadata the pyfunc needs; returns its ``artifacts`` mapping."""
+    upper = [str(g).upper() for g in genes]
+    if len(set(upper)) != len(upper):
+        raise ValueError("the model's genes repeat once upper-cased; sum those columns before training "
+                         "(as ingest does)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -70,10 +74,17 @@ class Predictions:
 
 @dataclass
 class _GeneMap:
+    """An input gene list mapped onto the model's genes; built once per distinct list."""
+
     src: np.ndarray  # input column of each matched gene
     dst: np.ndarray  # its row in the model's gene list
-    enc_w: np.ndarray  # encoder rows of the matched genes (matched x 200), gathered once
-    all_columns: bool  # every input column is a model gene (no column selection needed)
+    rows: np.ndarray  # the distinct model genes found, sorted: the matched space
+    enc_w: np.ndarray  # their encoder rows (matched x 200), gathered once
+    lut: np.ndarray  # input column -> position in ``rows``, -1 for genes the model does not know
+    dense_cols: np.ndarray | None  # input columns in ``rows`` order (no repeats); None: already so
+    all_columns: bool  # every input column is a model gene
+    n_matched: int
+    merge: sp.csr_matrix | None = None  # matched columns -> ``rows``, when symbols repeat
 
 
 class Annotator:
@@ -90,22 +101,35 @@ class Annotator:
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
 
-    def gene_map(self, genes) -> _GeneMap:
+    def gene_map(self, genes, merge_repeats: bool = False) -> _GeneMap:
         """Where each model gene sits in an input gene list (symbols, any case and order).
 
+        Repeated symbols (once upper-cased) are refused, or with ``merge_repeats`` summed (the
+        first layer is linear, so mapping both columns to one gene adds them, as ingest does).
         Cached per gene list: a client or a batch job sends the same columns again and again,
         and building the mapping costs more than the forward pass for small requests."""
-        key = tuple(genes)
+        key = (tuple(genes), merge_repeats)
         hit = self._maps.get(key)
         if hit is not None:
             return hit
-        cols = [str(c).upper() for c in key]
-        if len(set(cols)) != len(cols):
+        cols = [str(c).upper() for c in key[0]]
+        if not merge_repeats and len(set(cols)) != len(cols):
             raise InputError("the input repeats gene columns (case-insensitive); send each gene once")
         src = np.array([i for i, c in enumerate(cols) if c in self._index], dtype=np.int64)
         dst = np.array([self._index[cols[i]] for i in src], dtype=np.int64)
-        hit = _GeneMap(src, dst, np.ascontiguousarray(self.w["enc_w"][dst]),
-                       all_columns=len(src) == len(cols))
+        rows, inverse = np.unique(dst, return_inverse=True)
+        lut = np.full(len(cols), -1, dtype=np.int64)
+        lut[src] = inverse
+        merge, dense_cols = None, None
+        if len(rows) < len(dst):  # sum repeated columns before normalising (log is not linear)
+            merge = sp.csr_matrix((np.ones(len(dst), np.float32), (np.arange(len(dst)), inverse)),
+                                  shape=(len(dst), len(rows)))
+        else:
+            ordered = src[np.argsort(dst, kind="stable")]
+            if len(ordered) != len(cols) or (ordered != np.arange(len(cols))).any():
+                dense_cols = ordered
+        hit = _GeneMap(src, dst, rows, np.ascontiguousarray(self.w["enc_w"][rows]), lut, dense_cols,
+                       all_columns=len(src) == len(cols), n_matched=len(rows), merge=merge)
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -120,17 +144,17 @@ class Annotator:
             )
         return overlap
 
-    def check_genes(self, genes) -> float:
+    def check_genes(self, genes, merge_repeats: bool = False) -> float:
         """The overlap fraction of an input gene list; InputError when too small to trust."""
-        return self._check_overlap(len(self.gene_map(genes).dst))
+        return self._check_overlap(self.gene_map(genes, merge_repeats).n_matched)
 
     def align(self, df: pd.DataFrame) -> tuple[np.ndarray, float, int]:
         """Cells x model genes (missing genes zero, extra ignored), overlap fraction, matches."""
         values, gm = self._request_values(df)
-        overlap = self._check_overlap(len(gm.dst))
+        overlap = self._check_overlap(gm.n_matched)
         X = np.zeros((values.shape[0], len(self.genes)), dtype=np.float32)
         X[:, gm.dst] = values[:, gm.src]
-        return X, overlap, len(gm.dst)
+        return X, overlap, gm.n_matched
 
     def _request_values(self, df: pd.DataFrame) -> tuple[np.ndarray, _GeneMap]:
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
@@ -149,7 +173,8 @@ class Annotator:
         _check_values(values)
         return values, gm
 
-    def predict_matrix(self, X, genes, value_type: str = "auto", return_embedding: bool = False) -> Predictions:
+    def predict_matrix(self, X, genes, value_type: str = "auto", return_embedding: bool = False,
+                       merge_repeats: bool = False) -> Predictions:
         """Cells x ``genes`` (dense or scipy sparse, counts or log-normalised) -> predictions.
 
         Only the model's genes found in ``genes`` are read; the library size of a cell is taken
@@ -158,8 +183,8 @@ class Annotator:
             raise InputError("the input holds no cells or no genes")
         if X.shape[1] != len(genes):
             raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
-        gm = self.gene_map(genes)
-        overlap = self._check_overlap(len(gm.dst))
+        gm = self.gene_map(genes, merge_repeats)
+        overlap = self._check_overlap(gm.n_matched)
         if sp.issparse(X):
             X = sp.csr_matrix(X)
             _check_values(X.data)
@@ -171,19 +196,30 @@ class Annotator:
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
         from scpretrain_dist.data.normalize import TARGET_SUM, detect_value_type, to_linear
 
-        Xm = X if gm.all_columns else X[:, gm.src]  # cells x matched genes
+        if not sp.issparse(X):
+            X = np.asarray(X, dtype=np.float32)
+            if np.count_nonzero(X) < _DENSE_ABOVE * X.size:
+                X = sp.csr_matrix(X)  # normalise and multiply the non-zeros only
+        if sp.issparse(X):
+            Xm = _matched_columns(sp.csr_matrix(X), gm)  # cells x matched genes, a fresh copy
+        elif gm.merge is not None:
+            Xm = np.asarray(X[:, gm.src] @ gm.merge)
+        else:
+            Xm = X if gm.dense_cols is None else X[:, gm.dense_cols]
         if value_type == "auto":
-            value_type = detect_value_type(Xm)
+            if sp.issparse(Xm):  # a strided sample of the non-zeros, plus the largest value
+                step = max(1, Xm.nnz // 100_000)
+                value_type = detect_value_type(np.append(Xm.data[::step], Xm.data.max(initial=0)))
+            else:
+                value_type = detect_value_type(Xm)
         if value_type not in ("counts", "lognorm", "log2norm"):
             raise InputError(f"value_type {value_type!r} must be auto, counts, lognorm or log2norm")
-        if not sp.issparse(Xm) and np.count_nonzero(Xm) < _DENSE_ABOVE * Xm.size:
-            Xm = sp.csr_matrix(np.asarray(Xm, dtype=np.float32))  # normalise and multiply non-zeros only
         if sp.issparse(Xm):
-            Xm = sp.csr_matrix(Xm, dtype=np.float32, copy=True)
             Xm.data = to_linear(Xm.data, value_type)
-            lib = np.asarray(Xm.sum(1)).ravel()
-            scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
-            Xm.data *= np.repeat(scale, np.diff(Xm.indptr)).astype(np.float32)
+            cell = np.repeat(np.arange(Xm.shape[0]), np.diff(Xm.indptr))
+            lib = np.bincount(cell, weights=Xm.data, minlength=Xm.shape[0])
+            scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
+            Xm.data *= scale[cell]
             np.log1p(Xm.data, out=Xm.data)
             dense_enough = Xm.nnz > _DENSE_ABOVE * Xm.shape[0] * max(Xm.shape[1], 1)
             h = (Xm.toarray() @ gm.enc_w) if dense_enough else _sparse_times(Xm, gm.enc_w)
@@ -199,19 +235,21 @@ class Annotator:
         p = np.exp(logits)
         p /= p.sum(1, keepdims=True)
         codes = p.argmax(1)
-        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, len(gm.dst),
+        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, gm.n_matched,
                            value_type, emb.astype(np.float32) if return_embedding else None)
 
     def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False,
-                genes=None) -> pd.DataFrame:
-        """``df``: cells x gene-symbol columns; or, with ``genes``, the sparse request format
-        (columns ``indices``/``values``, one row per cell, see :func:`sparse_request`)."""
+                genes=None, sparse_dtypes: str = "i4,f4") -> pd.DataFrame:
+        """``df``: cells x gene-symbol columns; or, with ``genes`` (a list or one comma-separated
+        string), the sparse request format (columns ``indices``/``values``, one row per cell, see
+        :func:`sparse_request`)."""
         if genes is not None and len(genes):
-            X = decode_sparse_rows(df, len(genes))
-            res = self.predict_matrix(X, np.asarray(genes, dtype=object), value_type, return_embedding)
+            genes = genes.split(",") if isinstance(genes, str) else [str(g) for g in genes]
+            X = decode_sparse_rows(df, len(genes), sparse_dtypes)
+            res = self.predict_matrix(X, genes, value_type, return_embedding)
         else:
             values, gm = self._request_values(df)
-            overlap = self._check_overlap(len(gm.dst))
+            overlap = self._check_overlap(gm.n_matched)
             res = self._predict(values, gm, overlap, value_type, return_embedding)
         overlap = res.overlap
         out = pd.DataFrame({"cell_type": res.labels, "confidence": res.confidence.astype(np.float64),
@@ -220,6 +258,22 @@ class Annotator:
             out = pd.concat([out, pd.DataFrame(res.embedding, index=df.index,
                                                columns=[f"emb_{i}" for i in range(res.embedding.shape[1])])], axis=1)
         return out
+
+
+def _matched_columns(X: sp.csr_matrix, gm: _GeneMap) -> sp.csr_matrix:
+    """CSR over the input genes -> CSR over the matched genes, in O(non-zeros): unknown genes
+    dropped, repeated symbols summed. The values are copied (normalisation works in place)."""
+    cols = gm.lut[X.indices]
+    if gm.all_columns:
+        indptr, data = X.indptr, X.data.astype(np.float32, copy=True)
+    else:
+        keep = cols >= 0
+        indptr = np.concatenate([[0], np.cumsum(keep)])[X.indptr]
+        cols, data = cols[keep], X.data[keep].astype(np.float32)
+    out = sp.csr_matrix((data, cols.astype(np.int32), indptr), shape=(X.shape[0], gm.n_matched))
+    if gm.merge is not None:
+        out.sum_duplicates()
+    return out
 
 
 def _sparse_times(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
@@ -238,27 +292,40 @@ def _sparse_times(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
         ).numpy()
 
 
-def _b64_or_list(value, dtype: str, what: str, row: int) -> np.ndarray:
-    import base64
+_SPARSE_DTYPES = {"indices": ("i4", "u2"), "values": ("f4", "u2")}
+
+
+def _decode(value, dtype: str, what: str, row: int) -> np.ndarray:
+    import binascii
 
     if isinstance(value, str):
         try:
-            raw = base64.b64decode(value, validate=True)
-        except ValueError:
+            raw = binascii.a2b_base64(value)
+        except (binascii.Error, ValueError):
             raise InputError(f"cell {row}: {what} is not valid base64") from None
-        if len(raw) % 4:
-            raise InputError(f"cell {row}: {what} holds {len(raw)} bytes, not a whole number of 4-byte values")
-        return np.frombuffer(raw, dtype=dtype)
+        size = np.dtype(dtype).itemsize
+        if len(raw) % size:
+            raise InputError(f"cell {row}: {what} holds {len(raw)} bytes, not a whole number of {dtype} values")
+        return np.frombuffer(raw, dtype="<" + dtype)
     try:
-        return np.asarray(value, dtype=dtype).ravel()
+        return np.asarray(value, dtype=np.float64 if what == "values" else np.int64).ravel()
     except (TypeError, ValueError):
         raise InputError(f"cell {row}: {what} must be a list of numbers or base64 of {dtype}") from None
 
 
-def decode_sparse_rows(df: pd.DataFrame, n_genes: int) -> sp.csr_matrix:
+def _sparse_dtypes(text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in (text or "i4,f4").split(",")]
+    if len(parts) != 2 or parts[0] not in _SPARSE_DTYPES["indices"] or parts[1] not in _SPARSE_DTYPES["values"]:
+        raise InputError(f"sparse_dtypes {text!r} must be '<indices>,<values>' with indices in "
+                         f"{_SPARSE_DTYPES['indices']} and values in {_SPARSE_DTYPES['values']}")
+    return parts[0], parts[1]
+
+
+def decode_sparse_rows(df: pd.DataFrame, n_genes: int, dtypes: str = "i4,f4") -> sp.csr_matrix:
     """The sparse request format -> cells x ``n_genes`` CSR. Each row holds a cell's gene
-    positions (into the ``genes`` parameter) and values, as lists or base64 of little-endian
-    int32 / float32: a whole transcriptome costs its non-zeros, not every gene."""
+    positions (into the ``genes`` parameter) and values, as JSON lists or base64 of
+    little-endian arrays (``dtypes``, e.g. ``u2,u2`` for counts below 65536 over fewer than
+    65536 genes): a whole transcriptome costs its non-zeros, not every gene."""
     if not isinstance(df, pd.DataFrame) or list(df.columns) != SPARSE_COLUMNS:
         raise InputError(f"with the genes parameter, send columns {SPARSE_COLUMNS}, one row per cell")
     if df.shape[0] == 0:
@@ -266,37 +333,48 @@ def decode_sparse_rows(df: pd.DataFrame, n_genes: int) -> sp.csr_matrix:
     if df.shape[0] > MAX_CELLS_PER_REQUEST:
         raise InputError(f"the request holds {df.shape[0]} cells, more than {MAX_CELLS_PER_REQUEST} per request; "
                          "split it, or use `scpretrain annotate` for whole datasets")
+    idt, vdt = _sparse_dtypes(dtypes)
     idx, val = [], []
     for row, (i, v) in enumerate(zip(df["indices"].tolist(), df["values"].tolist())):
-        ii, vv = _b64_or_list(i, "<i4", "indices", row), _b64_or_list(v, "<f4", "values", row)
+        ii, vv = _decode(i, idt, "indices", row), _decode(v, vdt, "values", row)
         if len(ii) != len(vv):
             raise InputError(f"cell {row}: {len(ii)} indices but {len(vv)} values")
         idx.append(ii)
         val.append(vv)
     indptr = np.concatenate([[0], np.cumsum([len(i) for i in idx])]).astype(np.int64)
-    indices = np.concatenate(idx) if idx else np.zeros(0, np.int32)
-    data = np.concatenate(val).astype(np.float32) if val else np.zeros(0, np.float32)
+    indices = np.concatenate(idx).astype(np.int64)
+    data = np.concatenate(val).astype(np.float32)
     if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
         raise InputError(f"gene indices must lie in [0, {n_genes}) (positions in the genes parameter)")
-    X = sp.csr_matrix((data, indices, indptr), shape=(len(idx), n_genes))
-    if X.has_canonical_format is False:
+    X = sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(len(idx), n_genes))
+    if not X.has_canonical_format:
         X.sort_indices()
-        if np.any((np.diff(X.indices) == 0) & (np.diff(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))) == 0)):
+        same_row = np.diff(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))) == 0
+        if np.any((np.diff(X.indices) == 0) & same_row):
             raise InputError("a cell repeats a gene index; send each gene once per cell")
     return X
 
 
 def sparse_request(X, genes, value_type: str = "auto", return_embedding: bool = False) -> dict:
-    """A JSON payload for the scoring server from a cells x genes matrix: the non-zeros of
-    each cell, base64-encoded, and the gene list once (``params.genes``)."""
+    """A JSON payload for the scoring server from a cells x genes matrix: each cell's
+    non-zeros, base64-encoded in the narrowest exact dtypes, and the gene list once, as one
+    comma-separated parameter (a list parameter costs MLflow a check per gene)."""
     import base64
 
+    genes = [str(g) for g in genes]
+    if any("," in g for g in genes):
+        raise ValueError("gene symbols must not contain commas")
     X = sp.csr_matrix(X, dtype=np.float32)
-    rows = [[base64.b64encode(X.indices[a:b].astype("<i4").tobytes()).decode(),
-             base64.b64encode(X.data[a:b].astype("<f4").tobytes()).decode()]
+    idt = "u2" if len(genes) <= np.iinfo(np.uint16).max + 1 else "i4"
+    integral = X.nnz == 0 or (np.all(X.data == np.round(X.data)) and X.data.min() >= 0
+                              and X.data.max() <= np.iinfo(np.uint16).max)
+    vdt = "u2" if integral else "f4"
+    ind = X.indices.astype("<" + idt)
+    dat = X.data.astype("<" + vdt)
+    rows = [[base64.b64encode(ind[a:b].tobytes()).decode(), base64.b64encode(dat[a:b].tobytes()).decode()]
             for a, b in zip(X.indptr[:-1], X.indptr[1:])]
     return {"dataframe_split": {"columns": SPARSE_COLUMNS, "data": rows},
-            "params": {"genes": [str(g) for g in genes], "value_type": value_type,
+            "params": {"genes": ",".join(genes), "sparse_dtypes": f"{idt},{vdt}", "value_type": value_type,
                        "return_embedding": return_embedding}}
 
 
@@ -321,7 +399,7 @@ class AnnotatorPyfunc(_Base):
         try:
             return self.annotator.predict(
                 model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
-                genes=params.get("genes") or None,
+                genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
             )
         except InputError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
@@ -337,5 +415,5 @@ def signature():
         inputs=None,
         outputs=Schema([ColSpec("string", "cell_type"), ColSpec("double", "confidence"), ColSpec("double", "gene_overlap")]),
         params=ParamSchema([ParamSpec("value_type", "string", "auto"), ParamSpec("return_embedding", "boolean", False),
-                            ParamSpec("genes", "string", [], (-1,))]),
+                            ParamSpec("genes", "string", ""), ParamSpec("sparse_dtypes", "string", "i4,f4")]),
     )

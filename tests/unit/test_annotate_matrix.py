@@ -80,13 +80,17 @@ def test_lognormalised_sparse_input_is_detected(annotator):
 
 def test_gene_map_is_cached_per_column_list(annotator):
     m1 = annotator.gene_map(list(GENES))
-    assert annotator.gene_map(list(GENES)) is m1 and m1.all_columns
+    assert annotator.gene_map(list(GENES)) is m1 and m1.all_columns and m1.dense_cols is None
     m2 = annotator.gene_map(list(GENES[::-1]))
     assert m2 is not m1 and m2.all_columns
     np.testing.assert_array_equal(GENES[m2.dst], GENES[::-1][m2.src])
-    np.testing.assert_array_equal(m2.enc_w, annotator.w["enc_w"][::-1])
+    # input column j's encoder row is the model's row for that gene
+    for j in (0, 7, 49):
+        np.testing.assert_array_equal(m2.enc_w[m2.lut[j]], annotator.w["enc_w"][49 - j])
+    np.testing.assert_array_equal(m2.dense_cols, np.arange(50)[::-1])
     m3 = annotator.gene_map(["NOPE", *GENES[:30]])
     assert not m3.all_columns and m3.src.tolist() == list(range(1, 31)) and m3.dst.tolist() == list(range(30))
+    assert m3.lut[0] == -1 and m3.n_matched == 30
 
 
 def test_matrix_path_refuses_bad_input(annotator):
@@ -133,8 +137,9 @@ def test_sparse_request_format_gives_the_dense_answer(annotator):
     genes = np.char.lower(GENES.astype(str))
     dense = annotator.predict(pd.DataFrame(X, columns=genes), return_embedding=True)
     payload = sparse_request(sp.csr_matrix(X), genes)
-    assert payload["params"]["genes"] == list(genes)
-    out = annotator.predict(_payload_frame(payload), genes=payload["params"]["genes"], return_embedding=True)
+    assert payload["params"]["genes"] == ",".join(genes) and payload["params"]["sparse_dtypes"] == "u2,u2"
+    out = annotator.predict(_payload_frame(payload), genes=payload["params"]["genes"],
+                            sparse_dtypes=payload["params"]["sparse_dtypes"], return_embedding=True)
     assert out["cell_type"].tolist() == dense["cell_type"].tolist()
     np.testing.assert_allclose(out.drop(columns="cell_type").to_numpy(float),
                                dense.drop(columns="cell_type").to_numpy(float), rtol=1e-5, atol=1e-6)
@@ -143,6 +148,29 @@ def test_sparse_request_format_gives_the_dense_answer(annotator):
     rows = [[Xc.indices[a:b][::-1].tolist(), Xc.data[a:b][::-1].tolist()] for a, b in zip(Xc.indptr[:-1], Xc.indptr[1:])]
     lists = annotator.predict(pd.DataFrame(rows, columns=["indices", "values"]), genes=list(genes))
     assert lists["cell_type"].tolist() == dense["cell_type"].tolist()
+    # non-integer values travel as float32
+    logn = sparse_request(sp.csr_matrix(np.log1p(X)), genes)
+    assert logn["params"]["sparse_dtypes"] == "u2,f4"
+    out = annotator.predict(_payload_frame(logn), genes=logn["params"]["genes"], sparse_dtypes="u2,f4")
+    assert out["cell_type"].tolist() == annotator.predict(pd.DataFrame(np.log1p(X), columns=genes))["cell_type"].tolist()
+    with pytest.raises(InputError, match="sparse_dtypes"):
+        annotator.predict(_payload_frame(logn), genes=logn["params"]["genes"], sparse_dtypes="f8,f4")
+
+
+def test_repeated_symbols_are_summed_in_the_batch_path(annotator):
+    X = counts(16, seed=6)
+    genes = list(GENES)
+    split = np.concatenate([X, X[:, :1] * 0 + 2], axis=1)  # a second column for gene 0, in other case
+    split[:, 0] -= 2
+    split[:, 0] = np.maximum(split[:, 0], 0)
+    merged = split[:, :-1].copy()
+    merged[:, 0] += split[:, -1]
+    a = annotator.predict_matrix(sp.csr_matrix(split), genes + [genes[0].lower()], merge_repeats=True)
+    b = annotator.predict_matrix(sp.csr_matrix(merged), genes)
+    assert a.n_matched == 50 and a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-5)
+    with pytest.raises(InputError, match="repeats"):
+        annotator.predict_matrix(sp.csr_matrix(split), genes + [genes[0].lower()])
 
 
 @pytest.mark.parametrize("rows, words", [
