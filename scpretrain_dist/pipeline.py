@@ -131,7 +131,7 @@ class Evaluation:
 
     def __init__(self):
         self.rows, self.splits, self.clustering = [], [], []
-        self.views, self.first_model, self.folds = {}, None, []
+        self.views, self.first_model, self.folds, self.confusion = {}, None, [], {}
 
     def add_targets(self, cfg: RunConfig, store: AtlasStore, targets: list[str], pretrain_result, encoder_run_id, log=print):
         from scpretrain_dist.evaluate.protocols import cluster_target, evaluate_target, load_target
@@ -164,7 +164,7 @@ class Evaluation:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
         figures = write_figures(self.rows, self.views, out) if cfg.evaluate.figures else []
-        js, md = write_report(self.rows, out, context, self.splits, self.clustering, figures)
+        js, md = write_report(self.rows, out, context, self.splits, self.clustering, figures, self.confusion)
         if mlflow.active_run():
             for path in (js, md, *figures):
                 mlflow.log_artifact(str(path), "report")
@@ -331,6 +331,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
             rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=log)
             ev.rows += rows
             ev.splits += splits
+            ev.confusion[q] = out["confusion"]
             ev.folds.append({"targets": [q], "encoder_run": run_id, "pretraining datasets": list(result.datasets),
                              "encoder": result.encoder_path})
             if ev.first_model is None and out["models"]:

@@ -271,7 +271,7 @@ def evaluate_transfer(
     check_methods(methods)
     gidx = encoder.index(genes) if encoder is not None else None
     cap = max(ev.budgets) if ev.budgets else f.train_cap
-    rows, splits, models = [], [], {}
+    rows, splits, models, confusion = [], [], {}, {}
     for seed in f.seeds:
         s = split_cells(yr, seed, train_frac=1 - f.val_frac, val_frac=f.val_frac, train_cap=10**9)
         # split_cells puts its test share first; with train_frac = 1 - val_frac there is none
@@ -291,6 +291,8 @@ def evaluate_transfer(
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
                 m = classification_metrics(test.y, proba)
+                if seed == min(f.seeds):
+                    confusion[name] = confusion_table(classes, test.y, proba.argmax(1))
                 rows.append(_row(query, name, seed, cap, m, len(train_pos), len(s.val), len(q.labels), len(classes),
                                  seconds, {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
                                            "query_cells_dropped": dropped}))
@@ -298,4 +300,13 @@ def evaluate_transfer(
                     f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
             if method == "scpretrain":
                 models[seed] = fit.model
-    return rows, splits, {"models": models, "genes": genes, "classes": classes}
+    return rows, splits, {"models": models, "genes": genes, "classes": classes, "confusion": confusion}
+
+
+def confusion_table(classes: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """{true label: {predicted label: cells}} over the labels that occur."""
+    out: dict[str, dict[str, int]] = {}
+    for t, p in zip(classes[y_true], classes[y_pred]):
+        out.setdefault(str(t), {}).setdefault(str(p), 0)
+        out[str(t)][str(p)] += 1
+    return out

@@ -95,6 +95,7 @@ def write_report(
     splits: list[dict] | None = None,
     clustering: list[dict] | None = None,
     figures: list[str] | None = None,
+    confusion: dict | None = None,
 ) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,8 @@ def write_report(
     js = out / "report.json"
     js.write_text(json.dumps({"context": context or {}, "rows": results, "splits": splits or [],
                               "clustering": clustering or [], "paired_tests": tests,
-                              "figures": figures or []}, indent=1, default=_default))
+                              "figures": figures or [], "confusion": confusion or {}},
+                             indent=1, default=_default))
     md = out / "report.md"
     seeds = sorted({r["seed"] for r in rows})
     text = ["# scPretrain evaluation", ""]
@@ -126,6 +128,14 @@ def write_report(
         cl = pd.DataFrame(clustering).groupby(["dataset", "space"], sort=False)[["rand", "ari"]].mean().reset_index()
         text += ["", "## K-means with k = number of true types (Rand index, ARI)", ""]
         text += _md_table(cl, ["dataset", "space", "rand", "ari"])
+    for query, by_method in (confusion or {}).items():
+        for method, table in by_method.items():
+            if method not in ("scpretrain", "scpretrain+shift", "logreg"):
+                continue
+            preds = sorted({p for row in table.values() for p in row})
+            text += ["", f"## {query}: true (rows) vs predicted (columns), {method}, first seed", ""]
+            text += ["| true | " + " | ".join(preds) + " |", "|---|" + "---|" * len(preds)]
+            text += [f"| {t} | " + " | ".join(str(row.get(p, 0)) for p in preds) + " |" for t, row in table.items()]
     if figures:
         text += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     md.write_text("\n".join(text) + "\n")
