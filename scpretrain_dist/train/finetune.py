@@ -44,6 +44,14 @@ def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask:
     return idx
 
 
+def _fused() -> dict:
+    """torch's fused Adam kernel (CPU and CUDA) where this build has it: the same update, about
+    ten times faster on CPU for a genes x 200 encoder than the per-tensor loop."""
+    import inspect
+
+    return {"fused": True} if "fused" in inspect.signature(torch.optim.Adam).parameters else {}
+
+
 def epoch_batches(n: int, batch_size: int, min_steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     """One epoch's mini-batches: shuffled passes over the n cells until at least ``min_steps``
     batches (a pass ends with a smaller batch rather than mixing passes)."""
@@ -80,7 +88,7 @@ def finetune(
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
     enc_lr = (cfg.encoder_lr or cfg.lr) if pretrained is not None else cfg.lr
     opt = torch.optim.Adam([{"params": list(model.encoder.parameters()), "lr": enc_lr},
-                            {"params": head, "lr": cfg.lr}])
+                            {"params": head, "lr": cfg.lr}], **_fused())
     if sp.issparse(X_train):
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
