@@ -99,6 +99,21 @@ class PretrainConfig:
     sparse_updates: bool = True
     # Head layout per batch: "auto", "block" (cells x gathered rows) or "padded" (cells x k_max).
     head_layout: str = "auto"
+    # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it
+    # buffer by buffer with bounded memory (settings in [stream]), for atlases of any size.
+    loader: str = "memory"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The streaming loader (``pretrain.loader = "stream"``, ``scpretrain bench loader``)."""
+
+    chunk_cells: int = 256  # consecutive cells read together (cheap I/O); shards are made of chunks
+    buffer_cells: int = 32768  # cells shuffled together; hundreds of chunks, so batches mix datasets
+    prefetch_buffers: int = 1  # buffers read ahead on a background thread
+    # Keep the worker's shard in memory as compact CSR after the first epoch when it fits in
+    # this many bytes; later epochs then run from memory. 0: always stream.
+    cache_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,7 @@ class RunConfig:
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)

@@ -40,13 +40,14 @@ def to_linear(values: np.ndarray, value_type: str) -> np.ndarray:
     return values
 
 
-def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str) -> sp.csr_matrix:
+def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str, copy: bool = True) -> sp.csr_matrix:
     """Per cell: library size to 1e4, then log1p.
 
     Log-normalised rows are first taken back to linear scale with expm1 and rescaled, which
-    makes any natural-log CP-whatever input consistent with counts.
+    makes any natural-log CP-whatever input consistent with counts. ``copy=False`` normalises
+    a float32 CSR in place (a loader's freshly read buffer).
     """
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
     types = np.full(X.shape[0], value_types, dtype=object) if isinstance(value_types, str) else np.asarray(value_types)
     row_of = None
     for vt in ("lognorm", "log2norm"):

@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +37,11 @@ GENES_KEY = "scpretrain.genes."
 MEASUREMENT = "RNA"
 LAYER = "counts"
 UNKNOWN_LABEL = "unknown"
+# X is read by runs of cells. One gene tile as wide as any gene space keeps each cell's values
+# together in the array's global order, so reading a run of cells decompresses only those cells'
+# data tiles (with the default 2048-gene tiles, one cell costs its whole 2048-cell band).
+X_GENE_TILE = 1 << 18
+X_CREATE_OPTIONS = {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": X_GENE_TILE}}}}}
 
 
 class StoreError(ValueError):
@@ -209,6 +216,57 @@ def prepare_dataset(entry: DatasetEntry) -> PreparedDataset:
     )
 
 
+@dataclass
+class StreamedDataset:
+    """A dataset appended block by block, never whole in memory, already in the atlas gene
+    space. ``blocks()`` yields (obs_ids, labels, values CSR cells x atlas genes) in cell order."""
+
+    name: str
+    n_cells: int
+    gene_mask: np.ndarray  # bool over the atlas genes: what this dataset measured
+    blocks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, sp.csr_matrix]]]
+    value_type: str = "counts"
+    species: str = "unknown"
+    tissue: str = "unknown"
+    technology: str = "unknown"
+    label_key: str = "cell_type"
+    source: str = ""
+    sha256: str = ""
+    group: str = ""
+
+
+def _pipelined(items: Iterator, consume: Callable[[object], None], depth: int = 1) -> None:
+    """``consume`` every item on a writer thread while the next items are produced here, at most
+    ``depth`` ahead (bounded memory); the first error on either side is raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    failed: list[BaseException] = []
+    stop = object()
+
+    def writer() -> None:
+        while True:
+            item = q.get()
+            if item is stop:
+                return
+            if not failed:
+                try:
+                    consume(item)
+                except BaseException as e:  # re-raised in the producing thread
+                    failed.append(e)
+
+    t = threading.Thread(target=writer, name="scpretrain-store-writer", daemon=True)
+    t.start()
+    try:
+        for item in items:
+            if failed:
+                break
+            q.put(item)
+    finally:
+        q.put(stop)
+        t.join()
+    if failed:
+        raise failed[0]
+
+
 class AtlasStore:
     """Read and append to a SOMA atlas. Open it per use; pass ``locator`` between processes."""
 
@@ -244,7 +302,7 @@ class AtlasStore:
                 domain=[[0, 0]],
             )
             rna.add_new_collection("X").add_new_sparse_ndarray(
-                LAYER, type=pa.float32(), shape=(1, 1)
+                LAYER, type=pa.float32(), shape=(1, 1), platform_config=X_CREATE_OPTIONS
             )
             exp.metadata[REGISTRY_KEY] = "[]"
         return cls(uri)
@@ -426,6 +484,156 @@ class AtlasStore:
             exp.metadata["scpretrain.n_genes"] = n_genes
             exp.metadata[REGISTRY_KEY] = json.dumps(records)  # the commit marker, last
         return IngestReport([p.entry.name for p in prepared], skipped, n_genes_before, n_genes, messages)
+
+    def append_streamed(
+        self, genes: np.ndarray | list[str], datasets: list[StreamedDataset], log=print
+    ) -> IngestReport:
+        """Append datasets that arrive block by block (an atlas larger than memory).
+
+        ``genes`` is the whole atlas gene space after the append; the store's current genes must
+        be its prefix. Same commit protocol as :meth:`ingest`: the registry is written last, so a
+        failure leaves the committed datasets exactly as they were. A dataset already present
+        with the same ``sha256`` is skipped; with another, refused.
+        """
+        import tiledbsoma as soma
+
+        existing = {r.name: r for r in self.datasets()}
+        genes = [str(g) for g in genes]
+        with self.locator.open() as exp:
+            n_genes_before = self._n_genes(exp)
+        current = list(self.genes()) if n_genes_before else []
+        if genes[: len(current)] != current:
+            raise StoreError(
+                f"the atlas {self.uri} has another gene space ({len(current)} genes) than the one "
+                "being appended; write these datasets to a new store"
+            )
+        if len(set(genes)) != len(genes):
+            raise StoreError("the gene symbols being appended are not unique")
+        todo, skipped, messages = [], [], []
+        for d in datasets:
+            if d.name in existing:
+                if d.sha256 and d.sha256 == existing[d.name].sha256:
+                    skipped.append(d.name)
+                    messages.append(f"dataset {d.name} is already in the atlas (same content); nothing to do")
+                    log(messages[-1])
+                    continue
+                raise StoreError(
+                    f"dataset {d.name} is already in the atlas {self.uri} with other content "
+                    f"(from {existing[d.name].source}); write to a new store or choose other names"
+                )
+            if d.gene_mask.shape != (len(genes),):
+                raise StoreError(f"dataset {d.name}: its gene mask does not cover the {len(genes)} atlas genes")
+            todo.append(d)
+        if not todo:
+            return IngestReport([], skipped, n_genes_before, n_genes_before, messages)
+        n_genes = len(genes)
+        n_cells_before = sum(r.n_cells for r in existing.values())
+        n_cells = n_cells_before + sum(d.n_cells for d in todo)
+        with soma.Experiment.open(self.uri, "w") as exp:
+            if n_cells > exp.obs.domain[0][1] + 1:
+                exp.obs.tiledbsoma_resize_soma_joinid_shape(n_cells)
+            var = exp.ms[MEASUREMENT].var
+            if n_genes > var.domain[0][1] + 1:
+                var.tiledbsoma_resize_soma_joinid_shape(n_genes)
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            if n_cells > X.shape[0] or n_genes > X.shape[1]:
+                X.resize((max(n_cells, X.shape[0]), max(n_genes, X.shape[1])))
+            gene_tile = int(json.loads(X.schema_config_options().dims)["soma_dim_1"]["tile"])
+        # CSR order is the array's global order when one gene tile spans every gene: TileDB then
+        # skips sorting each block, and its order/bounds/duplicate checks (most of a write's
+        # time) are replaced by the cheap CSR checks below
+        global_order = n_genes <= gene_tile
+        write_options = {"tiledb": {"write": {"sort_coords": not global_order}}}
+        context = None
+        if global_order:
+            context = soma.SOMATileDBContext(tiledb_config={
+                "sm.check_coord_oob": "false", "sm.check_global_order": "false", "sm.check_coord_dups": "false"})
+        records = [asdict(r) for r in existing.values()]
+        self._drop_uncommitted_cells(n_cells_before)
+        with soma.Experiment.open(self.uri, "w", context=context) as exp:
+            if n_genes > n_genes_before:
+                exp.ms[MEASUREMENT].var.write(
+                    pa.table(
+                        {
+                            "soma_joinid": np.arange(n_genes_before, n_genes, dtype=np.int64),
+                            "gene_symbol": pa.array(genes[n_genes_before:], pa.large_string()),
+                        }
+                    )
+                )
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            start = n_cells_before
+            for d in todo:
+                t0 = time.perf_counter()
+                done = [0]
+                types: set[str] = set()
+
+                def blocks(d=d, start=start, done=done, types=types):
+                    for obs_ids, labels, values in d.blocks():
+                        lo = start + done[0]
+                        n = values.shape[0]
+                        if n != len(obs_ids) or n != len(labels) or values.shape[1] != n_genes:
+                            raise StoreError(f"dataset {d.name}: a block does not match its cells or the genes")
+                        values = sp.csr_matrix(values)
+                        values.sum_duplicates()  # canonical: sorted, unique genes per cell
+                        if values.nnz and (values.indices.min() < 0 or values.indices.max() >= n_genes):
+                            raise StoreError(f"dataset {d.name}: a block has gene indices outside the atlas")
+                        done[0] += n
+                        types.update(np.unique(np.asarray(labels, dtype=str)).tolist())
+                        if done[0] > d.n_cells:
+                            raise StoreError(f"dataset {d.name} yields more than its {d.n_cells} cells")
+                        yield lo, obs_ids, labels, values
+
+                def write(block, d=d):
+                    lo, obs_ids, labels, values = block
+                    n = values.shape[0]
+                    exp.obs.write(
+                        pa.table(
+                            {
+                                "soma_joinid": np.arange(lo, lo + n, dtype=np.int64),
+                                "obs_id": pa.array(np.asarray(obs_ids, dtype=object), pa.large_string()),
+                                "dataset_id": pa.array([d.name] * n, pa.large_string()),
+                                "cell_type": pa.array(np.asarray(labels, dtype=object), pa.large_string()),
+                            }
+                        )
+                    )
+                    rows = np.repeat(np.arange(lo, lo + n, dtype=np.int64), np.diff(values.indptr))
+                    X.write(
+                        pa.Table.from_pydict(
+                            {
+                                "soma_dim_0": rows,
+                                "soma_dim_1": values.indices.astype(np.int64),
+                                "soma_data": values.data.astype(np.float32, copy=False),
+                            }
+                        ),
+                        platform_config=write_options,
+                    )
+
+                _pipelined(blocks(), write)
+                if done[0] != d.n_cells:
+                    raise StoreError(f"dataset {d.name} yielded {done[0]} cells, not the {d.n_cells} announced")
+                exp.metadata[GENES_KEY + d.name] = _pack_mask(d.gene_mask)
+                n_types = len(types - {UNKNOWN_LABEL, "nan", ""})
+                records.append(
+                    asdict(
+                        DatasetRecord(
+                            name=d.name, joinid_start=start, n_cells=d.n_cells,
+                            n_genes=int(d.gene_mask.sum()), value_type=d.value_type,
+                            species=d.species, tissue=d.tissue, technology=d.technology,
+                            label_key=d.label_key, n_types=n_types, source=d.source,
+                            sha256=d.sha256, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            group=d.group,
+                        )
+                    )
+                )
+                messages.append(
+                    f"wrote {d.name}: {d.n_cells} cells, {int(d.gene_mask.sum())} genes, "
+                    f"{d.value_type}, {n_types} cell types ({time.perf_counter() - t0:.1f}s)"
+                )
+                log(messages[-1])
+                start += d.n_cells
+            exp.metadata["scpretrain.n_genes"] = n_genes
+            exp.metadata[REGISTRY_KEY] = json.dumps(records)  # the commit marker, last
+        return IngestReport([d.name for d in todo], skipped, n_genes_before, n_genes, messages)
 
     def _drop_uncommitted_cells(self, n_committed: int) -> None:
         """Delete X values a failed ingest left past the last committed cell."""

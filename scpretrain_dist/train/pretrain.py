@@ -45,7 +45,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from scpretrain_dist.data.dataset import CellShard
+    from scpretrain_dist.data.loader import open_shard
     from scpretrain_dist.model.networks import PretrainModel
     from scpretrain_dist.train.optim import LazyAdam
     from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
@@ -56,9 +56,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"] + config["iteration"])
     labels = PseudoLabels.load(config["labels_path"])
     datasets = config["datasets"]
-    shard = CellShard.load(
-        AtlasLocator(**config["locator"]), datasets, labels, rank, world, seed=config["seed"]
-    )
+    shard = open_shard(config, labels, rank, world)  # pretrain.loader: "memory" or "stream"
     ks = [labels.ks[d] for d in datasets]
     sparse = config.get("sparse_updates", True)
     model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"],
@@ -158,6 +156,8 @@ def loop_config(
     iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None, **extra,
 ) -> dict:
     """What every training worker of one iteration receives (plain values only)."""
+    from scpretrain_dist.data.loader import check_loader
+
     p = cfg.pretrain
     return {
         "locator": asdict(locator),
@@ -174,6 +174,8 @@ def loop_config(
         "init_encoder": init_encoder,
         "sparse_updates": p.sparse_updates,
         "head_layout": p.head_layout,
+        "loader": check_loader(p.loader, cfg.stream),
+        "loader_options": asdict(cfg.stream),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": cfg.tracking_uri,
     } | extra

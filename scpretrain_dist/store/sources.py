@@ -1,0 +1,137 @@
+"""What the streaming loader reads, behind one small protocol with a SOMA and a zarr backend.
+
+A source is opened from a picklable locator inside the process that reads (a Ray Train worker),
+never passed open. It knows the committed datasets (the registry), the atlas gene count, and
+returns raw rows of cells as CSR in the atlas gene space. Reads are cheapest for runs of
+consecutive cells: both backends turn sorted joinids into contiguous ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+from scpretrain_dist.store.soma import (
+    LAYER,
+    MEASUREMENT,
+    AtlasLocator,
+    AtlasStore,
+    DatasetRecord,
+    StoreError,
+)
+
+
+@runtime_checkable
+class CellSource(Protocol):
+    """Raw rows of an atlas by soma_joinid, in the atlas gene space."""
+
+    @property
+    def n_genes(self) -> int: ...
+
+    def datasets(self) -> list[DatasetRecord]: ...
+
+    def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
+        """Rows of ``joinids`` (sorted ascending, unique) as float32 CSR, values as stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def runs(joinids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique joinids -> (starts, stops) of their maximal runs of consecutive ids
+    (stops exclusive)."""
+    joinids = np.asarray(joinids, dtype=np.int64)
+    if joinids.size == 0:
+        return joinids[:0], joinids[:0]
+    if np.any(np.diff(joinids) <= 0):
+        raise ValueError("read_rows needs sorted, unique joinids")
+    cut = np.flatnonzero(np.diff(joinids) != 1) + 1
+    starts = joinids[np.concatenate([[0], cut])]
+    stops = joinids[np.concatenate([cut - 1, [joinids.size - 1]])] + 1
+    return starts, stops
+
+
+def stack_runs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_genes: int) -> sp.csr_matrix:
+    """One (indptr from 0, gene ids, values) CSR piece per run -> one CSR, runs in order."""
+    if not parts:
+        return sp.csr_matrix((0, n_genes), dtype=np.float32)
+    nnz = np.array([len(p[1]) for p in parts], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(nnz)[:-1]])
+    indptr = np.concatenate([[0]] + [p[0][1:] + o for p, o in zip(parts, base)])
+    indices = np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)
+    data = np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False)
+    return sp.csr_matrix((data, indices, indptr.astype(np.int64)), shape=(len(indptr) - 1, n_genes))
+
+
+def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, stop: int):
+    """COO values of cells ``start..stop-1`` (as a store returns them) -> a CSR piece.
+
+    A store that keeps each cell's values together in gene order (the SOMA layout this package
+    writes, and any single-fragment run) returns them sorted by cell already: that is checked in
+    one cheap pass and the sort skipped. Otherwise a stable sort by cell keeps gene order.
+    """
+    cols = cols.astype(np.int32)
+    vals = vals.astype(np.float32, copy=False)
+    if rows.size > 1 and not (rows[1:] >= rows[:-1]).all():
+        order = np.argsort(rows, kind="stable")
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.searchsorted(rows, np.arange(start, stop + 1, dtype=np.int64))
+    return indptr.astype(np.int64), cols, vals
+
+
+class SomaSource:
+    """A SOMA atlas read run by run (one slice query per run of consecutive cells)."""
+
+    def __init__(self, locator: AtlasLocator):
+        self.locator = locator
+        self._store = AtlasStore(locator.uri, locator.timestamp_ms)
+        self._records = self._store.datasets()
+        self._exp = None
+        self._X = None
+        with locator.open() as exp:
+            self._n_genes = AtlasStore._n_genes(exp)
+
+    @property
+    def n_genes(self) -> int:
+        return self._n_genes
+
+    def datasets(self) -> list[DatasetRecord]:
+        return list(self._records)
+
+    def _array(self):
+        if self._X is None:
+            self._exp = self.locator.open()
+            self._X = self._exp.ms[MEASUREMENT].X[LAYER]
+        return self._X
+
+    def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
+        starts, stops = runs(joinids)
+        X = self._array()
+        parts = []
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
+            parts.append(coo_run(tbl.column("soma_dim_0").to_numpy(), tbl.column("soma_dim_1").to_numpy(),
+                                 tbl.column("soma_data").to_numpy(), a, b))
+            del tbl
+        return stack_runs(parts, self._n_genes)
+
+    def close(self) -> None:
+        if self._exp is not None:
+            self._exp.close()
+        self._exp = self._X = None
+
+    def __getstate__(self):
+        raise TypeError("a SomaSource holds an open array; pass its locator between processes")
+
+
+def open_source(locator) -> CellSource:
+    """The source a locator points to: an ``AtlasLocator`` (SOMA) or a ``ZarrLocator``."""
+    if isinstance(locator, AtlasLocator):
+        return SomaSource(locator)
+    from scpretrain_dist.store.zarr_csr import ZarrLocator, ZarrSource
+
+    if isinstance(locator, ZarrLocator):
+        return ZarrSource(locator)
+    raise StoreError(f"no cell source for {locator!r}; pass an AtlasLocator or a ZarrLocator")
