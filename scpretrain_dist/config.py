@@ -173,6 +173,8 @@ class AnnotateConfig:
     block_size: int = 8192
     workers: int = 2
     cpus_per_worker: float = 0.5
+    # Jobs with fewer cells run in-process unless Ray is already up or --workers is given.
+    ray_min_cells: int = 50_000
 
 
 @dataclass(frozen=True)

@@ -265,6 +265,21 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
             shutdown_ray()
 
 
+def _choose_workers(cfg: RunConfig, workers: int | None, cells: int, log) -> int:
+    """``workers`` as given; else ``annotate.workers``, except that a small job on a machine
+    without a running Ray is done in this process (starting Ray costs seconds)."""
+    if workers is not None:
+        return workers
+    if cfg.annotate.workers > 0 and cells < cfg.annotate.ray_min_cells and not cfg.ray.address:
+        import ray
+
+        if not ray.is_initialized():
+            log(f"annotate: {cells} cells to do (< annotate.ray_min_cells = {cfg.annotate.ray_min_cells}): "
+                "in this process, without starting Ray; --workers N uses the actor pool regardless")
+            return 0
+    return cfg.annotate.workers
+
+
 def _progress(total: int, initial: int, desc: str, show: bool | None):
     from tqdm.auto import tqdm
 
@@ -441,7 +456,6 @@ def annotate_store(
     version; ``on_block`` is called after each block is durably written."""
     t0 = time.perf_counter()
     block_size = block_size or cfg.annotate.block_size
-    workers = cfg.annotate.workers if workers is None else workers
     if block_size < 1:
         raise AnnotateError(f"block size must be positive, got {block_size}")
     ref = resolve_model(model_uri, cfg.tracking_uri)
@@ -493,6 +507,7 @@ def annotate_store(
         computed = 0
         bar = _progress(total, done_cells, "annotate", progress)
         try:
+            workers = _choose_workers(cfg, workers, sum(b.n_cells for b in pending), log)
             with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
                 for res in results:
                     _write_store_block(store, ref, res, annotator.classes)
@@ -552,7 +567,6 @@ def annotate_h5ad(
 
     t0 = time.perf_counter()
     block_size = block_size or cfg.annotate.block_size
-    workers = cfg.annotate.workers if workers is None else workers
     path = Path(path)
     out = Path(out) if out else path
     if not path.exists():
@@ -617,6 +631,7 @@ def annotate_h5ad(
     bar = _progress(n_cells, sum(b.n_cells for b in blocks if b not in pending), "annotate", progress)
     computed = 0
     try:
+        workers = _choose_workers(cfg, workers, sum(b.n_cells for b in pending), log)
         with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
             for res in results:
                 arrays = {"codes": res.codes, "confidence": res.confidence}

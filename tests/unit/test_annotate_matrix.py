@@ -185,3 +185,14 @@ def test_sparse_request_format_refuses_bad_rows(annotator, rows, words):
         annotator.predict(pd.DataFrame(rows, columns=["indices", "values"]), genes=list(GENES))
     with pytest.raises(InputError, match="columns"):
         annotator.predict(pd.DataFrame({"a": [1]}), genes=list(GENES))
+
+
+def test_small_jobs_skip_ray_start_up_unless_workers_are_given():
+    from scpretrain_dist.config import RunConfig
+    from scpretrain_dist.serve.annotate import _choose_workers
+
+    cfg = RunConfig()
+    said = []
+    assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells - 1, said.append) == 0 and "without starting Ray" in said[0]
+    assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells, said.append) == cfg.annotate.workers
+    assert _choose_workers(cfg, 3, 10, said.append) == 3
