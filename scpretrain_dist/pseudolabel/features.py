@@ -36,20 +36,34 @@ def embed(X: sp.csr_matrix, encoder: dict[str, np.ndarray], block: int = 8192) -
 
 @dataclass
 class Projection:
-    """PCA as a mean and components over a dataset's genes: ``(x - mean) @ components``."""
+    """PCA over some of a dataset's genes: ``(x[:, genes] - mean) @ components``."""
 
-    mean: np.ndarray  # (genes,) float64
-    components: np.ndarray  # (genes, dims) float64
+    genes: np.ndarray  # (used,) column indices into the matrix the PCA was fitted on
+    mean: np.ndarray  # (used,) float64
+    components: np.ndarray  # (used, dims) float64
 
     def apply(self, X: sp.csr_matrix | np.ndarray) -> np.ndarray:
+        X = X[:, self.genes]
         out = X @ self.components - self.mean @ self.components
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_iter: int = 4, oversample: int = 10) -> Projection:
-    """Randomized PCA of a sparse matrix with the centring kept implicit: every product is
+def most_variable_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
+    """Sorted column indices of the ``n_genes`` columns of highest variance (all if fewer)."""
+    if X.shape[1] <= n_genes:
+        return np.arange(X.shape[1])
+    mean = np.asarray(X.mean(0), dtype=np.float64).ravel()
+    var = np.asarray(X.multiply(X).mean(0), dtype=np.float64).ravel() - mean**2
+    return np.sort(np.argsort(-var, kind="stable")[:n_genes])
+
+
+def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_genes: int = 4000, n_iter: int = 2,
+            oversample: int = 10) -> Projection:
+    """Randomized PCA (Halko et al.) of a sparse matrix over its ``n_genes`` most variable
+    genes, as single-cell PCA is usually done. The centring stays implicit: every product is
     ``X @ B - 1 (mean @ B)``, so the matrix is never densified (cost ~ non-zeros x dims)."""
-    X = sp.csr_matrix(X, dtype=np.float64)
+    genes = most_variable_genes(sp.csr_matrix(X), n_genes)
+    X = sp.csr_matrix(X[:, genes], dtype=np.float64)
     n, g = X.shape
     dims = max(1, min(dims, g - 1 if g > 1 else 1, n - 1 if n > 1 else 1))
     mean = np.asarray(X.mean(0)).ravel()
@@ -69,7 +83,7 @@ def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_iter: int = 4, oversample:
         Q = np.linalg.qr(times(Q))[0]
     B = t_times(Q).T  # (width, g)
     _, _, vt = np.linalg.svd(B, full_matrices=False)
-    return Projection(mean, np.ascontiguousarray(vt[:dims].T))
+    return Projection(genes, mean, np.ascontiguousarray(vt[:dims].T))
 
 
 def read_cells(store: AtlasStore, dataset: str, lo: int, hi: int, space: str) -> sp.csr_matrix:

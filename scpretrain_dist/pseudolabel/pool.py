@@ -82,7 +82,7 @@ def cluster_dataset(
     X = read_cells(store, dataset, 0, n, space)
     t_read = time.perf_counter()
     sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
-    projection = fit_pca(X[sample], cfg.pca_dims, cfg.seed) if space == "pca" else None
+    projection = fit_pca(X[sample], cfg.pca_dims, cfg.seed, cfg.pca_genes) if space == "pca" else None
     x = featurize(X, space, encoder, projection)
     del X
     t_feat = time.perf_counter()
@@ -184,7 +184,7 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
     parts = ray.get([a.sample.remote(dataset, sample[owner == i]) for i, a in enumerate(actors)])
     if space == "pca":
         X_sample = sp.vstack(parts).tocsr()
-        projection = fit_pca(X_sample, cfg.pca_dims, cfg.seed)
+        projection = fit_pca(X_sample, cfg.pca_dims, cfg.seed, cfg.pca_genes)
         ref = ray.put(projection)
         ray.get([a.project.remote(dataset, ref) for a in actors])
         x_sample = projection.apply(X_sample)

@@ -230,3 +230,25 @@ def test_gpu_request_without_faiss_gpu_is_a_clear_error():
     x, _ = blobs()
     with pytest.raises(RuntimeError, match="faiss-gpu-cu12"):
         kmeans(x, 4, niter=2, gpu=True)
+
+
+def test_pca_runs_on_the_most_variable_genes():
+    import scipy.sparse as sp
+
+    from scpretrain_dist.pseudolabel.features import most_variable_genes
+
+    rng = np.random.default_rng(1)
+    dense = rng.uniform(0, 0.1, (200, 30))
+    loud = [3, 11, 17, 29]
+    dense[:, loud] += rng.normal(0, 3, (200, 4)) ** 2  # high variance
+    X = sp.csr_matrix(dense.astype(np.float32))
+    np.testing.assert_array_equal(most_variable_genes(X, 4), loud)
+    np.testing.assert_array_equal(most_variable_genes(X, 99), np.arange(30))
+    proj = fit_pca(X, dims=2, seed=0, n_genes=4)
+    np.testing.assert_array_equal(proj.genes, loud)
+    z = proj.apply(X)
+    assert z.shape == (200, 2)
+    # the projection ignores every other gene
+    noisy = X.toarray()
+    noisy[:, [0, 1, 2]] += 100.0
+    np.testing.assert_allclose(proj.apply(sp.csr_matrix(noisy)), z, rtol=1e-5, atol=1e-4)
