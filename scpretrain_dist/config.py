@@ -54,6 +54,8 @@ class PseudoLabelConfig:
     # "pca" (a PCA projection of it, faster), or "raw" (raw counts, the original code).
     phase1_space: str = "expression"
     pca_dims: int = 50
+    # The PCA runs on this many genes of highest variance in the dataset (all if fewer).
+    pca_genes: int = 4000
     num_actors: int = 2
     cpus_per_actor: float = 0.5
     use_gpu: bool = False  # faiss-gpu assignment (the [gpu] extra) on a GPU per actor
