@@ -120,6 +120,8 @@ def _summarise(metrics: dict, workers: int, wall: float) -> dict:
         "peak_rss_mib_per_worker": metrics.get("peak_rss_mib_per_worker"),
         "replica_max_diff": metrics.get("replica_max_diff"),
         "torch_threads": metrics.get("torch_threads"),
+        "gradient_sync_seconds": metrics.get("gradient_sync_seconds"),
+        "gradient_rows_sent_per_step": metrics.get("gradient_rows_sent_per_step"),
     }
 
 
@@ -186,7 +188,7 @@ def plain_loop(store_uri: str, datasets: list[str], labels_path: str, pretrain: 
                 loss.backward()
                 opt.step()
                 cells += len(idx)
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
         history.append([time.perf_counter() - t0, loss_sum / cells, cells / (time.perf_counter() - t0)])
     with torch.no_grad():
         total, n = 0.0, 0

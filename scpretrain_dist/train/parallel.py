@@ -14,6 +14,8 @@ optimizer step.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -42,10 +44,18 @@ class RowGradSync:
         self.dense = [p for p in self.params if id(p) not in ids]
         self.world = rank_and_world()[1]
         self.rows_sent = 0  # rows all-reduced so far, for the record
+        self.seconds = 0.0  # time spent in __call__ so far
 
     def __call__(self) -> None:
         if self.world <= 1:
             return
+        t0 = time.perf_counter()
+        try:
+            self._sync()
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _sync(self) -> None:
         device = self.params[0].device
         sparse, dense = self.sparse, self.dense
         # 1. how many rows each rank touched, per sparse parameter

@@ -86,12 +86,14 @@ def pretrain_loop_per_worker(config: dict) -> None:
         client = MlflowClient(config["tracking_uri"])
     n_epochs = config["epochs"]
     history = []  # per epoch: (seconds, loss, cells per second per worker)
+    n_steps = 0
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
         model.train()
         for x, didx, lab in shard.batches(config["batch_size"], config["seed"], epoch + 1000 * config["iteration"], device):
             out = pretrain_step(model, x, didx, lab, optimizer, sync_gradients=sync)
+            n_steps += 1
             n = len(didx)
             sums += torch.tensor([out.total.item() * n, out.accuracy * n, n], dtype=torch.float64)
         if world > 1:
@@ -107,6 +109,9 @@ def pretrain_loop_per_worker(config: dict) -> None:
         if epoch == n_epochs - 1:
             metrics["epoch_history"] = history
             metrics["torch_threads"] = torch.get_num_threads()
+            if sync is not None:
+                metrics["gradient_sync_seconds"] = sync.seconds
+                metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
             metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval))
         step = config["iteration"] * n_epochs + epoch
         if client is not None:  # side effects on rank 0 only
