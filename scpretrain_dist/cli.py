@@ -70,9 +70,21 @@ def cmd_finetune(args) -> None:
     if args.pretrain_result:
         result = PretrainResult(**_json.loads(Path(args.pretrain_result).read_text()))
     with stage_run("finetune-evaluate", cfg) as run:
-        finetune_and_evaluate(cfg, args.target, result, None, args.out or Path(cfg.work_dir) / "report",
+        encoder_run = _encoder_run(Path(args.pretrain_result).parent.name) if result else None
+        finetune_and_evaluate(cfg, args.target, result, encoder_run, args.out or Path(cfg.work_dir) / "report",
                               register=result is not None)
     print(f"MLflow run {run.info.run_id}")
+
+
+def _encoder_run(pretrain_key: str) -> str | None:
+    """The MLflow run that trained the encoder of ``pretrain/<key>/result.json`` (for the
+    registered model's lineage), if this tracking store has it."""
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"params.pretrain_key = '{pretrain_key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def cmd_evaluate(args) -> None:
