@@ -82,7 +82,10 @@ def cluster_dataset(
     X = read_cells(store, dataset, 0, n, space)
     t_read = time.perf_counter()
     sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
-    projection = fit_pca(X[sample], cfg.pca_dims, cfg.seed, cfg.pca_genes) if space == "pca" else None
+    projection = None
+    if space == "pca":
+        fit_rows = init_sample(n, min(cfg.pca_fit_cells, cfg.init_sample_cells), cfg.seed)
+        projection = fit_pca(X[fit_rows], cfg.pca_dims, cfg.seed, cfg.pca_genes)
     x = featurize(X, space, encoder, projection)
     del X
     t_feat = time.perf_counter()
@@ -179,17 +182,18 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
     loads = ray.get([a.load_shard.remote(dataset, int(lo), int(hi), encoder, space)
                      for a, lo, hi in zip(actors, bounds[:-1], bounds[1:])])
     t_load = time.perf_counter()
+
+    def gather(positions):  # rows at sorted dataset positions, from the actors holding them
+        owner = np.searchsorted(bounds, positions, side="right") - 1
+        return ray.get([a.sample.remote(dataset, positions[owner == i]) for i, a in enumerate(actors)])
+
     sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
-    owner = np.searchsorted(bounds, sample, side="right") - 1
-    parts = ray.get([a.sample.remote(dataset, sample[owner == i]) for i, a in enumerate(actors)])
     if space == "pca":
-        X_sample = sp.vstack(parts).tocsr()
-        projection = fit_pca(X_sample, cfg.pca_dims, cfg.seed, cfg.pca_genes)
+        fit_rows = init_sample(n, min(cfg.pca_fit_cells, cfg.init_sample_cells), cfg.seed)
+        projection = fit_pca(sp.vstack(gather(fit_rows)).tocsr(), cfg.pca_dims, cfg.seed, cfg.pca_genes)
         ref = ray.put(projection)
         ray.get([a.project.remote(dataset, ref) for a in actors])
-        x_sample = projection.apply(X_sample)
-    else:
-        x_sample = np.concatenate(parts)
+    x_sample = np.concatenate(gather(sample))
     t_feat = time.perf_counter()
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
     inits = plusplus_inits(x_sample, ks, cfg.seed)

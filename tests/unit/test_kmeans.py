@@ -252,3 +252,19 @@ def test_pca_runs_on_the_most_variable_genes():
     noisy = X.toarray()
     noisy[:, [0, 1, 2]] += 100.0
     np.testing.assert_allclose(proj.apply(sp.csr_matrix(noisy)), z, rtol=1e-5, atol=1e-4)
+
+
+def test_kmeans_plusplus_start_spreads_over_separated_blobs():
+    from scpretrain_dist.pseudolabel.kmeans import kmeans_plusplus_init
+
+    x, y = blobs(n_per=60, k=5, d=8, spread=0.2, seed=7)
+    for seed in range(3):
+        c = kmeans_plusplus_init(x, 5, seed)
+        assert c.shape == (5, 8) and c.dtype == np.float32
+        # every centre is a data point, and each blob got exactly one
+        idx = [int(np.flatnonzero((x == row).all(1))[0]) for row in c]
+        assert sorted(y[idx].tolist()) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(kmeans_plusplus_init(x, 5, 1), kmeans_plusplus_init(x, 5, 1))
+    # more centres than distinct points still returns k centres
+    dup = np.repeat(x[:3], 4, axis=0)
+    assert kmeans_plusplus_init(dup, 6, 0).shape == (6, 8)
