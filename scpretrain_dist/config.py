@@ -54,8 +54,10 @@ class PseudoLabelConfig:
     # "pca" (a PCA projection of it, faster), or "raw" (raw counts, the original code).
     phase1_space: str = "expression"
     pca_dims: int = 50
-    # The PCA runs on this many genes of highest variance in the dataset (all if fewer).
+    # The PCA runs on this many genes of highest variance in the dataset (all if fewer), and
+    # is fitted on a seeded sample of at most pca_fit_cells cells.
     pca_genes: int = 4000
+    pca_fit_cells: int = 10_000
     num_actors: int = 2
     cpus_per_actor: float = 0.5
     use_gpu: bool = False  # faiss-gpu assignment (the [gpu] extra) on a GPU per actor
