@@ -212,6 +212,9 @@ class _BlockWorker:
     """Ray actor body: the model loaded once, then blocks on request."""
 
     def __init__(self, ref: ModelRef):
+        from scpretrain_dist.serve.pyfunc import preload_sparse_kernel
+
+        preload_sparse_kernel()
         self.annotator = load_annotator(ref)
         self.reader = BlockReader()
 

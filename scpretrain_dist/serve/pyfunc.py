@@ -9,6 +9,7 @@ The forward pass is numpy, so serving needs neither torch nor this package's tra
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,7 @@ class Annotator:
         overlap = n_matched / len(self.genes)
         if overlap < self.min_overlap:
             raise InputError(
-                f"only {n_matched} of the model's {len(self.genes)} genes ({overlap:.1%}) are in the request; "
+                f"only {n_matched} of the model's {len(self.genes)} genes ({overlap:.1%}) are in the input; "
                 f"at least {self.min_overlap:.0%} are needed to trust a prediction (are the columns gene symbols?)"
             )
         return overlap
@@ -278,12 +279,13 @@ def _matched_columns(X: sp.csr_matrix, gm: _GeneMap) -> sp.csr_matrix:
 
 def _sparse_times(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
     """CSR x dense. torch's ``embedding_bag`` (a fused gather-scale-sum over each cell's
-    non-zeros) is about twice as fast as scipy's loop; scipy where torch is not installed."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:  # pragma: no cover - torch is a core dependency, not a serving one
+    non-zeros) is about twice as fast as scipy's loop, when torch is loaded already (long-lived
+    workers and the scoring server load it up front; importing it costs seconds)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
         return np.asarray(X @ W)
+    import torch.nn.functional as F
+
     with torch.no_grad():
         return F.embedding_bag(
             torch.from_numpy(X.indices.astype(np.int64)), torch.from_numpy(W),
@@ -390,6 +392,15 @@ class AnnotatorPyfunc(_Base):
 
     def load_context(self, context):
         self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
+        preload_sparse_kernel()
+
+
+def preload_sparse_kernel() -> None:
+    """Import torch once, up front, for its sparse product (optional: scipy otherwise)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # pragma: no cover - torch is a core dependency, not a serving one
+        pass
 
     def predict(self, context, model_input, params=None):
         from mlflow.exceptions import MlflowException

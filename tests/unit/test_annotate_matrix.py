@@ -61,10 +61,16 @@ def test_sparse_path_dense_and_sparse_multiply_agree(annotator, monkeypatch):
 
     X = sp.csr_matrix(counts(seed=3))
     a = annotator.predict_matrix(X, GENES)
-    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)  # force the sparse product
+    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)  # force the sparse product (torch's)
     b = annotator.predict_matrix(X, GENES)
     assert a.labels.tolist() == b.labels.tolist()
     np.testing.assert_allclose(a.confidence, b.confidence, rtol=1e-5)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in a process that has not loaded torch: scipy's
+    c = annotator.predict_matrix(X, GENES)
+    assert a.labels.tolist() == c.labels.tolist()
+    np.testing.assert_allclose(a.confidence, c.confidence, rtol=1e-5)
 
 
 def test_lognormalised_sparse_input_is_detected(annotator):
