@@ -387,20 +387,20 @@ def _check_values(values: np.ndarray) -> None:
         raise InputError("the request holds negative values (scaled data?); send counts or log-normalised values")
 
 
-class AnnotatorPyfunc(_Base):
-    """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
-
-    def load_context(self, context):
-        self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
-        preload_sparse_kernel()
-
-
 def preload_sparse_kernel() -> None:
     """Import torch once, up front, for its sparse product (optional: scipy otherwise)."""
     try:
         import torch  # noqa: F401
     except ImportError:  # pragma: no cover - torch is a core dependency, not a serving one
         pass
+
+
+class AnnotatorPyfunc(_Base):
+    """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
+
+    def load_context(self, context):
+        self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
+        preload_sparse_kernel()
 
     def predict(self, context, model_input, params=None):
         from mlflow.exceptions import MlflowException
