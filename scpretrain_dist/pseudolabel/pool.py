@@ -161,6 +161,10 @@ class KMeansWorker:
         shard["X"] = None
         return time.perf_counter() - t0
 
+    def plusplus(self, x_sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+        """The k-means++ start of one partition (what :func:`plusplus_inits` does per k)."""
+        return plusplus_inits(x_sample, [k], seed)[0]
+
     def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
         return partial_step(self._shards[dataset]["x"], centroids, self.cfg.use_gpu)
 
@@ -196,7 +200,9 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
     x_sample = np.concatenate(gather(sample))
     t_feat = time.perf_counter()
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
-    inits = plusplus_inits(x_sample, ks, cfg.seed)
+    # the partitions' k-means++ starts are independent: one per actor, in parallel
+    ref = ray.put(x_sample)
+    inits = ray.get([actors[p % len(actors)].plusplus.remote(ref, k, cfg.seed + p) for p, k in enumerate(ks)])
     t_init = time.perf_counter()
 
     def step(centroids):
