@@ -18,6 +18,16 @@ def _config(args) -> RunConfig:
     return cfg
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, recipe: str = "tiny") -> None:
     p.add_argument("--recipe", default=recipe, help=f"base settings: {', '.join(recipes.RECIPES)} (default {recipe})")
     p.add_argument("--config", help="TOML or YAML file of settings, applied over the recipe")
@@ -30,9 +40,46 @@ def cmd_demo_data(args) -> None:
     from scpretrain_dist.pipeline import demo_data
 
     cfg = _config(args)
+    sizes = {"n_cells": args.cells, "n_datasets": args.datasets, "n_genes": args.genes, "seed": args.seed}
+    cfg = resolve(cfg, overrides=[f"demo.{k}={v}" for k, v in sizes.items() if v is not None])
+    if args.cells is not None:
+        _demo_store(cfg, args)
+        return
+    if args.store_uri or args.format:
+        raise ConfigError("--store-uri and --format need --cells (the atlas-size demo streamed into a store)")
     out = args.out or str(Path(cfg.work_dir) / "demo_data")
     paths = demo_data(cfg, out)
     print(f"wrote {len(paths)} datasets and catalog.toml to {out}")
+
+
+def _demo_store(cfg: RunConfig, args) -> None:
+    """The atlas-size demo: streamed block by block into a SOMA (or zarr) store."""
+    import time
+
+    from scpretrain_dist.bench.report import peak_rss_mib
+    from scpretrain_dist.catalog.synthetic import write_demo_store
+
+    if args.out:
+        raise ConfigError("--out is for the .h5ad demo; with --cells give --store-uri (or --work-dir)")
+    fmt = args.format or "soma"
+    uri = args.store_uri or (cfg.store_uri if fmt == "soma" else str(Path(cfg.work_dir) / "atlas.zarr"))
+    t0 = time.perf_counter()
+    rep = write_demo_store(cfg.demo, uri, fmt)
+    print(f"{uri}: {len(rep.added)} datasets written, {len(rep.skipped)} already present, "
+          f"{cfg.demo.n_genes} genes, {time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_mib():.0f} MiB")
+
+
+def cmd_export(args) -> None:
+    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.zarr_csr import export_zarr
+
+    cfg = _config(args)
+    uri = args.store_uri or cfg.store_uri
+    if Path(args.out).exists():
+        raise ConfigError(f"{args.out} already exists; export into a new path")
+    locator = AtlasStore(uri).locator.pinned()
+    rep = export_zarr(locator, args.out, datasets=args.datasets or None)
+    print(f"exported {len(rep.added)} datasets of {uri} to {args.out}")
 
 
 def cmd_ingest(args) -> None:
@@ -243,10 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo-data", help="write a synthetic multi-dataset atlas as .h5ad files")
+    p = sub.add_parser("demo-data", help="synthetic multi-dataset atlas: small .h5ad files, or any size "
+                       "streamed into the store (--cells)")
     _common(p)
-    p.add_argument("--out", help="output folder (default <work-dir>/demo_data)")
+    p.add_argument("--out", help="output folder of the .h5ad demo (default <work-dir>/demo_data)")
+    p.add_argument("--cells", type=_positive, help="atlas size: stream this many cells into the store "
+                   "(never held in memory) instead of writing .h5ad files")
+    p.add_argument("--datasets", type=_positive, help="number of datasets (sizes log-normal with --cells)")
+    p.add_argument("--genes", type=_positive, help="number of genes of the atlas")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same atlas)")
+    p.add_argument("--store-uri", help="with --cells: the store to write (default <work-dir>/atlas.soma, "
+                   "or atlas.zarr for --format zarr)")
+    p.add_argument("--format", choices=["soma", "zarr"], help="with --cells: store format (default soma)")
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("export", help="copy the SOMA atlas into another format (zarr CSR)")
+    _common(p)
+    p.add_argument("format", choices=["zarr"])
+    p.add_argument("out", help="path of the new store")
+    p.add_argument("--store-uri", help="the SOMA atlas to read (default <work-dir>/atlas.soma)")
+    p.add_argument("--datasets", nargs="*", help="datasets to export (default: all)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ingest", help="add .h5ad datasets to the SOMA atlas")
     _common(p)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scpretrain_dist.config import DemoDataConfig
+from scpretrain_dist.config import ConfigError, DemoDataConfig
 
 TECHNOLOGIES = ("10x 3' v3", "Drop-seq", "Smart-seq2", "inDrops", "CEL-seq2")
 
@@ -168,16 +168,18 @@ class DatasetModel:
 
 def plan_atlas(cfg: DemoDataConfig) -> AtlasPlan:
     """Dataset sizes and programs of an atlas of ``cfg.n_cells`` cells."""
-    if cfg.n_cells < cfg.n_datasets or cfg.n_datasets < 1:
-        raise ValueError(
+    if cfg.n_datasets < 1 or cfg.n_cells < cfg.n_datasets:
+        raise ConfigError(
             f"a synthetic atlas needs at least one cell per dataset: {cfg.n_cells} cells for "
             f"{cfg.n_datasets} datasets; raise --cells or lower --datasets"
         )
-    if cfg.n_genes < 2 * cfg.markers_per_type or cfg.n_types < 1:
-        raise ValueError(
+    if cfg.n_types < 1 or cfg.markers_per_type < 1 or cfg.n_genes < 2 * cfg.markers_per_type:
+        raise ConfigError(
             f"{cfg.n_genes} genes cannot hold {cfg.n_types} cell types of {cfg.markers_per_type} "
-            "markers; raise --genes"
+            "marker genes (needs at least twice the markers per type); raise --genes"
         )
+    if not 0 < cfg.genes_kept <= 1:
+        raise ConfigError(f"demo.genes_kept must be in (0, 1], got {cfg.genes_kept}")
     rng = np.random.default_rng([cfg.seed, 0])
     weights = np.exp(rng.normal(0.0, 1.0, cfg.n_datasets))
     sizes = 1 + np.floor(weights / weights.sum() * (cfg.n_cells - cfg.n_datasets)).astype(np.int64)
@@ -343,4 +345,4 @@ def write_demo_store(cfg: DemoDataConfig, uri: str | Path, fmt: str = "soma", lo
         from scpretrain_dist.store.zarr_csr import write_zarr_atlas
 
         return write_zarr_atlas(uri, genes, datasets, log=log)
-    raise ValueError(f"unknown store format {fmt!r}; use 'soma' or 'zarr'")
+    raise ConfigError(f"unknown store format {fmt!r}; use 'soma' or 'zarr'")

@@ -36,8 +36,8 @@ from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_range
 from scpretrain_dist.model.networks import SparseBatch
 from scpretrain_dist.store.soma import AtlasLocator, StoreError
 
-DEFAULT_CHUNK_CELLS = 256
-DEFAULT_BUFFER_CELLS = 32768
+DEFAULT_CHUNK_CELLS = 512
+DEFAULT_BUFFER_CELLS = 65536
 LOADERS = ("memory", "stream")
 
 

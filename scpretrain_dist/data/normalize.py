@@ -58,7 +58,7 @@ def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str, copy: bool =
             X.data[sel] = to_linear(X.data[sel], vt)
     lib = np.asarray(X.sum(1)).ravel()
     scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
-    X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)
+    X.data *= np.repeat(scale.astype(np.float32, copy=False), np.diff(X.indptr))
     np.log1p(X.data, out=X.data)
     return X
 

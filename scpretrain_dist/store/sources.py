@@ -82,10 +82,13 @@ def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, st
 
 
 class SomaSource:
-    """A SOMA atlas read run by run (one slice query per run of consecutive cells)."""
+    """A SOMA atlas read run by run: one slice query per run of consecutive cells, ``threads``
+    queries in flight (TileDB releases the GIL, and a query's fixed cost then overlaps another's)."""
 
-    def __init__(self, locator: AtlasLocator):
+    def __init__(self, locator: AtlasLocator, threads: int = 2):
         self.locator = locator
+        self.threads = max(1, int(threads))
+        self._pool = None
         self._store = AtlasStore(locator.uri, locator.timestamp_ms)
         self._records = self._store.datasets()
         self._exp = None
@@ -109,15 +112,28 @@ class SomaSource:
     def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
         starts, stops = runs(joinids)
         X = self._array()
-        parts = []
-        for a, b in zip(starts.tolist(), stops.tolist()):
+
+        def read(run: tuple[int, int]):
+            a, b = run
             tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
-            parts.append(coo_run(tbl.column("soma_dim_0").to_numpy(), tbl.column("soma_dim_1").to_numpy(),
-                                 tbl.column("soma_data").to_numpy(), a, b))
-            del tbl
+            return coo_run(tbl.column("soma_dim_0").to_numpy(), tbl.column("soma_dim_1").to_numpy(),
+                           tbl.column("soma_data").to_numpy(), a, b)
+
+        todo = list(zip(starts.tolist(), stops.tolist()))
+        if self.threads > 1 and len(todo) > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="scpretrain-soma-read")
+            parts = list(self._pool.map(read, todo))
+        else:
+            parts = [read(r) for r in todo]
         return stack_runs(parts, self._n_genes)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._exp is not None:
             self._exp.close()
         self._exp = self._X = None
