@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def run(args) -> dict:
     from scpretrain_dist.train.launch import init_ray, shutdown_ray
     from scpretrain_dist.train.pretrain import _fit_iteration, loop_config
 
+    load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
     cfg = _config(args)
     if args.store:
         cfg = resolve(cfg, overrides=[f'store.uri="{Path(args.store).resolve()}"'])
@@ -98,8 +100,9 @@ def run(args) -> dict:
         }
     if "plain_pytorch" in runs:
         extra["loss_not_worse_than_plain"] = ours["final_eval_loss"] <= runs["plain_pytorch"]["final_eval_loss"]
+    extra_load = {"load_average_1min_start_end": [load_start, os.getloadavg()[0]]}
     return result("pretrain", "training cells/s per worker", ours["cells_per_second_per_worker"], peers,
-                  higher_is_better=True, **extra)
+                  higher_is_better=True, **extra, **extra_load)
 
 
 def _summarise(metrics: dict, workers: int, wall: float) -> dict:

@@ -58,6 +58,19 @@ class SparseBatch:
         return int(self.offsets.shape[0])
 
 
+# Above this fraction of non-zeros (over the batch's cells x the genes present in it) the encoder
+# multiplies a dense batch: a GEMM runs ~5x more multiply-adds per second than sparse products.
+DENSE_BATCH_DENSITY = 0.15
+
+
+def _densify(local: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n_cells: int, n_cols: int) -> torch.Tensor:
+    counts = torch.diff(offsets, append=offsets.new_tensor([len(local)]))
+    cell = torch.repeat_interleave(torch.arange(n_cells, device=local.device), counts)
+    dense = values.new_zeros(n_cells, n_cols)
+    dense.index_put_((cell, local), values, accumulate=True)
+    return dense
+
+
 class _BagSum(torch.autograd.Function):
     """``embedding_bag(sum, per_sample_weights)`` over gathered rows, with the weight gradient
     computed as X^T @ grad by a CSR product: on a CPU about twice as fast as embedding_bag's own
@@ -101,7 +114,11 @@ class Encoder(nn.Module):
             if self.sparse_grad:
                 genes, local = x.gathered()
                 rows = F.embedding(genes, self.weight, sparse=True)  # (n_present, dim)
-                if rows.is_cuda:
+                n_cells = len(x.offsets)
+                if len(local) > DENSE_BATCH_DENSITY * n_cells * len(genes):
+                    # a dense batch over its own genes: one GEMM beats the per-value products
+                    h = _densify(local, x.offsets, x.values, n_cells, len(genes)) @ rows
+                elif rows.is_cuda:
                     h = F.embedding_bag(local, rows, x.offsets, mode="sum", per_sample_weights=x.values)
                 else:
                     h = _BagSum.apply(rows, local, x.offsets, x.values)

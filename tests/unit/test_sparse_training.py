@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 import torch.multiprocessing as mp
 
-from scpretrain_dist.model import Encoder, PretrainModel, SparseBatch
+from scpretrain_dist.model import Encoder, PretrainModel, SparseBatch, networks
 from scpretrain_dist.train.optim import LazyAdam
 from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
 from scpretrain_dist.train.steps import pretrain_step
@@ -45,7 +45,10 @@ def test_sparse_batch_gathers_the_distinct_genes():
     assert torch.equal(g, b.genes) and torch.equal(loc, b.local_indices)
 
 
-def test_encoder_sparse_gradient_covers_only_present_genes():
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_encoder_sparse_gradient_covers_only_present_genes(product, monkeypatch):
+    # the encoder multiplies a batch as sparse values or, above a density, as a dense matrix
+    monkeypatch.setattr(networks, "DENSE_BATCH_DENSITY", 2.0 if product == "sparse" else 0.0)
     torch.manual_seed(0)
     absent = (0, 7, 19, 29)
     X = _csr(16, 30, 0.3, 1, absent=absent)
@@ -126,7 +129,9 @@ def test_heads_of_absent_datasets_get_no_update_and_keep_their_adam_state():
         assert st["row_step"][lo:hi].eq(1).all() and st["row_step"][:lo].eq(2).all()
 
 
-def test_sparse_step_matches_dense_adam_on_a_first_step_with_absent_genes():
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_sparse_step_matches_dense_adam_on_a_first_step_with_absent_genes(product, monkeypatch):
+    monkeypatch.setattr(networks, "DENSE_BATCH_DENSITY", 2.0 if product == "sparse" else 0.0)
     dense, opt_d, sparse, opt_s = _pair()
     X = _csr(12, 30, 0.3, 3, absent=(2, 11, 17))
     didx = torch.tensor([0, 2] * 6)  # dataset 1 absent too
@@ -139,7 +144,9 @@ def test_sparse_step_matches_dense_adam_on_a_first_step_with_absent_genes():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_sparse_steps_match_dense_adam_while_every_row_is_touched():
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_sparse_steps_match_dense_adam_while_every_row_is_touched(product, monkeypatch):
+    monkeypatch.setattr(networks, "DENSE_BATCH_DENSITY", 2.0 if product == "sparse" else 0.0)
     dense, opt_d, sparse, opt_s = _pair()
     didx = torch.tensor([0, 1, 2] * 10)
     for step in range(6):
