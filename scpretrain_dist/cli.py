@@ -75,6 +75,8 @@ def cmd_export(args) -> None:
 
     cfg = _config(args)
     uri = args.store_uri or cfg.store_uri
+    if not Path(uri).exists():
+        raise ConfigError(f"no atlas at {uri}; give --store-uri or --work-dir of an existing atlas")
     if Path(args.out).exists():
         raise ConfigError(f"{args.out} already exists; export into a new path")
     locator = AtlasStore(uri).locator.pinned()

@@ -261,16 +261,21 @@ class StreamingCells(torch.utils.data.IterableDataset):
         starts, stops = self._shard
         order = rng.permutation(len(starts))
         starts, stops = starts[order], stops[order]
-        n_read = self.cells_per_rank if (fill_cache or not self.drop_last) else self.steps_per_epoch * self.batch_size
-        for lo in range(0, n_read, self.buffer_cells):
+        n_used = self.cells_per_rank if not self.drop_last else self.steps_per_epoch * self.batch_size
+        for lo in range(0, n_used, self.buffer_cells):
             if stop.is_set():
                 return
-            positions = ranges_to_positions(*_cut(starts, stops, lo, min(lo + self.buffer_cells, n_read)))
+            positions = ranges_to_positions(*_cut(starts, stops, lo, min(lo + self.buffer_cells, n_used)))
             uniq, inverse, X = self._read(positions)
             if fill_cache:
                 self._cache.add(uniq, X)
             perm = rng.permutation(len(positions))  # the cell-level shuffle within the buffer
             yield X, inverse[perm], positions[perm]
+        if fill_cache and n_used < self.cells_per_rank and not stop.is_set():
+            # the cells drop_last leaves out this epoch, read for the cache only: batches of
+            # the filling epoch are exactly those of a streamed one
+            uniq, _, X = self._read(ranges_to_positions(*_cut(starts, stops, n_used, self.cells_per_rank)))
+            self._cache.add(uniq, X)
 
     def _prefetched(self, items_fn, depth: int) -> Iterator:
         """Run ``items_fn(stop)`` on a background thread, ``depth`` items ahead at most."""

@@ -70,12 +70,13 @@ def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, st
 
     A store that keeps each cell's values together in gene order (the SOMA layout this package
     writes, and any single-fragment run) returns them sorted by cell already: that is checked in
-    one cheap pass and the sort skipped. Otherwise a stable sort by cell keeps gene order.
+    one cheap pass and the sort skipped. Otherwise they are sorted by (cell, gene), the order
+    every reader of the store sums a cell's values in.
     """
     cols = cols.astype(np.int32)
     vals = vals.astype(np.float32, copy=False)
     if rows.size > 1 and not (rows[1:] >= rows[:-1]).all():
-        order = np.argsort(rows, kind="stable")
+        order = np.lexsort((cols, rows))
         rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.searchsorted(rows, np.arange(start, stop + 1, dtype=np.int64))
     return indptr.astype(np.int64), cols, vals
