@@ -42,6 +42,7 @@ H5AD_LABEL = "scpretrain_label"
 H5AD_CONFIDENCE = "scpretrain_confidence"
 H5AD_EMBEDDING = "X_scpretrain"
 H5AD_UNS = "scpretrain_annotation"
+FAST_KERNEL_MIN_CELLS = 200_000  # cells per actor above which actors load torch's sparse kernel
 
 
 class AnnotateError(ValueError):
@@ -211,15 +212,22 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
 class _BlockWorker:
     """Ray actor body: the model loaded once, then blocks on request."""
 
-    def __init__(self, ref: ModelRef):
-        from scpretrain_dist.serve.pyfunc import preload_sparse_kernel
+    def __init__(self, ref: ModelRef, fast_kernel: bool):
+        if fast_kernel:
+            from scpretrain_dist.serve.pyfunc import preload_sparse_kernel
 
-        preload_sparse_kernel()
+            preload_sparse_kernel()
         self.annotator = load_annotator(ref)
         self.reader = BlockReader()
 
     def run(self, block: Block, embedding: bool) -> BlockResult:
         return annotate_block(self.annotator, self.reader, block, embedding)
+
+
+def _where(b: Block) -> str:
+    src = b.source
+    name = src.dataset if isinstance(src, StoreSource) else src.path
+    return f"{name}, cells {b.start}..{b.stop - 1}"
 
 
 def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, embedding: bool,
@@ -231,7 +239,11 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
     if workers <= 0:
         reader = BlockReader()
         for b in blocks:
-            yield annotate_block(annotator, reader, b, embedding)
+            try:
+                res = annotate_block(annotator, reader, b, embedding)
+            except (InputError, StoreError) as e:
+                raise AnnotateError(f"{_where(b)}: {e}") from None
+            yield res
         return
     import ray
 
@@ -242,23 +254,31 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
     actors = []
     try:
         worker = ray.remote(num_cpus=cfg.annotate.cpus_per_worker)(_BlockWorker)
-        actors = [worker.remote(ref) for _ in range(min(workers, len(blocks)))]
+        n_actors = min(workers, len(blocks))
+        # torch's faster sparse product costs an import of seconds: worth it for large shares only
+        fast = sum(b.n_cells for b in blocks) / n_actors >= FAST_KERNEL_MIN_CELLS
+        actors = [worker.remote(ref, fast) for _ in range(n_actors)]
         free = actors * 2
         todo = list(reversed(blocks))
         pending: dict = {}
+        pending_blocks: dict = {}
         while todo or pending:
             while todo and free:
                 actor = free.pop()
-                pending[actor.run.remote(todo.pop(), embedding)] = actor
+                block = todo.pop()
+                task = actor.run.remote(block, embedding)
+                pending[task] = actor
+                pending_blocks[task] = block
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref_ in done:
                 free.append(pending.pop(ref_))
+                block = pending_blocks.pop(ref_)
                 try:
                     res = ray.get(ref_)
                 except ray.exceptions.RayTaskError as e:
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, (InputError, StoreError, AnnotateError)):
-                        raise AnnotateError(str(cause)) from None
+                        raise AnnotateError(f"{_where(block)}: {cause}") from None
                     raise
                 yield res
     finally:
@@ -594,12 +614,13 @@ def annotate_h5ad(
     try:
         overlap = annotator.check_genes(genes, merge_repeats=True)
         probe = annotator.gene_map(genes, merge_repeats=True)
-        first = adata.X[: min(n_cells, 20_000)]
-        first = first[:, probe.src]
-        _check_values(first.data if sp.issparse(first) else np.asarray(first))
+        # the value type, once for the file, from the model's genes in its first cells
+        first = sp.csr_matrix(adata.X[: min(n_cells, 2_000)])
+        values = first.data[probe.lut[first.indices] >= 0]
+        _check_values(values)
         from scpretrain_dist.data.normalize import detect_value_type
 
-        value_type = detect_value_type(first)
+        value_type = detect_value_type(values)
     except InputError as e:
         raise AnnotateError(f"{path}: {e}") from None
     finally:

@@ -336,6 +336,18 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store,
         annotate_h5ad(cfg, f"models:/{MODEL}/1", odd, **quiet)
     assert sha256(odd) == digest and not (tmp_path / "odd.h5ad.annotate-progress").exists()
 
+    # a bad value far into a file (past the cells checked up front): the run stops at that block
+    demo = ad.read_h5ad(env["demo"] / "demo_02.h5ad")
+    big = ad.concat([demo] * 11, index_unique="-", keys=[str(i) for i in range(11)])
+    big.X = sp.csr_matrix(big.X)
+    big.X.data[-1] = -3.0
+    late = tmp_path / "late.h5ad"
+    big.write_h5ad(late)
+    digest = sha256(late)
+    with pytest.raises(AnnotateError, match=r"late.h5ad, cells 2000..2639: .*negative"):
+        annotate_h5ad(cfg, f"models:/{MODEL}/1", late, block_size=1000, **quiet)
+    assert sha256(late) == digest
+
     # columns of this version's name that no annotation record accounts for: refused, untouched
     store.add_obs_columns({col(1, "label"): pa.large_string()})
     before = snapshot(store)
