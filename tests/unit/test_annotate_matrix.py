@@ -202,3 +202,16 @@ def test_small_jobs_skip_ray_start_up_unless_workers_are_given():
     assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells - 1, said.append) == 0 and "without starting Ray" in said[0]
     assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells, said.append) == cfg.annotate.workers
     assert _choose_workers(cfg, 3, 10, said.append) == 3
+
+
+def test_cells_without_counts_in_the_sparse_path(annotator, monkeypatch):
+    from scpretrain_dist.serve import pyfunc
+
+    X = counts(6, seed=7)
+    X[[0, 3, 5]] = 0  # empty cells first, in the middle and last
+    dense = annotator.predict_matrix(X, GENES, "counts")  # dense enough for the dense branch
+    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)
+    sparse = annotator.predict_matrix(sp.csr_matrix(X), GENES, "counts")
+    assert sparse.labels.tolist() == dense.labels.tolist()
+    np.testing.assert_allclose(sparse.confidence, dense.confidence, rtol=1e-5)
+    assert sparse.confidence[0] == sparse.confidence[3] == sparse.confidence[5]
