@@ -15,7 +15,8 @@ Every method reads its cells from the same store and its time includes that read
 as many threads as ours has actors. Ours is timed on a started pool (the pool lives through a
 whole pretraining run, so every refresh after the first finds it started); the pool's start-up
 is reported beside it, with the speed-up it leaves. Quality: NMI of each partition's pseudo-labels to the
-atlas's cell types (labelled cells only), averaged over datasets and partitions.
+atlas's cell types (labelled cells only), averaged over datasets and partitions, with purity
+and cluster balance beside it (see ``_nmi``). Every method's pseudo-labels are saved.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def run(args) -> dict:
         print(f"{peer}: {time.perf_counter() - t0:.1f}s")
 
     nmi = {m: _nmi(v["labels"], truth) for m, v in methods.items()}
+    labels_file = Path(cfg.work_dir) / "bench_kmeans" / "pseudo_labels.npz"
+    labels_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(labels_file, **{f"{m}/{d}": lab for m, v in methods.items() for d, lab in v["labels"].items()})
     # the machine's rate: the measured all-thread GEMM, or the 1-thread one times the threads
     # when that is higher (the other core busy with other work), whichever is larger
     machine_rate = max(matmul["flops_per_second_all_threads"], threads * matmul["flops_per_second_1_thread"])
@@ -135,6 +139,9 @@ def run(args) -> dict:
                "cells": int(sum(records[d].n_cells for d in datasets))},
         what_is_clustered={m: v["clusters"] for m, v in methods.items()},
         nmi_to_cell_types={m: v["mean"] for m, v in nmi.items()},
+        purity_to_cell_types={m: v["purity"] for m, v in nmi.items()},
+        effective_clusters_fraction_of_k={m: v["effective_clusters_fraction"] for m, v in nmi.items()},
+        labels_file=str(labels_file),
         nmi_per_dataset={m: v["per_dataset"] for m, v in nmi.items()},
         ours_detail={
             "actors": pcfg.num_actors, "space": ours.space, "niter": pcfg.niter,
@@ -235,16 +242,36 @@ def _true_labels(store, datasets) -> dict[str, np.ndarray]:
 
 
 def _nmi(labels: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict:
+    """Per labelled dataset and partition: NMI to the cell types, purity (fraction of cells
+    whose cluster's most common type is theirs) and the effective number of clusters
+    exp(entropy of the cluster sizes) as a fraction of k. NMI rewards unbalanced clusterings
+    when k is much larger than the number of types (a low cluster entropy raises it), so the
+    other two say whether a lower NMI means less pure clusters or only more balanced ones."""
     from sklearn.metrics import normalized_mutual_info_score
 
     from scpretrain_dist.store.soma import UNKNOWN_LABEL
 
-    per = {}
+    per, purity, balance = {}, {}, {}
     for d, y in truth.items():
         keep = y != UNKNOWN_LABEL
         if keep.sum() < 2:
             continue
-        lab = labels[d]
-        per[d] = [round(float(normalized_mutual_info_score(y[keep], lab[keep, p])), 4) for p in range(lab.shape[1])]
-    flat = [v for vs in per.values() for v in vs]
-    return {"mean": float(np.mean(flat)) if flat else float("nan"), "per_dataset": per}
+        lab = labels[d][keep]
+        types = np.unique(y[keep], return_inverse=True)[1]
+        per[d], purity[d], balance[d] = [], [], []
+        for p in range(lab.shape[1]):
+            c = lab[:, p]
+            per[d].append(round(float(normalized_mutual_info_score(types, c)), 4))
+            table = np.zeros((c.max() + 1, types.max() + 1), dtype=np.int64)
+            np.add.at(table, (c, types), 1)
+            purity[d].append(round(float(table.max(1).sum() / len(c)), 4))
+            sizes = table.sum(1)
+            frac = sizes[sizes > 0] / len(c)
+            balance[d].append(round(float(np.exp(-(frac * np.log(frac)).sum()) / len(sizes)), 4))
+
+    def mean(x):
+        flat = [v for vs in x.values() for v in vs]
+        return float(np.mean(flat)) if flat else float("nan")
+
+    return {"mean": mean(per), "purity": mean(purity), "effective_clusters_fraction": mean(balance),
+            "per_dataset": per}

@@ -164,22 +164,20 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
     for lo in range(0, len(x), BLOCK_ROWS):
         block = x[lo : lo + BLOCK_ROWS]
         labels, dist = assign(block, centroids, gpu)
+        columns = block.T.astype(np.float64)  # contiguous per gene/dimension, for bincount
         for p, c in enumerate(centroids):
-            sums[p] += _sum_by_label(block, labels[:, p], len(c))
+            sums[p] += _sum_by_label(columns, labels[:, p], len(c))
             counts[p] += np.bincount(labels[:, p], minlength=len(c))
             objective[p] += float(dist[:, p].sum(dtype=np.float64))
     return LloydPartial(sums, counts, objective)
 
 
-def _sum_by_label(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """(k, d) float64 sums of the rows of ``x`` per label: rows sorted by label, then summed
-    per run in float64 (cells in their original order within a label)."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    out = np.zeros((k, x.shape[1]), dtype=np.float64)
-    if len(order):
-        out[sorted_labels[starts]] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+def _sum_by_label(columns: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64 sums of cells per label, from the cells as (d, n) float64 columns: one
+    weighted bincount per dimension (sequential in cell order, so deterministic)."""
+    out = np.empty((k, columns.shape[0]), dtype=np.float64)
+    for j, col in enumerate(columns):
+        out[:, j] = np.bincount(labels, weights=col, minlength=k)
     return out
 
 
