@@ -148,7 +148,8 @@ def cmd_evaluate(args) -> None:
 
     sets = []
     if args.group:
-        sets.append(f'evaluate.group="{args.group}"')
+        # --group names the targets; it replaces targets listed in the work dir's config
+        sets += [f'evaluate.group="{args.group}"', "evaluate.targets=[]"]
     if args.folds:
         sets.append(f'evaluate.folds="{args.folds}"')
     if args.budgets:

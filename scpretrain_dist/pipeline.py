@@ -65,9 +65,11 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     """Cache key of an encoder: what was trained on what, with which settings. The store
     version is left out: ingest only appends, so the named datasets' cells never change."""
-    blob = json.dumps({"datasets": sorted(datasets), "pretrain": asdict(cfg.pretrain) | {"exclude_datasets": []},
-                       "pseudolabel": asdict(cfg.pseudolabel), "model": asdict(cfg.model),
-                       "store": cfg.store_uri}, sort_keys=True, default=str)
+    what = {"datasets": sorted(datasets), "pretrain": asdict(cfg.pretrain) | {"exclude_datasets": []},
+            "pseudolabel": asdict(cfg.pseudolabel), "model": asdict(cfg.model), "store": cfg.store_uri}
+    if cfg.pretrain.loader == "stream":  # chunks, buffers and the cache set the order cells come in
+        what["stream"] = asdict(cfg.stream) | {"prefetch_buffers": 0}  # read-ahead changes nothing
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -171,7 +173,8 @@ class Evaluation:
             for _, r in summary(self.rows).iterrows():
                 if r["dataset"] == "MEAN":
                     for m in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
-                        mlflow.log_metric(f"{r['method']}_{m}", float(r[m]))
+                        # MLflow metric names allow no '+': "logreg+shift" is logged as "logreg_shift"
+                        mlflow.log_metric(f"{r['method'].replace('+', '_')}_{m}", float(r[m]))
             if register and self.first_model is not None and self.first_model[3] is not None:
                 self._register(cfg, store, log)
         log("\n" + format_table(self.rows))

@@ -183,7 +183,9 @@ def evaluate_target(
                 rows += [{**r, "budget": budget} for r in done[len(train_pos)]]
                 continue
             train = _cells(target, train_pos)
-            on = [m for m in methods if budget == full or m in NETWORKS or m in ev.sweep_methods]
+            # the whole training split is the full protocol, even when a smaller budget reaches it
+            whole = budget == full or len(train_pos) == len(split.train)
+            on = [m for m in methods if whole or m in NETWORKS or m in ev.sweep_methods]
             features: dict = {}
             these = []
             for method in on:
@@ -193,7 +195,7 @@ def evaluate_target(
                 m = classification_metrics(test.y, fit.proba)
                 these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
                                   len(split.test), n_types, time.perf_counter() - t0, fit.extra))
-                if method == "scpretrain" and budget == full:
+                if method == "scpretrain" and whole:
                     models[seed] = fit.model
                 log(f"  {target.name:26s} budget {len(train_pos):5d} {method:12s} seed {seed}: "
                     f"accuracy {m['accuracy']:.3f} kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")

@@ -195,3 +195,20 @@ def test_derived_locations(tmp_path):
     cfg = config.resolve(cfg, overrides=['store.uri="/data/x.soma"', 'tracking.tracking_uri="http://h:5000"'])
     assert cfg.store_uri == "/data/x.soma"
     assert cfg.tracking_uri == "http://h:5000"
+
+
+def test_encoder_cache_key_tracks_what_changes_the_encoder():
+    from scpretrain_dist.pipeline import pretrain_key
+
+    base = recipes.get("tiny")
+    key = pretrain_key(base, ["a", "b"])
+    assert pretrain_key(base, ["b", "a"]) == key  # the order datasets are named in does not matter
+    assert pretrain_key(base, ["a"]) != key
+    assert pretrain_key(config.resolve(base, overrides=["pretrain.lr=0.5"]), ["a", "b"]) != key
+    # exclusions are already in the dataset list; stream settings only matter when streaming
+    assert pretrain_key(config.resolve(base, overrides=['pretrain.exclude_datasets=["c"]']), ["a", "b"]) == key
+    assert pretrain_key(config.resolve(base, overrides=["stream.buffer_cells=1024"]), ["a", "b"]) == key
+    stream = config.resolve(base, overrides=['pretrain.loader="stream"'])
+    assert pretrain_key(stream, ["a", "b"]) != key
+    assert pretrain_key(config.resolve(stream, overrides=["stream.buffer_cells=1024"]), ["a", "b"]) != pretrain_key(stream, ["a", "b"])
+    assert pretrain_key(config.resolve(stream, overrides=["stream.prefetch_buffers=3"]), ["a", "b"]) == pretrain_key(stream, ["a", "b"])

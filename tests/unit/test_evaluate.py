@@ -192,3 +192,26 @@ def test_label_shift_adaptation_recovers_the_query_mix_without_labels():
     assert abs(Q.mean(0)[1] - 0.5) < 0.05
     assert (Q.argmax(1) == y).mean() > (P.argmax(1) == y).mean() + 0.05
     np.testing.assert_allclose(Q.sum(1), 1.0)
+
+
+def test_a_small_target_gets_every_method_once_its_split_is_used_whole():
+    """A target whose training split (0.6 n) sits below the largest budgets: the first budget
+    that reaches the whole split is the full protocol, so the classifiers on embeddings and PCA
+    run there and every larger budget repeats those rows."""
+    from scpretrain_dist.evaluate.protocols import Encoder, TargetData, evaluate_target
+
+    X, y = _toy(n=200)  # 120 training cells
+    genes = np.array([f"g{i}" for i in range(X.shape[1])])
+    target = TargetData("small", X, genes, y, np.array(list("abc")), np.array([f"c{i}" for i in range(200)]))
+    enc = Encoder({"weight": np.random.default_rng(1).normal(0, 0.1, (60, 200)).astype(np.float32),
+                   "bias": np.zeros(200, np.float32)}, genes, np.ones(60, bool))
+    cfg = resolve(recipes.tiny(), overrides=["finetune.max_epochs=5", "finetune.patience=2", "finetune.seeds=[0]",
+                                             "evaluate.budgets=[25, 250, 1000]",
+                                             'evaluate.methods=["scpretrain", "logreg", "emb_logreg", "pca_logreg"]'])
+    rows, splits, models = evaluate_target(cfg, target, enc, log=lambda *_: None)
+    by_budget = {}
+    for r in rows:
+        by_budget.setdefault(r["budget"], set()).add(r["method"])
+    assert by_budget[25] == {"scpretrain", "logreg"}  # logreg is swept by default
+    assert by_budget[250] == by_budget[1000] == {"scpretrain", "logreg", "emb_logreg", "pca_logreg"}
+    assert set(models) == {0}
