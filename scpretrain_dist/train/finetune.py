@@ -31,7 +31,8 @@ class FinetuneResult:
     best_val_accuracy: float
     epochs_run: int
     n_pretrained_genes: int
-    history: list[float] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)  # validation accuracy per epoch
+    val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -74,7 +75,8 @@ def finetune(
     seed: int,
     pretrained: dict | None = None,
 ) -> FinetuneResult:
-    """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch.
+    """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch (among
+    epochs of equal validation accuracy, the one of lowest validation loss).
 
     ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
     """
@@ -93,7 +95,7 @@ def finetune(
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
     Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
-    best_acc, best_epoch, best_state, history = -1.0, 0, None, []
+    best_acc, best_loss, best_epoch, best_state, history, losses = -1.0, np.inf, 0, None, [], []
     epoch = 0
     for epoch in range(cfg.max_epochs):
         model.train()
@@ -103,15 +105,22 @@ def finetune(
             opt.step()
         model.eval()
         with torch.no_grad():
-            acc = (model(Xv).argmax(1) == yv).float().mean().item() if len(yv) else 0.0
+            logits = model(Xv)
+            acc = (logits.argmax(1) == yv).float().mean().item() if len(yv) else 0.0
+            loss = F.cross_entropy(logits, yv).item() if len(yv) else 0.0
         history.append(acc)
+        losses.append(loss)
         if acc > best_acc:
-            best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(model.state_dict())
+            best_acc, best_loss, best_epoch, best_state = acc, loss, epoch, copy.deepcopy(model.state_dict())
+        elif acc == best_acc and loss < best_loss:
+            # a small validation set ties often: keep the tied epoch whose probabilities fit
+            # better; patience still counts from the last gain in accuracy
+            best_loss, best_state = loss, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
     model.eval()
-    return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history)
+    return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses)
 
 
 @torch.no_grad()

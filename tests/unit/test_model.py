@@ -204,6 +204,22 @@ def test_finetune_learns_an_easy_problem():
     assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
 
 
+def test_finetune_breaks_accuracy_ties_by_validation_loss():
+    """An easy problem reaches full validation accuracy early and stays there: the model kept is
+    the tied epoch of lowest validation loss, not the first to reach it."""
+    X_train, y_train = _separable(150, seed=0)
+    X_val, y_val = _separable(60, seed=1)
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=40, patience=8, batch_size=32)
+    res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0)
+    tied = [e for e, a in enumerate(res.history) if a == res.best_val_accuracy]
+    assert len(tied) > 1 and res.best_epoch == tied[0]
+    best = min(tied, key=lambda e: res.val_losses[e])
+    assert best > tied[0]  # the loss kept falling after accuracy stopped rising
+    proba = predict_proba(res.model, X_val)
+    loss = -np.log(proba[np.arange(len(y_val)), y_val]).mean()
+    assert loss == pytest.approx(res.val_losses[best], rel=1e-4)
+
+
 def test_finetune_from_a_pretrained_encoder_counts_transferred_genes():
     X_train, y_train = _separable(60, seed=0)
     X_val, y_val = _separable(30, seed=1)
