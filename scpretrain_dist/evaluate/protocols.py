@@ -25,6 +25,7 @@ from scpretrain_dist.data.normalize import normalize_rows, to_linear
 from scpretrain_dist.evaluate.methods import (
     NEEDS_ENCODER,
     NETWORKS,
+    SHIFT_METHODS,
     Cells,
     adapt_to_label_shift,
     check_methods,
@@ -288,7 +289,7 @@ def evaluate_transfer(
                              encoder.weights if encoder else None, gidx, features)
             seconds = time.perf_counter() - t0
             variants = [(method, fit.proba)]
-            if ev.label_shift:
+            if ev.label_shift and method in SHIFT_METHODS:
                 prior = np.bincount(train.y, minlength=len(classes)) / len(train.y)
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
