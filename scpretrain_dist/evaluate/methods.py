@@ -21,7 +21,7 @@ CLASSIFIERS = ("rf", "logreg", "svm")
 FEATURE_METHODS = tuple(f"{space}_{c}" for space in ("emb", "pca") for c in CLASSIFIERS)
 # Methods whose outputs are probabilities fitted by likelihood, which label-shift EM needs: a
 # forest's vote shares (often exactly 0) and an SVM's softmaxed margins mislead it.
-SHIFT_METHODS = (*NETWORKS, "logreg", "emb_logreg", "pca_logreg")
+SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.endswith("_logreg"))
 ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS
 NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_"))
 

@@ -171,6 +171,7 @@ def evaluate_target(
     gidx = encoder.index(target.genes) if encoder is not None else None
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
     full = max(budgets)
+    swept = {*NETWORKS, *ev.sweep_methods}  # run at every budget; the others at the full one only
     rows, splits, models = [], [], {}
     for seed in f.seeds:
         split = split_cells(target.labels, seed, f.train_frac, f.val_frac, f.train_cap)
@@ -186,7 +187,7 @@ def evaluate_target(
             train = _cells(target, train_pos)
             # the whole training split is the full protocol, even when a smaller budget reaches it
             whole = budget == full or len(train_pos) == len(split.train)
-            on = [m for m in methods if whole or m in NETWORKS or m in ev.sweep_methods]
+            on = [m for m in methods if whole or m in swept]
             features: dict = {}
             these = []
             for method in on:
@@ -203,7 +204,7 @@ def evaluate_target(
             done[len(train_pos)] = these
             # the full-protocol-only methods report at the full budget alone (the curve of kappa
             # by budget must average every method over the same targets), their rows copied there
-            rows += [r for r in these if budget == full or r["method"] in NETWORKS or r["method"] in ev.sweep_methods]
+            rows += [r for r in these if budget == full or r["method"] in swept]
     return rows, splits, models
 
 
