@@ -30,6 +30,7 @@ MAX_CELLS_PER_REQUEST = 100_000  # larger jobs belong to batch annotation
 _GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repeat theirs)
 _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero values
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
+PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
 
 
 class InputError(ValueError):
@@ -80,7 +81,8 @@ class _GeneMap:
     src: np.ndarray  # input column of each matched gene
     dst: np.ndarray  # its row in the model's gene list
     rows: np.ndarray  # the distinct model genes found, sorted: the matched space
-    enc_w: np.ndarray  # their encoder rows (matched x 200), gathered once
+    enc_w: np.ndarray  # their encoder rows (matched x 200), gathered once; plus a zero row for
+    # unknown genes when some input columns are not model genes (and none repeat)
     lut: np.ndarray  # input column -> position in ``rows``, -1 for genes the model does not know
     dense_cols: np.ndarray | None  # input columns in ``rows`` order (no repeats); None: already so
     all_columns: bool  # every input column is a model gene
@@ -129,8 +131,12 @@ class Annotator:
             ordered = src[np.argsort(dst, kind="stable")]
             if len(ordered) != len(cols) or (ordered != np.arange(len(cols))).any():
                 dense_cols = ordered
-        hit = _GeneMap(src, dst, rows, np.ascontiguousarray(self.w["enc_w"][rows]), lut, dense_cols,
-                       all_columns=len(src) == len(cols), n_matched=len(rows), merge=merge)
+        all_columns = len(src) == len(cols)
+        enc_w = self.w["enc_w"][rows]
+        if not all_columns and merge is None:  # the zero row unknown genes point at, see _matched_columns
+            enc_w = np.vstack([enc_w, np.zeros((1, enc_w.shape[1]), enc_w.dtype)])
+        hit = _GeneMap(src, dst, rows, np.ascontiguousarray(enc_w), lut, dense_cols,
+                       all_columns=all_columns, n_matched=len(rows), merge=merge)
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -230,7 +236,7 @@ class Annotator:
             Xm = to_linear(np.asarray(Xm, dtype=np.float32), value_type)
             lib = Xm.sum(1, keepdims=True)
             Xm = np.log1p(Xm * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0))
-            h = Xm @ gm.enc_w
+            h = Xm @ gm.enc_w[: Xm.shape[1]]  # without the zero row of unknown genes
         emb = _sigmoid(h + self.w["enc_b"])
         hid = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
         logits = hid @ self.w["out_w"].T + self.w["out_b"]
@@ -246,6 +252,8 @@ class Annotator:
         """``df``: cells x gene-symbol columns; or, with ``genes`` (a list or one comma-separated
         string), the sparse request format (columns ``indices``/``values``, one row per cell, see
         :func:`sparse_request`)."""
+        if genes is not None and not isinstance(genes, (str, list, tuple, np.ndarray, pd.Index)):
+            raise InputError("the genes parameter must be a comma-separated string or a list of gene symbols")
         if genes is not None and len(genes):
             genes = genes.split(",") if isinstance(genes, str) else [str(g) for g in genes]
             X = decode_sparse_rows(df, len(genes), sparse_dtypes)
@@ -264,20 +272,27 @@ class Annotator:
 
 
 def _matched_columns(X: sp.csr_matrix, gm: _GeneMap) -> sp.csr_matrix:
-    """CSR over the input genes -> CSR over the matched genes, in O(non-zeros): unknown genes
-    dropped, repeated symbols summed. The values are copied (normalisation works in place)."""
+    """CSR over the input genes -> CSR over the matched genes, in O(non-zeros), values copied
+    (normalisation works in place). Unknown genes keep their slots but point at one extra,
+    all-zero column with value 0 (``gm.enc_w`` has a zero row there): cheaper than compacting
+    them out, which costs a branchy pass over every non-zero. Repeated symbols are summed."""
+    if gm.merge is None and gm.all_columns:
+        return sp.csr_matrix((X.data.astype(np.float32, copy=True), gm.lut[X.indices], X.indptr),
+                             shape=(X.shape[0], gm.n_matched))
+    if gm.merge is None:  # two gathers: cheaper than masking with np.where
+        known = (gm.lut >= 0).astype(np.float32)
+        pad = np.where(gm.lut < 0, np.int32(gm.n_matched), gm.lut).astype(np.int32)
+        data = X.data.astype(np.float32, copy=False) * known[X.indices]
+        return sp.csr_matrix((data, pad[X.indices], X.indptr), shape=(X.shape[0], gm.n_matched + 1))
+    # repeated symbols: unknown genes dropped (each row start moves back by the values dropped
+    # before it), then the columns of one gene summed
     cols = gm.lut[X.indices]
-    dropped = np.flatnonzero(cols < 0) if not gm.all_columns else np.zeros(0, np.int64)
-    if dropped.size == 0:
-        indptr, data = X.indptr, X.data.astype(np.float32, copy=True)
-    else:  # each row start moves back by the values dropped before it
-        indptr = X.indptr - np.searchsorted(dropped, X.indptr)
-        keep = np.ones(cols.size, dtype=bool)
-        keep[dropped] = False
-        cols, data = cols[keep], X.data[keep].astype(np.float32)
-    out = sp.csr_matrix((data, cols, indptr), shape=(X.shape[0], gm.n_matched))
-    if gm.merge is not None:
-        out.sum_duplicates()
+    dropped = np.flatnonzero(cols < 0)
+    indptr = X.indptr - np.searchsorted(dropped, X.indptr)
+    keep = np.ones(cols.size, dtype=bool)
+    keep[dropped] = False
+    out = sp.csr_matrix((X.data[keep].astype(np.float32), cols[keep], indptr), shape=(X.shape[0], gm.n_matched))
+    out.sum_duplicates()
     return out
 
 
@@ -298,25 +313,57 @@ def _sparse_times(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
         ).numpy()
 
 
-_SPARSE_DTYPES = {"indices": ("i4", "u2"), "values": ("f4", "u2")}
+_SPARSE_DTYPES = {"indices": ("i4", "u2"), "values": ("f4", "u2", "u1")}
 
 
 def _decode(value, dtype: str, what: str, row: int) -> np.ndarray:
     import binascii
 
-    if isinstance(value, str):
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a binary column (Parquet request)
+        raw = bytes(value)
+    elif isinstance(value, str):
         try:
             raw = binascii.a2b_base64(value)
         except (binascii.Error, ValueError):
             raise InputError(f"cell {row}: {what} is not valid base64") from None
-        size = np.dtype(dtype).itemsize
-        if len(raw) % size:
-            raise InputError(f"cell {row}: {what} holds {len(raw)} bytes, not a whole number of {dtype} values")
-        return np.frombuffer(raw, dtype="<" + dtype)
-    try:
-        return np.asarray(value, dtype=np.float64 if what == "values" else np.int64).ravel()
-    except (TypeError, ValueError):
-        raise InputError(f"cell {row}: {what} must be a list of numbers or base64 of {dtype}") from None
+    else:
+        try:
+            return np.asarray(value, dtype=np.float64 if what == "values" else np.int64).ravel()
+        except (TypeError, ValueError):
+            raise InputError(f"cell {row}: {what} must be a list of numbers or base64 of {dtype}") from None
+    size = np.dtype(dtype).itemsize
+    if len(raw) % size:
+        raise InputError(f"cell {row}: {what} holds {len(raw)} bytes, not a whole number of {dtype} values")
+    return np.frombuffer(raw, dtype="<" + dtype)
+
+
+def _decode_column(items: list, dtype: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """One request column (a cell per item) -> every cell's values end to end, and the number
+    per cell. Base64 text or raw bytes in every row are decoded in one pass and joined once
+    (a per-row array would cost more than the decoding); anything else row by row."""
+    import binascii
+
+    if all(type(v) is str for v in items):
+        try:
+            raw = [binascii.a2b_base64(v) for v in items]
+        except (binascii.Error, ValueError):
+            raw = None  # the row-by-row pass below names the bad cell
+    elif all(type(v) is bytes for v in items):
+        raw = items
+    else:
+        raw = None
+    if raw is None:
+        parts = [_decode(v, dtype, what, row) for row, v in enumerate(items)]
+        lens = np.fromiter(map(len, parts), np.int64, len(parts))
+        flat = np.concatenate(parts) if parts else np.zeros(0)
+        return flat, lens
+    size = np.dtype(dtype).itemsize
+    nbytes = np.fromiter(map(len, raw), np.int64, len(raw))
+    bad = np.flatnonzero(nbytes % size)
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(f"cell {row}: {what} holds {nbytes[row]} bytes, not a whole number of {dtype} values")
+    return np.frombuffer(b"".join(raw), dtype="<" + dtype), nbytes // size
 
 
 def _sparse_dtypes(text: str) -> tuple[str, str]:
@@ -340,19 +387,18 @@ def decode_sparse_rows(df: pd.DataFrame, n_genes: int, dtypes: str = "i4,f4") ->
         raise InputError(f"the request holds {df.shape[0]} cells, more than {MAX_CELLS_PER_REQUEST} per request; "
                          "split it, or use `scpretrain annotate` for whole datasets")
     idt, vdt = _sparse_dtypes(dtypes)
-    idx, val = [], []
-    for row, (i, v) in enumerate(zip(df["indices"].tolist(), df["values"].tolist())):
-        ii, vv = _decode(i, idt, "indices", row), _decode(v, vdt, "values", row)
-        if len(ii) != len(vv):
-            raise InputError(f"cell {row}: {len(ii)} indices but {len(vv)} values")
-        idx.append(ii)
-        val.append(vv)
-    indptr = np.concatenate([[0], np.cumsum([len(i) for i in idx])]).astype(np.int64)
-    indices = np.concatenate(idx).astype(np.int64)
-    data = np.concatenate(val).astype(np.float32)
+    indices, n_ind = _decode_column(df["indices"].tolist(), idt, "indices")
+    data, n_val = _decode_column(df["values"].tolist(), vdt, "values")
+    differ = np.flatnonzero(n_ind != n_val)
+    if differ.size:
+        row = int(differ[0])
+        raise InputError(f"cell {row}: {n_ind[row]} indices but {n_val[row]} values")
+    indptr = np.zeros(len(n_ind) + 1, dtype=np.int64)
+    np.cumsum(n_ind, out=indptr[1:])
+    data = data.astype(np.float32)
     if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
         raise InputError(f"gene indices must lie in [0, {n_genes}) (positions in the genes parameter)")
-    X = sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(len(idx), n_genes))
+    X = sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(len(n_ind), n_genes))
     if not X.has_canonical_format:
         X.sort_indices()
         same_row = np.diff(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))) == 0
@@ -361,27 +407,51 @@ def decode_sparse_rows(df: pd.DataFrame, n_genes: int, dtypes: str = "i4,f4") ->
     return X
 
 
+def _sparse_parts(X, genes) -> tuple[str, str, sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The comma-joined gene list, the dtypes parameter, and the CSR's indices and values in
+    the narrowest exact little-endian dtypes."""
+    genes = [str(g) for g in genes]
+    if any("," in g for g in genes):
+        raise ValueError("gene symbols must not contain commas")
+    X = sp.csr_matrix(X, dtype=np.float32)
+    idt = "u2" if len(genes) <= np.iinfo(np.uint16).max + 1 else "i4"
+    vdt = "f4"
+    if X.nnz == 0 or (np.all(X.data == np.round(X.data)) and X.data.min() >= 0):
+        top = X.data.max(initial=0)
+        vdt = "u1" if top <= np.iinfo(np.uint8).max else "u2" if top <= np.iinfo(np.uint16).max else "f4"
+    return ",".join(genes), f"{idt},{vdt}", X, X.indices.astype("<" + idt), X.data.astype("<" + vdt)
+
+
 def sparse_request(X, genes, value_type: str = "auto", return_embedding: bool = False) -> dict:
     """A JSON payload for the scoring server from a cells x genes matrix: each cell's
     non-zeros, base64-encoded in the narrowest exact dtypes, and the gene list once, as one
     comma-separated parameter (a list parameter costs MLflow a check per gene)."""
     import base64
 
-    genes = [str(g) for g in genes]
-    if any("," in g for g in genes):
-        raise ValueError("gene symbols must not contain commas")
-    X = sp.csr_matrix(X, dtype=np.float32)
-    idt = "u2" if len(genes) <= np.iinfo(np.uint16).max + 1 else "i4"
-    integral = X.nnz == 0 or (np.all(X.data == np.round(X.data)) and X.data.min() >= 0
-                              and X.data.max() <= np.iinfo(np.uint16).max)
-    vdt = "u2" if integral else "f4"
-    ind = X.indices.astype("<" + idt)
-    dat = X.data.astype("<" + vdt)
+    genes, dtypes, X, ind, dat = _sparse_parts(X, genes)
     rows = [[base64.b64encode(ind[a:b].tobytes()).decode(), base64.b64encode(dat[a:b].tobytes()).decode()]
             for a, b in zip(X.indptr[:-1], X.indptr[1:])]
     return {"dataframe_split": {"columns": SPARSE_COLUMNS, "data": rows},
-            "params": {"genes": ",".join(genes), "sparse_dtypes": f"{idt},{vdt}", "value_type": value_type,
+            "params": {"genes": genes, "sparse_dtypes": dtypes, "value_type": value_type,
                        "return_embedding": return_embedding}}
+
+
+def sparse_request_parquet(X, genes, value_type: str = "auto", return_embedding: bool = False) -> bytes:
+    """The same request as a Parquet body (``Content-Type: application/vnd.apache.parquet``,
+    which MLflow's scoring server reads with pandas): binary columns instead of base64 and no
+    JSON to parse, the cheapest format for large requests. Parquet requests carry no MLflow
+    params, so the parameters travel in the table's metadata (``DataFrame.attrs``)."""
+    import io
+
+    genes, dtypes, X, ind, dat = _sparse_parts(X, genes)
+    bounds = list(zip(X.indptr[:-1].tolist(), X.indptr[1:].tolist()))
+    df = pd.DataFrame({"indices": [ind[a:b].tobytes() for a, b in bounds],
+                       "values": [dat[a:b].tobytes() for a, b in bounds]})
+    df.attrs[PARQUET_PARAMS] = {"genes": genes, "sparse_dtypes": dtypes, "value_type": value_type,
+                                "return_embedding": return_embedding}
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def _check_values(values: np.ndarray) -> None:
@@ -410,7 +480,16 @@ class AnnotatorPyfunc(_Base):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        params = params or {}
+        params = dict(params or {})
+        # a Parquet request carries its parameters in the table's metadata (sparse_request_parquet);
+        # MLflow fills the schema's defaults in, so those give way to them
+        attrs = getattr(model_input, "attrs", {}).get(PARQUET_PARAMS)
+        if attrs is not None:
+            if not isinstance(attrs, dict):
+                raise MlflowException(f"the Parquet metadata {PARQUET_PARAMS!r} must be a mapping of parameters",
+                                      error_code=INVALID_PARAMETER_VALUE)
+            if not params.get("genes"):
+                params.update(attrs)
         try:
             return self.annotator.predict(
                 model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),

@@ -28,10 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, payload) -> tuple[int, dict]:
+def post(port: int, payload, content_type: str = "application/json") -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -141,3 +141,33 @@ def test_sparse_request_format_over_http(server):
     bad["dataframe_split"]["data"][0][0] = [0, 1]  # two indices, more values
     status, body = post(port, bad)
     assert status == 400 and "indices but" in json.dumps(body)
+
+
+PARQUET = "application/vnd.apache.parquet"
+
+
+def test_parquet_request_over_http(server):
+    import scipy.sparse as sp
+
+    from scpretrain_dist.serve.pyfunc import sparse_request_parquet
+
+    port, loaded, counts = server
+    shuffled = counts[list(reversed(counts.columns))]
+    status, body = post(port, sparse_request_parquet(sp.csr_matrix(shuffled.to_numpy()), shuffled.columns,
+                                                     return_embedding=True), PARQUET)
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    local = loaded.predict(counts)
+    assert served["cell_type"].tolist() == local["cell_type"].tolist()
+    np.testing.assert_allclose(served["confidence"], local["confidence"], rtol=1e-5)
+    assert served.shape[1] == 3 + 200  # the embedding was asked for in the table's metadata
+    # not Parquet at all, and a Parquet table without the parameters: 4xx, and the server goes on
+    status, body = post(port, b"PAR1 not really", PARQUET)
+    assert 400 <= status < 500, body
+    import io
+
+    buf = io.BytesIO()
+    pd.DataFrame({"indices": [b"\x00\x00"], "values": [b"\x01\x00"]}).to_parquet(buf)
+    status, body = post(port, buf.getvalue(), PARQUET)
+    assert 400 <= status < 500 and "gene" in json.dumps(body).lower(), body
+    assert post(port, frame(counts.head(2)))[0] == 200

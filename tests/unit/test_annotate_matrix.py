@@ -143,7 +143,7 @@ def test_sparse_request_format_gives_the_dense_answer(annotator):
     genes = np.char.lower(GENES.astype(str))
     dense = annotator.predict(pd.DataFrame(X, columns=genes), return_embedding=True)
     payload = sparse_request(sp.csr_matrix(X), genes)
-    assert payload["params"]["genes"] == ",".join(genes) and payload["params"]["sparse_dtypes"] == "u2,u2"
+    assert payload["params"]["genes"] == ",".join(genes) and payload["params"]["sparse_dtypes"] == "u2,u1"
     out = annotator.predict(_payload_frame(payload), genes=payload["params"]["genes"],
                             sparse_dtypes=payload["params"]["sparse_dtypes"], return_embedding=True)
     assert out["cell_type"].tolist() == dense["cell_type"].tolist()
@@ -161,6 +161,42 @@ def test_sparse_request_format_gives_the_dense_answer(annotator):
     assert out["cell_type"].tolist() == annotator.predict(pd.DataFrame(np.log1p(X), columns=genes))["cell_type"].tolist()
     with pytest.raises(InputError, match="sparse_dtypes"):
         annotator.predict(_payload_frame(logn), genes=logn["params"]["genes"], sparse_dtypes="f8,f4")
+    # counts above 255 take two bytes each
+    big = X * 100
+    wide = sparse_request(sp.csr_matrix(big), genes)
+    assert wide["params"]["sparse_dtypes"] == "u2,u2"
+    out = annotator.predict(_payload_frame(wide), genes=wide["params"]["genes"], sparse_dtypes="u2,u2")
+    assert out["cell_type"].tolist() == annotator.predict(pd.DataFrame(big, columns=genes))["cell_type"].tolist()
+
+
+def test_parquet_request_carries_its_parameters_and_gives_the_dense_answer(annotator):
+    import io
+
+    from scpretrain_dist.serve.pyfunc import PARQUET_PARAMS, AnnotatorPyfunc, sparse_request_parquet
+
+    X = counts(12, seed=8)
+    genes = list(np.char.lower(GENES.astype(str)))[::-1]
+    X = X[:, ::-1].copy()
+    wrapper = AnnotatorPyfunc()
+    wrapper.annotator = annotator
+    body = sparse_request_parquet(sp.csr_matrix(X), genes, return_embedding=True)
+    table = pd.read_parquet(io.BytesIO(body))  # what the scoring server does with the body
+    assert list(table.columns) == ["indices", "values"] and len(table) == 12
+    # MLflow passes the signature's defaults as params; the table's own parameters win over them
+    defaults = {"genes": "", "sparse_dtypes": "i4,f4", "value_type": "auto", "return_embedding": False}
+    out = wrapper.predict(None, table, params=defaults)
+    dense = annotator.predict(pd.DataFrame(X, columns=genes), return_embedding=True)
+    assert out["cell_type"].tolist() == dense["cell_type"].tolist()
+    np.testing.assert_allclose(out.drop(columns="cell_type").to_numpy(float),
+                               dense.drop(columns="cell_type").to_numpy(float), rtol=1e-5, atol=1e-6)
+    from mlflow.exceptions import MlflowException
+
+    table.attrs[PARQUET_PARAMS] = "genes=A,B"
+    with pytest.raises(MlflowException, match="mapping"):
+        wrapper.predict(None, table, params=defaults)
+    table.attrs[PARQUET_PARAMS] = {"genes": 7}
+    with pytest.raises(MlflowException, match="genes parameter"):
+        wrapper.predict(None, table, params=defaults)
 
 
 def test_repeated_symbols_are_summed_in_the_batch_path(annotator):
