@@ -134,6 +134,11 @@ class FinetuneConfig:
     # an epoch is at least this many steps (small label budgets go round their cells several
     # times), so patience means the same amount of training whatever the budget
     min_steps_per_epoch: int = 16
+    # >1: the model is the mean of the weights of this many best epochs (by validation accuracy,
+    # then loss) instead of the single best epoch (1, the paper)
+    snapshots: int = 1
+    # probability of zeroing each measured value of a training cell, per step (0: none, the paper)
+    input_dropout: float = 0.0
     train_frac: float = 0.6
     val_frac: float = 0.1
     train_cap: int = 1000

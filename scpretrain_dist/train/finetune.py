@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,17 @@ def _rows(X, idx=None):
     return torch.from_numpy(np.asarray(sub, np.float32))
 
 
+def _dropout(x, p: float):
+    """Each measured value zeroed with probability p, the rest scaled by 1/(1-p): augmentation
+    that mimics the sampling dropout of scRNA-seq (a cell measured again loses other genes)."""
+    if p <= 0:
+        return x
+    if isinstance(x, SparseBatch):
+        keep = (torch.rand_like(x.values) >= p).to(x.values.dtype) / (1 - p)
+        return dataclasses.replace(x, values=x.values * keep)
+    return F.dropout(x, p, training=True)
+
+
 @dataclass
 class FinetuneResult:
     model: CellTypeClassifier
@@ -33,6 +45,7 @@ class FinetuneResult:
     n_pretrained_genes: int
     history: list[float] = field(default_factory=list)  # validation accuracy per epoch
     val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch
+    snapshots: list[dict] = field(default_factory=list)  # the best epochs' weights, when averaged
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -96,12 +109,13 @@ def finetune(
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
     Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
     best_acc, best_loss, best_epoch, best_state, history, losses = -1.0, np.inf, 0, None, [], []
+    top: list[tuple[float, float, int, dict]] = []  # the best ``cfg.snapshots`` epochs by (accuracy, -loss)
     epoch = 0
     for epoch in range(cfg.max_epochs):
         model.train()
         for idx in epoch_batches(len(yt), cfg.batch_size, cfg.min_steps_per_epoch, rng):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(_rows(X_train, idx)), yt[idx]).backward()
+            F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx]).backward()
             opt.step()
         model.eval()
         with torch.no_grad():
@@ -110,6 +124,9 @@ def finetune(
             loss = F.cross_entropy(logits, yv).item() if len(yv) else 0.0
         history.append(acc)
         losses.append(loss)
+        if cfg.snapshots > 1 and (len(top) < cfg.snapshots or (acc, -loss) > top[-1][:2]):
+            top = sorted(top + [(acc, -loss, epoch, copy.deepcopy(model.state_dict()))],
+                         key=lambda t: t[:2], reverse=True)[: cfg.snapshots]
         if acc > best_acc:
             best_acc, best_loss, best_epoch, best_state = acc, loss, epoch, copy.deepcopy(model.state_dict())
         elif acc == best_acc and loss < best_loss:
@@ -118,9 +135,15 @@ def finetune(
             best_loss, best_state = loss, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
+    if cfg.snapshots > 1 and len(top) > 1:
+        # the mean of the best epochs' weights (one model; their average generalises and ranks
+        # better than any one of them, as in stochastic weight averaging)
+        best_state = {k: torch.stack([t[3][k].float() for t in top]).mean(0).to(best_state[k].dtype)
+                      for k in best_state}
     model.load_state_dict(best_state)
     model.eval()
-    return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses)
+    return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
+                          [t[3] for t in top])
 
 
 @torch.no_grad()

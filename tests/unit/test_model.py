@@ -233,3 +233,43 @@ def test_finetune_from_a_pretrained_encoder_counts_transferred_genes():
     )
     assert res.n_pretrained_genes == 12
     assert res.model.encoder.weight.shape == (24, 16)
+
+
+def test_finetune_snapshots_average_the_best_epochs_weights():
+    X_train, y_train = _separable(150, seed=0)
+    X_val, y_val = _separable(60, seed=1)
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=30, patience=8, batch_size=32, snapshots=4)
+    res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0)
+    assert len(res.snapshots) == 4
+    # the kept epochs are the four best by (accuracy, -loss)
+    ranked = sorted(range(len(res.history)), key=lambda e: (res.history[e], -res.val_losses[e]), reverse=True)
+    kept_losses = sorted(res.val_losses[e] for e in ranked[:4])
+    assert all(res.history[e] == res.best_val_accuracy for e in ranked[:1])
+    assert len(kept_losses) == 4
+    for name, value in res.model.state_dict().items():
+        mean = torch.stack([s[name] for s in res.snapshots]).mean(0)
+        torch.testing.assert_close(value, mean)
+    # the snapshots differ (distinct epochs), so the mean is none of them
+    w = [s["encoder.weight"] for s in res.snapshots]
+    assert not torch.equal(w[0], w[1])
+    single = finetune(X_train, y_train, X_val, y_val, 3, FinetuneConfig(lr=2e-3, max_epochs=30, patience=8,
+                                                                         batch_size=32), ModelConfig(), seed=0)
+    assert single.snapshots == []
+
+
+def test_input_dropout_zeros_a_fraction_of_values_and_keeps_the_mean():
+    import scipy.sparse as sp
+
+    from scpretrain_dist.model.networks import SparseBatch
+    from scpretrain_dist.train.finetune import _dropout
+
+    X = sp.random(200, 500, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    X.data[:] = 1.0
+    b = SparseBatch.from_csr(X)
+    assert _dropout(b, 0.0) is b
+    torch.manual_seed(0)
+    d = _dropout(b, 0.25)
+    zeroed = (d.values == 0).float().mean().item()
+    assert 0.23 < zeroed < 0.27
+    assert d.values.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert torch.equal(d.indices, b.indices) and torch.all(b.values == 1.0)  # the input is untouched
