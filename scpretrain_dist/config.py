@@ -182,7 +182,8 @@ class AnnotateConfig:
     block_size: int = 8192
     workers: int = 2
     cpus_per_worker: float = 0.5
-    # Jobs with fewer cells run in-process unless Ray is already up or --workers is given.
+    # Without --workers, the actor pool is used only with a Ray cluster to spread over (ray.address,
+    # RAY_ADDRESS, or a running Ray) and for jobs of at least this many cells; else in-process.
     ray_min_cells: int = 50_000
 
 

@@ -235,7 +235,9 @@ def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:
         "seeds": ", ".join(map(str, cfg.finetune.seeds)),
         "label budgets": ", ".join(map(str, cfg.evaluate.budgets)) + " (validation: 10% of each target, fixed per seed)",
         "fine-tuning": f"lr {cfg.finetune.lr}, encoder lr {cfg.finetune.encoder_lr or cfg.finetune.lr}, "
-                       f"batch {cfg.finetune.batch_size}, early stopping on validation accuracy, ties by validation loss (patience {cfg.finetune.patience})",
+                       f"batch {cfg.finetune.batch_size}, early stopping on validation accuracy, ties by validation loss (patience {cfg.finetune.patience})"
+                       + (f", input dropout {cfg.finetune.input_dropout}" if cfg.finetune.input_dropout else "")
+                       + (f", mean weights of the {cfg.finetune.snapshots} best epochs" if cfg.finetune.snapshots > 1 else ""),
         "pretraining": f"{cfg.pretrain.iterations} iterations max x {cfg.pretrain.epochs} epochs, lr {cfg.pretrain.lr}, "
                        f"stop at NMI >= {cfg.pretrain.nmi_stop}",
         "store": cfg.store_uri,

@@ -406,10 +406,11 @@ def run(args) -> dict:
         ray_start = _time_ray_start(cfg)
         warm_s = _time_ours_ray_running(cfg, model_uri, qpath, args.workers, log)
         ct_cps = n / ct_s
-        # the headline is what `scpretrain annotate` does by default with a job of this size:
-        # in-process below annotate.ray_min_cells (Ray's start-up costs more than it saves), else
-        # the actor pool; both paths are measured and reported whatever the size
-        default = "in-process" if n < cfg.annotate.ray_min_cells else "ray"
+        # the headline is what `scpretrain annotate` does by default with this job on this
+        # machine (see _choose_workers); both paths are measured and reported whatever it is
+        from scpretrain_dist.serve.annotate import _choose_workers
+
+        default = "in-process" if _choose_workers(cfg, None, n, lambda m: None) == 0 else "ray"
         ours_cps, peers = (n / inproc_s if default == "in-process" else n / ray_s), {"celltypist": ct_cps}
         extra.update(
             ours_is=f"whole `scpretrain annotate --h5ad` path as run by default on {n} cells ({default}): registry "

@@ -289,17 +289,28 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
 
 
 def _choose_workers(cfg: RunConfig, workers: int | None, cells: int, log) -> int:
-    """``workers`` as given; else ``annotate.workers``, except that a small job on a machine
-    without a running Ray is done in this process (starting Ray costs seconds)."""
+    """``workers`` as given; else the actor pool (``annotate.workers``) only where there is a Ray
+    cluster to spread over (``ray.address``, ``RAY_ADDRESS`` as under ``ray job submit``, or a
+    Ray already running) and the job has at least ``annotate.ray_min_cells`` cells. On one
+    machine the in-process forward pass already uses every core, and starting Ray and actors
+    costs seconds that a pool on the same cores never wins back (measured: 3.2x CellTypist's
+    cells/s in-process vs 1.1x through the pool, 100k cells on 2 cores)."""
     if workers is not None:
         return workers
-    if cfg.annotate.workers > 0 and cells < cfg.annotate.ray_min_cells and not cfg.ray.address:
-        import ray
+    if cfg.annotate.workers <= 0:
+        return 0
+    import os
 
-        if not ray.is_initialized():
-            log(f"annotate: {cells} cells to do (< annotate.ray_min_cells = {cfg.annotate.ray_min_cells}): "
-                "in this process, without starting Ray; --workers N uses the actor pool regardless")
-            return 0
+    import ray
+
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        log("annotate: no Ray cluster to spread over (no ray.address, RAY_ADDRESS or running Ray): in this process, "
+            "without starting Ray; --workers N uses the actor pool regardless")
+        return 0
+    if cells < cfg.annotate.ray_min_cells:
+        log(f"annotate: {cells} cells to do (< annotate.ray_min_cells = {cfg.annotate.ray_min_cells}): "
+            "in this process, without starting actors; --workers N uses the actor pool regardless")
+        return 0
     return cfg.annotate.workers
 
 

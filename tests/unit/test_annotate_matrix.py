@@ -229,15 +229,27 @@ def test_sparse_request_format_refuses_bad_rows(annotator, rows, words):
         annotator.predict(pd.DataFrame({"a": [1]}), genes=list(GENES))
 
 
-def test_small_jobs_skip_ray_start_up_unless_workers_are_given():
+def test_the_actor_pool_needs_a_cluster_and_a_large_job_unless_workers_are_given(monkeypatch):
+    import dataclasses
+
     from scpretrain_dist.config import RunConfig
     from scpretrain_dist.serve.annotate import _choose_workers
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = RunConfig()
+    big = cfg.annotate.ray_min_cells
     said = []
-    assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells - 1, said.append) == 0 and "without starting Ray" in said[0]
-    assert _choose_workers(cfg, None, cfg.annotate.ray_min_cells, said.append) == cfg.annotate.workers
+    # one machine, no Ray: in-process whatever the size
+    assert _choose_workers(cfg, None, 10 * big, said.append) == 0 and "no Ray cluster" in said[0]
     assert _choose_workers(cfg, 3, 10, said.append) == 3
+    # a cluster (by address or RAY_ADDRESS): the pool for large jobs, in-process for small ones
+    clustered = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, address="ray://head:10001"))
+    assert _choose_workers(clustered, None, big, said.append) == cfg.annotate.workers
+    assert _choose_workers(clustered, None, big - 1, said.append) == 0 and "without starting actors" in said[-1]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert _choose_workers(cfg, None, big, said.append) == cfg.annotate.workers
+    no_pool = dataclasses.replace(cfg, annotate=dataclasses.replace(cfg.annotate, workers=0))
+    assert _choose_workers(no_pool, None, big, said.append) == 0
 
 
 def test_cells_without_counts_in_the_sparse_path(annotator, monkeypatch):
