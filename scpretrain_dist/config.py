@@ -139,6 +139,16 @@ class FinetuneConfig:
     snapshots: int = 1
     # probability of zeroing each measured value of a training cell, per step (0: none, the paper)
     input_dropout: float = 0.0
+    # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
+    # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
+    # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary
+    # on the embedding behind a gradient reversal; both weights ramp up over the first epochs.
+    unsup_weight: float = 1.0
+    domain_weight: float = 0.1
+    mixup_alpha: float = 0.3
+    sharpen_temperature: float = 0.5
+    ssl_rampup_epochs: int = 20
+    ssl_augment_dropout: float = 0.1  # input dropout of the augmentations when input_dropout is 0
     train_frac: float = 0.6
     val_frac: float = 0.1
     train_cap: int = 1000
@@ -157,6 +167,7 @@ class EvaluateConfig:
     methods: tuple[str, ...] = (
         "scpretrain", "no_pretrain", "logreg",
         "emb_rf", "emb_logreg", "emb_svm", "pca_rf", "pca_logreg", "pca_svm",
+        "scpretrain_ssl",  # transfer only (it learns from the unlabelled query too)
     )
     # labelled training cells per fine-tuning; the largest is the paper's protocol (capped at
     # min(budget, 0.6 n)); the smaller ones are stratified subsets of its training cells

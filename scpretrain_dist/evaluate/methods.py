@@ -5,7 +5,9 @@ and test cells and returns class probabilities for the test cells.
 - ``no_pretrain``: the same network from a random start;
 - ``logreg``: logistic regression on log-normalised expression (what CellTypist does);
 - ``{emb,pca}_{rf,logreg,svm}``: random forest, logistic regression and linear SVM on the frozen
-  pretrained embedding vs on PCA(200) fitted on the training cells (the paper's Fig. 4).
+  pretrained embedding vs on PCA(200) fitted on the training cells (the paper's Fig. 4);
+- ``scpretrain_ssl`` (transfer only): the pretrained network fine-tuned semi-supervised on the
+  unlabelled query as well (scNym's MixMatch and domain adversary).
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ FEATURE_METHODS = tuple(f"{space}_{c}" for space in ("emb", "pca") for c in CLAS
 # Methods whose outputs are probabilities fitted by likelihood, which label-shift EM needs: a
 # forest's vote shares (often exactly 0) and an SVM's softmaxed margins mislead it.
 SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.endswith("_logreg"))
-ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS
-NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_"))
+# Methods that also learn from the unlabelled query cells (transductive): the transfer protocol
+# only, where the query is another dataset; leave-datasets-out targets have no such query.
+SEMI_SUPERVISED = ("scpretrain_ssl",)
+SHIFT_METHODS = SHIFT_METHODS + SEMI_SUPERVISED
+ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS + SEMI_SUPERVISED
+NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_")) + SEMI_SUPERVISED
 
 
 @dataclass
@@ -108,16 +114,21 @@ def run_method(
     encoder: dict | None = None,
     gene_idx: np.ndarray | None = None,
     features: dict | None = None,
+    unlabelled: sp.csr_matrix | None = None,
 ) -> Fitted:
     """Fit ``method`` on train (validation cells only for the networks' early stopping) and
-    return test probabilities. ``features`` caches embeddings/PCA per split across methods."""
+    return test probabilities. ``features`` caches embeddings/PCA per split across methods;
+    ``unlabelled``: the query's cells, for the semi-supervised methods (their labels unused)."""
     from scpretrain_dist.train.finetune import finetune, predict_proba
 
-    if method in NETWORKS:
+    if method in NETWORKS + SEMI_SUPERVISED:
         init = None
-        if method == "scpretrain":
+        if method in ("scpretrain", "scpretrain_ssl"):
             init = {**encoder, "gene_index": gene_idx}
-        res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
+        if method in SEMI_SUPERVISED and unlabelled is None:
+            raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
+        res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
+                       unlabelled=unlabelled if method in SEMI_SUPERVISED else None)
         return Fitted(predict_proba(res.model, test.X),
                       {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                        "n_pretrained_genes": res.n_pretrained_genes}, res.model)

@@ -25,6 +25,7 @@ from scpretrain_dist.data.normalize import normalize_rows, to_linear
 from scpretrain_dist.evaluate.methods import (
     NEEDS_ENCODER,
     NETWORKS,
+    SEMI_SUPERVISED,
     SHIFT_METHODS,
     Cells,
     adapt_to_label_shift,
@@ -165,8 +166,8 @@ def evaluate_target(
     """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget)
     and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
     ev, f = cfg.evaluate, cfg.finetune
-    methods = [m for m in ev.methods if encoder is not None or m not in NEEDS_ENCODER]
-    check_methods(methods)
+    check_methods(ev.methods)
+    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in SEMI_SUPERVISED]
     n_types = len(target.classes)
     gidx = encoder.index(target.genes) if encoder is not None else None
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
@@ -289,7 +290,7 @@ def evaluate_transfer(
         for method in methods:
             t0 = time.perf_counter()
             fit = run_method(method, train, val, test, len(classes), seed, cfg,
-                             encoder.weights if encoder else None, gidx, features)
+                             encoder.weights if encoder else None, gidx, features, unlabelled=q.X)
             seconds = time.perf_counter() - t0
             variants = [(method, fit.proba)]
             if ev.label_shift and method in SHIFT_METHODS:

@@ -36,6 +36,84 @@ def _dropout(x, p: float):
     return F.dropout(x, p, training=True)
 
 
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, gradient times -scale backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _ReverseGradient.apply(x, scale)
+
+
+class SemiSupervised:
+    """scNym's semi-supervised objective (Kimmel & Kelley 2021) for one fine-tuning run: each
+    step adds a batch of unlabelled query cells to the labelled batch.
+
+    - MixMatch: the query cells' labels are guessed (the mean prediction over two augmentations,
+      input dropout), sharpened at ``sharpen_temperature``; reference and query cells are mixed
+      with a partner drawn from both (mixup, weight max(l, 1 - l) on the cell itself, l ~ Beta);
+      cross-entropy on mixed reference cells, squared error on mixed query cells. The encoder's
+      first layer is linear, so mixing its pre-activations is mixing the cells' expression,
+      sparse inputs included.
+    - Domain adversary: an MLP tells reference from query embeddings; its gradient reaches the
+      encoder reversed, pushing the embedding to hide which dataset a cell came from.
+    Both unsupervised weights ramp up (sigmoid schedule) over ``ssl_rampup_epochs``."""
+
+    def __init__(self, model: CellTypeClassifier, unlabelled, n_types: int, cfg: FinetuneConfig, rng):
+        self.model, self.cfg, self.rng, self.n_types = model, cfg, rng, n_types
+        self.X = sp.csr_matrix(unlabelled, dtype=np.float32) if sp.issparse(unlabelled) else np.asarray(unlabelled, np.float32)
+        if self.X.shape[0] == 0:
+            raise ValueError("semi-supervised fine-tuning needs unlabelled cells; the query has none")
+        dim = model.hidden.in_features
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        self.augment = cfg.input_dropout or cfg.ssl_augment_dropout
+
+    def ramp(self, epoch: int) -> float:
+        if self.cfg.ssl_rampup_epochs <= 0:
+            return 1.0
+        t = min(epoch / self.cfg.ssl_rampup_epochs, 1.0)
+        return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+    def _logits(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.sigmoid(pre)
+        return self.model.out(torch.sigmoid(self.model.hidden(emb))), emb
+
+    def loss(self, xb, yb: torch.Tensor, epoch: int) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        ub = _rows(self.X, self.rng.choice(self.X.shape[0], size=len(yb), replace=self.X.shape[0] < len(yb)))
+        with torch.no_grad():  # guessed labels: the mean over two augmentations, sharpened
+            guess = sum(torch.softmax(model(_dropout(ub, self.augment)), 1) for _ in range(2)) / 2
+            guess = guess ** (1.0 / cfg.sharpen_temperature)
+            guess = guess / guess.sum(1, keepdim=True)
+        hx = model.encoder(_dropout(xb, self.augment))
+        hu = model.encoder(_dropout(ub, self.augment))
+        h = torch.cat([hx, hu])
+        target = torch.cat([F.one_hot(yb, self.n_types).float(), guess])
+        lam = float(self.rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)) if cfg.mixup_alpha > 0 else 1.0
+        lam = max(lam, 1.0 - lam)
+        perm = torch.from_numpy(self.rng.permutation(len(h)))
+        logits, _ = self._logits(lam * h + (1 - lam) * h[perm])
+        mixed = lam * target + (1 - lam) * target[perm]
+        n = len(yb)
+        supervised = -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1).mean()
+        consistency = ((torch.softmax(logits[n:], 1) - mixed[n:]) ** 2).sum(1).mean()
+        ramp = self.ramp(epoch)
+        loss = supervised + cfg.unsup_weight * ramp * consistency
+        if cfg.domain_weight > 0:
+            emb = torch.sigmoid(h)  # the un-mixed embeddings of both batches
+            domain = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(len(hu), dtype=torch.long)])
+            loss = loss + cfg.domain_weight * ramp * F.cross_entropy(self.discriminator(reverse_gradient(emb)), domain)
+        return loss
+
+
 @dataclass
 class FinetuneResult:
     model: CellTypeClassifier
@@ -87,11 +165,14 @@ def finetune(
     model_cfg: ModelConfig,
     seed: int,
     pretrained: dict | None = None,
+    unlabelled=None,
 ) -> FinetuneResult:
     """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch (among
     epochs of equal validation accuracy, the one of lowest validation loss).
 
     ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
+    ``unlabelled``: cells of the query (same genes, no labels) to fine-tune semi-supervised on,
+    as scNym does: see :class:`SemiSupervised`.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -102,8 +183,11 @@ def finetune(
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
     enc_lr = (cfg.encoder_lr or cfg.lr) if pretrained is not None else cfg.lr
-    opt = torch.optim.Adam([{"params": list(model.encoder.parameters()), "lr": enc_lr},
-                            {"params": head, "lr": cfg.lr}], **_fused())
+    semi = SemiSupervised(model, unlabelled, n_types, cfg, rng) if unlabelled is not None else None
+    groups = [{"params": list(model.encoder.parameters()), "lr": enc_lr}, {"params": head, "lr": cfg.lr}]
+    if semi is not None:
+        groups.append({"params": list(semi.discriminator.parameters()), "lr": cfg.lr})
+    opt = torch.optim.Adam(groups, **_fused())
     if sp.issparse(X_train):
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
@@ -115,7 +199,11 @@ def finetune(
         model.train()
         for idx in epoch_batches(len(yt), cfg.batch_size, cfg.min_steps_per_epoch, rng):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx]).backward()
+            if semi is None:
+                loss = F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx])
+            else:
+                loss = semi.loss(_rows(X_train, idx), yt[idx], epoch)
+            loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():

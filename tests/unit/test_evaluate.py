@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist import recipes
 from scpretrain_dist.config import resolve
-from scpretrain_dist.evaluate.methods import ALL_METHODS, Cells, check_methods, embed, run_method
+from scpretrain_dist.evaluate.methods import ALL_METHODS, SEMI_SUPERVISED, Cells, check_methods, embed, run_method
 from scpretrain_dist.evaluate.metrics import clustering_metrics, paired_wilcoxon
 from scpretrain_dist.evaluate.protocols import _harmonise, load_mapping
 from scpretrain_dist.evaluate.report import budget_curve, paired_tests, summary, write_report
@@ -96,12 +96,22 @@ def test_every_method_returns_probabilities_over_all_types(method):
     enc = {"weight": np.random.default_rng(1).normal(0, 0.1, (60, 200)).astype(np.float32),
            "bias": np.zeros(200, np.float32)}
     tr, va, te = Cells(X[:150], y[:150]), Cells(X[150:180], y[150:180]), Cells(X[180:], y[180:])
-    fit = run_method(method, tr, va, te, 4, 0, cfg, enc, np.arange(60), {})
+    fit = run_method(method, tr, va, te, 4, 0, cfg, enc, np.arange(60), {},
+                     unlabelled=te.X if method in SEMI_SUPERVISED else None)
     assert fit.proba.shape == (60, 4)
     np.testing.assert_allclose(fit.proba.sum(1), 1.0, atol=1e-5)
-    if method not in ("scpretrain", "no_pretrain"):  # sklearn: a type absent from training gets none
+    if method not in ("scpretrain", "no_pretrain", *SEMI_SUPERVISED):  # sklearn: a type absent from training gets none
         assert (fit.proba[:, 3] < 1e-6).all()
     assert (fit.proba.argmax(1) == te.y).mean() > 0.8  # the toy types are easy
+
+
+def test_semi_supervised_methods_need_the_query():
+    X, y = _toy()
+    cfg = resolve(recipes.tiny(), overrides=["finetune.max_epochs=2"])
+    enc = {"weight": np.zeros((60, 200), np.float32), "bias": np.zeros(200, np.float32)}
+    with pytest.raises(ValueError, match="transfer protocol"):
+        run_method("scpretrain_ssl", Cells(X[:150], y[:150]), Cells(X[150:180], y[150:180]),
+                   Cells(X[180:], y[180:]), 4, 0, cfg, enc, np.arange(60), {})
 
 
 def test_unknown_methods_are_named():

@@ -273,3 +273,42 @@ def test_input_dropout_zeros_a_fraction_of_values_and_keeps_the_mean():
     assert 0.23 < zeroed < 0.27
     assert d.values.mean().item() == pytest.approx(1.0, abs=0.02)
     assert torch.equal(d.indices, b.indices) and torch.all(b.values == 1.0)  # the input is untouched
+
+
+def test_gradient_reversal_is_identity_forward_and_negated_backward():
+    from scpretrain_dist.train.finetune import reverse_gradient
+
+    x = torch.randn(5, 3, requires_grad=True)
+    y = reverse_gradient(x, 0.5)
+    torch.testing.assert_close(y, x)
+    (y * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.5 * torch.arange(3.0).expand(5, 3))
+
+
+def test_semi_supervised_finetune_adapts_to_a_shifted_query(monkeypatch):
+    """Reference and query share types but the query's expression is shifted (a batch effect on
+    other genes): the domain adversary and MixMatch train on both, and the model still labels
+    the query; its discriminator is trained (its weights move)."""
+    from scpretrain_dist.train.finetune import SemiSupervised
+
+    X_train, y_train = _separable(150, seed=0)
+    X_val, y_val = _separable(60, seed=1)
+    X_query, y_query = _separable(120, seed=2)
+    X_query[:, :4] += 2.0  # batch effect
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=12, patience=6, batch_size=32, ssl_rampup_epochs=3)
+    made = []
+    orig = SemiSupervised.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        made.append((self, [p.detach().clone() for p in self.discriminator.parameters()]))
+
+    monkeypatch.setattr(SemiSupervised, "__init__", spy)
+    res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0, unlabelled=X_query)
+    assert len(made) == 1
+    semi, before = made[0]
+    assert any(not torch.equal(b, a) for b, a in zip(before, semi.discriminator.parameters()))
+    assert semi.ramp(0) < 0.01 and semi.ramp(3) == 1.0
+    assert (predict_proba(res.model, X_query).argmax(1) == y_query).mean() > 0.9
+    with pytest.raises(ValueError, match="unlabelled"):
+        finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0, unlabelled=X_query[:0])
