@@ -10,7 +10,14 @@ import scipy.sparse as sp
 
 from scpretrain_dist import recipes
 from scpretrain_dist.config import resolve
-from scpretrain_dist.evaluate.methods import ALL_METHODS, SEMI_SUPERVISED, Cells, check_methods, embed, run_method
+from scpretrain_dist.evaluate.methods import (
+    ALL_METHODS,
+    SEMI_SUPERVISED,
+    Cells,
+    check_methods,
+    embed,
+    run_method,
+)
 from scpretrain_dist.evaluate.metrics import clustering_metrics, paired_wilcoxon
 from scpretrain_dist.evaluate.protocols import _harmonise, load_mapping
 from scpretrain_dist.evaluate.report import budget_curve, paired_tests, summary, write_report
