@@ -36,19 +36,20 @@ def test_prints_pretrained_vs_baseline_table(run):
 
 
 def test_report_rows_and_splits(run):
-    from scpretrain_dist.evaluate.methods import ALL_METHODS
+    from scpretrain_dist.evaluate.methods import ALL_METHODS, SEMI_SUPERVISED
 
     work, _ = run
     report = json.loads((work / "report" / "report.json").read_text())
     rows = report["rows"]
-    assert {r["method"] for r in rows} == set(ALL_METHODS)
+    # every method but those that learn from an unlabelled query (transfer only)
+    assert {r["method"] for r in rows} == set(ALL_METHODS) - set(SEMI_SUPERVISED)
     for r in rows:
         assert r["dataset"] == "demo_03"
         for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
             assert 0.0 <= r[k] <= 1.0
     # the synthetic types are learnable: every method beats chance (1/6) by far at the full budget
     full = [r for r in rows if r["budget"] == 1000]
-    assert len(full) == len(ALL_METHODS) and min(r["accuracy"] for r in full) > 0.6
+    assert len(full) == len(ALL_METHODS) - len(SEMI_SUPERVISED) and min(r["accuracy"] for r in full) > 0.6
     assert {r["n_train"] for r in rows if r["budget"] == 25} == {25}
     splits = {s["budget"]: s for s in report["splits"]}
     assert set(splits) == {25, 100, 1000}
@@ -149,14 +150,15 @@ def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_pat
     assert bad.returncode == 2 and "does not cover labels" in bad.stderr
     assert not (work / "report_transfer").exists()
     proc = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "demo_01",
-                      "--queries", "demo_03", "--methods", "scpretrain", "no_pretrain", "logreg", "emb_svm", *common)
+                      "--queries", "demo_03", "--methods", "scpretrain", "no_pretrain", "logreg", "emb_svm",
+                      "scpretrain_ssl", *common)
     assert "reusing cached encoder" in proc.stdout  # the quickstart's: demo_03 was left out of it too
     report = json.loads((work / "report_transfer" / "report.json").read_text())
     acc = {r["method"]: r["accuracy"] for r in report["rows"]}
     # label-shift EM only where probabilities are likelihood-fitted: not on an SVM's margins
-    assert set(acc) == {"scpretrain", "no_pretrain", "logreg", "emb_svm",
-                        "scpretrain+shift", "no_pretrain+shift", "logreg+shift"}
-    assert acc["scpretrain"] > 0.8 and acc["logreg"] > 0.8
+    assert set(acc) == {"scpretrain", "no_pretrain", "logreg", "emb_svm", "scpretrain_ssl",
+                        "scpretrain+shift", "no_pretrain+shift", "logreg+shift", "scpretrain_ssl+shift"}
+    assert acc["scpretrain"] > 0.8 and acc["logreg"] > 0.8 and acc["scpretrain_ssl"] > 0.8
     (split,) = report["splits"]
     assert all(c.startswith(("demo_00", "demo_01")) for c in split["train"])
     assert len(split["test"]) == 500
