@@ -129,9 +129,15 @@ def run_method(
             raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
         res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
                        unlabelled=unlabelled if method in SEMI_SUPERVISED else None)
-        return Fitted(predict_proba(res.model, test.X),
-                      {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-                       "n_pretrained_genes": res.n_pretrained_genes}, res.model)
+        from scpretrain_dist.evaluate.metrics import expected_calibration_error as ece
+
+        proba = predict_proba(res.model, test.X)
+        calibrated = predict_proba(res.model, test.X, temperature=res.temperature)
+        # the metrics score the plain softmax (the method as published); the calibrated
+        # confidence is what the registered annotator reports
+        return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+                              "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
+                              "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated)}, res.model)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))

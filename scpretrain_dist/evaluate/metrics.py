@@ -14,6 +14,19 @@ from sklearn.metrics import (
 METRICS = ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")
 
 
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by cells (Guo et
+    al. 2017): 0 when a call made with confidence c is right a fraction c of the time."""
+    y_true = np.asarray(y_true)
+    conf, right = proba.max(1), proba.argmax(1) == y_true
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        m = which == b
+        total += m.sum() * abs(right[m].mean() - conf[m].mean())
+    return float(total / max(len(y_true), 1))
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """``proba`` is (cells, n_types) over all training classes; a class absent from the test
     cells has no positive and is skipped in the macro AUPRC/AUROC rather than failing."""

@@ -50,7 +50,9 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
     np.savez(out / WEIGHTS, enc_w=sd["encoder.weight"], enc_b=sd["encoder.bias"],
              hid_w=sd["hidden.weight"], hid_b=sd["hidden.bias"], out_w=sd["out.weight"], out_b=sd["out.bias"])
     meta = {"genes": [str(g).upper() for g in genes], "classes": [str(c) for c in classes],
-            "normalisation": "log1p(CP10k)", "min_overlap": min_overlap, "lineage": lineage or {}}
+            "normalisation": "log1p(CP10k)", "min_overlap": min_overlap, "lineage": lineage or {},
+            # softmax temperature fitted on the fine-tuning validation cells: calibrated confidence
+            "temperature": float(getattr(model, "temperature", 1.0))}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
 
@@ -101,6 +103,7 @@ class Annotator:
         self.classes = np.array(meta["classes"], dtype=object)
         self.min_overlap = float(meta.get("min_overlap", 0.2))
         self.lineage = meta.get("lineage", {})
+        self.temperature = float(meta.get("temperature", 1.0))
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
 
@@ -239,7 +242,7 @@ class Annotator:
             h = Xm @ gm.enc_w[: Xm.shape[1]]  # without the zero row of unknown genes
         emb = _sigmoid(h + self.w["enc_b"])
         hid = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
-        logits = hid @ self.w["out_w"].T + self.w["out_b"]
+        logits = (hid @ self.w["out_w"].T + self.w["out_b"]) / self.temperature
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(1, keepdims=True)

@@ -124,6 +124,7 @@ class FinetuneResult:
     history: list[float] = field(default_factory=list)  # validation accuracy per epoch
     val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch
     snapshots: list[dict] = field(default_factory=list)  # the best epochs' weights, when averaged
+    temperature: float = 1.0  # softmax temperature fitted on the validation cells
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -230,14 +231,47 @@ def finetune(
                       for k in best_state}
     model.load_state_dict(best_state)
     model.eval()
+    # the softmax temperature that makes validation probabilities fit best (calibrated
+    # confidence); it never changes a call, and is kept on the model for the annotator
+    with torch.no_grad():
+        model.temperature = fit_temperature(model(Xv).numpy(), np.asarray(y_val)) if len(yv) else 1.0
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
-                          [t[3] for t in top])
+                          [t[3] for t in top], model.temperature)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the cross-entropy of
+    softmax(logits / T) on held-out cells, by golden-section search over log T in [1/20, 20]."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(y)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float((np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]).mean())
+
+    lo, hi = np.log(1 / 20), np.log(20)
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2))
 
 
 @torch.no_grad()
-def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities; ``temperature`` divides the logits (see :func:`fit_temperature`)."""
     model.eval()
     out = [
-        torch.softmax(model(_rows(X, slice(i, i + batch))), 1).numpy() for i in range(0, X.shape[0], batch)
+        torch.softmax(model(_rows(X, slice(i, i + batch))) / temperature, 1).numpy()
+        for i in range(0, X.shape[0], batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)

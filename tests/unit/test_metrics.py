@@ -105,3 +105,24 @@ def test_split_with_string_labels():
     s = split_cells(y, 0)
     assert len(s.test) == 36 and len(s.val) == 12 and len(s.train) == 72
     assert set(y[s.train]) == {"a", "b", "c"}
+
+
+def test_temperature_scaling_recovers_the_temperature_and_calibrates():
+    from scpretrain_dist.evaluate.metrics import expected_calibration_error
+    from scpretrain_dist.train.finetune import fit_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (20000, 5))
+    true_t = 2.5  # labels drawn from softmax(logits / 2.5): the raw softmax is overconfident
+    p = np.exp(logits / true_t - (logits / true_t).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = (p.cumsum(1) > rng.random((len(p), 1))).argmax(1)
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(true_t, rel=0.05)
+    raw = np.exp(logits - logits.max(1, keepdims=True))
+    raw /= raw.sum(1, keepdims=True)
+    scaled = np.exp(logits / t - (logits / t).max(1, keepdims=True))
+    scaled /= scaled.sum(1, keepdims=True)
+    assert expected_calibration_error(y, raw) > 0.05
+    assert expected_calibration_error(y, scaled) < 0.01
+    assert (scaled.argmax(1) == raw.argmax(1)).all()  # a temperature never changes a call

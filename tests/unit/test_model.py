@@ -200,6 +200,9 @@ def test_finetune_learns_an_easy_problem():
     proba = predict_proba(res.model, X_val)
     assert proba.shape == (60, 3)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert res.temperature > 0 and res.model.temperature == res.temperature
+    hot = predict_proba(res.model, X_val, temperature=res.temperature)
+    assert (hot.argmax(1) == proba.argmax(1)).all()
     # the returned model is the best epoch's
     assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
 

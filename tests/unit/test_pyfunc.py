@@ -244,3 +244,25 @@ def test_mlflow_wrapper_turns_input_errors_into_mlflow_exceptions(annotator, mod
     _assert_same_prediction(out, annotator.predict(counts))
     with pytest.raises(MlflowException, match="negative"):
         wrapper.predict(None, counts * -1.0)
+
+
+def test_the_fitted_temperature_travels_with_the_model(model, counts, tmp_path):
+    """A fine-tuned model's temperature is exported with it: same calls, confidence from
+    softmax(logits / T)."""
+    import copy
+
+    from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
+
+    hot = copy.deepcopy(model)
+    hot.temperature = 3.0
+    art = export_annotator(hot, GENES, CLASSES, tmp_path / "hot")
+    plain = export_annotator(model, GENES, CLASSES, tmp_path / "plain")
+    a, b = Annotator(art["weights"], art["meta"]), Annotator(plain["weights"], plain["meta"])
+    assert a.temperature == 3.0 and b.temperature == 1.0
+    pa, pb = a.predict(counts), b.predict(counts)
+    assert pa["cell_type"].tolist() == pb["cell_type"].tolist()
+    assert (pa["confidence"] < pb["confidence"]).all()
+    with torch.no_grad():
+        X = torch.from_numpy(normalize_dense(counts.to_numpy(), "counts"))
+        expected = torch.softmax(model(X) / 3.0, 1).max(1).values.numpy()
+    np.testing.assert_allclose(pa["confidence"], expected, rtol=1e-4)
