@@ -245,6 +245,32 @@ def cmd_annotate(args) -> None:
         print(f"  {what}: {where}")
 
 
+def cmd_markers(args) -> None:
+    """Saliency-derived marker genes of each cell type a registered model calls in an .h5ad."""
+    import anndata as ad
+
+    from scpretrain_dist.serve.annotate import AnnotateError, load_annotator, resolve_model
+    from scpretrain_dist.serve.pyfunc import InputError
+
+    cfg = _config(args)
+    path = Path(args.h5ad)
+    if not path.exists():
+        raise ConfigError(f"--h5ad {path} does not exist")
+    annotator = load_annotator(resolve_model(args.model, cfg.tracking_uri))
+    adata = ad.read_h5ad(path)
+    try:
+        markers = annotator.marker_genes(adata.X, [str(g) for g in adata.var_names], args.value_type, args.top)
+    except InputError as e:
+        raise AnnotateError(f"{path}: {e}") from None
+    for name, m in markers.items():
+        genes = ", ".join(g for g, _ in m["genes"][: min(args.top, 10)])
+        print(f"{name} ({m['cells']} cells): {genes}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "h5ad": str(path), "method": "gradient x input, "
+                                               "mean over the cells called each type", "markers": markers}, indent=1))
+        print(f"wrote {args.json}")
+
+
 def cmd_serve(args) -> None:
     """MLflow's scoring server for a registered annotator, on 127.0.0.1 unless told otherwise."""
     import os
@@ -376,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray actors (default annotate.workers; 0 runs in this process)")
     p.add_argument("--overwrite", action="store_true", help="--h5ad: replace existing scpretrain_* entries")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("markers", help="saliency-derived marker genes of the cell types a registered model calls in an .h5ad")
+    _common(p)
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--h5ad", required=True, help="cells to explain (counts or log-normalised, gene symbols)")
+    p.add_argument("--top", type=_positive, default=20, help="genes per cell type (default 20)")
+    p.add_argument("--value-type", default="auto", choices=["auto", "counts", "lognorm", "log2norm"])
+    p.add_argument("--json", help="write the markers (gene, mean attribution) per type to this file")
+    p.set_defaults(func=cmd_markers)
 
     p = sub.add_parser("models", help="registered models with their lineage")
     _common(p)

@@ -57,6 +57,12 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     from scipy.special import expit  # no overflow warnings for large negative inputs
 
@@ -204,6 +210,17 @@ class Annotator:
         return self._predict(X, gm, overlap, value_type, return_embedding)
 
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
+        Xm, value_type = self._normalised(X, gm, value_type)
+        h = self._first_layer(Xm, gm)
+        emb, _, logits = self._layers(h)
+        p = _softmax(logits)
+        codes = p.argmax(1)
+        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, gm.n_matched,
+                           value_type, emb.astype(np.float32) if return_embedding else None)
+
+    def _normalised(self, X, gm: _GeneMap, value_type: str):
+        """Cells x matched genes (CSR, or dense when the input is dense enough), log1p(CP10k)
+        over the matched genes, and the value type found."""
         from scpretrain_dist.data.normalize import TARGET_SUM, detect_value_type, to_linear
 
         if not sp.issparse(X):
@@ -233,22 +250,63 @@ class Annotator:
             scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
             Xm.data *= np.repeat(scale, per_cell)
             np.log1p(Xm.data, out=Xm.data)
+            return Xm, value_type
+        Xm = to_linear(np.asarray(Xm, dtype=np.float32), value_type)
+        lib = Xm.sum(1, keepdims=True)
+        return np.log1p(Xm * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)), value_type
+
+    def _first_layer(self, Xm, gm: _GeneMap) -> np.ndarray:
+        if sp.issparse(Xm):
             dense_enough = Xm.nnz > _DENSE_ABOVE * Xm.shape[0] * max(Xm.shape[1], 1)
-            h = (Xm.toarray() @ gm.enc_w) if dense_enough else _sparse_times(Xm, gm.enc_w)
-        else:
-            Xm = to_linear(np.asarray(Xm, dtype=np.float32), value_type)
-            lib = Xm.sum(1, keepdims=True)
-            Xm = np.log1p(Xm * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0))
-            h = Xm @ gm.enc_w[: Xm.shape[1]]  # without the zero row of unknown genes
+            return (Xm.toarray() @ gm.enc_w) if dense_enough else _sparse_times(Xm, gm.enc_w)
+        return Xm @ gm.enc_w[: Xm.shape[1]]  # without the zero row of unknown genes
+
+    def _layers(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """First-layer output -> embedding, hidden activations, logits (divided by the
+        temperature fitted at fine-tuning, so the softmax is the calibrated confidence)."""
         emb = _sigmoid(h + self.w["enc_b"])
         hid = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
-        logits = (hid @ self.w["out_w"].T + self.w["out_b"]) / self.temperature
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        codes = p.argmax(1)
-        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, gm.n_matched,
-                           value_type, emb.astype(np.float32) if return_embedding else None)
+        return emb, hid, (hid @ self.w["out_w"].T + self.w["out_b"]) / self.temperature
+
+    def marker_genes(self, X, genes, value_type: str = "auto", top: int = 20, block: int = 2048) -> dict:
+        """Saliency-derived markers of each cell type, as scNym reports them: per cell, the
+        gradient of log p(predicted type) with respect to its normalised expression, times that
+        expression (gradient x input), averaged over the cells called that type; the genes of
+        largest mean attribution per type, with the number of cells behind them. Only genes a
+        cell expresses get attribution, so a marker is a gene whose presence drives the call."""
+        if X.shape[1] != len(genes):
+            raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
+        gm = self.gene_map(genes, merge_repeats=True)
+        self._check_overlap(gm.n_matched)
+        n_types = len(self.classes)
+        total = np.zeros((n_types, gm.enc_w.shape[0]), np.float64)
+        called = np.zeros(n_types, np.int64)
+        for start in range(0, X.shape[0], block):
+            part = X[start : start + block]
+            part = sp.csr_matrix(part, dtype=np.float32) if sp.issparse(part) else sp.csr_matrix(np.asarray(part, np.float32))
+            _check_values(part.data)
+            Xm, _ = self._normalised(part, gm, value_type)
+            Xm = sp.csr_matrix(Xm)
+            emb, hid, logits = self._layers(self._first_layer(Xm, gm))
+            p = _softmax(logits)
+            codes = p.argmax(1)
+            d_logits = (np.eye(n_types, dtype=np.float32)[codes] - p) / self.temperature  # d log p_c / d logits
+            d_hid = (d_logits @ self.w["out_w"]) * hid * (1 - hid)
+            d_h = (d_hid @ self.w["hid_w"]) * emb * (1 - emb)  # cells x 200: d log p_c / d first layer
+            rows = np.repeat(np.arange(Xm.shape[0]), np.diff(Xm.indptr))
+            grad = np.einsum("ij,ij->i", d_h[rows], gm.enc_w[Xm.indices])  # at each non-zero
+            attribution = sp.csr_matrix((grad * Xm.data, Xm.indices, Xm.indptr), shape=Xm.shape)
+            onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
+            total += (onehot @ attribution).toarray()
+            called += np.bincount(codes, minlength=n_types)
+        model_genes = self.genes[gm.rows]
+        out = {}
+        for c in np.flatnonzero(called):
+            mean = total[c, : gm.n_matched] / called[c]
+            order = np.argsort(-mean)[:top]
+            out[str(self.classes[c])] = {"cells": int(called[c]),
+                                         "genes": [[str(model_genes[j]), float(mean[j])] for j in order]}
+        return out
 
     def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False,
                 genes=None, sparse_dtypes: str = "i4,f4") -> pd.DataFrame:

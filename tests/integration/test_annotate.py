@@ -301,6 +301,27 @@ def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path):
     assert r.returncode == 2 and "already has" in r.stderr and "--overwrite" in r.stderr
 
 
+def test_cli_markers_of_a_registered_model(env, tmp_path):
+    import anndata as ad
+
+    src = env["demo"] / "demo_01.h5ad"
+    out = tmp_path / "markers.json"
+    r = run_cli(env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(src), "--top", "5", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())["markers"]
+    genes = {g.upper() for g in ad.read_h5ad(src, backed="r").var_names}
+    assert report and sum(m["cells"] for m in report.values()) == 240
+    for m in report.values():
+        assert len(m["genes"]) == 5 and {g for g, _ in m["genes"]} <= genes
+        scores = [s for _, s in m["genes"]]
+        assert scores == sorted(scores, reverse=True)
+    # too few of the model's genes: a clear error, exit 2
+    small = ad.read_h5ad(src)[:, :3].copy()
+    small.write_h5ad(tmp_path / "three_genes.h5ad")
+    r = run_cli(env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(tmp_path / "three_genes.h5ad"))
+    assert r.returncode == 2 and "of the model's" in r.stderr
+
+
 def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store, tmp_path):
     import anndata as ad
     import pyarrow as pa

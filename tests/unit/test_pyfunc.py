@@ -266,3 +266,20 @@ def test_the_fitted_temperature_travels_with_the_model(model, counts, tmp_path):
         X = torch.from_numpy(normalize_dense(counts.to_numpy(), "counts"))
         expected = torch.softmax(model(X) / 3.0, 1).max(1).values.numpy()
     np.testing.assert_allclose(pa["confidence"], expected, rtol=1e-4)
+
+
+def test_saliency_markers_come_from_each_types_own_programme(annotator):
+    import scipy.sparse as sp
+
+    X, y = _programme_counts(300, seed=5)
+    block = N_GENES // len(CLASSES)
+    markers = annotator.marker_genes(sp.csr_matrix(X), [g.lower() for g in GENES], top=5, block=64)
+    assert set(markers) == set(CLASSES)
+    assert sum(m["cells"] for m in markers.values()) == 300
+    for t, name in enumerate(CLASSES):
+        top = [int(g[-2:]) for g, _ in markers[name]["genes"]]
+        assert all(t * block <= j < (t + 1) * block for j in top), (name, top)
+        scores = [s for _, s in markers[name]["genes"]]
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    with pytest.raises(InputError, match="columns"):
+        annotator.marker_genes(sp.csr_matrix(X), list(GENES[:5]))
