@@ -119,7 +119,7 @@ def run_method(
     """Fit ``method`` on train (validation cells only for the networks' early stopping) and
     return test probabilities. ``features`` caches embeddings/PCA per split across methods;
     ``unlabelled``: the query's cells, for the semi-supervised methods (their labels unused)."""
-    from scpretrain_dist.train.finetune import finetune, predict_proba
+    from scpretrain_dist.train.finetune import finetune, predict_logits
 
     if method in NETWORKS + SEMI_SUPERVISED:
         init = None
@@ -129,10 +129,12 @@ def run_method(
             raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
         res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
                        unlabelled=unlabelled if method in SEMI_SUPERVISED else None)
+        from scipy.special import softmax
+
         from scpretrain_dist.evaluate.metrics import expected_calibration_error as ece
 
-        proba = predict_proba(res.model, test.X)
-        calibrated = predict_proba(res.model, test.X, temperature=res.temperature)
+        logits = predict_logits(res.model, test.X)
+        proba, calibrated = softmax(logits, axis=1), softmax(logits / res.temperature, axis=1)
         # the metrics score the plain softmax (the method as published); the calibrated
         # confidence is what the registered annotator reports
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,

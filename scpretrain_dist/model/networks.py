@@ -271,7 +271,11 @@ class CellTypeClassifier(nn.Module):
         return self.encoder.embed(x)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
-        return self.out(torch.sigmoid(self.hidden(self.encoder.embed(x))))
+        return self.classify(self.encoder(x))
+
+    def classify(self, pre: torch.Tensor) -> torch.Tensor:
+        """Logits from the encoder's pre-activation (x W + b): what mixing cells acts on."""
+        return self.out(torch.sigmoid(self.hidden(torch.sigmoid(pre))))
 
     @torch.no_grad()
     def load_pretrained_encoder(self, weight: np.ndarray, bias: np.ndarray, gene_index: np.ndarray) -> int:

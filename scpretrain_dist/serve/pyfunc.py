@@ -96,6 +96,10 @@ class _GeneMap:
     all_columns: bool  # every input column is a model gene
     n_matched: int
     merge: sp.csr_matrix | None = None  # matched columns -> ``rows``, when symbols repeat
+    # with unknown genes and no repeats: input column -> matched column or the zero row, and
+    # 1/0 per input column (known or not), so a request is two gathers (see _matched_columns)
+    pad_lut: np.ndarray | None = None
+    known: np.ndarray | None = None
 
 
 class Annotator:
@@ -141,11 +145,13 @@ class Annotator:
             if len(ordered) != len(cols) or (ordered != np.arange(len(cols))).any():
                 dense_cols = ordered
         all_columns = len(src) == len(cols)
-        enc_w = self.w["enc_w"][rows]
+        enc_w, pad_lut, known = self.w["enc_w"][rows], None, None
         if not all_columns and merge is None:  # the zero row unknown genes point at, see _matched_columns
             enc_w = np.vstack([enc_w, np.zeros((1, enc_w.shape[1]), enc_w.dtype)])
+            pad_lut = np.where(lut < 0, len(rows), lut).astype(np.int32)
+            known = (lut >= 0).astype(np.float32)
         hit = _GeneMap(src, dst, rows, np.ascontiguousarray(enc_w), lut, dense_cols,
-                       all_columns=all_columns, n_matched=len(rows), merge=merge)
+                       all_columns=all_columns, n_matched=len(rows), merge=merge, pad_lut=pad_lut, known=known)
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -285,8 +291,7 @@ class Annotator:
             part = X[start : start + block]
             part = sp.csr_matrix(part, dtype=np.float32) if sp.issparse(part) else sp.csr_matrix(np.asarray(part, np.float32))
             _check_values(part.data)
-            Xm, _ = self._normalised(part, gm, value_type)
-            Xm = sp.csr_matrix(Xm)
+            Xm, _ = self._normalised(part, gm, value_type)  # CSR in, CSR out
             emb, hid, logits = self._layers(self._first_layer(Xm, gm))
             p = _softmax(logits)
             codes = p.argmax(1)
@@ -341,10 +346,8 @@ def _matched_columns(X: sp.csr_matrix, gm: _GeneMap) -> sp.csr_matrix:
         return sp.csr_matrix((X.data.astype(np.float32, copy=True), gm.lut[X.indices], X.indptr),
                              shape=(X.shape[0], gm.n_matched))
     if gm.merge is None:  # two gathers: cheaper than masking with np.where
-        known = (gm.lut >= 0).astype(np.float32)
-        pad = np.where(gm.lut < 0, np.int32(gm.n_matched), gm.lut).astype(np.int32)
-        data = X.data.astype(np.float32, copy=False) * known[X.indices]
-        return sp.csr_matrix((data, pad[X.indices], X.indptr), shape=(X.shape[0], gm.n_matched + 1))
+        data = X.data.astype(np.float32, copy=False) * gm.known[X.indices]
+        return sp.csr_matrix((data, gm.pad_lut[X.indices], X.indptr), shape=(X.shape[0], gm.n_matched + 1))
     # repeated symbols: unknown genes dropped (each row start moves back by the values dropped
     # before it), then the columns of one gene summed
     cols = gm.lut[X.indices]

@@ -82,10 +82,6 @@ class SemiSupervised:
         t = min(epoch / self.cfg.ssl_rampup_epochs, 1.0)
         return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
-    def _logits(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = torch.sigmoid(pre)
-        return self.model.out(torch.sigmoid(self.model.hidden(emb))), emb
-
     def loss(self, xb, yb: torch.Tensor, epoch: int) -> torch.Tensor:
         cfg, model = self.cfg, self.model
         ub = _rows(self.X, self.rng.choice(self.X.shape[0], size=len(yb), replace=self.X.shape[0] < len(yb)))
@@ -100,7 +96,7 @@ class SemiSupervised:
         lam = float(self.rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)) if cfg.mixup_alpha > 0 else 1.0
         lam = max(lam, 1.0 - lam)
         perm = torch.from_numpy(self.rng.permutation(len(h)))
-        logits, _ = self._logits(lam * h + (1 - lam) * h[perm])
+        logits = model.classify(lam * h + (1 - lam) * h[perm])
         mixed = lam * target + (1 - lam) * target[perm]
         n = len(yb)
         supervised = -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1).mean()
@@ -241,37 +237,25 @@ def finetune(
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the cross-entropy of
-    softmax(logits / T) on held-out cells, by golden-section search over log T in [1/20, 20]."""
-    z = np.asarray(logits, np.float64)
-    y = np.asarray(y)
+    softmax(logits / T) on held-out cells, searched over log T in [log 1/20, log 20]."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
 
-    def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        s = s - s.max(1, keepdims=True)
-        return float((np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]).mean())
-
-    lo, hi = np.log(1 / 20), np.log(20)
-    g = (np.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    return float(np.exp((lo + hi) / 2))
+    z, rows = np.asarray(logits, np.float64), np.arange(len(y))
+    best = minimize_scalar(lambda log_t: -log_softmax(z / np.exp(log_t), axis=1)[rows, y].mean(),
+                           bounds=(np.log(1 / 20), np.log(20)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x))
 
 
 @torch.no_grad()
+def predict_logits(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    model.eval()
+    out = [model(_rows(X, slice(i, i + batch))).numpy() for i in range(0, X.shape[0], batch)]
+    return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
+
+
 def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities; ``temperature`` divides the logits (see :func:`fit_temperature`)."""
-    model.eval()
-    out = [
-        torch.softmax(model(_rows(X, slice(i, i + batch))) / temperature, 1).numpy()
-        for i in range(0, X.shape[0], batch)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
+    from scipy.special import softmax
+
+    return softmax(predict_logits(model, X, batch) / temperature, axis=1)
