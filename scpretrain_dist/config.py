@@ -113,7 +113,7 @@ class StreamConfig:
     """The streaming loader (``pretrain.loader = "stream"``, ``scpretrain bench loader``)."""
 
     chunk_cells: int = 512  # consecutive cells read together (cheap I/O); shards are made of chunks
-    buffer_cells: int = 65536  # cells shuffled together: 128 chunks, so batches mix datasets
+    buffer_cells: int = 32768  # cells shuffled together: 64 chunks, so batches mix datasets
     prefetch_buffers: int = 1  # buffers read ahead on a background thread
     # Keep the worker's shard in memory as compact CSR after the first epoch when it fits in
     # this many bytes; later epochs then run from memory. 0: always stream.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=1000, help="batches timed per loader (default 1000)")
     p.add_argument("--warmup", type=int, default=20, help="batches before the timing starts (default 20)")
     p.add_argument("--loaders", default="ours,ours_dense,peer",
-                   help="comma-separated: ours, ours_dense, peer (default all three)")
+                   help="comma-separated: ours, ours_dense, peer, peer_trim_off (the peer with TileDB's "
+                   "malloc_trim off, as ours reads) (default: ours, ours_dense, peer)")
     p.add_argument("--peer-workers", type=int, default=0, help="DataLoader workers of the peer (default 0)")
     p.add_argument("--cached-world", type=int, default=0,
                    help="also time ours from the shard cache on rank 0 of this world size (0: skip)")
@@ -75,7 +77,9 @@ def _demo_atlas(work_dir: Path, cells: int, datasets: int, genes: int, seed: int
 
 def _child(spec: dict) -> dict:
     cmd = [sys.executable, "-m", "scpretrain_dist.bench.loader", "--child", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    from scpretrain_dist.store.sources import READER_ENV
+
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **READER_ENV})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"loader {spec['loader']} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -112,15 +116,15 @@ def run(args) -> dict:
 
     cfg = _config(args)
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
-    unknown = set(loaders) - {"ours", "ours_dense", "peer"}
+    unknown = set(loaders) - {"ours", "ours_dense", "peer", "peer_trim_off"}
     if unknown or not loaders:
-        raise ConfigError(f"--loaders takes ours, ours_dense, peer; got {args.loaders!r}")
+        raise ConfigError(f"--loaders takes ours, ours_dense, peer, peer_trim_off; got {args.loaders!r}")
     for name in ("batch_size", "batches", "cells", "datasets", "genes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.cached_world < 0 or args.peer_workers < 0 or args.repeats < 1:
         raise ConfigError("--warmup, --cached-world and --peer-workers must be >= 0, --repeats >= 1")
-    if "peer" in loaders and importlib.util.find_spec("tiledbsoma_ml") is None:
+    if {"peer", "peer_trim_off"} & set(loaders) and importlib.util.find_spec("tiledbsoma_ml") is None:
         raise ConfigError(
             "tiledbsoma-ml is not installed in this environment; run the benchmark from the bench "
             "venv (`make bench-venv`, then `.venv-bench/bin/scpretrain bench loader ...`), or pass "
@@ -163,6 +167,8 @@ def run(args) -> dict:
     cpu = {k: v["cpu_ms_per_1k_cells"] for k, v in runs.items()}
     ours = cps.get("ours", cps.get("ours_dense"))
     peers = {PEER: cps["peer"]} if "peer" in cps else {}
+    if "peer_trim_off" in cps:
+        peers[f"{PEER} (malloc_trim off)"] = cps["peer_trim_off"]
     extra = {
         "cells_per_s": cps,
         "ratio_dense_vs_peer": (cps["ours_dense"] / cps["peer"]) if {"ours_dense", "peer"} <= cps.keys() else None,
@@ -278,11 +284,16 @@ def child_main(spec: dict) -> dict:
                 return b.x.values.sum()
         seconds, cells, ent, cpu = _time(batches(), consume, warm, n)
         ds.close()
-    elif kind == "peer":
+    elif kind in ("peer", "peer_trim_off"):
         import tiledbsoma as soma
         from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
-        with soma.Experiment.open(spec["uri"]) as exp, exp.axis_query(measurement_name="RNA") as query:
+        # peer_trim_off: the peer with the one TileDB setting of ours that suits its reads too
+        # (its IO batches are far larger than ours, so our 8 MiB result buffers would not)
+        context = soma.SOMATileDBContext(tiledb_config={"sm.mem.malloc_trim": "false"}) \
+            if kind == "peer_trim_off" else None
+        with soma.Experiment.open(spec["uri"], context=context) as exp, \
+                exp.axis_query(measurement_name="RNA") as query:
             peer = ExperimentDataset(query, layer_name="counts", batch_size=bs, shuffle=True, seed=spec["seed"])
         loader = experiment_dataloader(peer, num_workers=spec["peer_workers"])
 

@@ -37,7 +37,7 @@ from scpretrain_dist.model.networks import SparseBatch
 from scpretrain_dist.store.soma import AtlasLocator, StoreError
 
 DEFAULT_CHUNK_CELLS = 512
-DEFAULT_BUFFER_CELLS = 65536
+DEFAULT_BUFFER_CELLS = 32768
 LOADERS = ("memory", "stream")
 
 

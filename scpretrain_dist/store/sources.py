@@ -8,6 +8,7 @@ consecutive cells: both backends turn sorted joinids into contiguous ranges.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -16,6 +17,7 @@ import scipy.sparse as sp
 from scpretrain_dist.store.soma import (
     LAYER,
     MEASUREMENT,
+    STREAM_READ_CONFIG,
     AtlasLocator,
     AtlasStore,
     DatasetRecord,
@@ -53,16 +55,30 @@ def runs(joinids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, stops
 
 
-def stack_runs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_genes: int) -> sp.csr_matrix:
-    """One (indptr from 0, gene ids, values) CSR piece per run -> one CSR, runs in order."""
-    if not parts:
-        return sp.csr_matrix((0, n_genes), dtype=np.float32)
-    nnz = np.array([len(p[1]) for p in parts], dtype=np.int64)
-    base = np.concatenate([[0], np.cumsum(nnz)[:-1]])
-    indptr = np.concatenate([[0]] + [p[0][1:] + o for p, o in zip(parts, base)])
-    indices = np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)
-    data = np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False)
-    return sp.csr_matrix((data, indices, indptr.astype(np.int64)), shape=(len(indptr) - 1, n_genes))
+def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_genes: int,
+               nnz_hint: int = 0) -> sp.csr_matrix:
+    """One (indptr from 0, gene ids, values) CSR piece per run -> one CSR, runs in order.
+
+    Pieces are copied, as they arrive, into arrays that grow geometrically from ``nnz_hint``
+    values: the peak is the result plus the pieces in flight, not every piece and then their
+    concatenation (which held a buffer's cells twice)."""
+    indices = np.empty(max(int(nnz_hint), 1024), dtype=np.int32)
+    data = np.empty(len(indices), dtype=np.float32)
+    indptrs, nnz = [np.zeros(1, dtype=np.int64)], 0
+    for ptr, cols, vals in parts:
+        m = len(cols)
+        if nnz + m > len(indices):
+            size = max(nnz + m, int(len(indices) * 1.5))
+            indices = np.concatenate([indices[:nnz], np.empty(size - nnz, dtype=np.int32)])
+            data = np.concatenate([data[:nnz], np.empty(size - nnz, dtype=np.float32)])
+        indices[nnz : nnz + m] = cols
+        data[nnz : nnz + m] = vals
+        indptrs.append(np.asarray(ptr[1:], dtype=np.int64) + nnz)
+        nnz += m
+    indptr = np.concatenate(indptrs)
+    if len(indices) > nnz + nnz // 8 + 1024:  # do not keep much slack alive behind the views
+        indices, data = indices[:nnz].copy(), data[:nnz].copy()
+    return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(len(indptr) - 1, n_genes))
 
 
 def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, stop: int):
@@ -90,6 +106,7 @@ class SomaSource:
         self.locator = locator
         self.threads = max(1, int(threads))
         self._pool = None
+        self._nnz_per_cell = 0.0  # of the last read: sizes the next one's arrays
         self._store = AtlasStore(locator.uri, locator.timestamp_ms)
         self._records = self._store.datasets()
         self._exp = None
@@ -106,7 +123,7 @@ class SomaSource:
 
     def _array(self):
         if self._X is None:
-            self._exp = self.locator.open()
+            self._exp = self.locator.open(STREAM_READ_CONFIG)
             self._X = self._exp.ms[MEASUREMENT].X[LAYER]
         return self._X
 
@@ -126,10 +143,13 @@ class SomaSource:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="scpretrain-soma-read")
-            parts = list(self._pool.map(read, todo))
+            parts = _in_order(self._pool, read, todo, window=2 * self.threads)
         else:
-            parts = [read(r) for r in todo]
-        return stack_runs(parts, self._n_genes)
+            parts = (read(r) for r in todo)
+        out = stack_runs(parts, self._n_genes, nnz_hint=int(self._nnz_per_cell * len(joinids) * 1.05))
+        if len(joinids):
+            self._nnz_per_cell = out.nnz / len(joinids)
+        return out
 
     def close(self) -> None:
         if self._pool is not None:
@@ -141,6 +161,32 @@ class SomaSource:
 
     def __getstate__(self):
         raise TypeError("a SomaSource holds an open array; pass its locator between processes")
+
+
+# glibc gives threads their own heaps; the query buffers TileDB's and the reader's threads
+# allocate and free then fragment across up to 8 heaps per core, and a streaming reader's peak
+# RSS drifted by hundreds of MiB with the length of the run (not the atlas). Processes this
+# package starts (local Ray workers, benchmark children) get this; set it in a cluster job's
+# environment too (deploy/submit_pretrain.sh does). It must be set before the process starts.
+READER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def _in_order(pool, fn, items: list, window: int) -> Iterator:
+    """``fn`` over ``items`` on ``pool``, results in order, at most ``window`` in flight (a
+    plain ``pool.map`` submits everything at once and holds every result not yet consumed)."""
+    from collections import deque
+
+    pending: deque = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            break
 
 
 def open_source(locator) -> CellSource:

@@ -100,12 +100,15 @@ class ZarrSource:
         at = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
         pos = np.repeat(starts - at, lengths + 1) + np.arange(int((lengths + 1).sum()))
         ptr = self._indptr.get_coordinate_selection(pos)
-        parts = []
-        for a, b, k in zip(starts.tolist(), stops.tolist(), at.tolist()):
-            run_ptr = ptr[k : k + b - a + 1]
-            lo, hi = int(run_ptr[0]), int(run_ptr[-1])
-            parts.append((run_ptr - lo, self._indices[lo:hi], self._data[lo:hi]))
-        return stack_runs(parts, self.n_genes)
+
+        def parts():  # read run by run while the result fills
+            for a, b, k in zip(starts.tolist(), stops.tolist(), at.tolist()):
+                run_ptr = ptr[k : k + b - a + 1]
+                lo, hi = int(run_ptr[0]), int(run_ptr[-1])
+                yield run_ptr - lo, self._indices[lo:hi], self._data[lo:hi]
+
+        nnz = int(sum(ptr[k + b - a] - ptr[k] for a, b, k in zip(starts.tolist(), stops.tolist(), at.tolist())))
+        return stack_runs(parts(), self.n_genes, nnz_hint=nnz)
 
     def close(self) -> None:
         pass

@@ -14,6 +14,8 @@ def init_ray(cfg: RunConfig) -> None:
     dir (or a short temp path when the work dir's path is too long for Ray's sockets)."""
     import ray
 
+    from scpretrain_dist.store.sources import READER_ENV
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -33,6 +35,7 @@ def init_ray(cfg: RunConfig) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
+        runtime_env={"env_vars": dict(READER_ENV)},
     )
 
 

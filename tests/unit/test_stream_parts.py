@@ -167,3 +167,21 @@ def test_cell_types_are_marker_programs():
         rest = Xn[labels != t][:, markers].mean()
         if (labels == t).sum() >= 20:
             assert own > 1.5 * rest
+
+
+def test_stacking_grows_from_a_small_size_hint_and_keeps_every_run_in_order():
+    rng = np.random.default_rng(1)
+    X = sp.random(300, 40, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    cuts = np.sort(rng.choice(np.arange(1, 300), 20, replace=False))
+    bounds = list(zip(np.r_[0, cuts], np.r_[cuts, 300]))
+
+    def pieces():  # arrives one run at a time, as a reader yields them
+        for a, b in bounds:
+            part = X[a:b]
+            yield part.indptr.astype(np.int64), part.indices, part.data
+
+    for hint in (0, 10, X.nnz, 10 * X.nnz):
+        out = stack_runs(pieces(), 40, nnz_hint=hint)
+        np.testing.assert_array_equal(out.toarray(), X.toarray())
+        assert out.nnz == X.nnz and out.shape == (300, 40)
+        assert len(out.indices) == X.nnz and len(out.data) == X.nnz, "no slack left in the arrays"
