@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -48,10 +49,29 @@ X_CREATE_OPTIONS = {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": X_GENE
 # time from half of a streamed cell's CPU cost to a tenth. A run larger than the buffers is
 # read in several parts, still correct.
 STREAM_READ_CONFIG = {"soma.init_buffer_bytes": str(8 << 20), "sm.mem.malloc_trim": "false"}
+# Whole datasets or blocks of one (K-means actors, fine-tuning, the in-memory loader): larger
+# buffers, fewer rounds of an incomplete query; runs of cells read as slices, at most this many
+# (scattered cells are one point query instead).
+WHOLE_READ_CONFIG = {"soma.init_buffer_bytes": str(64 << 20), "sm.mem.malloc_trim": "false"}
+MAX_SLICE_READS = 256
 
 
 class StoreError(ValueError):
     """An input or store state that ingest or reading cannot accept."""
+
+
+_CONTEXTS: dict = {}
+
+
+def _context(tiledb_config: dict):
+    """One TileDB context per configuration and process (a context owns thread pools, costly
+    to make for every read)."""
+    import tiledbsoma as soma
+
+    key = (os.getpid(), tuple(sorted(tiledb_config.items())))
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = soma.SOMATileDBContext(tiledb_config=dict(tiledb_config))
+    return _CONTEXTS[key]
 
 
 @dataclass(frozen=True)
@@ -67,7 +87,7 @@ class AtlasLocator:
         it its own TileDB context."""
         import tiledbsoma as soma
 
-        context = soma.SOMATileDBContext(tiledb_config=dict(tiledb_config)) if tiledb_config else None
+        context = _context(tiledb_config) if tiledb_config else None
         return soma.Experiment.open(self.uri, tiledb_timestamp=self.timestamp_ms, context=context)
 
     def pinned(self) -> AtlasLocator:
@@ -693,22 +713,30 @@ class AtlasStore:
 
         ``value_types`` is one value type for all rows or one per row.
         """
+        from scpretrain_dist.store.sources import coo_run, runs, stack_runs
+
         joinids = np.asarray(joinids, dtype=np.int64)
-        with self.locator.open() as exp:
+        uniq = np.unique(joinids)
+        starts, stops = runs(uniq)
+        with self.locator.open(WHOLE_READ_CONFIG) as exp:
             n_genes = self._n_genes(exp)
             X = exp.ms[MEASUREMENT].X[LAYER]
-            order = np.argsort(joinids, kind="stable")
-            sorted_ids = joinids[order]
-            tbl = X.read(coords=(sorted_ids,)).tables().concat()
-        rows = tbl["soma_dim_0"].to_numpy()
-        cols = tbl["soma_dim_1"].to_numpy()
-        data = tbl["soma_data"].to_numpy().astype(np.float32)
-        # map each stored row back to every requested position holding that joinid
-        uniq, first = np.unique(sorted_ids, return_index=True)
-        pos_sorted = np.searchsorted(uniq, rows)
-        mat = sp.csr_matrix((data, (pos_sorted, cols)), shape=(len(uniq), n_genes))
-        mat.sum_duplicates()
-        out = mat[np.searchsorted(uniq, joinids)]
+            if len(starts) <= MAX_SLICE_READS:  # whole datasets, blocks: a slice query per run
+                def pieces():
+                    for a, b in zip(starts.tolist(), stops.tolist()):
+                        tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
+                        yield coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(),
+                                      tbl["soma_data"].to_numpy(), a, b)
+
+                mat = stack_runs(pieces(), n_genes)
+            else:  # scattered cells: one point query
+                tbl = X.read(coords=(uniq,)).tables().concat()
+                rows = np.searchsorted(uniq, tbl["soma_dim_0"].to_numpy())
+                data = tbl["soma_data"].to_numpy().astype(np.float32)
+                mat = sp.csr_matrix((data, (rows, tbl["soma_dim_1"].to_numpy())), shape=(len(uniq), n_genes))
+                mat.sum_duplicates()
+        # every requested position, in the given order (a joinid asked twice comes twice)
+        out = mat if len(uniq) == len(joinids) and (uniq == joinids).all() else mat[np.searchsorted(uniq, joinids)]
         if normalize:
             out = normalize_rows(out, value_types)
         return out.tocsr()
