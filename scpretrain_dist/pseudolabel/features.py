@@ -43,14 +43,16 @@ class Projection:
     components: np.ndarray  # (used, dims) float64
 
     def apply(self, X: sp.csr_matrix | np.ndarray, block: int = 2048) -> np.ndarray:
-        """Dense float64 GEMMs over blocks of rows (faster than a sparse product at the
+        """Dense float32 GEMMs over blocks of rows (faster than a sparse product at the
         densities of expression data); each row's result depends on that row alone."""
-        offset = self.mean @ self.components
+        offset = (self.mean @ self.components).astype(np.float32)
+        components = self.components.astype(np.float32)
         out = np.empty((X.shape[0], self.components.shape[1]), dtype=np.float32)
-        for lo in range(0, X.shape[0], block):
-            rows = X[lo : lo + block][:, self.genes]
-            rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-            out[lo : lo + block] = rows.astype(np.float64) @ self.components - offset
+        X = sp.csr_matrix(X)[:, self.genes] if sp.issparse(X) else np.asarray(X)[:, self.genes]
+        for lo in range(0, X.shape[0], block):  # the columns taken once, not per block
+            rows = X[lo : lo + block]
+            rows = rows.toarray() if sp.issparse(rows) else rows
+            out[lo : lo + block] = rows.astype(np.float32, copy=False) @ components - offset
         return out
 
 

@@ -164,21 +164,22 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
     for lo in range(0, len(x), BLOCK_ROWS):
         block = x[lo : lo + BLOCK_ROWS]
         labels, dist = assign(block, centroids, gpu)
-        columns = block.T.astype(np.float64)  # contiguous per gene/dimension, for bincount
+        block64 = block.astype(np.float64)
         for p, c in enumerate(centroids):
-            sums[p] += _sum_by_label(columns, labels[:, p], len(c))
+            sums[p] += _sum_by_label(block64, labels[:, p], len(c))
             counts[p] += np.bincount(labels[:, p], minlength=len(c))
             objective[p] += float(dist[:, p].sum(dtype=np.float64))
     return LloydPartial(sums, counts, objective)
 
 
-def _sum_by_label(columns: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """(k, d) float64 sums of cells per label, from the cells as (d, n) float64 columns: one
-    weighted bincount per dimension (sequential in cell order, so deterministic)."""
-    out = np.empty((k, columns.shape[0]), dtype=np.float64)
-    for j, col in enumerate(columns):
-        out[:, j] = np.bincount(labels, weights=col, minlength=k)
-    return out
+def _sum_by_label(x64: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64 sums of the cells (n, d) float64 per label: a one-hot (k x n) CSR times
+    the cells, one pass over them (each label's cells summed in cell order, so deterministic)."""
+    import scipy.sparse as sp
+
+    n = len(labels)
+    onehot = sp.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ x64)
 
 
 def update_centroids(previous: Sequence[np.ndarray], total: LloydPartial, seed: int, iteration: int) -> list[np.ndarray]:
