@@ -203,6 +203,9 @@ def _worker(rank, world, init_file, out_dir):
             X, didx, lab = _rank_batches(rank)
             pretrain_step(model, SparseBatch.from_csr(X), didx, lab, opt, sync_gradients=sync)
         torch.save(model.state_dict(), f"{out_dir}/final{rank}.pt")
+        # both ranks past their last collective before either tears gloo down: a rank that
+        # destroyed its group while the other's gloo threads still ran aborted now and then
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
