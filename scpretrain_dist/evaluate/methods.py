@@ -21,13 +21,12 @@ NETWORKS = ("scpretrain", "no_pretrain")
 EXPRESSION = ("logreg",)
 CLASSIFIERS = ("rf", "logreg", "svm")
 FEATURE_METHODS = tuple(f"{space}_{c}" for space in ("emb", "pca") for c in CLASSIFIERS)
-# Methods whose outputs are probabilities fitted by likelihood, which label-shift EM needs: a
-# forest's vote shares (often exactly 0) and an SVM's softmaxed margins mislead it.
-SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.endswith("_logreg"))
 # Methods that also learn from the unlabelled query cells (transductive): the transfer protocol
 # only, where the query is another dataset; leave-datasets-out targets have no such query.
 SEMI_SUPERVISED = ("scpretrain_ssl",)
-SHIFT_METHODS = SHIFT_METHODS + SEMI_SUPERVISED
+# Methods whose outputs are probabilities fitted by likelihood, which label-shift EM needs: a
+# forest's vote shares (often exactly 0) and an SVM's softmaxed margins mislead it.
+SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.endswith("_logreg")) + SEMI_SUPERVISED
 ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS + SEMI_SUPERVISED
 NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_")) + SEMI_SUPERVISED
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 # rows per assignment block: bounds the distance table and the float64 copy of the cells
 BLOCK_ROWS = 32768
@@ -175,8 +176,6 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
 def _sum_by_label(x64: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """(k, d) float64 sums of the cells (n, d) float64 per label: a one-hot (k x n) CSR times
     the cells, one pass over them (each label's cells summed in cell order, so deterministic)."""
-    import scipy.sparse as sp
-
     n = len(labels)
     onehot = sp.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
     return np.asarray(onehot @ x64)

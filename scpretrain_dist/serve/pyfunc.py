@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.special import softmax
 
 try:
     import mlflow.pyfunc
@@ -55,12 +56,6 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
             "temperature": float(getattr(model, "temperature", 1.0))}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -219,7 +214,7 @@ class Annotator:
         Xm, value_type = self._normalised(X, gm, value_type)
         h = self._first_layer(Xm, gm)
         emb, _, logits = self._layers(h)
-        p = _softmax(logits)
+        p = softmax(logits, axis=1)
         codes = p.argmax(1)
         return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, gm.n_matched,
                            value_type, emb.astype(np.float32) if return_embedding else None)
@@ -293,7 +288,7 @@ class Annotator:
             _check_values(part.data)
             Xm, _ = self._normalised(part, gm, value_type)  # CSR in, CSR out
             emb, hid, logits = self._layers(self._first_layer(Xm, gm))
-            p = _softmax(logits)
+            p = softmax(logits, axis=1)
             codes = p.argmax(1)
             d_logits = (np.eye(n_types, dtype=np.float32)[codes] - p) / self.temperature  # d log p_c / d logits
             d_hid = (d_logits @ self.w["out_w"]) * hid * (1 - hid)

@@ -713,7 +713,7 @@ class AtlasStore:
 
         ``value_types`` is one value type for all rows or one per row.
         """
-        from scpretrain_dist.store.sources import coo_run, runs, stack_runs
+        from scpretrain_dist.store.sources import read_run, runs, stack_runs
 
         joinids = np.asarray(joinids, dtype=np.int64)
         uniq = np.unique(joinids)
@@ -722,13 +722,7 @@ class AtlasStore:
             n_genes = self._n_genes(exp)
             X = exp.ms[MEASUREMENT].X[LAYER]
             if len(starts) <= MAX_SLICE_READS:  # whole datasets, blocks: a slice query per run
-                def pieces():
-                    for a, b in zip(starts.tolist(), stops.tolist()):
-                        tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
-                        yield coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(),
-                                      tbl["soma_data"].to_numpy(), a, b)
-
-                mat = stack_runs(pieces(), n_genes)
+                mat = stack_runs((read_run(X, a, b) for a, b in zip(starts.tolist(), stops.tolist())), n_genes)
             else:  # scattered cells: one point query
                 tbl = X.read(coords=(uniq,)).tables().concat()
                 rows = np.searchsorted(uniq, tbl["soma_dim_0"].to_numpy())

@@ -8,7 +8,9 @@ consecutive cells: both backends turn sorted joinids into contiguous ranges.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -81,6 +83,13 @@ def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_gen
     return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(len(indptr) - 1, n_genes))
 
 
+def read_run(X, start: int, stop: int):
+    """Cells ``start..stop-1`` of a SOMA sparse array, one slice query -> a CSR piece."""
+    tbl = X.read(coords=(slice(start, stop - 1),)).tables().concat()
+    return coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy(),
+                   start, stop)
+
+
 def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, stop: int):
     """COO values of cells ``start..stop-1`` (as a store returns them) -> a CSR piece.
 
@@ -132,10 +141,7 @@ class SomaSource:
         X = self._array()
 
         def read(run: tuple[int, int]):
-            a, b = run
-            tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
-            return coo_run(tbl.column("soma_dim_0").to_numpy(), tbl.column("soma_dim_1").to_numpy(),
-                           tbl.column("soma_data").to_numpy(), a, b)
+            return read_run(X, *run)
 
         todo = list(zip(starts.tolist(), stops.tolist()))
         if self.threads > 1 and len(todo) > 1:
@@ -174,19 +180,12 @@ READER_ENV = {"MALLOC_ARENA_MAX": "2"}
 def _in_order(pool, fn, items: list, window: int) -> Iterator:
     """``fn`` over ``items`` on ``pool``, results in order, at most ``window`` in flight (a
     plain ``pool.map`` submits everything at once and holds every result not yet consumed)."""
-    from collections import deque
-
-    pending: deque = deque()
     it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            break
+    pending = deque(pool.submit(fn, item) for item in islice(it, window))
     while pending:
-        yield pending.popleft().result()
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            break
+        result = pending.popleft().result()
+        pending.extend(pool.submit(fn, item) for item in islice(it, 1))
+        yield result
 
 
 def open_source(locator) -> CellSource:
