@@ -30,6 +30,7 @@ from scpretrain_dist.pseudolabel.features import (
 from scpretrain_dist.pseudolabel.kmeans import (
     LloydPartial,
     assign,
+    float64_copy,
     init_sample,
     lloyd,
     lloyd_flops,
@@ -82,11 +83,15 @@ def cluster_dataset(
     X = read_cells(store, dataset, 0, n, space)
     t_read = time.perf_counter()
     sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
-    projection = None
+    projection, x = None, None
     if space == "pca":
         fit_rows = init_sample(n, min(cfg.pca_fit_cells, cfg.init_sample_cells), cfg.seed)
-        projection = fit_pca(X[fit_rows], cfg.pca_dims, cfg.seed, cfg.pca_genes)
-    x = featurize(X, space, encoder, projection)
+        if len(fit_rows) == n:  # fitted on every cell: their coordinates come with the fit
+            projection, x = fit_pca(X, cfg.pca_dims, cfg.seed, cfg.pca_genes, return_fitted=True)
+        else:
+            projection = fit_pca(X[fit_rows], cfg.pca_dims, cfg.seed, cfg.pca_genes)
+    if x is None:
+        x = featurize(X, space, encoder, projection)
     del X
     t_feat = time.perf_counter()
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
@@ -166,7 +171,10 @@ class KMeansWorker:
         return plusplus_inits(x_sample, [k], seed)[0]
 
     def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
-        return partial_step(self._shards[dataset]["x"], centroids, self.cfg.use_gpu)
+        shard = self._shards[dataset]
+        if "x64" not in shard:  # the float64 copy for the sums, made once for every iteration
+            shard["x64"] = float64_copy(shard["x"])
+        return partial_step(shard["x"], centroids, self.cfg.use_gpu, shard["x64"])
 
     def final(self, dataset: str, centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Labels of this shard's cells and its summed squared distances per partition."""

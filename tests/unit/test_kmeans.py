@@ -268,3 +268,24 @@ def test_kmeans_plusplus_start_spreads_over_separated_blobs():
     # more centres than distinct points still returns k centres
     dup = np.repeat(x[:3], 4, axis=0)
     assert kmeans_plusplus_init(dup, 6, 0).shape == (6, 8)
+
+
+def test_cpu_assignment_matches_exact_faiss_search_across_blocks():
+    import faiss
+
+    from scpretrain_dist.pseudolabel import kmeans as km
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3 * km.CPU_BLOCK_ROWS + 17, 20)).astype(np.float32)  # a ragged last block
+    centroids = [x[rng.choice(len(x), k, replace=False)] + 0.1 for k in (40, 9, 2)]
+    labels, dist = km.assign(x, centroids)
+    assert labels.shape == dist.shape == (len(x), 3)
+    for p, c in enumerate(centroids):
+        index = faiss.IndexFlatL2(c.shape[1])
+        index.add(c)
+        d_ref, i_ref = index.search(x, 1)
+        exact = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+        # the same nearest centroid (up to float32 ties) and its squared distance
+        np.testing.assert_allclose(exact[np.arange(len(x)), labels[:, p]], exact.min(1), rtol=1e-5, atol=1e-5)
+        assert (labels[:, p] == i_ref[:, 0]).mean() > 0.999
+        np.testing.assert_allclose(dist[:, p], d_ref[:, 0], rtol=1e-4, atol=1e-4)
