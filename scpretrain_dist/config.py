@@ -139,6 +139,9 @@ class FinetuneConfig:
     snapshots: int = 1
     # probability of zeroing each measured value of a training cell, per step (0: none, the paper)
     input_dropout: float = 0.0
+    # cross-entropy weight of each class, from its share of the training cells: "none" (the
+    # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1
+    class_weight: str = "none"
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
     # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary

@@ -82,7 +82,7 @@ class SemiSupervised:
         t = min(epoch / self.cfg.ssl_rampup_epochs, 1.0)
         return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
-    def loss(self, xb, yb: torch.Tensor, epoch: int) -> torch.Tensor:
+    def loss(self, xb, yb: torch.Tensor, epoch: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         cfg, model = self.cfg, self.model
         ub = _rows(self.X, self.rng.choice(self.X.shape[0], size=len(yb), replace=self.X.shape[0] < len(yb)))
         with torch.no_grad():  # guessed labels: the mean over two augmentations, sharpened
@@ -99,7 +99,8 @@ class SemiSupervised:
         logits = model.classify(lam * h + (1 - lam) * h[perm])
         mixed = lam * target + (1 - lam) * target[perm]
         n = len(yb)
-        supervised = -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1).mean()
+        w = weight if weight is not None else 1.0  # class weights on the mixed targets
+        supervised = -(mixed[:n] * w * F.log_softmax(logits[:n], 1)).sum(1).mean()
         consistency = ((torch.softmax(logits[n:], 1) - mixed[n:]) ** 2).sum(1).mean()
         ramp = self.ramp(epoch)
         loss = supervised + cfg.unsup_weight * ramp * consistency
@@ -188,6 +189,7 @@ def finetune(
     if sp.issparse(X_train):
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    weight = class_weights(y_train, n_types, cfg.class_weight)
     Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
     best_acc, best_loss, best_epoch, best_state, history, losses = -1.0, np.inf, 0, None, [], []
     top: list[tuple[float, float, int, dict]] = []  # the best ``cfg.snapshots`` epochs by (accuracy, -loss)
@@ -197,9 +199,9 @@ def finetune(
         for idx in epoch_batches(len(yt), cfg.batch_size, cfg.min_steps_per_epoch, rng):
             opt.zero_grad(set_to_none=True)
             if semi is None:
-                loss = F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx])
+                loss = F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx], weight=weight)
             else:
-                loss = semi.loss(_rows(X_train, idx), yt[idx], epoch)
+                loss = semi.loss(_rows(X_train, idx), yt[idx], epoch, weight)
             loss.backward()
             opt.step()
         model.eval()
@@ -233,6 +235,23 @@ def finetune(
         model.temperature = fit_temperature(model(Xv).numpy(), np.asarray(y_val)) if len(yv) else 1.0
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
                           [t[3] for t in top], model.temperature)
+
+
+def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:
+    """Per-class cross-entropy weights from the classes' shares of the training cells: None for
+    "none"; 1/sqrt(share) for "sqrt"; 1/share for "balanced"; scaled so that the mean weight over
+    the training cells is 1 (the loss keeps its scale). A class with no training cell gets 0."""
+    if how == "none":
+        return None
+    if how not in ("sqrt", "balanced"):
+        raise ValueError(f"finetune.class_weight={how!r}; choose none, sqrt or balanced")
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_types).astype(np.float64)
+    share = counts / max(counts.sum(), 1)
+    w = np.zeros(n_types)
+    seen = counts > 0
+    w[seen] = share[seen] ** (-0.5 if how == "sqrt" else -1.0)
+    w /= max((w * share).sum(), 1e-12)
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -315,3 +315,36 @@ def test_semi_supervised_finetune_adapts_to_a_shifted_query(monkeypatch):
     assert (predict_proba(res.model, X_query).argmax(1) == y_query).mean() > 0.9
     with pytest.raises(ValueError, match="unlabelled"):
         finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0, unlabelled=X_query[:0])
+
+
+def test_class_weights_scale_rare_classes_up_and_keep_the_mean_weight():
+    from scpretrain_dist.train.finetune import class_weights
+
+    y = np.array([0] * 80 + [1] * 20)  # class 2 has no training cell
+    assert class_weights(y, 3, "none") is None
+    for how, power in (("sqrt", 0.5), ("balanced", 1.0)):
+        w = class_weights(y, 3, how).numpy()
+        assert w[2] == 0
+        assert w[1] / w[0] == pytest.approx(4.0**power, rel=1e-5)
+        assert (w[y]).mean() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="class_weight"):
+        class_weights(y, 3, "inverse")
+
+
+def test_balanced_class_weights_raise_the_probability_of_a_rare_overlapping_class():
+    rng = np.random.default_rng(0)
+
+    def cells(n_common, n_rare):  # two overlapping classes; the rare one shifted a little
+        x = np.vstack([rng.normal(0, 1, (n_common, 5)), rng.normal(0.8, 1, (n_rare, 5))]).astype(np.float32)
+        return x, np.array([0] * n_common + [1] * n_rare)
+
+    X_train, y_train = cells(450, 50)
+    X_val, y_val = cells(90, 10)
+    X_test, _ = cells(900, 100)
+    rare = {}
+    for how in ("none", "balanced"):
+        cfg = FinetuneConfig(lr=5e-3, max_epochs=30, patience=30, batch_size=50, class_weight=how)
+        res = finetune(X_train, y_train, X_val, y_val, 2, cfg, ModelConfig(embedding_dim=16, hidden_dim=8), seed=0)
+        rare[how] = predict_proba(res.model, X_test)[:, 1].mean()
+    # unweighted, the rare class gets about its 10% share; weighted 9:1, about half
+    assert rare["none"] < 0.2 and rare["balanced"] > rare["none"] + 0.15
