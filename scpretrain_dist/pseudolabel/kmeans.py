@@ -41,11 +41,13 @@ def n_clusters(n_cells: int, cluster_sizes: tuple[int, ...], min_k: int = 2) -> 
     return [int(min(n_cells, max(min_k, round(n_cells / s)))) for s in cluster_sizes]
 
 
-def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, n_local_trials: int | None = None) -> np.ndarray:
+def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, n_local_trials: int | None = None,
+                         weights: np.ndarray | None = None) -> np.ndarray:
     """Greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's variant): each new centre is
     the best of ``2 + ln k`` candidates drawn with probability ~ squared distance to the
     nearest centre so far. Written as one float32 GEMM per centre (scikit-learn upcasts
-    float32 data to float64 in chunks, which made it the slowest step of a refresh)."""
+    float32 data to float64 in chunks, which made it the slowest step of a refresh).
+    ``weights``: each point counts that many times (the reduction step of k-means||)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if not 1 <= k <= n:
@@ -56,18 +58,19 @@ def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, n_local_trials: int |
     centers = np.empty((k, d), dtype=np.float32)
     first = int(rng.integers(n))
     centers[0] = x[first]
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     closest = np.maximum(x_sq - 2 * (x @ x[first]) + x_sq[first], 0).astype(np.float64)
-    pot = closest.sum()
+    pot = (w * closest).sum()
     for c in range(1, k):
         if pot <= 0:  # fewer distinct points than k: take any not yet chosen
             centers[c] = x[rng.integers(n)]
             continue
-        cand = np.searchsorted(np.cumsum(closest), rng.random(trials) * pot)
+        cand = np.searchsorted(np.cumsum(w * closest), rng.random(trials) * pot)
         cand = np.minimum(cand, n - 1)
         dist = x_sq[cand][:, None] - 2 * (x[cand] @ x.T) + x_sq[None, :]  # (trials, n)
         np.maximum(dist, 0, out=dist)
         np.minimum(dist, closest[None, :], out=dist)
-        pots = dist.sum(1, dtype=np.float64)
+        pots = dist @ w if weights is not None else dist.sum(1, dtype=np.float64)
         best = int(np.argmin(pots))
         closest, pot = dist[best].astype(np.float64), pots[best]
         centers[c] = x[cand[best]]
@@ -82,12 +85,44 @@ def init_sample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, n_cells]).choice(n_cells, max_cells, replace=False))
 
 
+# above this k, the start is k-means|| (the greedy start's pass over every point per centre
+# took most of a refresh at atlas scale: 555 of 1,067 s summed on 1M cells)
+PARALLEL_INIT_K = 256
+
+
+def kmeans_parallel_init(x: np.ndarray, k: int, seed: int, rounds: int = 5, oversample: float = 2.0) -> np.ndarray:
+    """k-means|| (Bahmani et al. 2012): ``rounds`` rounds each keep every point with probability
+    ~ oversample * k * (squared distance to the nearest kept point) / total, a pass that is one
+    GEMM against the new points; the kept points, weighted by how many points are nearest to
+    each, are then reduced to k centres by the greedy k-means++ above."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    rng = np.random.default_rng([seed, k])
+    kept = [x[int(rng.integers(n))][None]]
+    closest = _assign_blas(x, kept)[1][:, 0].astype(np.float64)
+    for _ in range(rounds):
+        pot = closest.sum()
+        if pot <= 0:
+            break
+        new = x[rng.random(n) < oversample * k * closest / pot]
+        if len(new):
+            kept.append(new)
+            closest = np.minimum(closest, _assign_blas(x, [new])[1][:, 0])
+    candidates = np.vstack(kept)
+    if len(candidates) <= k:  # too few distinct points were kept: the greedy start on all
+        return kmeans_plusplus_init(x, k, seed)
+    weights = np.bincount(_assign_blas(x, [candidates])[0][:, 0], minlength=len(candidates))
+    return kmeans_plusplus_init(candidates, k, seed, weights=weights)
+
+
 def plusplus_inits(x_sample: np.ndarray, ks: Sequence[int], seed: int) -> list[np.ndarray]:
-    """One k-means++ start per partition (seed + partition)."""
+    """One k-means++ start per partition (seed + partition): greedy k-means++ up to
+    ``PARALLEL_INIT_K`` centres, k-means|| above."""
     for k in ks:
         if not 1 <= k <= len(x_sample):
             raise ValueError(f"k={k} must lie between 1 and the number of points ({len(x_sample)})")
-    return [kmeans_plusplus_init(x_sample, k, seed + p) for p, k in enumerate(ks)]
+    return [kmeans_plusplus_init(x_sample, k, seed + p) if k <= PARALLEL_INIT_K
+            else kmeans_parallel_init(x_sample, k, seed + p) for p, k in enumerate(ks)]
 
 
 # ------------------------------------------------------------------ assignment

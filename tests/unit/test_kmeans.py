@@ -289,3 +289,15 @@ def test_cpu_assignment_matches_exact_faiss_search_across_blocks():
         np.testing.assert_allclose(exact[np.arange(len(x)), labels[:, p]], exact.min(1), rtol=1e-5, atol=1e-5)
         assert (labels[:, p] == i_ref[:, 0]).mean() > 0.999
         np.testing.assert_allclose(dist[:, p], d_ref[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_parallel_start_covers_many_blobs_like_the_greedy_start():
+    from scpretrain_dist.pseudolabel.kmeans import kmeans_parallel_init, kmeans_plusplus_init
+
+    x, y = blobs(n_per=40, k=300, d=16, spread=0.05, seed=3)
+    for init in (kmeans_parallel_init, kmeans_plusplus_init):
+        c = init(x, 300, seed=0)
+        assert c.shape == (300, 16)
+        nearest_blob = y[((c[:, None, :] - x[None]) ** 2).sum(-1).argmin(1)]
+        assert len(np.unique(nearest_blob)) >= 285  # almost every blob gets a centre
+    np.testing.assert_array_equal(kmeans_parallel_init(x, 300, 1), kmeans_parallel_init(x, 300, 1))
