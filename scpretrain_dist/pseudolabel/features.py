@@ -65,11 +65,12 @@ def column_moments(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def most_variable_genes(X: sp.csr_matrix, n_genes: int) -> np.ndarray:
-    """Sorted column indices of the ``n_genes`` columns of highest variance (all if fewer)."""
+def most_variable_genes(X: sp.csr_matrix, n_genes: int, var: np.ndarray | None = None) -> np.ndarray:
+    """Sorted column indices of the ``n_genes`` columns of highest variance (all if fewer);
+    ``var``: the columns' variances when already computed."""
     if X.shape[1] <= n_genes:
         return np.arange(X.shape[1])
-    var = column_moments(sp.csr_matrix(X))[1]
+    var = column_moments(sp.csr_matrix(X))[1] if var is None else var
     return np.sort(np.argsort(-var, kind="stable")[:n_genes])
 
 
@@ -91,8 +92,7 @@ def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_genes: int = 4000, n_iter:
     already built."""
     X = sp.csr_matrix(X)
     mean_all, var_all = column_moments(X)
-    genes = (np.arange(X.shape[1]) if X.shape[1] <= n_genes
-             else np.sort(np.argsort(-var_all, kind="stable")[:n_genes]))
+    genes = most_variable_genes(X, n_genes, var_all)
     A = np.asarray(X[:, genes].toarray(), dtype=np.float32)
     n, g = A.shape
     dims = max(1, min(dims, g - 1 if g > 1 else 1, n - 1 if n > 1 else 1))

@@ -94,24 +94,29 @@ def kmeans_parallel_init(x: np.ndarray, k: int, seed: int, rounds: int = 5, over
     """k-means|| (Bahmani et al. 2012): ``rounds`` rounds each keep every point with probability
     ~ oversample * k * (squared distance to the nearest kept point) / total, a pass that is one
     GEMM against the new points; the kept points, weighted by how many points are nearest to
-    each, are then reduced to k centres by the greedy k-means++ above."""
+    each (tracked through the rounds), are then reduced to k centres by the greedy k-means++
+    above."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     rng = np.random.default_rng([seed, k])
     kept = [x[int(rng.integers(n))][None]]
     closest = _assign_blas(x, kept)[1][:, 0].astype(np.float64)
+    nearest = np.zeros(n, dtype=np.int64)  # index of each point's nearest kept point
     for _ in range(rounds):
         pot = closest.sum()
         if pot <= 0:
             break
         new = x[rng.random(n) < oversample * k * closest / pot]
         if len(new):
+            label, dist = _assign_blas(x, [new])
+            better = dist[:, 0] < closest
+            nearest[better] = sum(len(c) for c in kept) + label[better, 0]
+            closest[better] = dist[better, 0]
             kept.append(new)
-            closest = np.minimum(closest, _assign_blas(x, [new])[1][:, 0])
     candidates = np.vstack(kept)
     if len(candidates) <= k:  # too few distinct points were kept: the greedy start on all
         return kmeans_plusplus_init(x, k, seed)
-    weights = np.bincount(_assign_blas(x, [candidates])[0][:, 0], minlength=len(candidates))
+    weights = np.bincount(nearest, minlength=len(candidates))
     return kmeans_plusplus_init(candidates, k, seed, weights=weights)
 
 
