@@ -90,12 +90,14 @@ def init_sample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
 PARALLEL_INIT_K = 256
 
 
-def kmeans_parallel_init(x: np.ndarray, k: int, seed: int, rounds: int = 5, oversample: float = 2.0) -> np.ndarray:
+def kmeans_parallel_init(x: np.ndarray, k: int, seed: int, rounds: int = 2, oversample: float = 2.0) -> np.ndarray:
     """k-means|| (Bahmani et al. 2012): ``rounds`` rounds each keep every point with probability
     ~ oversample * k * (squared distance to the nearest kept point) / total, a pass that is one
     GEMM against the new points; the kept points, weighted by how many points are nearest to
-    each (tracked through the rounds), are then reduced to k centres by the greedy k-means++
-    above."""
+    each (tracked through the rounds), are then reduced to k centres by weighted k-means++ (one
+    draw per centre, as Bahmani et al. reduce). Two rounds and one draw: on a 160k-cell
+    embedding at k = 3,206 the start took 5.4 s instead of 27 s (5 rounds, greedy reduction),
+    and the objective after 10 Lloyd iterations was 0.2% higher (0.01% after 20 at k = 1,249)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     rng = np.random.default_rng([seed, k])
@@ -117,7 +119,7 @@ def kmeans_parallel_init(x: np.ndarray, k: int, seed: int, rounds: int = 5, over
     if len(candidates) <= k:  # too few distinct points were kept: the greedy start on all
         return kmeans_plusplus_init(x, k, seed)
     weights = np.bincount(nearest, minlength=len(candidates))
-    return kmeans_plusplus_init(candidates, k, seed, weights=weights)
+    return kmeans_plusplus_init(candidates, k, seed, n_local_trials=1, weights=weights)
 
 
 def plusplus_inits(x_sample: np.ndarray, ks: Sequence[int], seed: int) -> list[np.ndarray]:

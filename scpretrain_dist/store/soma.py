@@ -732,7 +732,7 @@ class AtlasStore:
         # every requested position, in the given order (a joinid asked twice comes twice)
         out = mat if len(uniq) == len(joinids) and (uniq == joinids).all() else mat[np.searchsorted(uniq, joinids)]
         if normalize:
-            out = normalize_rows(out, value_types)
+            out = normalize_rows(out, value_types, copy=False)  # a matrix this read made
         return out.tocsr()
 
     def read_dataset(self, name: str, normalize: bool = True) -> tuple[sp.csr_matrix, pd.DataFrame]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -63,11 +63,21 @@ def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_gen
 
     Pieces are copied, as they arrive, into arrays that grow geometrically from ``nnz_hint``
     values: the peak is the result plus the pieces in flight, not every piece and then their
-    concatenation (which held a buffer's cells twice)."""
+    concatenation (which held a buffer's cells twice). A single piece (a whole dataset read as
+    one run) is the result itself, not copied."""
+    parts = iter(parts)
+    first = next(parts, None)
+    if first is None:
+        return sp.csr_matrix((0, n_genes), dtype=np.float32)
+    second = next(parts, None)
+    if second is None:
+        ptr, cols, vals = first  # owned and writable, as the copies below are
+        return sp.csr_matrix((np.require(vals, np.float32, "W"), np.require(cols, np.int32, "W"),
+                              np.asarray(ptr, np.int64)), shape=(len(ptr) - 1, n_genes))
     indices = np.empty(max(int(nnz_hint), 1024), dtype=np.int32)
     data = np.empty(len(indices), dtype=np.float32)
     indptrs, nnz = [np.zeros(1, dtype=np.int64)], 0
-    for ptr, cols, vals in parts:
+    for ptr, cols, vals in chain([first, second], parts):
         m = len(cols)
         if nnz + m > len(indices):
             size = max(nnz + m, int(len(indices) * 1.5))
@@ -84,10 +94,40 @@ def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_gen
 
 
 def read_run(X, start: int, stop: int):
-    """Cells ``start..stop-1`` of a SOMA sparse array, one slice query -> a CSR piece."""
-    tbl = X.read(coords=(slice(start, stop - 1),)).tables().concat()
-    return coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy(),
-                   start, stop)
+    """Cells ``start..stop-1`` of a SOMA sparse array, one slice query -> a CSR piece.
+
+    The query's Arrow tables are copied one at a time into the piece's arrays (sized from the
+    first table's values per cell, grown geometrically), and cell ids are only counted:
+    concatenating the whole query first and converting its chunked columns held every value
+    twice and took about as long as the query itself on a whole dataset. A store whose values
+    do not come in cell order is read again and sorted."""
+    n = stop - start
+    counts = np.zeros(n, dtype=np.int64)
+    indices, data, nnz, previous = np.empty(0, np.int32), np.empty(0, np.float32), 0, start
+    for tbl in X.read(coords=(slice(start, stop - 1),)).tables():
+        m = tbl.num_rows
+        if not m:
+            continue
+        r = tbl["soma_dim_0"].to_numpy()
+        if r[0] < previous or not (r[1:] >= r[:-1]).all():
+            tbl = X.read(coords=(slice(start, stop - 1),)).tables().concat()
+            return coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy(),
+                           start, stop)
+        lo, hi = int(r[0]), int(r[-1]) + 1
+        counts[lo - start : hi - start] += np.diff(np.searchsorted(r, np.arange(lo, hi + 1)))
+        previous = hi - 1
+        if nnz + m > len(indices):
+            size = max(nnz + m, int(len(indices) * 1.5), int((nnz + m) / (hi - start) * n * 1.02))
+            indices = np.concatenate([indices[:nnz], np.empty(size - nnz, np.int32)])
+            data = np.concatenate([data[:nnz], np.empty(size - nnz, np.float32)])
+        indices[nnz : nnz + m] = tbl["soma_dim_1"].to_numpy()
+        data[nnz : nnz + m] = tbl["soma_data"].to_numpy()
+        nnz += m
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    if len(indices) > nnz + nnz // 8 + 1024:  # do not keep much slack alive behind the views
+        indices, data = indices[:nnz].copy(), data[:nnz].copy()
+    return indptr, indices[:nnz], data[:nnz]
 
 
 def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, stop: int):

@@ -92,6 +92,31 @@ def test_read_rows_keeps_request_order_and_repeats(demo_store):
     np.testing.assert_array_equal(rows, full.toarray()[[5, 0, 5, 17]])
 
 
+def test_a_run_read_in_many_small_tables_equals_the_run_read_in_one(demo_store, helpers):
+    """A whole-dataset read arrives as several Arrow tables (cells split between two of them);
+    the pieces are counted and copied table by table into one CSR."""
+    from scpretrain_dist.store.soma import LAYER, MEASUREMENT
+    from scpretrain_dist.store.sources import read_run
+
+    rec = demo_store.dataset("demo_01")
+    a, b = int(rec.joinids[0]), int(rec.joinids[-1]) + 1
+    pieces = {}
+    for name, buffer in (("small", 4096), ("large", 64 << 20)):
+        with demo_store.locator.open({"soma.init_buffer_bytes": str(buffer)}) as exp:
+            X = exp.ms[MEASUREMENT].X[LAYER]
+            pieces[name] = (sum(t.num_rows > 0 for t in X.read(coords=(slice(a, b - 1),)).tables()),
+                            read_run(X, a, b))
+    tables, (ptr, cols, vals) = pieces["small"]
+    assert tables > 2, "the small buffer must split the run into several tables"
+    _, (ptr1, cols1, vals1) = pieces["large"]
+    np.testing.assert_array_equal(ptr, ptr1)
+    np.testing.assert_array_equal(cols, cols1)
+    np.testing.assert_array_equal(vals, vals1)
+    counts, _, _ = _file_matrix(helpers, rec.source)  # the file itself: its non-zeros per cell
+    np.testing.assert_array_equal(np.diff(ptr), (np.asarray(counts) != 0).sum(1))
+    assert cols.dtype == np.int32 and vals.dtype == np.float32 and vals.flags.writeable
+
+
 def test_dataset_gene_mask_marks_exactly_that_datasets_genes(demo_store, demo_entries, helpers, tmp_path):
     extra = tmp_path / "extra.h5ad"
     _counts_file(helpers, extra, genes=["SYN00000", "NEWGENE1", "Newgene2"])
