@@ -96,15 +96,23 @@ def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_gen
 def read_run(X, start: int, stop: int):
     """Cells ``start..stop-1`` of a SOMA sparse array, one slice query -> a CSR piece.
 
-    The query's Arrow tables are copied one at a time into the piece's arrays (sized from the
-    first table's values per cell, grown geometrically), and cell ids are only counted:
-    concatenating the whole query first and converting its chunked columns held every value
-    twice and took about as long as the query itself on a whole dataset. A store whose values
-    do not come in cell order is read again and sorted."""
+    A result in one Arrow table (a loader's run of cells) is viewed as numpy and converted at
+    once. A result in several (a whole dataset) is copied table by table into the piece's arrays
+    as it arrives (sized from the first tables' values per cell, grown geometrically), its cell
+    ids only counted: concatenating the tables first and converting the chunked columns held
+    every value twice and took about as long as the query itself. A store whose values do not
+    come in cell order is read again and sorted."""
+    tables = iter(X.read(coords=(slice(start, stop - 1),)).tables())
+    first, second = next(tables, None), next(tables, None)
+    if second is None:
+        if first is None:
+            return np.zeros(stop - start + 1, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return coo_run(first["soma_dim_0"].to_numpy(), first["soma_dim_1"].to_numpy(), first["soma_data"].to_numpy(),
+                       start, stop)
     n = stop - start
     counts = np.zeros(n, dtype=np.int64)
     indices, data, nnz, previous = np.empty(0, np.int32), np.empty(0, np.float32), 0, start
-    for tbl in X.read(coords=(slice(start, stop - 1),)).tables():
+    for tbl in chain([first, second], tables):
         m = tbl.num_rows
         if not m:
             continue
