@@ -80,17 +80,14 @@ def stack_runs(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_gen
     for ptr, cols, vals in chain([first, second], parts):
         m = len(cols)
         if nnz + m > len(indices):
-            size = max(nnz + m, int(len(indices) * 1.5))
-            indices = np.concatenate([indices[:nnz], np.empty(size - nnz, dtype=np.int32)])
-            data = np.concatenate([data[:nnz], np.empty(size - nnz, dtype=np.float32)])
+            indices, data = _grown(indices, data, nnz, max(nnz + m, int(len(indices) * 1.5)))
         indices[nnz : nnz + m] = cols
         data[nnz : nnz + m] = vals
         indptrs.append(np.asarray(ptr[1:], dtype=np.int64) + nnz)
         nnz += m
     indptr = np.concatenate(indptrs)
-    if len(indices) > nnz + nnz // 8 + 1024:  # do not keep much slack alive behind the views
-        indices, data = indices[:nnz].copy(), data[:nnz].copy()
-    return sp.csr_matrix((data[:nnz], indices[:nnz], indptr), shape=(len(indptr) - 1, n_genes))
+    indices, data = _trimmed(indices, data, nnz)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_genes))
 
 
 def read_run(X, start: int, stop: int):
@@ -107,8 +104,7 @@ def read_run(X, start: int, stop: int):
     if second is None:
         if first is None:
             return np.zeros(stop - start + 1, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
-        return coo_run(first["soma_dim_0"].to_numpy(), first["soma_dim_1"].to_numpy(), first["soma_data"].to_numpy(),
-                       start, stop)
+        return _coo_table(first, start, stop)
     n = stop - start
     counts = np.zeros(n, dtype=np.int64)
     indices, data, nnz, previous = np.empty(0, np.int32), np.empty(0, np.float32), 0, start
@@ -118,24 +114,37 @@ def read_run(X, start: int, stop: int):
             continue
         r = tbl["soma_dim_0"].to_numpy()
         if r[0] < previous or not (r[1:] >= r[:-1]).all():
-            tbl = X.read(coords=(slice(start, stop - 1),)).tables().concat()
-            return coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy(),
-                           start, stop)
+            return _coo_table(X.read(coords=(slice(start, stop - 1),)).tables().concat(), start, stop)
         lo, hi = int(r[0]), int(r[-1]) + 1
         counts[lo - start : hi - start] += np.diff(np.searchsorted(r, np.arange(lo, hi + 1)))
         previous = hi - 1
-        if nnz + m > len(indices):
-            size = max(nnz + m, int(len(indices) * 1.5), int((nnz + m) / (hi - start) * n * 1.02))
-            indices = np.concatenate([indices[:nnz], np.empty(size - nnz, np.int32)])
-            data = np.concatenate([data[:nnz], np.empty(size - nnz, np.float32)])
+        if nnz + m > len(indices):  # the run's size guessed from its values per cell so far
+            indices, data = _grown(indices, data, nnz, max(nnz + m, int(len(indices) * 1.5),
+                                                            int((nnz + m) / (hi - start) * n * 1.02)))
         indices[nnz : nnz + m] = tbl["soma_dim_1"].to_numpy()
         data[nnz : nnz + m] = tbl["soma_data"].to_numpy()
         nnz += m
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    if len(indices) > nnz + nnz // 8 + 1024:  # do not keep much slack alive behind the views
-        indices, data = indices[:nnz].copy(), data[:nnz].copy()
-    return indptr, indices[:nnz], data[:nnz]
+    return (indptr, *_trimmed(indices, data, nnz))
+
+
+def _grown(indices: np.ndarray, data: np.ndarray, used: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR value arrays of ``size`` entries holding the first ``used`` of the given ones."""
+    return (np.concatenate([indices[:used], np.empty(size - used, dtype=np.int32)]),
+            np.concatenate([data[:used], np.empty(size - used, dtype=np.float32)]))
+
+
+def _trimmed(indices: np.ndarray, data: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``used`` entries: views, or copies when the slack behind them is large."""
+    if len(indices) > used + used // 8 + 1024:  # do not keep much slack alive behind the views
+        return indices[:used].copy(), data[:used].copy()
+    return indices[:used], data[:used]
+
+
+def _coo_table(tbl, start: int, stop: int):
+    """A SOMA query's table (soma_dim_0, soma_dim_1, soma_data) of cells ``start..stop-1`` -> a CSR piece."""
+    return coo_run(tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy(), start, stop)
 
 
 def coo_run(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, start: int, stop: int):

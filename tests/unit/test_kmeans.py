@@ -301,3 +301,22 @@ def test_kmeans_parallel_start_covers_many_blobs_like_the_greedy_start():
         nearest_blob = y[((c[:, None, :] - x[None]) ** 2).sum(-1).argmin(1)]
         assert len(np.unique(nearest_blob)) >= 285  # almost every blob gets a centre
     np.testing.assert_array_equal(kmeans_parallel_init(x, 300, 1), kmeans_parallel_init(x, 300, 1))
+
+
+def test_embedding_of_sparse_cells_equals_the_dense_product_across_blocks():
+    """The actors' embedding (embedding_bag per block of cells) is sigmoid(x W + b) exactly as a
+    dense product gives it, empty cells included and across block boundaries."""
+    import scipy.sparse as sp
+
+    from scpretrain_dist.pseudolabel.features import embed
+
+    rng = np.random.default_rng(3)
+    X = sp.random(37, 50, density=0.1, format="lil", dtype=np.float32, random_state=4)
+    X[5] = 0  # a cell with no measured value
+    X = X.tocsr()
+    enc = {"weight": rng.standard_normal((50, 8)).astype(np.float32), "bias": rng.standard_normal(8).astype(np.float32)}
+    want = 1.0 / (1.0 + np.exp(-(X.toarray().astype(np.float64) @ enc["weight"] + enc["bias"])))
+    got = embed(X, enc, block=16)
+    assert got.shape == (37, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[5], 1.0 / (1.0 + np.exp(-enc["bias"])), rtol=1e-6)
