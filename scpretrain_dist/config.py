@@ -140,7 +140,8 @@ class FinetuneConfig:
     # probability of zeroing each measured value of a training cell, per step (0: none, the paper)
     input_dropout: float = 0.0
     # cross-entropy weight of each class, from its share of the training cells: "none" (the
-    # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1
+    # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1;
+    # supervised fine-tuning only (the semi-supervised objective stays unweighted)
     class_weight: str = "none"
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,

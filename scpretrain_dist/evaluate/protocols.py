@@ -36,7 +36,7 @@ from scpretrain_dist.evaluate.methods import (
 from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
 from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
-from scpretrain_dist.train.finetune import gene_index
+from scpretrain_dist.train.finetune import gene_index, training_prior
 
 
 @dataclass
@@ -294,7 +294,9 @@ def evaluate_transfer(
             seconds = time.perf_counter() - t0
             variants = [(method, fit.proba)]
             if ev.label_shift and method in SHIFT_METHODS:
-                prior = np.bincount(train.y, minlength=len(classes)) / len(train.y)
+                # the networks' outputs follow the class-weighted prior they were fitted to
+                how = f.class_weight if method in NETWORKS else "none"
+                prior = training_prior(train.y, len(classes), how)
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
                 m = classification_metrics(test.y, proba)

@@ -82,7 +82,7 @@ class SemiSupervised:
         t = min(epoch / self.cfg.ssl_rampup_epochs, 1.0)
         return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
-    def loss(self, xb, yb: torch.Tensor, epoch: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, xb, yb: torch.Tensor, epoch: int) -> torch.Tensor:
         cfg, model = self.cfg, self.model
         ub = _rows(self.X, self.rng.choice(self.X.shape[0], size=len(yb), replace=self.X.shape[0] < len(yb)))
         with torch.no_grad():  # guessed labels: the mean over two augmentations, sharpened
@@ -99,8 +99,10 @@ class SemiSupervised:
         logits = model.classify(lam * h + (1 - lam) * h[perm])
         mixed = lam * target + (1 - lam) * target[perm]
         n = len(yb)
-        w = weight if weight is not None else 1.0  # class weights on the mixed targets
-        supervised = -(mixed[:n] * w * F.log_softmax(logits[:n], 1)).sum(1).mean()
+        # unweighted whatever finetune.class_weight says: weights on the reference's rare types
+        # pass into the guessed query labels, which sharpening then amplifies (with "balanced",
+        # pbmc3k -> pbmc_ding_dropseq collapsed onto types the query does not have)
+        supervised = -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1).mean()
         consistency = ((torch.softmax(logits[n:], 1) - mixed[n:]) ** 2).sum(1).mean()
         ramp = self.ramp(epoch)
         loss = supervised + cfg.unsup_weight * ramp * consistency
@@ -201,7 +203,7 @@ def finetune(
             if semi is None:
                 loss = F.cross_entropy(model(_dropout(_rows(X_train, idx), cfg.input_dropout)), yt[idx], weight=weight)
             else:
-                loss = semi.loss(_rows(X_train, idx), yt[idx], epoch, weight)
+                loss = semi.loss(_rows(X_train, idx), yt[idx], epoch)
             loss.backward()
             opt.step()
         model.eval()
@@ -252,6 +254,18 @@ def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:
     w[seen] = share[seen] ** (-0.5 if how == "sqrt" else -1.0)
     w /= max((w * share).sum(), 1e-12)
     return torch.tensor(w, dtype=torch.float32)
+
+
+def training_prior(y: np.ndarray, n_types: int, how: str = "none") -> np.ndarray:
+    """The class prior a network's probabilities are fitted to: the classes' shares of the
+    training cells, times their cross-entropy weights (``class_weights``), normalised. A
+    label-shift correction must start from this, not from the plain shares ("balanced": uniform
+    over the classes seen)."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_types).astype(np.float64)
+    share = counts / max(counts.sum(), 1)
+    w = class_weights(y, n_types, how)
+    prior = share if w is None else share * w.numpy().astype(np.float64)
+    return prior / max(prior.sum(), 1e-12)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

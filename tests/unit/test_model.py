@@ -288,17 +288,20 @@ def test_gradient_reversal_is_identity_forward_and_negated_backward():
     torch.testing.assert_close(x.grad, -0.5 * torch.arange(3.0).expand(5, 3))
 
 
-def test_semi_supervised_finetune_adapts_to_a_shifted_query(monkeypatch):
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_semi_supervised_finetune_adapts_to_a_shifted_query(monkeypatch, class_weight):
     """Reference and query share types but the query's expression is shifted (a batch effect on
     other genes): the domain adversary and MixMatch train on both, and the model still labels
-    the query; its discriminator is trained (its weights move)."""
+    the query; its discriminator is trained (its weights move). Class weights (which the
+    semi-supervised objective ignores) change nothing of that."""
     from scpretrain_dist.train.finetune import SemiSupervised
 
     X_train, y_train = _separable(150, seed=0)
     X_val, y_val = _separable(60, seed=1)
     X_query, y_query = _separable(120, seed=2)
     X_query[:, :4] += 2.0  # batch effect
-    cfg = FinetuneConfig(lr=2e-3, max_epochs=12, patience=6, batch_size=32, ssl_rampup_epochs=3)
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=12, patience=6, batch_size=32, ssl_rampup_epochs=3,
+                         class_weight=class_weight)
     made = []
     orig = SemiSupervised.__init__
 
@@ -329,6 +332,17 @@ def test_class_weights_scale_rare_classes_up_and_keep_the_mean_weight():
         assert (w[y]).mean() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="class_weight"):
         class_weights(y, 3, "inverse")
+
+
+def test_training_prior_is_the_class_weighted_share_of_the_training_cells():
+    """What a label-shift correction starts from: plain shares without weights, uniform over the
+    classes seen with "balanced", shares^(1/2) with "sqrt"."""
+    from scpretrain_dist.train.finetune import training_prior
+
+    y = np.array([0] * 64 + [1] * 16)  # class 2 has no training cell
+    np.testing.assert_allclose(training_prior(y, 3), [0.8, 0.2, 0.0])
+    np.testing.assert_allclose(training_prior(y, 3, "balanced"), [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(training_prior(y, 3, "sqrt"), [2 / 3, 1 / 3, 0.0])
 
 
 def test_balanced_class_weights_raise_the_probability_of_a_rare_overlapping_class():
