@@ -44,6 +44,7 @@ class Fitted:
     proba: np.ndarray  # test cells x n_types
     extra: dict = field(default_factory=dict)
     model: object = None
+    prior: np.ndarray | None = None  # the class prior the probabilities follow (None: the training shares)
 
 
 def check_methods(methods) -> None:
@@ -138,7 +139,8 @@ def run_method(
         # confidence is what the registered annotator reports
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
-                              "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated)}, res.model)
+                              "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated)}, res.model,
+                      res.prior)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))

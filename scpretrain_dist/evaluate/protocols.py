@@ -294,9 +294,7 @@ def evaluate_transfer(
             seconds = time.perf_counter() - t0
             variants = [(method, fit.proba)]
             if ev.label_shift and method in SHIFT_METHODS:
-                # the networks' outputs follow the class-weighted prior they were fitted to
-                how = f.class_weight if method in NETWORKS else "none"
-                prior = training_prior(train.y, len(classes), how)
+                prior = fit.prior if fit.prior is not None else training_prior(train.y, len(classes))
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
                 m = classification_metrics(test.y, proba)

@@ -25,23 +25,25 @@ def read_encoder(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def embed(X: sp.csr_matrix, encoder: dict[str, np.ndarray], block: int = 8192) -> np.ndarray:
-    """sigmoid(X W + b) for a cells x atlas-genes matrix, in blocks: each block one
-    ``embedding_bag`` over its non-zero values, the encoder's own sparse input path (about twice
-    scipy's CSR x dense product here)."""
+    """sigmoid(X W + b) for a cells x atlas-genes matrix, in blocks, through the model's own
+    ``Encoder`` on ``SparseBatch`` input (``embedding_bag`` over the non-zero values: about
+    twice scipy's CSR x dense product here)."""
     import torch
-    import torch.nn.functional as F
+
+    from scpretrain_dist.model.networks import Encoder, SparseBatch
 
     X = sp.csr_matrix(X, dtype=np.float32)
-    W, b = torch.from_numpy(np.asarray(encoder["weight"], np.float32)), torch.from_numpy(np.asarray(encoder["bias"], np.float32))
-    out = np.empty((X.shape[0], W.shape[1]), dtype=np.float32)
-    for lo in range(0, X.shape[0], block):
-        hi = min(lo + block, X.shape[0])
-        a, z = X.indptr[lo], X.indptr[hi]
-        with torch.no_grad():
-            h = F.embedding_bag(torch.from_numpy(X.indices[a:z].astype(np.int64)), W,
-                                torch.from_numpy((X.indptr[lo:hi] - a).astype(np.int64)), mode="sum",
-                                per_sample_weights=torch.from_numpy(X.data[a:z]))
-            out[lo:hi] = torch.sigmoid(h + b).numpy()
+    weight = torch.from_numpy(np.asarray(encoder["weight"], np.float32))
+    model = Encoder(*weight.shape)
+    model.load_state_dict({"weight": weight, "bias": torch.from_numpy(np.asarray(encoder["bias"], np.float32))})
+    out = np.empty((X.shape[0], weight.shape[1]), dtype=np.float32)
+    with torch.no_grad():
+        for lo in range(0, X.shape[0], block):
+            hi = min(lo + block, X.shape[0])
+            a, z = X.indptr[lo], X.indptr[hi]
+            batch = SparseBatch(torch.from_numpy(X.indices[a:z].astype(np.int64)),
+                                torch.from_numpy((X.indptr[lo:hi] - a).astype(np.int64)), torch.from_numpy(X.data[a:z]))
+            out[lo:hi] = model.embed(batch).numpy()
     return out
 
 

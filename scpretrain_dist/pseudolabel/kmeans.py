@@ -58,19 +58,19 @@ def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int, n_local_trials: int |
     centers = np.empty((k, d), dtype=np.float32)
     first = int(rng.integers(n))
     centers[0] = x[first]
-    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    w = None if weights is None else np.asarray(weights, np.float64)
     closest = np.maximum(x_sq - 2 * (x @ x[first]) + x_sq[first], 0).astype(np.float64)
-    pot = (w * closest).sum()
+    pot = closest.sum() if w is None else (w * closest).sum()
     for c in range(1, k):
         if pot <= 0:  # fewer distinct points than k: take any not yet chosen
             centers[c] = x[rng.integers(n)]
             continue
-        cand = np.searchsorted(np.cumsum(w * closest), rng.random(trials) * pot)
+        cand = np.searchsorted(np.cumsum(closest if w is None else w * closest), rng.random(trials) * pot)
         cand = np.minimum(cand, n - 1)
         dist = x_sq[cand][:, None] - 2 * (x[cand] @ x.T) + x_sq[None, :]  # (trials, n)
         np.maximum(dist, 0, out=dist)
         np.minimum(dist, closest[None, :], out=dist)
-        pots = dist @ w if weights is not None else dist.sum(1, dtype=np.float64)
+        pots = dist.sum(1, dtype=np.float64) if w is None else dist @ w
         best = int(np.argmin(pots))
         closest, pot = dist[best].astype(np.float64), pots[best]
         centers[c] = x[cand[best]]

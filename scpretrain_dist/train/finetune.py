@@ -124,6 +124,7 @@ class FinetuneResult:
     val_losses: list[float] = field(default_factory=list)  # validation cross-entropy per epoch
     snapshots: list[dict] = field(default_factory=list)  # the best epochs' weights, when averaged
     temperature: float = 1.0  # softmax temperature fitted on the validation cells
+    prior: np.ndarray | None = None  # the class prior the probabilities were fitted to (``training_prior``)
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -191,7 +192,8 @@ def finetune(
     if sp.issparse(X_train):
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
-    weight = class_weights(y_train, n_types, cfg.class_weight)
+    weighting = cfg.class_weight if semi is None else "none"  # the semi-supervised objective is unweighted
+    weight = class_weights(y_train, n_types, weighting)
     Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
     best_acc, best_loss, best_epoch, best_state, history, losses = -1.0, np.inf, 0, None, [], []
     top: list[tuple[float, float, int, dict]] = []  # the best ``cfg.snapshots`` epochs by (accuracy, -loss)
@@ -236,7 +238,7 @@ def finetune(
     with torch.no_grad():
         model.temperature = fit_temperature(model(Xv).numpy(), np.asarray(y_val)) if len(yv) else 1.0
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
-                          [t[3] for t in top], model.temperature)
+                          [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting))
 
 
 def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:
