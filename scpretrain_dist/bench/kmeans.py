@@ -185,26 +185,31 @@ def measure_matmul(threads: int, n: int = 2048, repeats: int = 5) -> dict:
 def faiss_sequential(store, datasets, cfg, threads) -> tuple[dict, float]:
     """The original approach: each dataset's dense normalised expression, faiss.Kmeans (its own
     random initialisation), one dataset and one partition after the other."""
-    import faiss
 
     from scpretrain_dist.pseudolabel.features import read_cells
     from scpretrain_dist.pseudolabel.kmeans import n_clusters
 
-    faiss.omp_set_num_threads(threads)
     out, read_s = {}, 0.0
     for d in datasets:
         t0 = time.perf_counter()
         n = store.dataset(d).n_cells
         x = np.ascontiguousarray(read_cells(store, d, 0, n, "expression").toarray(), dtype=np.float32)
         read_s += time.perf_counter() - t0
-        ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
-        lab = np.empty((n, len(ks)), dtype=np.int64)
-        for p, k in enumerate(ks):
-            km = faiss.Kmeans(x.shape[1], k, niter=cfg.niter, seed=cfg.seed + p, verbose=False)
-            km.train(x)
-            lab[:, p] = km.index.search(x, 1)[1][:, 0]
-        out[d] = lab
+        out[d] = faiss_partitions(x, n_clusters(n, cfg.cluster_sizes, cfg.min_k), cfg.niter, cfg.seed, threads)
     return out, read_s
+
+
+def faiss_partitions(x: np.ndarray, ks: list[int], niter: int, seed: int, threads: int) -> np.ndarray:
+    """faiss.Kmeans (its own random initialisation) for each k, one after the other."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    lab = np.empty((len(x), len(ks)), dtype=np.int64)
+    for p, k in enumerate(ks):
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + p, verbose=False)
+        km.train(x)
+        lab[:, p] = km.index.search(x, 1)[1][:, 0]
+    return lab
 
 
 def sklearn_sequential(store, datasets, cfg, threads) -> tuple[dict, float]:

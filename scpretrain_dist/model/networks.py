@@ -195,11 +195,13 @@ class MultiTaskHeads(nn.Module):
     def forward(self, z: torch.Tensor, dataset_idx: torch.Tensor) -> list[PartitionLogits]:
         present, inverse = torch.unique(dataset_idx, sorted=True, return_inverse=True)
         z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)  # bias column
+        k_all = torch.stack([getattr(self, f"k_{p}")[present] for p in range(self.n_partitions)])
+        # every partition's largest k and row count in one device-to-host copy (each is a sync)
+        stats = torch.cat([k_all.max(1).values, k_all.sum(1)]).tolist()
         out = []
         for p in range(self.n_partitions):
-            k_present = getattr(self, f"k_{p}")[present]
-            k_max = int(k_present.max())
-            n_rows = int(k_present.sum())
+            k_present = k_all[p]
+            k_max, n_rows = int(stats[p]), int(stats[self.n_partitions + p])
             layout = self.layout
             if layout == "auto":
                 # block costs a GEMM of cells x rows; padded a memory-bound gather of cells x
@@ -236,14 +238,17 @@ class PretrainLoss:
 class PretrainModel(nn.Module):
     """Encoder plus fused heads. ``sparse_grad`` makes the encoder's weight and every head
     produce sparse gradients over the rows a batch touched (see :class:`Encoder`,
-    :class:`MultiTaskHeads`); the outputs do not change."""
+    :class:`MultiTaskHeads`); the outputs do not change. ``encoder_sparse_grad`` sets the
+    encoder's apart: on a GPU a batch of a few hundred cells touches most genes, and a dense
+    gradient with dense Adam costs less there than sorting the touched rows."""
 
     def __init__(
         self, n_genes: int, ks: list[list[int]], dim: int = 200, head_activation: str = "none",
-        sparse_grad: bool = False, head_layout: str = "auto",
+        sparse_grad: bool = False, head_layout: str = "auto", encoder_sparse_grad: bool | None = None,
     ):
         super().__init__()
-        self.encoder = Encoder(n_genes, dim, sparse_grad=sparse_grad)
+        sparse_encoder = sparse_grad if encoder_sparse_grad is None else encoder_sparse_grad
+        self.encoder = Encoder(n_genes, dim, sparse_grad=sparse_encoder)
         self.heads = MultiTaskHeads(ks, dim, head_activation, sparse_grad=sparse_grad, layout=head_layout)
 
     def forward(self, x: torch.Tensor | SparseBatch, dataset_idx: torch.Tensor) -> list[PartitionLogits]:
@@ -254,8 +259,8 @@ class PretrainModel(nn.Module):
         losses = [F.cross_entropy(lg.logits, t) for lg, t in zip(logits, targets)]
         with torch.no_grad():
             acc = torch.stack([(lg.logits.argmax(1) == t).float().mean() for lg, t in zip(logits, targets)])
-        per = torch.stack([x.detach() for x in losses]).tolist()
-        return PretrainLoss(torch.stack(losses).sum(), per, float(acc.mean()))
+            values = torch.cat([torch.stack(losses).detach(), acc.mean()[None]]).tolist()  # one sync
+        return PretrainLoss(torch.stack(losses).sum(), values[:-1], values[-1])
 
 
 class CellTypeClassifier(nn.Module):

@@ -6,8 +6,9 @@ cells -> reduce -> update), so a dataset split over several workers gives exactl
 single-process result: :func:`lloyd` is :func:`run_lloyd` with one shard. Assignment is exact:
 on a CPU one float32 GEMM of a block of cells against every partition's centroids at once, then
 an argmin per partition (blocks small enough for the distance table to stay in cache: 2-3x
-faiss's CPU search at these shapes); faiss-gpu on a GPU. Empty clusters are re-seeded as faiss
-does (split a large cluster in two).
+faiss's CPU search at these shapes). On a GPU (``gpu=True``): faiss-gpu where it is installed,
+else the same GEMM + argmin written in torch, with the cells kept on the GPU across iterations.
+Empty clusters are re-seeded as faiss does (split a large cluster in two).
 """
 
 from __future__ import annotations
@@ -134,22 +135,108 @@ def plusplus_inits(x_sample: np.ndarray, ks: Sequence[int], seed: int) -> list[n
 
 # ------------------------------------------------------------------ assignment
 _GPU_RES = None
+# rows per block of the torch (GPU) assignment: the block's distance table is rows x centroids
+TORCH_BLOCK_ROWS = 16384
+
+
+def gpu_backend() -> str:
+    """``"faiss"`` where faiss has GPU support and sees a GPU, else ``"torch"`` where torch sees
+    a CUDA device; a clear error where neither does."""
+    try:
+        import faiss
+
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            return "faiss"
+    except ImportError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch"
+    raise RuntimeError(
+        "pseudolabel.use_gpu=true but neither faiss-gpu nor torch sees a GPU: run on a CUDA "
+        "machine (torch with CUDA is enough; faiss-gpu-cu12 is used where installed), or set "
+        "pseudolabel.use_gpu=false"
+    )
 
 
 def _gpu_resources():
-    """faiss GPU resources, once per process; a clear error where faiss has no GPU."""
+    """faiss GPU resources, once per process."""
     global _GPU_RES
     import faiss
 
     if _GPU_RES is None:
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            raise RuntimeError(
-                "pseudolabel.use_gpu=true but this faiss has no GPU support or sees no GPU: on a "
-                "CUDA machine install the [gpu] extra (pip install faiss-gpu-cu12, then "
-                "pip uninstall faiss-cpu), or set pseudolabel.use_gpu=false"
-            )
         _GPU_RES = faiss.StandardGpuResources()
     return _GPU_RES
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _on_gpu(x: np.ndarray):
+    """The cells as a float32 torch tensor on the GPU."""
+    import torch
+
+    return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to("cuda")
+
+
+def _stacked_torch(xt, centroids: Sequence[np.ndarray]):
+    import torch
+
+    stacked = torch.as_tensor(np.vstack([np.asarray(c, dtype=np.float32) for c in centroids])).to(xt.device)
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in centroids])]).tolist()
+    return stacked, (stacked * stacked).sum(1), bounds
+
+
+def _torch_blocks(xt, stacked, c_sq, bounds):
+    """Per block of cells: (first row, block, [(labels, squared distances) per partition]),
+    the distance table one GEMM (``addmm``: ||c||^2 - 2 x.c) against every partition at once."""
+    import torch
+
+    for lo in range(0, len(xt), TORCH_BLOCK_ROWS):
+        block = xt[lo : lo + TORCH_BLOCK_ROWS]
+        table = torch.addmm(c_sq, block, stacked.T, alpha=-2.0)
+        x_sq = (block * block).sum(1)
+        parts = []
+        for p in range(len(bounds) - 1):
+            best, label = table[:, bounds[p] : bounds[p + 1]].min(1)
+            parts.append((label, (best + x_sq).clamp_min_(0)))
+        yield lo, block, parts
+
+
+def assign_torch(xt, centroids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign` for cells held as a float32 torch tensor, on its device."""
+    import torch
+
+    stacked, c_sq, bounds = _stacked_torch(xt, centroids)
+    labels = torch.empty((len(xt), len(centroids)), dtype=torch.int64, device=xt.device)
+    dist = torch.empty((len(xt), len(centroids)), dtype=torch.float32, device=xt.device)
+    for lo, block, parts in _torch_blocks(xt, stacked, c_sq, bounds):
+        for p, (label, d) in enumerate(parts):
+            labels[lo : lo + len(block), p] = label
+            dist[lo : lo + len(block), p] = d
+    return labels.cpu().numpy(), dist.cpu().numpy()
+
+
+def partial_step_torch(xt, centroids: Sequence[np.ndarray]) -> LloydPartial:
+    """:func:`partial_step` for cells held as a float32 torch tensor, on its device: sums in
+    float64 (``index_add_``), counts by ``bincount``; only the (k, d) sums leave the device."""
+    import torch
+
+    stacked, c_sq, bounds = _stacked_torch(xt, centroids)
+    d = xt.shape[1]
+    sums = [torch.zeros((len(c), d), dtype=torch.float64, device=xt.device) for c in centroids]
+    counts = [torch.zeros(len(c), dtype=torch.int64, device=xt.device) for c in centroids]
+    objective = torch.zeros(len(centroids), dtype=torch.float64, device=xt.device)
+    for _lo, block, parts in _torch_blocks(xt, stacked, c_sq, bounds):
+        block64 = block.double()
+        for p, (label, dist) in enumerate(parts):
+            sums[p].index_add_(0, label, block64)
+            counts[p] += torch.bincount(label, minlength=len(centroids[p]))
+            objective[p] += dist.sum(dtype=torch.float64)
+    return LloydPartial([s.cpu().numpy() for s in sums], [c.cpu().numpy() for c in counts],
+                        objective.cpu().tolist())
 
 
 def _index(centroids: np.ndarray, gpu: bool):
@@ -171,6 +258,8 @@ def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) ->
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not gpu:
         return _assign_blas(x, centroids)
+    if gpu_backend() == "torch":
+        return assign_torch(_on_gpu(x), centroids)
     labels = np.empty((len(x), len(centroids)), dtype=np.int64)
     dist = np.empty((len(x), len(centroids)), dtype=np.float32)
     for p, c in enumerate(centroids):
@@ -239,6 +328,8 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
     """Assign a shard's cells to every partition's centroids and sum them per centroid.
     ``x64``: the cells as float64 (see :func:`float64_copy`), else converted block by block."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if gpu and gpu_backend() == "torch":
+        return partial_step_torch(_on_gpu(x), centroids)
     d = x.shape[1]
     sums = [np.zeros((len(c), d), dtype=np.float64) for c in centroids]
     counts = [np.zeros(len(c), dtype=np.int64) for c in centroids]
@@ -312,7 +403,13 @@ def run_lloyd(
 def lloyd(
     x: np.ndarray, inits: Sequence[np.ndarray], niter: int, seed: int, gpu: bool = False
 ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """Single-process Lloyd: (labels (n, P), final centroids, objective per partition)."""
+    """Single-process Lloyd: (labels (n, P), final centroids, objective per partition).
+    ``x`` may be a float32 torch tensor: Lloyd then runs on its device (torch)."""
+    if _is_tensor(x) or (gpu and gpu_backend() == "torch"):  # the cells stay on the device
+        xt = x if _is_tensor(x) else _on_gpu(x)
+        centroids = run_lloyd(lambda c: [partial_step_torch(xt, c)], inits, niter, seed)
+        labels, dist = assign_torch(xt, centroids)
+        return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]
     x = np.ascontiguousarray(x, dtype=np.float32)
     x64 = float64_copy(x)
     centroids = run_lloyd(lambda c: [partial_step(x, c, gpu, x64)], inits, niter, seed)

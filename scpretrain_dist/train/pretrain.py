@@ -57,16 +57,19 @@ def pretrain_loop_per_worker(config: dict) -> None:
     labels = PseudoLabels.load(config["labels_path"])
     datasets = config["datasets"]
     shard = open_shard(config, labels, rank, world)  # pretrain.loader: "memory" or "stream"
+    device = ray.train.torch.get_device()
+    if device.type == "cuda" and hasattr(shard, "to_device"):
+        shard = shard.to_device(device)  # the in-memory shard moves to the GPU: batches made there
     ks = [labels.ks[d] for d in datasets]
     sparse = config.get("sparse_updates", True)
     model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"],
-                          sparse_grad=sparse, head_layout=config.get("head_layout", "auto"))
+                          sparse_grad=sparse, head_layout=config.get("head_layout", "auto"),
+                          encoder_sparse_grad=sparse and device.type == "cpu")
     if config.get("init_encoder"):
         enc = load_encoder(config["init_encoder"])
         with torch.no_grad():
             model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
             model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
-    device = ray.train.torch.get_device()
     sync = None
     if sparse:
         # rows a batch touched only: lazy Adam, and an all-reduce of the touched rows instead
@@ -74,7 +77,8 @@ def pretrain_loop_per_worker(config: dict) -> None:
         model = model.to(device)
         broadcast_parameters(model)
         if world > 1:
-            sync = RowGradSync(model, [model.encoder.weight, *model.heads.weights])
+            row_sparse = [model.encoder.weight] if model.encoder.sparse_grad else []
+            sync = RowGradSync(model, [*row_sparse, *model.heads.weights])
         optimizer = LazyAdam(model.parameters(), lr=config["lr"])
     else:
         model = ray.train.torch.prepare_model(model)

@@ -320,3 +320,70 @@ def test_embedding_of_sparse_cells_equals_the_dense_product_across_blocks():
     assert got.shape == (37, 8) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[5], 1.0 / (1.0 + np.exp(-enc["bias"])), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the torch (GPU) Lloyd
+def _torch_case():
+    import torch
+
+    x, _ = blobs(n_per=300, k=6, d=12, seed=3)
+    cents = [x[:6].copy(), x[50:70].copy()]
+    return torch, x, cents
+
+
+def test_torch_lloyd_step_equals_the_blas_step():
+    """The GPU backend's arithmetic, run on a CPU tensor: same labels, counts and sums."""
+    from scpretrain_dist.pseudolabel import kmeans as km
+
+    torch, x, cents = _torch_case()
+    ref, got = km.partial_step(x, cents), km.partial_step_torch(torch.from_numpy(x), cents)
+    for p in range(len(cents)):
+        np.testing.assert_array_equal(ref.counts[p], got.counts[p])
+        np.testing.assert_allclose(ref.sums[p], got.sums[p], rtol=1e-6, atol=1e-6)
+        assert got.objective[p] == pytest.approx(ref.objective[p], rel=1e-5)
+    (l1, d1), (l2, d2) = km.assign(x, cents), km.assign_torch(torch.from_numpy(x), cents)
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-3)
+
+
+def test_lloyd_on_a_tensor_runs_on_its_device_and_matches_numpy():
+    from scpretrain_dist.pseudolabel.kmeans import lloyd, plusplus_inits
+
+    torch, x, _ = _torch_case()
+    inits = plusplus_inits(x, [6, 20], seed=0)
+    lab_np, cent_np, obj_np = lloyd(x, inits, niter=10, seed=0)
+    lab_t, cent_t, obj_t = lloyd(torch.from_numpy(x), inits, niter=10, seed=0)
+    # the two GEMMs sum in different orders: a cell equidistant to two centres may go either way
+    assert (lab_np == lab_t).mean() > 0.999
+    assert obj_t == pytest.approx(obj_np, rel=1e-4)
+
+
+def test_use_gpu_without_a_gpu_says_what_to_do():
+    import torch
+
+    from scpretrain_dist.pseudolabel.kmeans import gpu_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="pseudolabel.use_gpu=false"):
+        gpu_backend()
+
+
+@pytest.mark.gpu
+def test_gpu_lloyd_matches_the_cpu_result():
+    import torch
+
+    from scpretrain_dist.pseudolabel import kmeans as km
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x, _ = blobs(n_per=2000, k=8, d=32, spread=1.0, seed=4)
+    cents = [x[:40].copy(), x[100:120].copy()]
+    ref, got = km.partial_step(x, cents), km.partial_step(x, cents, gpu=True)
+    for p in range(len(cents)):  # one step: the same assignment up to near-ties
+        assert np.abs(ref.counts[p] - got.counts[p]).sum() <= 0.002 * len(x)
+        assert got.objective[p] == pytest.approx(ref.objective[p], rel=1e-4)
+    # whole runs may part at a tie and converge elsewhere: as good a fit, not the same labels
+    _, obj_cpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0)
+    _, obj_gpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0, gpu=True)
+    assert obj_gpu == pytest.approx(obj_cpu, rel=0.02)

@@ -130,3 +130,28 @@ def test_cell_shard_from_the_store(demo_store):
             assert len(x) == len(didx) == lab.shape[0]
             assert len(np.unique(didx.numpy())) >= 2
         assert n_batches == steps_per_epoch(n_total, world, 64)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_shard_gives_the_host_shard_batches(device):
+    """A shard moved to the device makes the same batches, in the same order, without the host."""
+    import scipy.sparse as sp
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(0)
+    X = sp.random(700, 400, density=0.04, format="csr", random_state=1, dtype=np.float32)
+    X[5] = 0  # a cell with no detected gene
+    X.eliminate_zeros()
+    X.sort_indices()
+    host = CellShard(X, rng.integers(0, 5, 700), rng.integers(0, 9, (700, 3)), np.arange(700))
+    dev = host.to_device(device)
+    assert len(dev) == len(host)
+    n = 0
+    for (a, da, la), (b, db, lb) in zip(host.batches(64, 7, 3), dev.batches(64, 7, 3), strict=True):
+        for field in ("indices", "offsets", "values", "genes", "local_indices"):
+            assert torch.equal(getattr(a, field), getattr(b, field).cpu()), field
+        assert torch.equal(da, db.cpu()) and torch.equal(la.long(), lb.cpu())
+        n += len(da)
+    assert n == 700
