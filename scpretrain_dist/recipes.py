@@ -57,7 +57,7 @@ def real_cpu() -> RunConfig:
 
 
 def atlas_8gpu() -> RunConfig:
-    """One node with 8 GPUs: DDP over 8 workers, faiss-gpu K-means."""
+    """One node with 8 GPUs: DDP over 8 workers, K-means on the GPUs (faiss-gpu where installed, else torch)."""
     base = paper()
     return dataclasses.replace(
         base,

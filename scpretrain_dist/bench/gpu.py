@@ -60,9 +60,17 @@ def run(args) -> dict:
     import torch
 
     from scpretrain_dist.bench.report import result
-    from scpretrain_dist.config import DemoDataConfig, PretrainConfig, PseudoLabelConfig
+    from scpretrain_dist.config import (
+        ConfigError,
+        DemoDataConfig,
+        PretrainConfig,
+        PseudoLabelConfig,
+    )
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench gpu: --device cuda but torch sees no CUDA device here; run it on a GPU "
+                          "machine with a CUDA build of torch, or pass --device cpu for a dry run")
     pcfg = PseudoLabelConfig()
     tcfg = PretrainConfig()
     bs = args.batch_size or tcfg.batch_size
