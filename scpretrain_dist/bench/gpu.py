@@ -336,22 +336,12 @@ def plain_loop_gpu(shard, host, starts, sizes, ks, args, bs: int, lr: float, dev
     gathered and densified on the GPU."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
+
+    from scpretrain_dist.bench.pretrain import plain_network
 
     torch.manual_seed(0)
     n_genes = args.genes
-
-    class PlainNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder = nn.Linear(n_genes, 200)
-            self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(200, k) for k in kd]) for kd in ks])
-
-        def forward(self, x, d):
-            z = torch.sigmoid(self.encoder(x))
-            return [h(z) for h in self.heads[d]]
-
-    model = PlainNet().to(device)
+    model = plain_network(n_genes, ks, 200).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = shard.labels
     rng = np.random.default_rng(0)

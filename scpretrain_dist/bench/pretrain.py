@@ -139,12 +139,30 @@ def _run_plain(cfg, datasets: list[str], labels_path: str) -> dict:
                                        cfg.model.embedding_dim))
 
 
+def plain_network(n_genes: int, ks: list[list[int]], dim: int):
+    """The original design's network: a dense Linear encoder, a Linear head per (dataset,
+    partition); ``model(x, d)`` gives dataset ``d``'s partition logits."""
+    import torch
+    from torch import nn
+
+    class PlainNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(n_genes, dim)
+            self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(dim, k) for k in kd]) for kd in ks])
+
+        def forward(self, x, d):
+            z = torch.sigmoid(self.encoder(x))
+            return [h(z) for h in self.heads[d]]
+
+    return PlainNet()
+
+
 def plain_loop(store_uri: str, datasets: list[str], labels_path: str, pretrain: dict, dim: int) -> dict:
     """The original design: dense Linear encoder, a head per (dataset, partition), one dataset
     per batch, torch Adam; one thread."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from scpretrain_dist.bench.report import peak_rss_mib
     from scpretrain_dist.pseudolabel.pool import PseudoLabels
@@ -156,19 +174,7 @@ def plain_loop(store_uri: str, datasets: list[str], labels_path: str, pretrain: 
     labels = PseudoLabels.load(labels_path)
     data = {d: store.read_dataset(d)[0] for d in datasets}  # normalised CSR, cells x atlas genes
     n_genes = next(iter(data.values())).shape[1]
-
-    class PlainNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder = nn.Linear(n_genes, dim)
-            self.heads = nn.ModuleList(
-                [nn.ModuleList([nn.Linear(dim, k) for k in labels.ks[d]]) for d in datasets])
-
-        def forward(self, x, d):
-            z = torch.sigmoid(self.encoder(x))
-            return [h(z) for h in self.heads[d]]
-
-    model = PlainNet()
+    model = plain_network(n_genes, [labels.ks[d] for d in datasets], dim)
     opt = torch.optim.Adam(model.parameters(), lr=pretrain["lr"])
     bs = pretrain["batch_size"]
     rng = np.random.default_rng(pretrain["seed"])

@@ -39,3 +39,21 @@ def test_bench_gpu_without_a_gpu_says_what_to_do(tmp_path, capsys):
     assert rc not in (0, None)
     assert "--device cpu" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_plain_loop_of_the_original_design_learns(demo_store, tmp_path):
+    """``bench pretrain``'s peer (the network ``bench gpu`` shares): dense batches of one
+    dataset each; on learnable labels (the cell types) its loss falls."""
+    from scpretrain_dist.bench.pretrain import plain_loop
+    from scpretrain_dist.pseudolabel.pool import PseudoLabels
+
+    records = demo_store.datasets()
+    names = [r.name for r in records]
+    types = {d: np.unique(demo_store.read_obs(d)["cell_type"].astype(str), return_inverse=True)[1] for d in names}
+    labels = PseudoLabels(0, {d: np.stack([t, t], 1).astype(np.int64) for d, t in types.items()},
+                          {d: [int(t.max()) + 1] * 2 for d, t in types.items()}, "expression")
+    path = labels.save(tmp_path / "labels.npz")
+    res = plain_loop(demo_store.uri, names, str(path), {"seed": 0, "lr": 1e-2, "batch_size": 16, "epochs": 4}, dim=16)
+    assert res["epoch_loss"][-1] < res["epoch_loss"][0]
+    assert res["final_eval_loss"] < res["epoch_loss"][0]
+    assert res["cells_per_second_per_worker"] > 0
