@@ -7,18 +7,19 @@ generator). Sections, each timed with the device synchronised:
 - ``matmul``: the GPU's measured float32 (no TF32), TF32 and bf16 GEMM rates: the ceilings;
 - ``refresh``: a pseudo-label refresh of every dataset (3 partitions, k = n/50, n/100, n/200,
   30 Lloyd iterations): the encoder's embedding computed on the GPU, k-means++ / k-means|| starts
-  on the host (a sample of at most 100k cells), Lloyd on the GPU (faiss-gpu where installed,
-  else the torch GEMM + argmin of ``pseudolabel/kmeans.py``). Run twice: from a random encoder
-  (the labels the pretraining below trains on) and from the trained one;
+  on the host (a sample of at most 100k cells), Lloyd on the GPU (the torch GEMM + argmin of
+  ``pseudolabel/kmeans.py``, the embedding never leaving the device). Run twice: from a random
+  encoder (the labels the pretraining below trains on) and from the trained one;
 - ``pretrain``: ours (the training shard held on the GPU and batches gathered there, sparse
-  ``embedding_bag`` input, fused heads, lazy Adam on the touched rows) vs the plain PyTorch loop
+  ``embedding_bag`` input, fused heads with lazy Adam on their touched rows, a dense encoder
+  gradient) vs the plain PyTorch loop
   of the original design (dense Linear encoder, a head per (dataset, partition), one dataset per
   batch, torch Adam) fed as it was (batches densified on the host, then copied), and the same
   plain loop with its batches densified on the GPU; same cells, labels, epochs and batch size;
   final pseudo-label loss of each over every cell;
-- ``kmeans_peers``: faiss (CPU; sequential, on dense full normalised expression, its own
-  initialisation: the original implementation's approach) on a subset of datasets, against
-  ours' refresh of the same datasets; NMI of each to the true cell types;
+- ``kmeans_peers``: faiss on the host CPUs (sequential, its own initialisation) clustering the
+  same trained embeddings, on a subset of datasets, against our refresh of the same datasets;
+  NMI of each to the true cell types;
 - ``projection``: iterations x (epochs x cells / our cells per second + one refresh) for the
   paper's workload (0.9M cells, 10 iterations x 50 epochs).
 """

@@ -13,6 +13,7 @@ Empty clusters are re-seeded as faiss does (split a large cluster in two).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ _GPU_RES = None
 TORCH_BLOCK_ROWS = 16384
 
 
+@functools.cache
 def gpu_backend() -> str:
     """``"faiss"`` where faiss has GPU support and sees a GPU, else ``"torch"`` where torch sees
     a CUDA device; a clear error where neither does."""
@@ -174,7 +176,7 @@ def _is_tensor(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _on_gpu(x: np.ndarray):
+def cells_on_gpu(x: np.ndarray):
     """The cells as a float32 torch tensor on the GPU."""
     import torch
 
@@ -259,7 +261,7 @@ def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) ->
     if not gpu:
         return _assign_blas(x, centroids)
     if gpu_backend() == "torch":
-        return assign_torch(_on_gpu(x), centroids)
+        return assign_torch(cells_on_gpu(x), centroids)
     labels = np.empty((len(x), len(centroids)), dtype=np.int64)
     dist = np.empty((len(x), len(centroids)), dtype=np.float32)
     for p, c in enumerate(centroids):
@@ -329,7 +331,7 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
     ``x64``: the cells as float64 (see :func:`float64_copy`), else converted block by block."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if gpu and gpu_backend() == "torch":
-        return partial_step_torch(_on_gpu(x), centroids)
+        return partial_step_torch(cells_on_gpu(x), centroids)
     d = x.shape[1]
     sums = [np.zeros((len(c), d), dtype=np.float64) for c in centroids]
     counts = [np.zeros(len(c), dtype=np.int64) for c in centroids]
@@ -406,7 +408,7 @@ def lloyd(
     """Single-process Lloyd: (labels (n, P), final centroids, objective per partition).
     ``x`` may be a float32 torch tensor: Lloyd then runs on its device (torch)."""
     if _is_tensor(x) or (gpu and gpu_backend() == "torch"):  # the cells stay on the device
-        xt = x if _is_tensor(x) else _on_gpu(x)
+        xt = x if _is_tensor(x) else cells_on_gpu(x)
         centroids = run_lloyd(lambda c: [partial_step_torch(xt, c)], inits, niter, seed)
         labels, dist = assign_torch(xt, centroids)
         return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]

@@ -387,3 +387,31 @@ def test_gpu_lloyd_matches_the_cpu_result():
     _, obj_cpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0)
     _, obj_gpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0, gpu=True)
     assert obj_gpu == pytest.approx(obj_cpu, rel=0.02)
+
+
+@pytest.mark.gpu
+def test_gpu_actor_slice_keeps_its_cells_on_the_device(demo_store):
+    """A K-means actor's slice with use_gpu: the same partial sums as the CPU actor, and the
+    cells copied to the GPU once for every iteration."""
+    import dataclasses
+
+    import torch
+
+    from scpretrain_dist.config import PseudoLabelConfig
+    from scpretrain_dist.pseudolabel.pool import KMeansWorker
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    name = demo_store.datasets()[0].name
+    cpu = KMeansWorker(demo_store.locator, PseudoLabelConfig())
+    gpu = KMeansWorker(demo_store.locator, dataclasses.replace(PseudoLabelConfig(), use_gpu=True))
+    for w in (cpu, gpu):
+        w.load_shard(name, 0, 40, None, "expression")
+    cents = [gpu.sample(name, np.arange(5)).astype(np.float32)]
+    a, b = cpu.step(name, cents), gpu.step(name, cents)
+    assert gpu._shards[name]["xt"].is_cuda
+    np.testing.assert_array_equal(a.counts[0], b.counts[0])
+    np.testing.assert_allclose(a.sums[0], b.sums[0], rtol=1e-5, atol=1e-5)
+    (la, da), (lb, db) = cpu.final(name, cents), gpu.final(name, cents)
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_allclose(da, db, rtol=1e-4)
