@@ -27,6 +27,7 @@ generator). Sections, each timed with the device synchronised:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -127,8 +128,6 @@ def run(args) -> dict:
     save("projection", projection(args, atlas["n_cells"], refresh1["seconds"], runs))
     if args.peer_cells > 0:
         save("kmeans_peers", kmeans_peers(atlas, shard, model, ks, pcfg, device, args.peer_cells))
-
-    import copy
 
     if args.large_batch:
         save("pretrain_ours_large_batch", pretrain_ours(copy.deepcopy(model), shard, 1, args.large_batch, tcfg.lr, device)
@@ -338,54 +337,27 @@ def plain_loop_gpu(shard, host, starts, sizes, ks, args, bs: int, lr: float, dev
     import torch
     import torch.nn.functional as F
 
-    from scpretrain_dist.bench.pretrain import plain_network
+    from scpretrain_dist.bench.pretrain import plain_network, plain_train
+    from scpretrain_dist.model.networks import _densify
 
     torch.manual_seed(0)
-    n_genes = args.genes
-    model = plain_network(n_genes, ks, 200).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    labels = shard.labels
-    rng = np.random.default_rng(0)
+    model = plain_network(args.genes, ks, 200).to(device)
 
     def dense(rows: np.ndarray):
         if not on_device:
-            return torch.from_numpy(host.X[rows].toarray()).to(device, non_blocking=False)
+            return torch.from_numpy(host.X[rows].toarray()).to(device)
         b = shard.gather(torch.from_numpy(rows).to(device))
-        counts = torch.diff(b.offsets, append=b.offsets.new_tensor([len(b.indices)]))
-        cell = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
-        x = torch.zeros(len(rows), n_genes, device=device)
-        x[cell, b.indices] = b.values
-        return x
+        return _densify(b.indices, b.offsets, b.values, len(rows), args.genes)
 
-    def loss_of(d: int, rows: np.ndarray):
-        y = labels[torch.from_numpy(rows).to(device)]
+    def loss_of(d: int, local: np.ndarray):
+        rows = starts[d] + local
+        y = shard.labels[torch.from_numpy(rows).to(device)]
         return sum(F.cross_entropy(lg, y[:, p]) for p, lg in enumerate(model(dense(rows), d)))
 
-    history = []
-    for _ in range(args.epochs):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss_sum, cells = 0.0, 0
-        for d in rng.permutation(len(sizes)):
-            order = starts[d] + rng.permutation(int(sizes[d]))
-            for lo in range(0, len(order), bs):
-                rows = order[lo : lo + bs]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_of(int(d), rows)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(rows)
-                cells += len(rows)
-        _sync(device)
-        history.append([time.perf_counter() - t0, loss_sum / cells, cells])
-    total = 0.0
-    with torch.no_grad():
-        for d in range(len(sizes)):
-            for lo in range(0, int(sizes[d]), bs):
-                rows = np.arange(starts[d] + lo, starts[d] + min(lo + bs, int(sizes[d])))
-                total += float(loss_of(d, rows)) * len(rows)
-    return _summary(history, total / int(sizes.sum())) | {"peak_gpu_memory_gib": _peak_gib(device),
-                                                          "batches": "device" if on_device else "host"}
+    history, final_loss = plain_train(model, [int(n) for n in sizes], loss_of, args.epochs, bs, lr, 0,
+                                      sync=lambda: _sync(device))
+    return _summary(history, final_loss) | {"peak_gpu_memory_gib": _peak_gib(device),
+                                            "batches": "device" if on_device else "host"}
 
 
 def _summary(history: list, final_loss: float) -> dict:

@@ -172,15 +172,22 @@ def _gpu_resources():
     return _GPU_RES
 
 
-def _is_tensor(x) -> bool:
+def is_tensor(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def cells_on_gpu(x: np.ndarray):
-    """The cells as a float32 torch tensor on the GPU."""
-    import torch
+def held_cells(x, gpu: bool = False):
+    """The cells in the form the Lloyd functions run on: a torch tensor as given (on its own
+    device), a float32 tensor copied to the GPU once where ``gpu`` runs on torch, else a
+    contiguous float32 array. Holding this form across iterations avoids a copy per step."""
+    if is_tensor(x):
+        return x
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if gpu and gpu_backend() == "torch":
+        import torch
 
-    return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to("cuda")
+        return torch.as_tensor(x).to("cuda")
+    return x
 
 
 def _stacked_torch(xt, centroids: Sequence[np.ndarray]):
@@ -257,11 +264,11 @@ def _index(centroids: np.ndarray, gpu: bool):
 def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of every cell in every partition: labels (n, P) int64 and squared
     distances (n, P) float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = held_cells(x, gpu)
+    if is_tensor(x):
+        return assign_torch(x, centroids)
     if not gpu:
         return _assign_blas(x, centroids)
-    if gpu_backend() == "torch":
-        return assign_torch(cells_on_gpu(x), centroids)
     labels = np.empty((len(x), len(centroids)), dtype=np.int64)
     dist = np.empty((len(x), len(centroids)), dtype=np.float32)
     for p, c in enumerate(centroids):
@@ -329,9 +336,9 @@ def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = Fal
                  x64: np.ndarray | None = None) -> LloydPartial:
     """Assign a shard's cells to every partition's centroids and sum them per centroid.
     ``x64``: the cells as float64 (see :func:`float64_copy`), else converted block by block."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if gpu and gpu_backend() == "torch":
-        return partial_step_torch(cells_on_gpu(x), centroids)
+    x = held_cells(x, gpu)
+    if is_tensor(x):
+        return partial_step_torch(x, centroids)
     d = x.shape[1]
     sums = [np.zeros((len(c), d), dtype=np.float64) for c in centroids]
     counts = [np.zeros(len(c), dtype=np.int64) for c in centroids]
@@ -407,13 +414,8 @@ def lloyd(
 ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
     """Single-process Lloyd: (labels (n, P), final centroids, objective per partition).
     ``x`` may be a float32 torch tensor: Lloyd then runs on its device (torch)."""
-    if _is_tensor(x) or (gpu and gpu_backend() == "torch"):  # the cells stay on the device
-        xt = x if _is_tensor(x) else cells_on_gpu(x)
-        centroids = run_lloyd(lambda c: [partial_step_torch(xt, c)], inits, niter, seed)
-        labels, dist = assign_torch(xt, centroids)
-        return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x64 = float64_copy(x)
+    x = held_cells(x, gpu)  # on the GPU (torch) the cells stay there for every iteration
+    x64 = None if is_tensor(x) else float64_copy(x)
     centroids = run_lloyd(lambda c: [partial_step(x, c, gpu, x64)], inits, niter, seed)
     labels, dist = assign(x, centroids, gpu)
     return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]

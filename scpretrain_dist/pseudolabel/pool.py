@@ -30,16 +30,14 @@ from scpretrain_dist.pseudolabel.features import (
 from scpretrain_dist.pseudolabel.kmeans import (
     LloydPartial,
     assign,
-    assign_torch,
-    cells_on_gpu,
     float64_copy,
-    gpu_backend,
+    held_cells,
     init_sample,
+    is_tensor,
     lloyd,
     lloyd_flops,
     n_clusters,
     partial_step,
-    partial_step_torch,
     plusplus_inits,
     run_lloyd,
 )
@@ -174,29 +172,22 @@ class KMeansWorker:
         """The k-means++ start of one partition (what :func:`plusplus_inits` does per k)."""
         return plusplus_inits(x_sample, [k], seed)[0]
 
-    def _on_device(self, shard: dict) -> bool:
-        """With torch on the GPU, the shard's cells are copied there once for every iteration."""
-        if not (self.cfg.use_gpu and gpu_backend() == "torch"):
-            return False
+    def _held(self, shard: dict):
+        """The slice's cells as Lloyd holds them (on the GPU with torch: copied there once)."""
         if "xt" not in shard:
-            shard["xt"] = cells_on_gpu(shard["x"])
-        return True
+            shard["xt"] = held_cells(shard["x"], self.cfg.use_gpu)
+            # the float64 copy for the sums, made once for every iteration (host arrays only)
+            shard["x64"] = None if is_tensor(shard["xt"]) else float64_copy(shard["xt"])
+        return shard["xt"]
 
     def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
         shard = self._shards[dataset]
-        if self._on_device(shard):
-            return partial_step_torch(shard["xt"], centroids)
-        if "x64" not in shard:  # the float64 copy for the sums, made once for every iteration
-            shard["x64"] = float64_copy(shard["x"])
-        return partial_step(shard["x"], centroids, self.cfg.use_gpu, shard["x64"])
+        return partial_step(self._held(shard), centroids, self.cfg.use_gpu, shard["x64"])
 
     def final(self, dataset: str, centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Labels of this shard's cells and its summed squared distances per partition."""
         shard = self._shards.pop(dataset)
-        if self._on_device(shard):
-            labels, dist = assign_torch(shard["xt"], centroids)
-        else:
-            labels, dist = assign(shard["x"], centroids, self.cfg.use_gpu)
+        labels, dist = assign(self._held(shard), centroids, self.cfg.use_gpu)
         return labels, dist.sum(0, dtype=np.float64)
 
 
