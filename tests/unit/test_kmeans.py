@@ -303,6 +303,25 @@ def test_kmeans_parallel_start_covers_many_blobs_like_the_greedy_start():
     np.testing.assert_array_equal(kmeans_parallel_init(x, 300, 1), kmeans_parallel_init(x, 300, 1))
 
 
+def test_partitions_share_kmeans_parallel_candidates_and_each_start_spreads():
+    """Above PARALLEL_INIT_K every partition reduces the candidates drawn for the largest k:
+    each start still puts its centres in distinct blobs, and the largest partition's start is
+    k-means|| on its own."""
+    from scpretrain_dist.pseudolabel.kmeans import PARALLEL_INIT_K, kmeans_parallel_init
+
+    x, y = blobs(n_per=40, k=300, d=16, spread=0.05, seed=5)
+    ks = [300, 150, 40]
+    assert max(ks) > PARALLEL_INIT_K >= ks[1]
+    inits = plusplus_inits(x, ks, seed=0)
+    np.testing.assert_array_equal(inits[0], kmeans_parallel_init(x, 300, 0))
+    for k, c in zip(ks, inits):
+        assert c.shape == (k, 16)
+        nearest_blob = y[((c[:, None, :] - x[None]) ** 2).sum(-1).argmin(1)]
+        assert len(np.unique(nearest_blob)) >= 0.95 * k
+    for a, b in zip(inits, plusplus_inits(x, ks, seed=0)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_embedding_of_sparse_cells_equals_the_dense_product_across_blocks():
     """The actors' embedding (embedding_bag per block of cells) is sigmoid(x W + b) exactly as a
     dense product gives it, empty cells included and across block boundaries."""
