@@ -130,9 +130,12 @@ def read_run(X, start: int, stop: int):
 
 
 def _grown(indices: np.ndarray, data: np.ndarray, used: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR value arrays of ``size`` entries holding the first ``used`` of the given ones."""
-    return (np.concatenate([indices[:used], np.empty(size - used, dtype=np.int32)]),
-            np.concatenate([data[:used], np.empty(size - used, dtype=np.float32)]))
+    """CSR value arrays of ``size`` entries holding the first ``used`` of the given ones (only
+    those are copied: the rest is first touched when written, not filled here)."""
+    grown = np.empty(size, dtype=np.int32), np.empty(size, dtype=np.float32)
+    grown[0][:used] = indices[:used]
+    grown[1][:used] = data[:used]
+    return grown
 
 
 def _trimmed(indices: np.ndarray, data: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray]:
