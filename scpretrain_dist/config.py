@@ -68,6 +68,10 @@ class PseudoLabelConfig:
     # k-means++ (and the PCA of phase1_space="pca") run on a seeded sample of at most this
     # many cells of a dataset; at or below it, on all of them.
     init_sample_cells: int = 100_000
+    # Each actor keeps the normalised cells it read for the embedding space (compact CSR, up to
+    # this many bytes) and is sent the same datasets at the next refresh: every refresh of a
+    # pretraining run after the first embeds them from memory instead of reading the store.
+    cache_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ What each method clusters, honestly stated in the result:
 Every method reads its cells from the same store and its time includes that reading. Peers get
 as many threads as ours has actors. Ours is timed on a started pool (the pool lives through a
 whole pretraining run, so every refresh after the first finds it started); the pool's start-up
-is reported beside it, with the speed-up it leaves. Quality: NMI of each partition's pseudo-labels to the
+is reported beside it, with the speed-up it leaves. With ``--encoder`` the same refresh runs a
+second time, as every later refresh of a pretraining run does: the actors then embed the cells
+they kept from the first (``pseudolabel.cache_bytes``) instead of reading the store; the headline
+and the peers' ratios stay those of the first refresh, which reads, as the peers do. Quality: NMI of each partition's pseudo-labels to the
 atlas's cell types (labelled cells only), averaged over datasets and partitions, with purity
 and cluster balance beside it (see ``_nmi``). Every method's pseudo-labels are saved.
 """
@@ -86,12 +89,17 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             ours = pool.refresh(datasets, 0, encoder)
             t_ours = time.perf_counter() - t0
+            later = None
+            if encoder:  # what every later refresh of a pretraining run pays: cells cached
+                t0 = time.perf_counter()
+                later = pool.refresh(datasets, 1, encoder)
+                t_later = time.perf_counter() - t0
+                print(f"ours, the same refresh again (cells kept by the actors): {t_later:.1f}s")
     finally:
         shutdown_ray()
     flops = sum(s["lloyd_flops"] for s in ours.stats.values())
     lloyd_core_seconds = sum(s["lloyd_seconds"] for s in ours.stats.values())
-    stage_seconds = {k: sum(s[k] for s in ours.stats.values())
-                     for k in ("read_seconds", "feature_seconds", "init_seconds", "lloyd_seconds")}
+    stage_seconds = _stage_seconds(ours)
     methods = {"ours": {"seconds": t_ours, "labels": ours.labels,
                         "clusters": f"{ours.space} ({next(iter(ours.stats.values()))['dims']} dims)"}}
     print(f"ours: {t_ours:.1f}s ({ours.space}), pool start-up {t_start:.1f}s")
@@ -132,6 +140,15 @@ def run(args) -> dict:
     })
     if faiss_key in methods:
         targets["speedup_vs_faiss_expression_cold_pool"] = peer_seconds[faiss_key] / (t_ours + t_start)
+    later_detail = None
+    if later is not None:
+        targets["fraction_of_machine_matmul_rate_later_refreshes"] = flops / t_later / machine_rate
+        later_detail = {
+            "seconds": t_later, "stage_seconds_summed_over_datasets": _stage_seconds(later),
+            "datasets_from_actor_cache": sum(bool(s.get("cells_cached")) for s in later.stats.values()),
+            "labels_equal_first_refresh": all(np.array_equal(later.labels[d], ours.labels[d]) for d in datasets),
+            "flops_per_second_wall": flops / t_later,
+        }
     extra_load = {"load_average_1min_start_end": [load_start, os.getloadavg()[0]]}
     return result(
         "kmeans", "seconds to refresh all pseudo-labels", t_ours, peer_seconds, higher_is_better=False,
@@ -151,6 +168,7 @@ def run(args) -> dict:
             "lloyd_flops": flops,
             "flops_per_second_wall": flops / t_ours,
             "flops_per_second_per_core_in_lloyd": flops / lloyd_core_seconds if lloyd_core_seconds else None,
+            "later_refresh": later_detail,
         },
         matmul=matmul,
         targets=targets,
@@ -158,6 +176,11 @@ def run(args) -> dict:
         peak_rss_mib_driver=peak_rss_mib(),
         **extra_load,
     )
+
+
+def _stage_seconds(labels) -> dict:
+    return {k: sum(s[k] for s in labels.stats.values())
+            for k in ("read_seconds", "feature_seconds", "init_seconds", "lloyd_seconds")}
 
 
 def measure_matmul(threads: int, n: int = 2048, repeats: int = 5) -> dict:

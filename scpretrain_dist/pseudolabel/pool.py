@@ -77,12 +77,14 @@ Encoder = dict[str, np.ndarray] | str | None  # arrays, or the path of an encode
 
 
 def cluster_dataset(
-    store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str, encoder: dict | None = None
+    store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str, encoder: dict | None = None,
+    X: sp.csr_matrix | None = None,
 ) -> tuple[np.ndarray, list[int], dict]:
-    """All partitions of one dataset in this process: (labels (n, P), ks, stats)."""
+    """All partitions of one dataset in this process: (labels (n, P), ks, stats). ``X``: its
+    cells as :func:`read_cells` gives them, when already read."""
     t0 = time.perf_counter()
     n = store.dataset(dataset).n_cells
-    X = read_cells(store, dataset, 0, n, space)
+    X = read_cells(store, dataset, 0, n, space) if X is None else X
     t_read = time.perf_counter()
     sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
     projection, x = None, None
@@ -122,6 +124,24 @@ class KMeansWorker:
         self.cfg = cfg
         self._encoders: dict[str, dict] = {}
         self._shards: dict[str, dict] = {}
+        self._cells: dict[tuple[str, int, int], sp.csr_matrix] = {}  # (dataset, lo, hi) -> cells
+
+    def _read(self, dataset: str, lo: int, hi: int, space: str) -> tuple[sp.csr_matrix, bool]:
+        """Cells ``lo:hi`` of a dataset and whether they came from this actor's cache. Reads for
+        the embedding space (every refresh after the first clusters there) are kept while their
+        total stays within ``cfg.cache_bytes``."""
+        key = (dataset, lo, hi)
+        if space == "embedding" and key in self._cells:
+            return self._cells[key], True
+        X = read_cells(self.store, dataset, lo, hi, space)
+        if space == "embedding":
+            size = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+            if self.cached_bytes() + size <= self.cfg.cache_bytes:
+                self._cells[key] = X
+        return X, False
+
+    def cached_bytes(self) -> int:
+        return sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in self._cells.values())
 
     def _encoder(self, encoder: Encoder) -> dict | None:
         if isinstance(encoder, str):
@@ -138,21 +158,25 @@ class KMeansWorker:
         return True
 
     def cluster(self, dataset: str, encoder: Encoder, space: str) -> tuple[str, np.ndarray, list[int], dict]:
-        labels, ks, stats = cluster_dataset(self.store, dataset, self.cfg, space, self._encoder(encoder))
+        t0 = time.perf_counter()
+        X, cached = self._read(dataset, 0, self.store.dataset(dataset).n_cells, space)
+        t_read = time.perf_counter() - t0
+        labels, ks, stats = cluster_dataset(self.store, dataset, self.cfg, space, self._encoder(encoder), X)
+        stats.update(read_seconds=t_read, cells_cached=cached)
         return dataset, labels, ks, stats
 
     # -------------------------------------------------------------- one slice of a dataset
     def load_shard(self, dataset: str, lo: int, hi: int, encoder: Encoder, space: str) -> dict:
         """Read cells ``lo:hi`` of ``dataset`` and featurise them (PCA waits for its fit)."""
         t0 = time.perf_counter()
-        X = read_cells(self.store, dataset, lo, hi, space)
+        X, cached = self._read(dataset, lo, hi, space)
         t1 = time.perf_counter()
         shard = {"lo": lo, "hi": hi, "X": X, "x": None}
         if space != "pca":
             shard["x"] = featurize(X, space, self._encoder(encoder))
             shard["X"] = None
         self._shards[dataset] = shard
-        return {"read_seconds": t1 - t0, "feature_seconds": time.perf_counter() - t1}
+        return {"read_seconds": t1 - t0, "feature_seconds": time.perf_counter() - t1, "cells_cached": cached}
 
     def sample(self, dataset: str, positions: np.ndarray) -> sp.csr_matrix | np.ndarray:
         """Rows at dataset positions (within this shard): raw CSR before a PCA fit, else
@@ -168,9 +192,9 @@ class KMeansWorker:
         shard["X"] = None
         return time.perf_counter() - t0
 
-    def plusplus(self, x_sample: np.ndarray, k: int, seed: int) -> np.ndarray:
-        """The k-means++ start of one partition (what :func:`plusplus_inits` does per k)."""
-        return plusplus_inits(x_sample, [k], seed)[0]
+    def starts(self, x_sample: np.ndarray, ks: list[int], seed: int) -> list[np.ndarray]:
+        """Every partition's k-means++ start (:func:`plusplus_inits`)."""
+        return plusplus_inits(x_sample, ks, seed)
 
     def _held(self, shard: dict):
         """The slice's cells as Lloyd holds them (on the GPU with torch: copied there once)."""
@@ -217,9 +241,8 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
     x_sample = np.concatenate(gather(sample))
     t_feat = time.perf_counter()
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
-    # the partitions' k-means++ starts are independent: one per actor, in parallel
-    ref = ray.put(x_sample)
-    inits = ray.get([actors[p % len(actors)].plusplus.remote(ref, k, cfg.seed + p) for p, k in enumerate(ks)])
+    # the starts on one actor: the partitions share their k-means|| candidates
+    inits = ray.get(actors[0].starts.remote(x_sample, ks, cfg.seed))
     t_init = time.perf_counter()
 
     def step(centroids):
@@ -235,6 +258,7 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
     stats = {
         "n_cells": n, "dims": dims, "ks": ks, "shards": len(actors),
         "read_seconds": max(ld["read_seconds"] for ld in loads),
+        "cells_cached": all(ld["cells_cached"] for ld in loads),
         "feature_seconds": t_feat - t_load + max(ld["feature_seconds"] for ld in loads),
         "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
         "kmeans_seconds": t_end - t_feat, "wall_seconds": t_end - t0,
@@ -254,6 +278,7 @@ class KMeansPool:
         self.locator, self.cfg = locator, cfg
         Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)(KMeansWorker)
         self.actors = [Actor.remote(locator, cfg) for _ in range(max(1, n_actors or cfg.num_actors))]
+        self.home: dict[str, int] = {}  # dataset -> the actor that last clustered it whole
 
     def warm_up(self) -> None:
         """Wait until every actor has started and imported what clustering needs."""
@@ -268,7 +293,6 @@ class KMeansPool:
         of this encoder, given as the path of its checkpoint (each actor loads it) or as arrays.
         """
         import ray
-        from ray.util import ActorPool
 
         cfg = self.cfg
         store = AtlasStore(self.locator.uri, self.locator.timestamp_ms)
@@ -286,11 +310,37 @@ class KMeansPool:
         labels, ks, stats = {}, {}, {}
         for name in sharded:
             labels[name], ks[name], stats[name] = cluster_sharded(self.actors, store, name, cfg, space, encoder_ref)
-        for name, lab, k, st in ActorPool(self.actors).map_unordered(
-            lambda a, d: a.cluster.remote(d, encoder_ref, space), whole
-        ):
+        for name, lab, k, st in self._cluster_whole(whole, encoder_ref, space):
             labels[name], ks[name], stats[name] = lab, k, st
         return PseudoLabels(version, {d: labels[d] for d in datasets}, {d: ks[d] for d in datasets}, space, stats)
+
+    def _cluster_whole(self, datasets: list[str], encoder, space: str):
+        """Whole datasets, one task per dataset, largest first. A dataset goes back to the actor
+        that clustered it last (its cells may be cached there); one without an actor goes to
+        whichever actor is free first, so the first refresh places datasets as a greedy
+        largest-first schedule does and later refreshes keep that balance."""
+        import ray
+
+        queues: list[list[str]] = [[] for _ in self.actors]
+        unplaced = []
+        for d in datasets:  # largest first
+            home = self.home.get(d)
+            (queues[home] if home is not None and home < len(self.actors) else unplaced).append(d)
+        running = {}
+
+        def submit(i: int) -> None:
+            if queues[i] or unplaced:
+                d = (queues[i] or unplaced).pop(0)
+                self.home[d] = i
+                running[self.actors[i].cluster.remote(d, encoder, space)] = i
+
+        for i in range(len(self.actors)):
+            submit(i)
+        while running:
+            [done], _ = ray.wait(list(running), num_returns=1)
+            i = running.pop(done)
+            yield ray.get(done)
+            submit(i)
 
     def close(self) -> None:
         import ray

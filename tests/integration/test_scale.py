@@ -78,6 +78,42 @@ def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path
     np.testing.assert_array_equal(local, whole.labels[datasets[0]])
 
 
+def test_later_refreshes_embed_cells_the_actors_kept(ray_atlas, tmp_path):
+    """A refresh in the embedding space sends each dataset back to the actor that clustered it
+    before, which embeds the cells it kept instead of reading the store: same labels, and no
+    dataset's cells kept twice. With no cache every refresh reads."""
+    import ray
+
+    from scpretrain_dist.pseudolabel.features import read_cells
+    from scpretrain_dist.pseudolabel.pool import KMeansPool
+
+    cfg, store = ray_atlas
+    locator = store.locator.pinned()
+    datasets = [r.name for r in store.datasets()]
+    encoder = str(tmp_path / "encoder.pt")
+    torch.save({"weight": torch.randn(len(store.genes()), 16, generator=torch.Generator().manual_seed(1)) * 0.1,
+                "bias": torch.zeros(16)}, encoder)
+    pcfg = dataclasses.replace(cfg.pseudolabel, num_actors=2)
+    with KMeansPool(locator, pcfg) as pool:
+        first = pool.refresh(datasets, 0, encoder)
+        homes = dict(pool.home)
+        second = pool.refresh(datasets, 1, encoder)
+        assert pool.home == homes and set(homes) == set(datasets)
+        assert not any(first.stats[d]["cells_cached"] for d in datasets)
+        assert all(second.stats[d]["cells_cached"] for d in datasets)
+        for d in datasets:
+            np.testing.assert_array_equal(second.labels[d], first.labels[d])
+        cached = ray.get([a.cached_bytes.remote() for a in pool.actors])
+        whole = sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in (
+            read_cells(store, d, 0, store.dataset(d).n_cells, "embedding") for d in datasets))
+        assert sum(cached) == whole
+    with KMeansPool(locator, dataclasses.replace(pcfg, cache_bytes=0)) as pool:
+        pool.refresh(datasets, 0, encoder)
+        again = pool.refresh(datasets, 1, encoder)
+        assert not any(again.stats[d]["cells_cached"] for d in datasets)
+        assert ray.get([a.cached_bytes.remote() for a in pool.actors]) == [0, 0]
+
+
 def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
     from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
     from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
