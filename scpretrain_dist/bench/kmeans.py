@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", nargs="*", help="datasets to cluster (default: all)")
     p.add_argument("--space", default="pca", choices=["pca", "expression", "raw"],
                    help="our first-phase space (default pca); ignored with --encoder")
-    p.add_argument("--encoder", help="an encoder.pt: cluster our side on its embedding instead")
+    p.add_argument("--encoder", help="an encoder.pt: cluster our side on its embedding instead; 'random' for a "
+                   "seeded, untrained encoder over the atlas genes (times the embedding-space refresh without a "
+                   "pretraining run; its NMI says nothing about pretraining)")
     p.add_argument("--peers", default="faiss,sklearn", help=f"peers to run, from {','.join(PEERS)} ('' for none)")
     p.add_argument("--threads", type=int, default=0, help="threads for the peers (default: our actor count)")
 
@@ -63,8 +65,8 @@ def run(args) -> dict:
     bad = sorted(set(peers) - set(PEERS))
     if bad:
         raise ConfigError(f"--peers {bad} unknown; choose from {', '.join(PEERS)}")
-    if args.encoder and not Path(args.encoder).exists():
-        raise ConfigError(f"--encoder {args.encoder} does not exist")
+    if args.encoder and args.encoder != "random" and not Path(args.encoder).exists():
+        raise ConfigError(f"--encoder {args.encoder} does not exist (give an encoder.pt, or 'random')")
     store = AtlasStore(cfg.store_uri)
     records = {r.name: r for r in store.datasets()}
     datasets = args.datasets or list(records)
@@ -79,7 +81,10 @@ def run(args) -> dict:
 
     # ---------------------------------------------------------------- ours
     locator = store.locator.pinned()
-    encoder = str(Path(args.encoder).resolve()) if args.encoder else None
+    encoder = str(Path(args.encoder).resolve()) if args.encoder and args.encoder != "random" else None
+    if args.encoder == "random":
+        encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", len(store.genes()),
+                                  cfg.model.embedding_dim, pcfg.seed)
     init_ray(cfg)
     try:
         t0 = time.perf_counter()
@@ -176,6 +181,19 @@ def run(args) -> dict:
         peak_rss_mib_driver=peak_rss_mib(),
         **extra_load,
     )
+
+
+def _random_encoder(path: Path, n_genes: int, dim: int, seed: int) -> str:
+    """A seeded, untrained encoder checkpoint (the model's own initialisation)."""
+    import torch
+
+    from scpretrain_dist.model.networks import Encoder
+
+    torch.manual_seed(seed)
+    model = Encoder(n_genes, dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"weight": model.weight.detach(), "bias": model.bias.detach()}, path)
+    return str(path)
 
 
 def _stage_seconds(labels) -> dict:

@@ -409,3 +409,17 @@ def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas):
     assert 0.5 < res["shuffle_quality"]["ours"] <= 1.2 and res["peak_rss_mib"]["ours"] > 0
     assert res["store"]["n_cells"] == CFG.n_cells
 
+
+
+def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atlas):
+    out = _cli("bench", "kmeans", "--store", atlas.uri, "--encoder", "random", "--peers", "faiss",
+               "--set", "pseudolabel.niter=5", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "k.json"),
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "k.json").read_text())
+    later = res["ours_detail"]["later_refresh"]
+    assert res["benchmark"] == "kmeans" and res["ours"] > 0 and later["seconds"] > 0
+    assert res["what_is_clustered"]["ours"].startswith("embedding")
+    assert later["datasets_from_actor_cache"] == CFG.n_datasets and later["labels_equal_first_refresh"]
+    assert res["ratios"]["faiss_sequential_expression"] > 0
+    assert 0 < res["targets"]["fraction_of_machine_matmul_rate_later_refreshes"] < 1
