@@ -68,9 +68,10 @@ class PseudoLabelConfig:
     # k-means++ (and the PCA of phase1_space="pca") run on a seeded sample of at most this
     # many cells of a dataset; at or below it, on all of them.
     init_sample_cells: int = 100_000
-    # Each actor keeps the normalised cells it read for the embedding space (compact CSR, up to
-    # this many bytes) and is sent the same datasets at the next refresh: every refresh of a
-    # pretraining run after the first embeds them from memory instead of reading the store.
+    # Each actor keeps the normalised cells it read (compact CSR over the atlas genes, up to this
+    # many bytes) and is sent the same datasets at the next refresh: the embedding refreshes of
+    # a pretraining run embed them from memory instead of reading the store (a first phase in
+    # the "expression" or "pca" space fills the cache too; "raw" does not).
     cache_bytes: int = 2 << 30
 
 

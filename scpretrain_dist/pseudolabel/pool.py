@@ -127,18 +127,28 @@ class KMeansWorker:
         self._cells: dict[tuple[str, int, int], sp.csr_matrix] = {}  # (dataset, lo, hi) -> cells
 
     def _read(self, dataset: str, lo: int, hi: int, space: str) -> tuple[sp.csr_matrix, bool]:
-        """Cells ``lo:hi`` of a dataset and whether they came from this actor's cache. Reads for
-        the embedding space (every refresh after the first clusters there) are kept while their
-        total stays within ``cfg.cache_bytes``."""
+        """Cells ``lo:hi`` of a dataset and whether they came from this actor's cache. The cells
+        the embedding space needs (every refresh after the first clusters there) are kept while
+        their total stays within ``cfg.cache_bytes``: from a read for that space, or from a
+        first-phase read of normalised expression (the same values over the dataset's own
+        genes), so even the first embedding refresh reads nothing."""
         key = (dataset, lo, hi)
         if space == "embedding" and key in self._cells:
             return self._cells[key], True
         X = read_cells(self.store, dataset, lo, hi, space)
-        if space == "embedding":
-            size = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-            if self.cached_bytes() + size <= self.cfg.cache_bytes:
-                self._cells[key] = X
+        if space in ("embedding", "expression", "pca") and key not in self._cells:
+            kept = X if space == "embedding" else self._over_atlas_genes(dataset, X)
+            if self.cached_bytes() + kept.data.nbytes + kept.indices.nbytes + kept.indptr.nbytes <= self.cfg.cache_bytes:
+                self._cells[key] = kept
         return X, False
+
+    def _over_atlas_genes(self, dataset: str, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Cells read over a dataset's own genes as the same cells over the atlas genes (what
+        the embedding space reads): the genes it never measured are zero in all its cells and
+        normalisation is per cell, so only the column numbers change (values shared, not copied)."""
+        mask = self.store.dataset_gene_mask(dataset)
+        genes = np.flatnonzero(mask).astype(X.indices.dtype)
+        return sp.csr_matrix((X.data, genes[X.indices], X.indptr), shape=(X.shape[0], len(mask)))
 
     def cached_bytes(self) -> int:
         return sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in self._cells.values())

@@ -107,6 +107,15 @@ def test_later_refreshes_embed_cells_the_actors_kept(ray_atlas, tmp_path):
         whole = sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in (
             read_cells(store, d, 0, store.dataset(d).n_cells, "embedding") for d in datasets))
         assert sum(cached) == whole
+    # the first phase's reads (normalised expression over each dataset's genes) fill the cache:
+    # the first embedding refresh reads nothing and gives the labels of one that read
+    for phase1 in ("pca", "expression"):
+        with KMeansPool(locator, dataclasses.replace(pcfg, phase1_space=phase1)) as pool:
+            assert pool.refresh(datasets, 0).space == phase1
+            after_phase1 = pool.refresh(datasets, 1, encoder)
+        assert all(after_phase1.stats[d]["cells_cached"] for d in datasets)
+        for d in datasets:
+            np.testing.assert_array_equal(after_phase1.labels[d], first.labels[d])
     with KMeansPool(locator, dataclasses.replace(pcfg, cache_bytes=0)) as pool:
         pool.refresh(datasets, 0, encoder)
         again = pool.refresh(datasets, 1, encoder)
