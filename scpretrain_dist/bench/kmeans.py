@@ -85,6 +85,8 @@ def run(args) -> dict:
     if args.encoder == "random":
         encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", len(store.genes()),
                                   cfg.model.embedding_dim, pcfg.seed)
+    import ray
+
     init_ray(cfg)
     try:
         t0 = time.perf_counter()
@@ -100,6 +102,11 @@ def run(args) -> dict:
                 later = pool.refresh(datasets, 1, encoder)
                 t_later = time.perf_counter() - t0
                 print(f"ours, the same refresh again (cells kept by the actors): {t_later:.1f}s")
+            actor_memory = {
+                "peak_rss_mib": ray.get([a.peak_rss_mib.remote() for a in pool.actors]),
+                "cached_mib": [b / 2**20 for b in ray.get([a.cached_bytes.remote() for a in pool.actors])],
+                "cache_bytes_setting": pcfg.cache_bytes,
+            }
     finally:
         shutdown_ray()
     flops = sum(s["lloyd_flops"] for s in ours.stats.values())
@@ -179,6 +186,7 @@ def run(args) -> dict:
         targets=targets,
         peer_threads=threads,
         peak_rss_mib_driver=peak_rss_mib(),
+        actor_memory=actor_memory,
         **extra_load,
     )
 

@@ -153,6 +153,12 @@ class KMeansWorker:
     def cached_bytes(self) -> int:
         return sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in self._cells.values())
 
+    def peak_rss_mib(self) -> float:
+        """This actor's peak resident set size so far, MiB."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def _encoder(self, encoder: Encoder) -> dict | None:
         if isinstance(encoder, str):
             if encoder not in self._encoders:
