@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    import ray
+
     from scpretrain_dist.bench.report import peak_rss_mib, result
     from scpretrain_dist.cli import _config
     from scpretrain_dist.config import ConfigError, resolve
@@ -85,8 +87,6 @@ def run(args) -> dict:
     if args.encoder == "random":
         encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", len(store.genes()),
                                   cfg.model.embedding_dim, pcfg.seed)
-    import ray
-
     init_ray(cfg)
     try:
         t0 = time.perf_counter()
@@ -196,12 +196,11 @@ def _random_encoder(path: Path, n_genes: int, dim: int, seed: int) -> str:
     import torch
 
     from scpretrain_dist.model.networks import Encoder
+    from scpretrain_dist.pseudolabel.features import write_encoder
 
     torch.manual_seed(seed)
-    model = Encoder(n_genes, dim)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"weight": model.weight.detach(), "bias": model.bias.detach()}, path)
-    return str(path)
+    return str(write_encoder(Encoder(n_genes, dim), path))
 
 
 def _stage_seconds(labels) -> dict:

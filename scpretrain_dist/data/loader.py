@@ -35,6 +35,7 @@ from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
 from scpretrain_dist.model.networks import SparseBatch
 from scpretrain_dist.store.soma import AtlasLocator, StoreError
+from scpretrain_dist.store.sources import csr_nbytes
 
 DEFAULT_CHUNK_CELLS = 512
 DEFAULT_BUFFER_CELLS = 32768
@@ -81,7 +82,7 @@ class _ShardCache:
     def add(self, joinids: np.ndarray, X: sp.csr_matrix) -> None:
         if self.gave_up:
             return
-        self.nbytes += X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + joinids.nbytes
+        self.nbytes += csr_nbytes(X) + joinids.nbytes
         if self.nbytes > self.budget:
             self.gave_up, self.parts = True, []
             return

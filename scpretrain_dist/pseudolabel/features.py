@@ -24,6 +24,15 @@ def read_encoder(path: str | Path) -> dict[str, np.ndarray]:
     return {"weight": state["weight"].numpy(), "bias": state["bias"].numpy()}
 
 
+def write_encoder(encoder, path: str | Path) -> Path:
+    """An encoder module's weights as an ``encoder.pt`` checkpoint (what :func:`read_encoder`
+    reads)."""
+    import torch
+
+    torch.save({"weight": encoder.weight.detach().cpu(), "bias": encoder.bias.detach().cpu()}, path)
+    return Path(path)
+
+
 def embed(X: sp.csr_matrix, encoder: dict[str, np.ndarray], block: int = 8192) -> np.ndarray:
     """sigmoid(X W + b) for a cells x atlas-genes matrix, in blocks, through the model's own
     ``Encoder`` on ``SparseBatch`` input (``embedding_bag`` over the non-zero values: about

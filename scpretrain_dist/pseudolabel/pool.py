@@ -42,6 +42,7 @@ from scpretrain_dist.pseudolabel.kmeans import (
     run_lloyd,
 )
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+from scpretrain_dist.store.sources import csr_nbytes
 
 __all__ = ["KMeansPool", "KMeansWorker", "PseudoLabels", "agreement", "cluster_dataset", "cluster_sharded", "embed",
            "refresh_pseudo_labels"]
@@ -138,7 +139,7 @@ class KMeansWorker:
         X = read_cells(self.store, dataset, lo, hi, space)
         if space in ("embedding", "expression", "pca") and key not in self._cells:
             kept = X if space == "embedding" else self._over_atlas_genes(dataset, X)
-            if self.cached_bytes() + kept.data.nbytes + kept.indices.nbytes + kept.indptr.nbytes <= self.cfg.cache_bytes:
+            if self.cached_bytes() + csr_nbytes(kept) <= self.cfg.cache_bytes:
                 self._cells[key] = kept
         return X, False
 
@@ -151,7 +152,7 @@ class KMeansWorker:
         return sp.csr_matrix((X.data, genes[X.indices], X.indptr), shape=(X.shape[0], len(mask)))
 
     def cached_bytes(self) -> int:
-        return sum(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes for X in self._cells.values())
+        return sum(csr_nbytes(X) for X in self._cells.values())
 
     def peak_rss_mib(self) -> float:
         """This actor's peak resident set size so far, MiB."""

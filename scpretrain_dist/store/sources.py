@@ -129,6 +129,11 @@ def read_run(X, start: int, stop: int):
     return (indptr, *_trimmed(indices, data, nnz))
 
 
+def csr_nbytes(X: sp.csr_matrix) -> int:
+    """Bytes held by a CSR matrix's three arrays."""
+    return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+
+
 def _grown(indices: np.ndarray, data: np.ndarray, used: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR value arrays of ``size`` entries holding the first ``used`` of the given ones (only
     those are copied: the rest is first touched when written, not filled here)."""

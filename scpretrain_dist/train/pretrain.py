@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from scpretrain_dist.config import RunConfig
-from scpretrain_dist.pseudolabel.features import read_encoder
+from scpretrain_dist.pseudolabel.features import read_encoder, write_encoder
 from scpretrain_dist.pseudolabel.pool import (
     KMeansPool,
     PseudoLabels,
@@ -124,8 +124,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
         checkpoint = None
         if epoch == n_epochs - 1 and rank == 0:
             tmp = Path(tempfile.mkdtemp(prefix="scp-ckpt-"))
-            enc = getattr(model, "module", model).encoder
-            torch.save({"weight": enc.weight.detach().cpu(), "bias": enc.bias.detach().cpu()}, tmp / ENCODER_FILE)
+            write_encoder(getattr(model, "module", model).encoder, tmp / ENCODER_FILE)
             (tmp / META_FILE).write_text(json.dumps({k: config[k] for k in ("iteration", "datasets", "labels_path", "locator")} | {"metrics": metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         ray.train.report(metrics, checkpoint=checkpoint)
