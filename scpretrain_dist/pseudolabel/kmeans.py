@@ -23,9 +23,9 @@ import scipy.sparse as sp
 
 # rows per block of the faiss (GPU) search and of the float64 copy of the cells in the sums
 BLOCK_ROWS = 32768
-# rows per block of the CPU assignment: the block's distance table (rows x all centroids)
-# stays in cache between the GEMM that writes it and the argmin that reads it
-CPU_BLOCK_ROWS = 256
+# rows per block of the CPU assignment: the block's distance table (rows x a partition's
+# centroids) stays in cache between the GEMM that writes it and the argmin that reads it
+CPU_BLOCK_ROWS = 1024
 # cells whose float64 copy (for exact per-centroid sums) is kept across iterations, in bytes
 CACHE_FLOAT64_BYTES = 256 << 20
 
@@ -305,7 +305,11 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray]) -> tuple[np.nda
     [-2 c^T; ||c||^2]: the GEMM writes -2 x.c + ||c||^2 into a contiguous table that stays in
     cache for the argmin (no separate pass adds ||c||^2, and an argmin over contiguous rows is
     3x one over a column slice of a table of every partition); ||x||^2 is added to the minimum
-    only. At these shapes 1.2x the stacked-table version."""
+    only. At these shapes 1.2x the stacked-table version. The GEMM is torch's (MKL here) into
+    the numpy tables, not numpy's OpenBLAS: with 1,024-row blocks 7% faster on 50k cells,
+    k = 1000/500/250, one thread each in two processes at once (152 vs 142 GFLOP/s)."""
+    import torch
+
     n, d = x.shape
     width = (d + 1 + 7) // 8 * 8
     weights = []
@@ -319,6 +323,9 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray]) -> tuple[np.nda
     wide = np.zeros((rows, width), dtype=np.float32)
     wide[:, d] = 1.0
     tables = [np.empty((rows, w.shape[1]), dtype=np.float32) for w in weights]
+    # torch views of the same memory: the GEMM writes where the argmin reads
+    wide_t, weights_t, tables_t = torch.from_numpy(wide), [torch.from_numpy(w) for w in weights], \
+        [torch.from_numpy(t) for t in tables]
     index = np.arange(rows)
     labels = np.empty((n, len(weights)), dtype=np.int64)
     dist = np.empty((n, len(weights)), dtype=np.float32)
@@ -327,9 +334,9 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray]) -> tuple[np.nda
         m = len(block)
         wide[:m, :d] = block
         x_sq = np.einsum("ij,ij->i", block, block)
-        for p, w in enumerate(weights):
+        for p in range(len(weights)):
             t = tables[p][:m]
-            np.matmul(wide[:m], w, out=t)
+            torch.matmul(wide_t[:m], weights_t[p], out=tables_t[p][:m])
             best = t.argmin(1)
             labels[lo : lo + m, p] = best
             dist[lo : lo + m, p] = np.maximum(t[index[:m], best] + x_sq, 0)
