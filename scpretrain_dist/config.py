@@ -205,6 +205,10 @@ class AnnotateConfig:
     # Without --workers, the actor pool is used only with a Ray cluster to spread over (ray.address,
     # RAY_ADDRESS, or a running Ray) and for jobs of at least this many cells; else in-process.
     ray_min_cells: int = 50_000
+    # A worker that dies (a native crash, a lost node) is restarted, loading the model again, and
+    # its blocks run again, at most this many times per worker. A block is written only after it
+    # finishes, so running one again writes nothing twice. 0: the first death stops the run.
+    worker_restarts: int = 2
 
 
 @dataclass(frozen=True)

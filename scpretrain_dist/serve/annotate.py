@@ -233,7 +233,9 @@ def _where(b: Block) -> str:
 def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, embedding: bool,
                    cfg: RunConfig, workers: int) -> Iterator[BlockResult]:
     """Results as blocks finish (any order). ``workers = 0``: in this process, with
-    ``annotator``; else a pool of Ray actors, two blocks in flight per actor."""
+    ``annotator``; else a pool of Ray actors, two blocks in flight per actor. A pool worker that
+    dies is restarted and its blocks retried (``annotate.worker_restarts``); an error a block
+    raises (bad input) is not retried."""
     if not blocks:
         return
     if workers <= 0:
@@ -253,7 +255,9 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
     init_ray(cfg)
     actors = []
     try:
-        worker = ray.remote(num_cpus=cfg.annotate.cpus_per_worker)(_BlockWorker)
+        restarts = max(0, cfg.annotate.worker_restarts)
+        worker = ray.remote(num_cpus=cfg.annotate.cpus_per_worker, max_restarts=restarts,
+                            max_task_retries=restarts)(_BlockWorker)
         n_actors = min(workers, len(blocks))
         # torch's faster sparse product costs an import of seconds: worth it for large shares only
         fast = sum(b.n_cells for b in blocks) / n_actors >= FAST_KERNEL_MIN_CELLS
@@ -280,6 +284,11 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
                     if isinstance(cause, (InputError, StoreError, AnnotateError)):
                         raise AnnotateError(f"{_where(block)}: {cause}") from None
                     raise
+                except ray.exceptions.ActorDiedError as e:
+                    raise AnnotateError(
+                        f"{_where(block)}: an annotation worker died after {restarts} restart(s) "
+                        f"(annotate.worker_restarts); finished blocks are kept, rerun the same command to resume. "
+                        f"Ray said: {str(e).splitlines()[0]}") from None
                 yield res
     finally:
         for a in actors:

@@ -198,6 +198,70 @@ def test_ingest_after_annotation_then_annotate_only_the_new_dataset(env, store):
     pd.testing.assert_frame_equal(obs.iloc[:480], annotated)
 
 
+def _block_workers() -> list[dict]:
+    from ray._private import state
+
+    return [a for a in state.actors().values() if a["ActorClassName"].endswith("_BlockWorker")]
+
+
+def test_store_annotation_survives_a_killed_worker(env, store):
+    """A pool worker killed (SIGKILL, as a native crash or the OOM killer would) after the first
+    block: it is restarted, its blocks run again, and the result is whole and exact."""
+    import os
+    import signal
+
+    from scpretrain_dist.serve.annotate import annotate_store
+
+    before = {a["ActorID"] for a in _block_workers()}
+    killed: list = []
+
+    def kill_one_worker(res):
+        if killed:
+            return
+        alive = [a for a in _block_workers() if a["ActorID"] not in before and a["State"] == "ALIVE"]
+        assert alive, "the run's pool workers are visible"
+        os.kill(alive[0]["Pid"], signal.SIGKILL)
+        killed.append(alive[0]["ActorID"])
+
+    rep = annotate_store(env["cfg"], f"models:/{MODEL}/2", store.uri, block_size=40, workers=2,
+                         on_block=kill_one_worker, progress=False, log=lambda m: None)
+    assert killed
+    assert rep.blocks_computed == 12 and rep.blocks_skipped == 0
+    restarted = [a for a in _block_workers() if a["ActorID"] == killed[0]]
+    assert restarted and restarted[0]["NumRestarts"] >= 1
+    obs = read_obs(store)
+    assert len(obs) == 480 and obs["soma_joinid"].is_unique
+    for d in ("demo_00", "demo_01"):
+        ref = reference_predictions(env, store, d, 2)
+        assert obs.set_index("soma_joinid").loc[ref.index, col(2, "label")].tolist() == ref["cell_type"].tolist()
+
+
+def test_worker_death_past_its_restarts_is_a_clear_error_and_the_rerun_resumes(env, store):
+    import dataclasses
+    import os
+    import signal
+
+    from scpretrain_dist.serve.annotate import AnnotateError, annotate_store
+
+    cfg = dataclasses.replace(env["cfg"], annotate=dataclasses.replace(env["cfg"].annotate, worker_restarts=0))
+    before = {a["ActorID"] for a in _block_workers()}
+    written: list = []
+
+    def kill_one_worker(res):
+        written.append(res.block.index)
+        if len(written) == 1:
+            alive = [a for a in _block_workers() if a["ActorID"] not in before and a["State"] == "ALIVE"]
+            os.kill(alive[0]["Pid"], signal.SIGKILL)
+
+    kw = dict(block_size=40, workers=2, progress=False, log=lambda m: None)
+    with pytest.raises(AnnotateError, match=r"worker died after 0 restart.*rerun the same command to resume"):
+        annotate_store(cfg, f"models:/{MODEL}/2", store.uri, on_block=kill_one_worker, **kw)
+    assert read_obs(store)[col(2, "label")].notna().sum() == 40 * len(written)  # finished blocks kept
+    rep = annotate_store(cfg, f"models:/{MODEL}/2", store.uri, **kw)
+    assert rep.blocks_skipped == len(written) and rep.blocks_computed == 12 - len(written)
+    assert read_obs(store)[col(2, "label")].notna().all()
+
+
 def test_interrupted_store_run_resumes_without_redoing_or_duplicating(env, store):
     from scpretrain_dist.serve.annotate import annotate_store
 
