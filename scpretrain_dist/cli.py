@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="multi-task pretraining with Ray Train")
     _common(p)
     p.add_argument("--exclude", nargs="*", help="datasets left out of pretraining")
-    p.add_argument("--no-cache", action="store_true", help="retrain even if a matching encoder exists")
+    p.add_argument("--no-cache", action="store_true",
+                   help="retrain from the start even if a matching encoder or an interrupted run exists")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune on labelled target datasets and evaluate")

@@ -74,7 +74,9 @@ def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
 
 
 def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bool = True):
-    """Pretrain on every dataset but ``exclude`` (a cached encoder of the same key is reused)."""
+    """Pretrain on every dataset but ``exclude`` (a cached encoder of the same key is reused, and
+    an interrupted run of the same key resumes after its last finished step; ``reuse=False``:
+    neither)."""
     import mlflow
 
     from scpretrain_dist.train.launch import init_ray
@@ -96,7 +98,7 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     log(f"pretrain: {len(datasets)} datasets ({', '.join(datasets)}), excluded: {', '.join(exclude) or 'none'}")
     init_ray(cfg)
     run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
-    result = run_pretrain(cfg, datasets, tag=key, mlflow_run_id=run_id, log=log)
+    result = run_pretrain(cfg, datasets, tag=key, mlflow_run_id=run_id, log=log, resume=reuse)
     if run_id:
         mlflow.log_params({"pretrain_key": key, "pretrain_datasets": ",".join(datasets), "store_version": version})
         mlflow.log_metric("pretrain_iterations_run", result.iterations_run)

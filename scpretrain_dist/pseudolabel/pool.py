@@ -10,6 +10,7 @@ their cells with the current encoder next to the data.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,16 @@ class PseudoLabels:
     stats: dict[str, dict] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Written whole or not at all (a temporary file renamed into place): a run resumed
+        after a crash never finds half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"labels/{d}": v for d, v in self.labels.items()}
         arrays.update({f"ks/{d}": np.asarray(k) for d, k in self.ks.items()})
-        np.savez_compressed(path, version=self.version, space=self.space, **arrays)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, version=self.version, space=self.space, **arrays)
+        os.replace(tmp, path)
         return path
 
     @classmethod

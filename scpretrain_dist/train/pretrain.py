@@ -34,6 +34,35 @@ class PretrainResult:
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_after_iteration: int | None = None  # a rerun after a crash started after this one
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def _write_progress(out_dir: Path, state: dict) -> None:
+    """What a rerun resumes from, replaced whole after every finished step of an iteration."""
+    tmp = out_dir / f".{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(out_dir / PROGRESS_FILE)
+
+
+def _read_progress(out_dir: Path, log) -> dict | None:
+    """The last finished step of an interrupted run in this directory (same datasets and
+    settings: the directory is named after them), or None when there is none usable."""
+    path = out_dir / PROGRESS_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        missing = [f for f in (state["encoder_path"], state.get("labels_path")) if f and not Path(f).exists()]
+    except (ValueError, KeyError, TypeError) as e:
+        log(f"  {path} is unreadable ({e}); starting from the beginning")
+        return None
+    if missing:
+        log(f"  {path} names files that are gone ({', '.join(missing)}); starting from the beginning")
+        return None
+    return state
 
 
 def load_encoder(path: str | Path) -> dict[str, np.ndarray]:
@@ -221,8 +250,11 @@ def pretrain(
     tag: str = "all",
     mlflow_run_id: str | None = None,
     log=print,
+    resume: bool = True,
 ) -> PretrainResult:
-    """Run iterations of (cluster, train) on ``datasets``; Ray must be initialised."""
+    """Run iterations of (cluster, train) on ``datasets``; Ray must be initialised. Progress is
+    recorded after each iteration's training and each re-clustering; with ``resume`` a rerun in
+    the same directory (same ``tag``) continues after the last recorded step, else starts over."""
     t_start = time.perf_counter()
     if not datasets:
         raise ValueError("pretraining needs at least one dataset")
@@ -231,6 +263,8 @@ def pretrain(
     n_genes = len(AtlasStore(locator.uri, locator.timestamp_ms).genes())
     out_dir = Path(cfg.work_dir) / "pretrain" / tag
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     client = None
     if mlflow_run_id:
         from mlflow import MlflowClient
@@ -257,12 +291,37 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
     p = cfg.pretrain
     history: list[dict] = []
     encoder_path: str | None = None
-    labels = refresh(0, None)
-    log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
     stopped_early = False
-    it = 0
-    for it in range(p.iterations):
+    it = first = 0
+    state = _read_progress(out_dir, log)
+    resumed = None if state is None else int(state["iteration"])
+    if state is None:
+        labels = refresh(0, None)
+        log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
         labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
+    else:  # an interrupted run of these datasets and settings: continue after its last iteration
+        history, encoder_path, it = state["history"], state["encoder_path"], resumed
+        first = it + 1
+        log(f"  resuming after iteration {it} ({out_dir / PROGRESS_FILE}): encoder {encoder_path}")
+        if state.get("labels_path"):
+            labels_path = Path(state["labels_path"])
+            labels = PseudoLabels.load(labels_path)
+        elif first < p.iterations:  # the crash came between training and re-clustering: do that now
+            t0 = time.perf_counter()
+            labels = refresh(first, encoder_path)
+            previous = out_dir / f"pseudo_labels_v{it}.npz"
+            if previous.exists():
+                nmi = agreement(PseudoLabels.load(previous), labels)
+                history[-1].update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
+                log(f"  pseudo-labels v{first} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, "
+                    f"min {nmi['min']:.3f}")
+            labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
+            _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": str(labels_path),
+                                      "history": history})
+        stopped_early = history[-1].get("nmi_min", -1) >= p.nmi_stop
+        if stopped_early:
+            log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {it}")
+    for it in range(first, first if stopped_early else p.iterations):
         worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
         t0 = time.perf_counter()
         ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}")
@@ -270,6 +329,8 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         last = epochs[-1] if epochs else {}
         entry = {"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
                  "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir}
+        _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": None,
+                                  "history": history + [entry]})
         log(f"  iteration {it}: loss {entry['loss']:.3f}, pseudo-label accuracy "
             f"{entry['pseudo_label_accuracy']:.3f}, {entry['train_seconds']:.1f}s")
         if it == p.iterations - 1:
@@ -280,6 +341,9 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         nmi = agreement(labels, new)
         entry.update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
         history.append(entry)
+        labels_path = new.save(out_dir / f"pseudo_labels_v{new.version}.npz")
+        _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": str(labels_path),
+                                  "history": history})  # the labels first: progress never names a file not there
         if client is not None:
             client.log_metric(mlflow_run_id, "pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
             client.log_metric(mlflow_run_id, "pseudo_label_nmi_min", nmi["min"], step=it + 1)
@@ -290,8 +354,9 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {it}")
             break
     result = PretrainResult(
-        encoder_path=encoder_path, datasets=list(datasets), iterations_run=it + 1,
+        encoder_path=encoder_path, datasets=list(datasets), iterations_run=len(history),
         stopped_early=stopped_early, history=history, seconds=time.perf_counter() - t_start,
+        resumed_after_iteration=resumed,
     )
     (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str))
     if client is not None:

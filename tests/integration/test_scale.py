@@ -5,6 +5,7 @@ row updates over 2 Ray Train workers keeps the replicas identical."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -144,3 +145,51 @@ def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
     assert len(last["peak_rss_mib_per_worker"]) == 2 and min(last["peak_rss_mib_per_worker"]) > 0
     enc = load_encoder(f"{ckpt}/encoder.pt")
     assert enc["weight"].shape == (n_genes, 32) and np.isfinite(enc["weight"]).all()
+
+
+class Crash(RuntimeError):
+    """Raised from the run's log at a chosen line, as a crash there would stop it."""
+
+
+def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas, tmp_path):
+    """A rerun continues an interrupted pretraining from its progress file: after a crash between
+    training and re-clustering, and after one between the last iteration and the result. It
+    ends with the encoder an uninterrupted run makes, and trains no finished iteration again."""
+    from scpretrain_dist.train.pretrain import PROGRESS_FILE, load_encoder, pretrain
+
+    cfg, store = ray_atlas
+    datasets = [r.name for r in store.datasets()]
+    settings = ["pretrain.iterations=3", "pretrain.epochs=1", "pretrain.num_workers=1", "pretrain.nmi_stop=1.01",
+                'pseudolabel.phase1_space="pca"', "model.embedding_dim=16"]
+
+    def run(work, crash_at=None):
+        lines: list[str] = []
+
+        def log(msg):
+            lines.append(msg)
+            if crash_at and msg.startswith(crash_at):
+                raise Crash(msg)
+
+        c = resolve(cfg, overrides=[f'work_dir="{work}"', f'store.uri="{store.uri}"', *settings])
+        return pretrain(c, datasets, tag="t", log=log), lines
+
+    reference, _ = run(tmp_path / "whole")
+    assert reference.iterations_run == 3 and reference.resumed_after_iteration is None
+
+    work = tmp_path / "interrupted"
+    with pytest.raises(Crash):
+        run(work, crash_at="  iteration 0:")  # trained, not yet re-clustered
+    state = json.loads((work / "pretrain" / "t" / PROGRESS_FILE).read_text())
+    assert state["iteration"] == 0 and state["labels_path"] is None
+    it0 = state["encoder_path"]
+    with pytest.raises(Crash):
+        run(work, crash_at="  iteration 2:")  # the last iteration trained, no result written yet
+    result, lines = run(work)
+    assert any(m.startswith("  resuming after iteration 2") for m in lines)
+    assert not any(m.startswith("  iteration") for m in lines), "a finished iteration was trained again"
+    assert result.resumed_after_iteration == 2 and result.iterations_run == 3
+    assert result.history[0]["checkpoint"] in it0  # iteration 0 is the first attempt's
+    assert [h["iteration"] for h in result.history] == [0, 1, 2]
+    assert all("nmi_min" in h for h in result.history[:2])
+    ours, theirs = load_encoder(result.encoder_path), load_encoder(reference.encoder_path)
+    np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
