@@ -111,6 +111,10 @@ class PretrainConfig:
     # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it
     # buffer by buffer with bounded memory (settings in [stream]), for atlases of any size.
     loader: str = "memory"
+    # A training worker that dies (a native crash, a lost node) restarts the iteration's
+    # training from its start, at most this many times per iteration; past that the run stops,
+    # and rerunning the command resumes it after its last finished step.
+    max_failures: int = 2
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,8 @@ def loop_config(
 
 def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, list[dict]]:
     """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir."""
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     p = cfg.pretrain
@@ -234,8 +234,11 @@ def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, l
             use_gpu=p.use_gpu,
             resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}),
         ),
+        # a restarted worker group trains the iteration again from its start: the loop reads no
+        # checkpoint back (one is written only at the iteration's end)
         run_config=RayRunConfig(
-            name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve())
+            name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve()),
+            failure_config=FailureConfig(max_failures=max(0, p.max_failures)),
         ),
     )
     result = trainer.fit()

@@ -193,3 +193,65 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
     assert all("nmi_min" in h for h in result.history[:2])
     ours, theirs = load_encoder(result.encoder_path), load_encoder(reference.encoder_path)
     np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_failures", [1, 0])
+def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas, tmp_path, max_failures):
+    """SIGKILL to the training worker once its first epoch is logged (as a native crash or the
+    OOM killer would): with pretrain.max_failures a new worker trains the iteration from its
+    start and ends where an undisturbed run does; without, the training fails."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import mlflow
+    from ray._private import state
+
+    from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
+    from scpretrain_dist.tracking.mlflow_runs import setup
+    from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
+
+    cfg, store = ray_atlas
+    cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=6",
+                                  "pretrain.num_workers=1", 'pseudolabel.phase1_space="pca"', "model.embedding_dim=16",
+                                  f"pretrain.max_failures={max_failures}"])
+    locator = store.locator.pinned()
+    datasets = [r.name for r in store.datasets()]
+    path = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, 0).save(tmp_path / "labels.npz")
+    setup(cfg)
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    with mlflow.start_run() as run:
+        worker_cfg = loop_config(cfg, locator, datasets, path, len(store.genes()), mlflow_run_id=run.info.run_id)
+
+        def train_workers() -> dict:
+            return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"].endswith("RayTrainWorker")}
+
+        before, killed, stop = set(train_workers()), [], threading.Event()
+
+        def kill_once_training():
+            while not stop.is_set() and not killed:
+                if client.get_metric_history(run.info.run_id, "pretrain_loss"):  # an epoch is done
+                    alive = [a for i, a in train_workers().items() if i not in before and a["State"] == "ALIVE"]
+                    os.kill(alive[0]["Pid"], signal.SIGKILL)
+                    killed.append(alive[0]["ActorID"])
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=kill_once_training)
+        killer.start()
+        try:
+            if max_failures == 0:
+                with pytest.raises(Exception):
+                    _fit_iteration(cfg, worker_cfg, "kill-restart")
+                assert killed
+                return
+            restarted, epochs = _fit_iteration(cfg, worker_cfg, "kill-restart")
+        finally:
+            stop.set()
+            killer.join()
+    assert killed, "the training worker was killed"
+    assert len(set(train_workers()) - before) >= 2, "a new worker took over"
+    assert epochs[-1]["epoch"] == 5
+    undisturbed, _ = _fit_iteration(cfg, loop_config(cfg, locator, datasets, path, len(store.genes())), "undisturbed")
+    ours, theirs = load_encoder(f"{restarted}/encoder.pt"), load_encoder(f"{undisturbed}/encoder.pt")
+    np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
