@@ -241,7 +241,9 @@ def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas
         killer.start()
         try:
             if max_failures == 0:
-                with pytest.raises(Exception):
+                from ray.train import TrainingFailedError
+
+                with pytest.raises(TrainingFailedError, match="worker"):
                     _fit_iteration(cfg, worker_cfg, "kill-restart")
                 assert killed
                 return
