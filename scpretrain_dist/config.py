@@ -73,6 +73,10 @@ class PseudoLabelConfig:
     # a pretraining run embed them from memory instead of reading the store (a first phase in
     # the "expression" or "pca" space fills the cache too; "raw" does not).
     cache_bytes: int = 2 << 30
+    # An actor that dies (a native crash, a lost node) is restarted and its tasks run again, at
+    # most this many times per actor; a dataset split over the actors is clustered again from
+    # its start when one of them lost its slice. Past that, the refresh fails.
+    actor_restarts: int = 2
 
 
 @dataclass(frozen=True)

@@ -63,15 +63,17 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 
 
 # settings of how a run copes, not of what it computes: left out of the encoder's cache key
-RUN_ONLY_PRETRAIN_SETTINGS = ("max_failures",)
+RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_restarts",)}
 
 
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     """Cache key of an encoder: what was trained on what, with which settings. The store
     version is left out: ingest only appends, so the named datasets' cells never change."""
-    settings = {k: v for k, v in asdict(cfg.pretrain).items() if k not in RUN_ONLY_PRETRAIN_SETTINGS}
-    what = {"datasets": sorted(datasets), "pretrain": settings | {"exclude_datasets": []},
-            "pseudolabel": asdict(cfg.pseudolabel), "model": asdict(cfg.model), "store": cfg.store_uri}
+    def settings(section: str) -> dict:
+        return {k: v for k, v in asdict(getattr(cfg, section)).items() if k not in RUN_ONLY_SETTINGS[section]}
+
+    what = {"datasets": sorted(datasets), "pretrain": settings("pretrain") | {"exclude_datasets": []},
+            "pseudolabel": settings("pseudolabel"), "model": asdict(cfg.model), "store": cfg.store_uri}
     if cfg.pretrain.loader == "stream":  # chunks, buffers and the cache set the order cells come in
         what["stream"] = asdict(cfg.stream) | {"prefetch_buffers": 0}  # read-ahead changes nothing
     blob = json.dumps(what, sort_keys=True, default=str)

@@ -121,6 +121,10 @@ def cluster_dataset(
     return labels, ks, stats
 
 
+class ShardLost(RuntimeError):
+    """An actor was asked for a slice of a dataset it does not hold (it was restarted)."""
+
+
 class KMeansWorker:
     """Clusters whole datasets, or holds one slice of a large dataset's cells for sharded Lloyd
     iterations driven by :func:`cluster_sharded`. Wrapped as a Ray actor by
@@ -201,16 +205,21 @@ class KMeansWorker:
         self._shards[dataset] = shard
         return {"read_seconds": t1 - t0, "feature_seconds": time.perf_counter() - t1, "cells_cached": cached}
 
+    def _shard(self, dataset: str) -> dict:
+        if dataset not in self._shards:
+            raise ShardLost(f"this K-means actor holds no slice of {dataset} (it was restarted)")
+        return self._shards[dataset]
+
     def sample(self, dataset: str, positions: np.ndarray) -> sp.csr_matrix | np.ndarray:
         """Rows at dataset positions (within this shard): raw CSR before a PCA fit, else
         features."""
-        shard = self._shards[dataset]
+        shard = self._shard(dataset)
         local = np.asarray(positions) - shard["lo"]
         return shard["X"][local] if shard["x"] is None else shard["x"][local]
 
     def project(self, dataset: str, projection: Projection) -> float:
         t0 = time.perf_counter()
-        shard = self._shards[dataset]
+        shard = self._shard(dataset)
         shard["x"] = projection.apply(shard["X"])
         shard["X"] = None
         return time.perf_counter() - t0
@@ -228,20 +237,38 @@ class KMeansWorker:
         return shard["xt"]
 
     def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
-        shard = self._shards[dataset]
+        shard = self._shard(dataset)
         return partial_step(self._held(shard), centroids, self.cfg.use_gpu, shard["x64"])
 
     def final(self, dataset: str, centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Labels of this shard's cells and its summed squared distances per partition."""
-        shard = self._shards.pop(dataset)
+        shard = self._shard(dataset)
         labels, dist = assign(self._held(shard), centroids, self.cfg.use_gpu)
+        del self._shards[dataset]
         return labels, dist.sum(0, dtype=np.float64)
 
 
 def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str,
                     encoder: Encoder) -> tuple[np.ndarray, list[int], dict]:
     """One large dataset over every actor: each featurises its slice; the driver gathers the
-    k-means++ sample (and fits the PCA on it), then runs Lloyd by reducing the actors' sums."""
+    k-means++ sample (and fits the PCA on it), then runs Lloyd by reducing the actors' sums.
+    An actor restarted on the way (it lost its slice) makes the dataset start over, at most
+    ``cfg.actor_restarts`` times; every attempt computes the same labels."""
+    import ray
+
+    attempt = 1
+    while True:
+        try:
+            labels, ks, stats = _cluster_sharded_once(actors, store, dataset, cfg, space, encoder)
+            return labels, ks, stats | {"attempts": attempt}
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(getattr(e, "cause", None), ShardLost) or attempt > max(0, cfg.actor_restarts):
+                raise
+            attempt += 1
+
+
+def _cluster_sharded_once(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str,
+                          encoder: Encoder) -> tuple[np.ndarray, list[int], dict]:
     import ray
 
     t0 = time.perf_counter()
@@ -299,7 +326,9 @@ class KMeansPool:
         import ray
 
         self.locator, self.cfg = locator, cfg
-        Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)(KMeansWorker)
+        restarts = max(0, cfg.actor_restarts)
+        Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
+                           max_restarts=restarts, max_task_retries=restarts)(KMeansWorker)
         self.actors = [Actor.remote(locator, cfg) for _ in range(max(1, n_actors or cfg.num_actors))]
         self.home: dict[str, int] = {}  # dataset -> the actor that last clustered it whole
 

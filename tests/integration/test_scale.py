@@ -79,6 +79,62 @@ def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path
     np.testing.assert_array_equal(local, whole.labels[datasets[0]])
 
 
+def _kill_actor(actor) -> None:
+    """SIGKILL to an actor's process, as a native crash or the OOM killer would."""
+    import os
+    import signal
+
+    from ray._private import state
+
+    info = state.actors()[actor._actor_id.hex()]
+    os.kill(info["Pid"], signal.SIGKILL)
+
+
+def _restarts(actor) -> int:
+    from ray._private import state
+
+    return state.actors()[actor._actor_id.hex()]["NumRestarts"]
+
+
+def test_killed_kmeans_actors_restart_and_the_refresh_gives_the_same_labels(ray_atlas, monkeypatch):
+    """A K-means actor killed between refreshes is restarted by the next one; an actor killed
+    after loading its slice of a sharded dataset makes that dataset start over. Same labels as
+    undisturbed refreshes either way."""
+    from scpretrain_dist.pseudolabel import pool as pool_module
+    from scpretrain_dist.pseudolabel.pool import KMeansPool
+
+    cfg, store = ray_atlas
+    locator = store.locator.pinned()
+    datasets = [r.name for r in store.datasets()]
+    whole_cfg = dataclasses.replace(cfg.pseudolabel, phase1_space="pca", num_actors=2, init_sample_cells=250)
+    sharded_cfg = dataclasses.replace(whole_cfg, shard_threshold_cells=100)
+    with KMeansPool(locator, whole_cfg) as pool:
+        undisturbed = pool.refresh(datasets, 0)
+        _kill_actor(pool.actors[0])
+        again = pool.refresh(datasets, 0)
+        assert _restarts(pool.actors[0]) == 1
+    for d in datasets:
+        np.testing.assert_array_equal(again.labels[d], undisturbed.labels[d])
+
+    run_lloyd, killed = pool_module.run_lloyd, []
+
+    def kill_before_the_first_step(step, inits, niter, seed):
+        if not killed:  # every actor holds its slice now
+            _kill_actor(pool.actors[1])
+            killed.append(True)
+        return run_lloyd(step, inits, niter, seed)
+
+    monkeypatch.setattr(pool_module, "run_lloyd", kill_before_the_first_step)
+    with KMeansPool(locator, sharded_cfg) as pool:
+        sharded = pool.refresh(datasets, 0)
+        assert _restarts(pool.actors[1]) == 1
+    assert killed
+    attempts = [sharded.stats[d]["attempts"] for d in sorted(datasets, key=lambda d: -store.dataset(d).n_cells)]
+    assert attempts[0] == 2 and attempts[1:] == [1] * (len(datasets) - 1)  # the first dataset started over
+    for d in datasets:
+        np.testing.assert_array_equal(sharded.labels[d], undisturbed.labels[d])
+
+
 def test_later_refreshes_embed_cells_the_actors_kept(ray_atlas, tmp_path):
     """A refresh in the embedding space sends each dataset back to the actor that clustered it
     before, which embeds the cells it kept instead of reading the store: same labels, and no

@@ -212,3 +212,6 @@ def test_encoder_cache_key_tracks_what_changes_the_encoder():
     assert pretrain_key(stream, ["a", "b"]) != key
     assert pretrain_key(config.resolve(stream, overrides=["stream.buffer_cells=1024"]), ["a", "b"]) != pretrain_key(stream, ["a", "b"])
     assert pretrain_key(config.resolve(stream, overrides=["stream.prefetch_buffers=3"]), ["a", "b"]) == pretrain_key(stream, ["a", "b"])
+    # how a run copes with failures changes nothing it computes
+    assert pretrain_key(config.resolve(base, overrides=["pretrain.max_failures=0", "pseudolabel.actor_restarts=5"]),
+                        ["a", "b"]) == key
