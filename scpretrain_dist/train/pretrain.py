@@ -40,11 +40,16 @@ class PretrainResult:
 PROGRESS_FILE = "progress.json"
 
 
+def _write_json(path: Path, obj) -> None:
+    """Written whole or not at all: a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
 def _write_progress(out_dir: Path, state: dict) -> None:
-    """What a rerun resumes from, replaced whole after every finished step of an iteration."""
-    tmp = out_dir / f".{PROGRESS_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(out_dir / PROGRESS_FILE)
+    """What a rerun resumes from, replaced after every finished step of an iteration."""
+    _write_json(out_dir / PROGRESS_FILE, state)
 
 
 def _read_progress(out_dir: Path, log) -> dict | None:
@@ -361,7 +366,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         stopped_early=stopped_early, history=history, seconds=time.perf_counter() - t_start,
         resumed_after_iteration=resumed,
     )
-    (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str))
+    _write_json(out_dir / "result.json", asdict(result))
     if client is not None:
         client.log_artifact(mlflow_run_id, str(out_dir / "result.json"), "pretrain")
     return result

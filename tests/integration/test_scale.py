@@ -215,7 +215,7 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
 
     cfg, store = ray_atlas
     datasets = [r.name for r in store.datasets()]
-    settings = ["pretrain.iterations=3", "pretrain.epochs=1", "pretrain.num_workers=1", "pretrain.nmi_stop=1.01",
+    settings = ["pretrain.iterations=2", "pretrain.epochs=1", "pretrain.num_workers=1", "pretrain.nmi_stop=1.01",
                 'pseudolabel.phase1_space="pca"', "model.embedding_dim=16"]
 
     def run(work, crash_at=None):
@@ -230,7 +230,7 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
         return pretrain(c, datasets, tag="t", log=log), lines
 
     reference, _ = run(tmp_path / "whole")
-    assert reference.iterations_run == 3 and reference.resumed_after_iteration is None
+    assert reference.iterations_run == 2 and reference.resumed_after_iteration is None
 
     work = tmp_path / "interrupted"
     with pytest.raises(Crash):
@@ -239,14 +239,14 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
     assert state["iteration"] == 0 and state["labels_path"] is None
     it0 = state["encoder_path"]
     with pytest.raises(Crash):
-        run(work, crash_at="  iteration 2:")  # the last iteration trained, no result written yet
+        run(work, crash_at="  iteration 1:")  # the last iteration trained, no result written yet
     result, lines = run(work)
-    assert any(m.startswith("  resuming after iteration 2") for m in lines)
+    assert any(m.startswith("  resuming after iteration 1") for m in lines)
     assert not any(m.startswith("  iteration") for m in lines), "a finished iteration was trained again"
-    assert result.resumed_after_iteration == 2 and result.iterations_run == 3
+    assert result.resumed_after_iteration == 1 and result.iterations_run == 2
     assert result.history[0]["checkpoint"] in it0  # iteration 0 is the first attempt's
-    assert [h["iteration"] for h in result.history] == [0, 1, 2]
-    assert all("nmi_min" in h for h in result.history[:2])
+    assert [h["iteration"] for h in result.history] == [0, 1]
+    assert "nmi_min" in result.history[0]  # the re-clustering done on resuming was scored
     ours, theirs = load_encoder(result.encoder_path), load_encoder(reference.encoder_path)
     np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
 
