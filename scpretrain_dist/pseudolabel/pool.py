@@ -121,6 +121,10 @@ def cluster_dataset(
     return labels, ks, stats
 
 
+class PoolError(RuntimeError):
+    """The K-means actor pool lost an actor for good."""
+
+
 class ShardLost(RuntimeError):
     """An actor was asked for a slice of a dataset it does not hold (it was restarted)."""
 
@@ -360,10 +364,16 @@ class KMeansPool:
         whole = [d for d in order if sizes[d] <= cfg.shard_threshold_cells]
         encoder_ref = ray.put(encoder) if isinstance(encoder, dict) else encoder
         labels, ks, stats = {}, {}, {}
-        for name in sharded:
-            labels[name], ks[name], stats[name] = cluster_sharded(self.actors, store, name, cfg, space, encoder_ref)
-        for name, lab, k, st in self._cluster_whole(whole, encoder_ref, space):
-            labels[name], ks[name], stats[name] = lab, k, st
+        try:
+            for name in sharded:
+                labels[name], ks[name], stats[name] = cluster_sharded(self.actors, store, name, cfg, space, encoder_ref)
+            for name, lab, k, st in self._cluster_whole(whole, encoder_ref, space):
+                labels[name], ks[name], stats[name] = lab, k, st
+        except ray.exceptions.ActorDiedError as e:
+            raise PoolError(
+                f"a K-means actor died after {max(0, cfg.actor_restarts)} restart(s) (pseudolabel.actor_restarts); "
+                f"rerun the same command: pretraining resumes after its last finished step. "
+                f"Ray said: {str(e).splitlines()[0]}") from None
         return PseudoLabels(version, {d: labels[d] for d in datasets}, {d: ks[d] for d in datasets}, space, stats)
 
     def _cluster_whole(self, datasets: list[str], encoder, space: str):

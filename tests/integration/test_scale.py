@@ -115,6 +115,11 @@ def test_killed_kmeans_actors_restart_and_the_refresh_gives_the_same_labels(ray_
         assert _restarts(pool.actors[0]) == 1
     for d in datasets:
         np.testing.assert_array_equal(again.labels[d], undisturbed.labels[d])
+    with KMeansPool(locator, dataclasses.replace(whole_cfg, actor_restarts=0)) as pool:
+        pool.warm_up()
+        _kill_actor(pool.actors[0])
+        with pytest.raises(pool_module.PoolError, match=r"died after 0 restart.*rerun the same command"):
+            pool.refresh(datasets, 0)
 
     run_lloyd, killed = pool_module.run_lloyd, []
 
