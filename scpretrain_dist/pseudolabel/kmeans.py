@@ -324,8 +324,9 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray]) -> tuple[np.nda
     wide[:, d] = 1.0
     tables = [np.empty((rows, w.shape[1]), dtype=np.float32) for w in weights]
     # torch views of the same memory: the GEMM writes where the argmin reads
-    wide_t, weights_t, tables_t = torch.from_numpy(wide), [torch.from_numpy(w) for w in weights], \
-        [torch.from_numpy(t) for t in tables]
+    wide_t = torch.from_numpy(wide)
+    weights_t = [torch.from_numpy(w) for w in weights]
+    tables_t = [torch.from_numpy(t) for t in tables]
     index = np.arange(rows)
     labels = np.empty((n, len(weights)), dtype=np.int64)
     dist = np.empty((n, len(weights)), dtype=np.float32)

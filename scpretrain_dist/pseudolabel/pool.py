@@ -10,7 +10,6 @@ their cells with the current encoder next to the data.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from scpretrain_dist.pseudolabel.kmeans import (
     plusplus_inits,
     run_lloyd,
 )
+from scpretrain_dist.store.files import save_npz_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 from scpretrain_dist.store.sources import csr_nbytes
 
@@ -60,17 +60,12 @@ class PseudoLabels:
     stats: dict[str, dict] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Written whole or not at all (a temporary file renamed into place): a run resumed
-        after a crash never finds half a file."""
+        """Written whole or not at all (:mod:`scpretrain_dist.store.files`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"labels/{d}": v for d, v in self.labels.items()}
         arrays.update({f"ks/{d}": np.asarray(k) for d, k in self.ks.items()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, version=self.version, space=self.space, **arrays)
-        os.replace(tmp, path)
-        return path
+        return save_npz_whole(path, compressed=True, version=self.version, space=self.space, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> PseudoLabels:
@@ -328,12 +323,11 @@ class KMeansPool:
     once). Use as a context manager, or call :meth:`close`; Ray must be up."""
 
     def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig, n_actors: int | None = None):
-        import ray
+        from scpretrain_dist.train.launch import restartable
 
         self.locator, self.cfg = locator, cfg
-        restarts = max(0, cfg.actor_restarts)
-        Actor = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
-                           max_restarts=restarts, max_task_retries=restarts)(KMeansWorker)
+        Actor = restartable(KMeansWorker, cfg.actor_restarts, num_cpus=cfg.cpus_per_actor,
+                            num_gpus=1 if cfg.use_gpu else 0)
         self.actors = [Actor.remote(locator, cfg) for _ in range(max(1, n_actors or cfg.num_actors))]
         self.home: dict[str, int] = {}  # dataset -> the actor that last clustered it whole
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scpretrain_dist.config import RunConfig
+from scpretrain_dist.store.files import save_npz_whole, write_json_whole
 from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
@@ -249,15 +250,13 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
         return
     import ray
 
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+    from scpretrain_dist.train.launch import init_ray, restartable, shutdown_ray
 
     started = not ray.is_initialized()
     init_ray(cfg)
     actors = []
     try:
-        restarts = max(0, cfg.annotate.worker_restarts)
-        worker = ray.remote(num_cpus=cfg.annotate.cpus_per_worker, max_restarts=restarts,
-                            max_task_retries=restarts)(_BlockWorker)
+        worker = restartable(_BlockWorker, cfg.annotate.worker_restarts, num_cpus=cfg.annotate.cpus_per_worker)
         n_actors = min(workers, len(blocks))
         # torch's faster sparse product costs an import of seconds: worth it for large shares only
         fast = sum(b.n_cells for b in blocks) / n_actors >= FAST_KERNEL_MIN_CELLS
@@ -286,7 +285,7 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
                     raise
                 except ray.exceptions.ActorDiedError as e:
                     raise AnnotateError(
-                        f"{_where(block)}: an annotation worker died after {restarts} restart(s) "
+                        f"{_where(block)}: an annotation worker died after {max(0, cfg.annotate.worker_restarts)} restart(s) "
                         f"(annotate.worker_restarts); finished blocks are kept, rerun the same command to resume. "
                         f"Ray said: {str(e).splitlines()[0]}") from None
                 yield res
@@ -578,15 +577,6 @@ def _file_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def annotate_h5ad(
     cfg: RunConfig,
     model_uri: str,
@@ -662,9 +652,7 @@ def annotate_h5ad(
             )
     else:
         progress_dir.mkdir(parents=True, exist_ok=True)
-        tmp = mf.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, mf)
+        write_json_whole(mf, manifest, indent=None)
 
     def block_file(b: Block) -> Path:
         return progress_dir / f"block_{b.index:06d}.npz"
@@ -681,7 +669,7 @@ def annotate_h5ad(
                 arrays = {"codes": res.codes, "confidence": res.confidence}
                 if res.embedding is not None:
                     arrays["embedding"] = res.embedding
-                _save_npz_atomic(block_file(res.block), **arrays)
+                save_npz_whole(block_file(res.block), **arrays)
                 computed += 1
                 bar.update(res.block.n_cells)
                 if on_block is not None:

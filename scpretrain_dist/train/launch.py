@@ -39,6 +39,16 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
+def restartable(cls, restarts: int, **options):
+    """``cls`` as a Ray actor class whose actors, when their process dies (a native crash, a
+    lost node), are restarted and their pending tasks run again, up to ``restarts`` times.
+    Only for actors whose tasks are safe to run twice."""
+    import ray
+
+    restarts = max(0, restarts)
+    return ray.remote(max_restarts=restarts, max_task_retries=restarts, **options)(cls)
+
+
 def shutdown_ray() -> None:
     import ray
 

@@ -20,6 +20,7 @@ from scpretrain_dist.pseudolabel.pool import (
     agreement,
     refresh_pseudo_labels,
 )
+from scpretrain_dist.store.files import write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 
 ENCODER_FILE = "encoder.pt"
@@ -38,18 +39,6 @@ class PretrainResult:
 
 
 PROGRESS_FILE = "progress.json"
-
-
-def _write_json(path: Path, obj) -> None:
-    """Written whole or not at all: a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _write_progress(out_dir: Path, state: dict) -> None:
-    """What a rerun resumes from, replaced after every finished step of an iteration."""
-    _write_json(out_dir / PROGRESS_FILE, state)
 
 
 def _read_progress(out_dir: Path, log) -> dict | None:
@@ -297,76 +286,72 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         return refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, version, encoder)
 
     p = cfg.pretrain
-    history: list[dict] = []
+    history: list[dict] = []  # one entry per trained iteration
     encoder_path: str | None = None
-    stopped_early = False
-    it = first = 0
+
+    def save_progress(it: int, labels_path: Path | None) -> None:
+        """After iteration ``it``: its encoder, and the next labels once they are saved."""
+        write_json_whole(out_dir / PROGRESS_FILE, {"iteration": it, "encoder_path": encoder_path,
+                                                   "labels_path": labels_path and str(labels_path), "history": history})
+
+    def recluster(it: int, previous: PseudoLabels | None) -> tuple[PseudoLabels, Path]:
+        """Pseudo-labels v{it + 1} on iteration ``it``'s encoder, scored against v{it} into its
+        history entry, saved, then recorded (progress never names a file not yet there)."""
+        t0 = time.perf_counter()
+        new = refresh(it + 1, encoder_path)
+        if previous is not None:
+            nmi = agreement(previous, new)
+            history[-1].update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
+            if client is not None:
+                client.log_metric(mlflow_run_id, "pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
+                client.log_metric(mlflow_run_id, "pseudo_label_nmi_min", nmi["min"], step=it + 1)
+            log(f"  pseudo-labels v{it + 1} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, min {nmi['min']:.3f}")
+        path = new.save(out_dir / f"pseudo_labels_v{new.version}.npz")
+        save_progress(it, path)
+        return new, path
+
+    def stable() -> bool:
+        return bool(history) and history[-1].get("nmi_min", -1) >= p.nmi_stop
+
     state = _read_progress(out_dir, log)
     resumed = None if state is None else int(state["iteration"])
     if state is None:
         labels = refresh(0, None)
         log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
         labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
+        it = 0
     else:  # an interrupted run of these datasets and settings: continue after its last iteration
-        history, encoder_path, it = state["history"], state["encoder_path"], resumed
-        first = it + 1
-        log(f"  resuming after iteration {it} ({out_dir / PROGRESS_FILE}): encoder {encoder_path}")
+        history, encoder_path, it = state["history"], state["encoder_path"], resumed + 1
+        log(f"  resuming after iteration {resumed} ({out_dir / PROGRESS_FILE}): encoder {encoder_path}")
         if state.get("labels_path"):
             labels_path = Path(state["labels_path"])
             labels = PseudoLabels.load(labels_path)
-        elif first < p.iterations:  # the crash came between training and re-clustering: do that now
-            t0 = time.perf_counter()
-            labels = refresh(first, encoder_path)
-            previous = out_dir / f"pseudo_labels_v{it}.npz"
-            if previous.exists():
-                nmi = agreement(PseudoLabels.load(previous), labels)
-                history[-1].update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
-                log(f"  pseudo-labels v{first} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, "
-                    f"min {nmi['min']:.3f}")
-            labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
-            _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": str(labels_path),
-                                      "history": history})
-        stopped_early = history[-1].get("nmi_min", -1) >= p.nmi_stop
-        if stopped_early:
-            log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {it}")
-    for it in range(first, first if stopped_early else p.iterations):
+        elif it < p.iterations:  # the crash came between training and re-clustering: do that now
+            previous = out_dir / f"pseudo_labels_v{resumed}.npz"
+            labels, labels_path = recluster(resumed, PseudoLabels.load(previous) if previous.exists() else None)
+    while it < p.iterations and not stable():
         worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
         t0 = time.perf_counter()
         ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}")
         encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
         last = epochs[-1] if epochs else {}
-        entry = {"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
-                 "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir}
-        _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": None,
-                                  "history": history + [entry]})
-        log(f"  iteration {it}: loss {entry['loss']:.3f}, pseudo-label accuracy "
-            f"{entry['pseudo_label_accuracy']:.3f}, {entry['train_seconds']:.1f}s")
-        if it == p.iterations - 1:
-            history.append(entry)
-            break
-        t0 = time.perf_counter()
-        new = refresh(it + 1, encoder_path)
-        nmi = agreement(labels, new)
-        entry.update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
-        history.append(entry)
-        labels_path = new.save(out_dir / f"pseudo_labels_v{new.version}.npz")
-        _write_progress(out_dir, {"iteration": it, "encoder_path": encoder_path, "labels_path": str(labels_path),
-                                  "history": history})  # the labels first: progress never names a file not there
-        if client is not None:
-            client.log_metric(mlflow_run_id, "pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
-            client.log_metric(mlflow_run_id, "pseudo_label_nmi_min", nmi["min"], step=it + 1)
-        log(f"  pseudo-labels v{it + 1} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, min {nmi['min']:.3f}")
-        labels = new
-        if nmi["min"] >= p.nmi_stop:
-            stopped_early = True
-            log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {it}")
-            break
+        history.append({"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
+                        "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
+        save_progress(it, None)
+        log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
+            f"{history[-1]['pseudo_label_accuracy']:.3f}, {history[-1]['train_seconds']:.1f}s")
+        if it < p.iterations - 1:
+            labels, labels_path = recluster(it, labels)
+        it += 1
+    stopped_early = stable()
+    if stopped_early:
+        log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {history[-1]['iteration']}")
     result = PretrainResult(
         encoder_path=encoder_path, datasets=list(datasets), iterations_run=len(history),
         stopped_early=stopped_early, history=history, seconds=time.perf_counter() - t_start,
         resumed_after_iteration=resumed,
     )
-    _write_json(out_dir / "result.json", asdict(result))
+    write_json_whole(out_dir / "result.json", asdict(result))
     if client is not None:
         client.log_artifact(mlflow_run_id, str(out_dir / "result.json"), "pretrain")
     return result
