@@ -4,9 +4,9 @@ Lloyd iterations from a k-means++ start, with every partition of a dataset (one 
 lockstep over one pass of its cells. An iteration is written as (partial sums over a shard of
 cells -> reduce -> update), so a dataset split over several workers gives exactly the
 single-process result: :func:`lloyd` is :func:`run_lloyd` with one shard. Assignment is exact:
-on a CPU, per block of cells and partition, one float32 GEMM that writes the distances (less
-||x||^2) into a table small enough to stay in cache for the argmin (2-3x faiss's CPU search at
-these shapes). On a GPU (``gpu=True``): faiss-gpu where it is installed,
+on a CPU, per block of cells and chunk of a partition's centroids, one float32 GEMM that writes
+the distances (less ||x||^2) into a table small enough to stay in cache for the argmin (2-3x
+faiss's CPU search at these shapes). On a GPU (``gpu=True``): faiss-gpu where it is installed,
 else the same GEMM + argmin written in torch, with the cells kept on the GPU across iterations.
 Empty clusters are re-seeded as faiss does (split a large cluster in two).
 """
@@ -14,6 +14,7 @@ Empty clusters are re-seeded as faiss does (split a large cluster in two).
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ import scipy.sparse as sp
 
 # rows per block of the faiss (GPU) search and of the float64 copy of the cells in the sums
 BLOCK_ROWS = 32768
-# rows per block of the CPU assignment: the block's distance table (rows x a partition's
-# centroids) stays in cache between the GEMM that writes it and the argmin that reads it
+# rows per block of the CPU assignment, and centroids per chunk of a partition: the block's
+# distance table (rows x chunk) stays in cache between the GEMM that writes it and the argmin
 CPU_BLOCK_ROWS = 1024
+CPU_CHUNK_COLS = 512
 # cells whose float64 copy (for exact per-centroid sums) is kept across iterations, in bytes
 CACHE_FLOAT64_BYTES = 256 << 20
 
@@ -299,48 +301,101 @@ def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) ->
     return labels, dist
 
 
-def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, per block of cells and per partition one GEMM
-    of the block, widened by a column of ones (and zeros up to a multiple of 8 columns), against
-    [-2 c^T; ||c||^2]: the GEMM writes -2 x.c + ||c||^2 into a contiguous table that stays in
-    cache for the argmin (no separate pass adds ||c||^2, and an argmin over contiguous rows is
-    3x one over a column slice of a table of every partition); ||x||^2 is added to the minimum
-    only. At these shapes 1.2x the stacked-table version. The GEMM is torch's (MKL here) into
-    the numpy tables, not numpy's OpenBLAS: with 1,024-row blocks 7% faster on 50k cells,
-    k = 1000/500/250, one thread each in two processes at once (152 vs 142 GFLOP/s)."""
+def cpu_gemm() -> str:
+    """The float32 GEMM the CPU assignment calls: ``"torch"`` (MKL in the x86 wheels) on Intel
+    CPUs, ``"numpy"`` (OpenBLAS) elsewhere; ``SCPRETRAIN_CPU_GEMM=torch|numpy`` overrides. MKL
+    runs a slower code path on other vendors' CPUs: one thread on an AMD EPYC (Zen 4), the
+    assignment's products at 1,024 x 208 x 512 ran at 104 GFLOP/s in OpenBLAS vs 99 in MKL
+    (2,048^3: 103 vs 96); on the Intel machine measured before, MKL was 7% faster. Fixed per
+    machine (not timed at start-up), so every process of a pool computes the same labels."""
+    choice = os.environ.get("SCPRETRAIN_CPU_GEMM", "auto")
+    if choice in ("numpy", "torch"):
+        return choice
+    if choice != "auto":
+        raise ValueError(f"SCPRETRAIN_CPU_GEMM={choice!r}: use auto, numpy or torch")
+    return _default_cpu_gemm()
+
+
+@functools.cache
+def _default_cpu_gemm() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in fh)
+    except OSError:
+        intel = False
+    if intel:
+        import torch
+
+        if torch.backends.mkl.is_available():
+            return "torch"
+    return "numpy"
+
+
+def _chunked_weights(c: np.ndarray, width: int) -> np.ndarray:
+    """[-2 c^T; ||c||^2] (``width`` rows, zeros below), split into equal chunks of at most
+    ``CPU_CHUNK_COLS`` centroids: (chunks, width, chunk columns), contiguous per chunk. The last
+    chunk is padded with columns whose "distance" is float32's largest value (never nearest)."""
+    k, d = c.shape
+    n_chunks = -(-k // CPU_CHUNK_COLS)
+    cols = -(-k // n_chunks)
+    w = np.zeros((width, n_chunks * cols), dtype=np.float32)
+    w[:d, :k] = -2.0 * c.T
+    w[d, :k] = np.einsum("ij,ij->i", c, c)
+    w[d, k:] = np.finfo(np.float32).max
+    return np.ascontiguousarray(w.reshape(width, n_chunks, cols).transpose(1, 0, 2))
+
+
+def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray], gemm: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, per block of ``CPU_BLOCK_ROWS`` cells, per
+    partition and per chunk of at most ``CPU_CHUNK_COLS`` of its centroids, one GEMM of the
+    block, widened by a column of ones (and zeros up to a multiple of 8 columns), against
+    [-2 c^T; ||c||^2]: the GEMM writes -2 x.c + ||c||^2 into a table of at most 1,024 x 512
+    floats (2 MiB, the size of a core's L2 here) that the argmin reads while it is in cache;
+    a running minimum merges the chunks, and ||x||^2 is added to the minimum only. Without
+    chunks a 160k-cell dataset's table (1,024 x 3,200 centroids, 13 MiB) went to the shared
+    L3: with two actors side by side the assignment ran at 65-77 GFLOP/s a process, chunked
+    at 83-89 (OpenBLAS, AMD EPYC). ``gemm``: see :func:`cpu_gemm` (torch writes into the
+    numpy tables through views of the same memory)."""
     import torch
 
+    gemm = gemm or cpu_gemm()
     n, d = x.shape
     width = (d + 1 + 7) // 8 * 8
-    weights = []
-    for c in centroids:
-        c = np.asarray(c, dtype=np.float32)
-        w = np.zeros((width, len(c)), dtype=np.float32)
-        w[:d] = -2.0 * c.T
-        w[d] = np.einsum("ij,ij->i", c, c)
-        weights.append(w)
+    weights = [_chunked_weights(np.asarray(c, dtype=np.float32), width) for c in centroids]
     rows = min(n, CPU_BLOCK_ROWS)
     wide = np.zeros((rows, width), dtype=np.float32)
     wide[:, d] = 1.0
-    tables = [np.empty((rows, w.shape[1]), dtype=np.float32) for w in weights]
-    # torch views of the same memory: the GEMM writes where the argmin reads
+    tables = {w.shape[2]: np.empty((rows, w.shape[2]), dtype=np.float32) for w in weights}
     wide_t = torch.from_numpy(wide)
     weights_t = [torch.from_numpy(w) for w in weights]
-    tables_t = [torch.from_numpy(t) for t in tables]
+    tables_t = {cols: torch.from_numpy(t) for cols, t in tables.items()}
     index = np.arange(rows)
     labels = np.empty((n, len(weights)), dtype=np.int64)
     dist = np.empty((n, len(weights)), dtype=np.float32)
+    best_value = np.empty(rows, dtype=np.float32)
     for lo in range(0, n, CPU_BLOCK_ROWS):
         block = x[lo : lo + CPU_BLOCK_ROWS]
         m = len(block)
         wide[:m, :d] = block
         x_sq = np.einsum("ij,ij->i", block, block)
-        for p in range(len(weights)):
-            t = tables[p][:m]
-            torch.matmul(wide_t[:m], weights_t[p], out=tables_t[p][:m])
-            best = t.argmin(1)
-            labels[lo : lo + m, p] = best
-            dist[lo : lo + m, p] = np.maximum(t[index[:m], best] + x_sq, 0)
+        for p, w in enumerate(weights):
+            n_chunks, _, cols = w.shape
+            t, value, label = tables[cols][:m], best_value[:m], labels[lo : lo + m, p]
+            for j in range(n_chunks):
+                if gemm == "torch":
+                    torch.matmul(wide_t[:m], weights_t[p][j], out=tables_t[cols][:m])
+                else:
+                    np.matmul(wide[:m], w[j], out=t)
+                best = t.argmin(1)
+                if j == 0:
+                    label[:] = best
+                    value[:] = t[index[:m], best]
+                else:
+                    v = t[index[:m], best]
+                    closer = v < value
+                    value[closer] = v[closer]
+                    label[closer] = best[closer] + j * cols
+            dist[lo : lo + m, p] = np.maximum(value + x_sq, 0)
     return labels, dist
 
 

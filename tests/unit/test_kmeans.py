@@ -270,25 +270,40 @@ def test_kmeans_plusplus_start_spreads_over_separated_blobs():
     assert kmeans_plusplus_init(dup, 6, 0).shape == (6, 8)
 
 
-def test_cpu_assignment_matches_exact_faiss_search_across_blocks():
+@pytest.mark.parametrize("gemm", ["numpy", "torch"])
+def test_cpu_assignment_matches_exact_faiss_search_across_blocks_and_chunks(gemm):
     import faiss
 
     from scpretrain_dist.pseudolabel import kmeans as km
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(3 * km.CPU_BLOCK_ROWS + 17, 20)).astype(np.float32)  # a ragged last block
-    centroids = [x[rng.choice(len(x), k, replace=False)] + 0.1 for k in (40, 9, 2)]
-    labels, dist = km.assign(x, centroids)
-    assert labels.shape == dist.shape == (len(x), 3)
+    # one partition in 3 chunks (the last one padded), one exactly a chunk, small ones
+    ks = (2 * km.CPU_CHUNK_COLS + 37, km.CPU_CHUNK_COLS, 40, 9, 2)
+    centroids = [x[rng.choice(len(x), k, replace=False)] + 0.1 for k in ks]
+    labels, dist = km._assign_blas(x, centroids, gemm)
+    assert labels.shape == dist.shape == (len(x), len(ks))
     for p, c in enumerate(centroids):
         index = faiss.IndexFlatL2(c.shape[1])
         index.add(c)
         d_ref, i_ref = index.search(x, 1)
         exact = ((x[:, None, :] - c[None]) ** 2).sum(-1)
         # the same nearest centroid (up to float32 ties) and its squared distance
+        assert labels[:, p].max() < len(c)
         np.testing.assert_allclose(exact[np.arange(len(x)), labels[:, p]], exact.min(1), rtol=1e-5, atol=1e-5)
         assert (labels[:, p] == i_ref[:, 0]).mean() > 0.999
         np.testing.assert_allclose(dist[:, p], d_ref[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_gemm_choice_can_be_set_and_rejects_unknown_values(monkeypatch):
+    from scpretrain_dist.pseudolabel import kmeans as km
+
+    assert km.cpu_gemm() in ("numpy", "torch")
+    monkeypatch.setenv("SCPRETRAIN_CPU_GEMM", "torch")
+    assert km.cpu_gemm() == "torch"
+    monkeypatch.setenv("SCPRETRAIN_CPU_GEMM", "blis")
+    with pytest.raises(ValueError, match="SCPRETRAIN_CPU_GEMM='blis'"):
+        km.cpu_gemm()
 
 
 def test_kmeans_parallel_start_covers_many_blobs_like_the_greedy_start():
