@@ -110,6 +110,10 @@ class PretrainConfig:
     # averaged across workers by an all-reduce of the touched rows (train/parallel.py).
     # false: dense gradients, torch Adam and DDP's dense all-reduce.
     sparse_updates: bool = True
+    # The all-reduce of the touched rows across workers sends "float32" (exact) or "bfloat16"
+    # values (half the bytes; each worker's gradient rounded to 8 significant bits, as DDP's
+    # bf16 compression hook does). Only with sparse_updates and more than one worker.
+    gradient_sync_dtype: str = "float32"
     # Head layout per batch: "auto", "block" (cells x gathered rows) or "padded" (cells x k_max).
     head_layout: str = "auto"
     # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it

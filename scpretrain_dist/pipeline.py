@@ -64,13 +64,18 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 
 # settings of how a run copes, not of what it computes: left out of the encoder's cache key
 RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_restarts",)}
+# settings added after encoders were cached: left out of the key at these values (what every
+# earlier encoder was trained with), so those caches stay valid; any other value is in the key
+KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32"}, "pseudolabel": {}}
 
 
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     """Cache key of an encoder: what was trained on what, with which settings. The store
     version is left out: ingest only appends, so the named datasets' cells never change."""
     def settings(section: str) -> dict:
-        return {k: v for k, v in asdict(getattr(cfg, section)).items() if k not in RUN_ONLY_SETTINGS[section]}
+        neutral = KEY_NEUTRAL_DEFAULTS[section]
+        return {k: v for k, v in asdict(getattr(cfg, section)).items()
+                if k not in RUN_ONLY_SETTINGS[section] and not (k in neutral and v == neutral[k])}
 
     what = {"datasets": sorted(datasets), "pretrain": settings("pretrain") | {"exclude_datasets": []},
             "pseudolabel": settings("pseudolabel"), "model": asdict(cfg.model), "store": cfg.store_uri}

@@ -19,7 +19,17 @@ import time
 import torch
 import torch.distributed as dist
 
+from scpretrain_dist.config import ConfigError
 from scpretrain_dist.data.distributed import rank_and_world
+
+SYNC_DTYPES = ("float32", "bfloat16")
+
+
+def check_sync_dtype(name: str) -> str:
+    """``pretrain.gradient_sync_dtype`` if it is one the sync can send, else a clear error."""
+    if name not in SYNC_DTYPES:
+        raise ConfigError(f"pretrain.gradient_sync_dtype={name!r}: use one of {', '.join(SYNC_DTYPES)}")
+    return name
 
 
 def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
@@ -34,10 +44,14 @@ def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
 class RowGradSync:
     """Averages the gradients of ``model`` over all ranks (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, sparse_params: list[torch.nn.Parameter]):
+    def __init__(self, model: torch.nn.Module, sparse_params: list[torch.nn.Parameter],
+                 wire_dtype: torch.dtype = torch.float32):
         """``sparse_params``: the parameters whose gradients are sparse over rows. Every rank
         must pass the same ones (the buffer layout depends on it); a rank whose batch did not
-        use one contributes no rows, a missing dense gradient counts as zeros."""
+        use one contributes no rows, a missing dense gradient counts as zeros. ``wire_dtype``:
+        what the all-reduce sends (``torch.bfloat16`` halves the bytes; the sum comes back in
+        the gradients' own dtype, the same on every rank)."""
+        self.wire_dtype = wire_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
         ids = {id(p) for p in sparse_params}
         self.sparse = [p for p in self.params if id(p) in ids]
@@ -91,7 +105,12 @@ class RowGradSync:
         for j, p in enumerate(dense, start=len(sparse)):
             if p.grad is not None:
                 views[j].copy_(p.grad.reshape(-1))
-        dist.all_reduce(buf)
+        if self.wire_dtype != buf.dtype:
+            wire = buf.to(self.wire_dtype)
+            dist.all_reduce(wire)
+            buf.copy_(wire)
+        else:
+            dist.all_reduce(buf)
         buf /= self.world
         for j, (p, u) in enumerate(zip(sparse, unions)):
             values = views[j].view(len(u), *p.shape[1:])

@@ -22,6 +22,7 @@ from scpretrain_dist.pseudolabel.pool import (
 )
 from scpretrain_dist.store.files import write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+from scpretrain_dist.train.parallel import check_sync_dtype
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -101,7 +102,8 @@ def pretrain_loop_per_worker(config: dict) -> None:
         broadcast_parameters(model)
         if world > 1:
             row_sparse = [model.encoder.weight] if model.encoder.sparse_grad else []
-            sync = RowGradSync(model, [*row_sparse, *model.heads.weights])
+            wire = getattr(torch, config.get("gradient_sync_dtype", "float32"))
+            sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire)
         optimizer = LazyAdam(model.parameters(), lr=config["lr"])
     else:
         model = ray.train.torch.prepare_model(model)
@@ -204,6 +206,7 @@ def loop_config(
         "iteration": iteration,
         "init_encoder": init_encoder,
         "sparse_updates": p.sparse_updates,
+        "gradient_sync_dtype": check_sync_dtype(p.gradient_sync_dtype),
         "head_layout": p.head_layout,
         "loader": check_loader(p.loader, cfg.stream),
         "loader_options": asdict(cfg.stream),

@@ -215,3 +215,6 @@ def test_encoder_cache_key_tracks_what_changes_the_encoder():
     # how a run copes with failures changes nothing it computes
     assert pretrain_key(config.resolve(base, overrides=["pretrain.max_failures=0", "pseudolabel.actor_restarts=5"]),
                         ["a", "b"]) == key
+    # the gradient exchange's dtype: in the key only when it is not the float32 every earlier encoder had
+    assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="float32"']), ["a", "b"]) == key
+    assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="bfloat16"']), ["a", "b"]) != key

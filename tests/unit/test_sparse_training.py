@@ -180,7 +180,7 @@ def _rank_batches(rank):
     return X, didx, _labels(didx, 20 + rank)
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, wire="float32"):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -189,7 +189,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.manual_seed(100 + rank)  # different on purpose: the broadcast must align them
         model = PretrainModel(40, KS, dim=8, sparse_grad=True)
         broadcast_parameters(model)
-        sync = RowGradSync(model, [model.encoder.weight, *model.heads.weights])
+        sync = RowGradSync(model, [model.encoder.weight, *model.heads.weights], wire_dtype=getattr(torch, wire))
         X, didx, lab = _rank_batches(rank)
         inner_loss = model.loss(model(SparseBatch.from_csr(X), didx), lab)
         inner_loss.total.backward()
@@ -210,9 +210,12 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path, wire):
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), wire), nprocs=2,
                        join=True, start_method="spawn")
+    # bfloat16 keeps 8 significant bits of each rank's gradient and of their sum
+    tol = {"rtol": 1e-5, "atol": 1e-6} if wire == "float32" else {"rtol": 2e-2, "atol": 1e-4}
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     # reference: rank 0's initial model, gradient of the mean of the two ranks' losses
     ref = PretrainModel(40, KS, dim=8)
@@ -223,8 +226,10 @@ def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path):
         total = total + ref.loss(ref(SparseBatch.from_csr(X), didx), lab).total / 2
     total.backward()
     for name, p in ref.named_parameters():
-        torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(r0["grads"][name], p.grad, **tol, msg=name)
         assert torch.equal(r1["grads"][name], r0["grads"][name]), name  # the same on both ranks
+    exact = [torch.allclose(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-6) for name, p in ref.named_parameters()]
+    assert all(exact) == (wire == "float32")  # bfloat16 did travel: its rounding shows
     # exactly the rows some rank touched were sent (gene 3 is in neither batch)
     present = set(_rank_batches(0)[0].indices.tolist()) | set(_rank_batches(1)[0].indices.tolist())
     assert set(r0["rows"][0].tolist()) == present and 3 not in present
@@ -233,3 +238,12 @@ def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path):
     f0, f1 = torch.load(tmp_path / "final0.pt"), torch.load(tmp_path / "final1.pt")
     for k in f0:
         assert torch.equal(f0[k], f1[k]), k
+
+
+def test_gradient_sync_dtype_is_checked_before_any_worker_starts():
+    from scpretrain_dist.config import ConfigError
+    from scpretrain_dist.train.parallel import check_sync_dtype
+
+    assert check_sync_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="pretrain.gradient_sync_dtype='float16': use one of float32, bfloat16"):
+        check_sync_dtype("float16")
