@@ -66,14 +66,14 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_restarts",)}
 # settings added after encoders were cached: left out of the key at these values (what every
 # earlier encoder was trained with), so those caches stay valid; any other value is in the key
-KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32"}, "pseudolabel": {}}
+KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32"}}
 
 
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     """Cache key of an encoder: what was trained on what, with which settings. The store
     version is left out: ingest only appends, so the named datasets' cells never change."""
     def settings(section: str) -> dict:
-        neutral = KEY_NEUTRAL_DEFAULTS[section]
+        neutral = KEY_NEUTRAL_DEFAULTS.get(section, {})
         return {k: v for k, v in asdict(getattr(cfg, section)).items()
                 if k not in RUN_ONLY_SETTINGS[section] and not (k in neutral and v == neutral[k])}
 

@@ -345,6 +345,27 @@ def _chunked_weights(c: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(width, n_chunks, cols).transpose(1, 0, 2))
 
 
+def _chunk_product(gemm: str, wide: np.ndarray, weights: list[np.ndarray], tables: dict[int, np.ndarray]):
+    """``product(m, p, j)``: the first ``m`` rows of ``wide`` times chunk ``j`` of partition
+    ``p``'s weights, written into the table of that chunk's width. torch's GEMM writes into the
+    numpy tables through views of the same memory, made once here."""
+    if gemm == "numpy":
+        def product(m: int, p: int, j: int) -> None:
+            w = weights[p][j]
+            np.matmul(wide[:m], w, out=tables[w.shape[1]][:m])
+        return product
+    import torch
+
+    wide_t = torch.from_numpy(wide)
+    weights_t = [torch.from_numpy(w) for w in weights]
+    tables_t = {cols: torch.from_numpy(t) for cols, t in tables.items()}
+
+    def product(m: int, p: int, j: int) -> None:
+        w = weights_t[p][j]
+        torch.matmul(wide_t[:m], w, out=tables_t[w.shape[1]][:m])
+    return product
+
+
 def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray], gemm: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, per block of ``CPU_BLOCK_ROWS`` cells, per
     partition and per chunk of at most ``CPU_CHUNK_COLS`` of its centroids, one GEMM of the
@@ -354,11 +375,7 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray], gemm: str | Non
     a running minimum merges the chunks, and ||x||^2 is added to the minimum only. Without
     chunks a 160k-cell dataset's table (1,024 x 3,200 centroids, 13 MiB) went to the shared
     L3: with two actors side by side the assignment ran at 65-77 GFLOP/s a process, chunked
-    at 83-89 (OpenBLAS, AMD EPYC). ``gemm``: see :func:`cpu_gemm` (torch writes into the
-    numpy tables through views of the same memory)."""
-    import torch
-
-    gemm = gemm or cpu_gemm()
+    at 83-89 (OpenBLAS, AMD EPYC). ``gemm``: see :func:`cpu_gemm`."""
     n, d = x.shape
     width = (d + 1 + 7) // 8 * 8
     weights = [_chunked_weights(np.asarray(c, dtype=np.float32), width) for c in centroids]
@@ -366,9 +383,7 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray], gemm: str | Non
     wide = np.zeros((rows, width), dtype=np.float32)
     wide[:, d] = 1.0
     tables = {w.shape[2]: np.empty((rows, w.shape[2]), dtype=np.float32) for w in weights}
-    wide_t = torch.from_numpy(wide)
-    weights_t = [torch.from_numpy(w) for w in weights]
-    tables_t = {cols: torch.from_numpy(t) for cols, t in tables.items()}
+    product = _chunk_product(gemm or cpu_gemm(), wide, weights, tables)
     index = np.arange(rows)
     labels = np.empty((n, len(weights)), dtype=np.int64)
     dist = np.empty((n, len(weights)), dtype=np.float32)
@@ -382,19 +397,12 @@ def _assign_blas(x: np.ndarray, centroids: Sequence[np.ndarray], gemm: str | Non
             n_chunks, _, cols = w.shape
             t, value, label = tables[cols][:m], best_value[:m], labels[lo : lo + m, p]
             for j in range(n_chunks):
-                if gemm == "torch":
-                    torch.matmul(wide_t[:m], weights_t[p][j], out=tables_t[cols][:m])
-                else:
-                    np.matmul(wide[:m], w[j], out=t)
+                product(m, p, j)
                 best = t.argmin(1)
-                if j == 0:
-                    label[:] = best
-                    value[:] = t[index[:m], best]
-                else:
-                    v = t[index[:m], best]
-                    closer = v < value
-                    value[closer] = v[closer]
-                    label[closer] = best[closer] + j * cols
+                v = t[index[:m], best]
+                closer = v < value if j else slice(None)  # the first chunk sets every row
+                value[closer] = v[closer]
+                label[closer] = best[closer] + j * cols
             dist[lo : lo + m, p] = np.maximum(value + x_sq, 0)
     return labels, dist
 
