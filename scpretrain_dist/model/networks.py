@@ -91,6 +91,26 @@ class _BagSum(torch.autograd.Function):
         return torch.from_numpy(np.ascontiguousarray(grad_rows, dtype=np.float32)), None, None, None
 
 
+class _GatherRows(torch.autograd.Function):
+    """``weight[rows]`` for sorted distinct ``rows``, whose gradient is a sparse tensor over
+    those rows already marked coalesced: ``F.embedding(sparse=True)`` gives the same values
+    uncoalesced, and coalescing them (a sort and a copy of every row) cost as much as the
+    encoder's backward."""
+
+    @staticmethod
+    def forward(ctx, weight, rows):
+        ctx.save_for_backward(rows)
+        ctx.shape = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (rows,) = ctx.saved_tensors
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows.contiguous(), ctx.shape,
+                                       is_coalesced=True, check_invariants=False)
+        return grad, None
+
+
 class Encoder(nn.Module):
     """Linear(n_genes, dim). The weight is stored genes x dim so a gene's row can be copied
     between gene spaces and gathered by ``embedding_bag`` for sparse input.
@@ -113,7 +133,7 @@ class Encoder(nn.Module):
         if isinstance(x, SparseBatch):
             if self.sparse_grad:
                 genes, local = x.gathered()
-                rows = F.embedding(genes, self.weight, sparse=True)  # (n_present, dim)
+                rows = _GatherRows.apply(self.weight, genes)  # (n_present, dim)
                 n_cells = len(x.offsets)
                 if len(local) > DENSE_BATCH_DENSITY * n_cells * len(genes):
                     # a dense batch over its own genes: one GEMM beats the per-value products

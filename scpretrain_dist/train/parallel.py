@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from scpretrain_dist.config import ConfigError
 from scpretrain_dist.data.distributed import rank_and_world
+from scpretrain_dist.train.optim import coalesced_rows
 
 SYNC_DTYPES = ("float32", "bfloat16")
 
@@ -132,4 +133,4 @@ def _row_sparse(p: torch.nn.Parameter) -> torch.Tensor:
     if not g.is_sparse:
         raise ValueError("a parameter declared row-sparse got a dense gradient; build the "
                          "model with sparse_grad=True")
-    return g.coalesce()
+    return coalesced_rows(g)

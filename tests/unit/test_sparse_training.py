@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from scpretrain_dist.model import Encoder, PretrainModel, SparseBatch, networks
-from scpretrain_dist.train.optim import LazyAdam
+from scpretrain_dist.train import optim
+from scpretrain_dist.train.optim import LazyAdam, coalesced_rows
 from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
 from scpretrain_dist.train.steps import pretrain_step
 
@@ -62,6 +63,9 @@ def test_encoder_sparse_gradient_covers_only_present_genes(product, monkeypatch)
     out_s.pow(2).sum().backward()
     g = sparse_enc.weight.grad
     assert g.is_sparse
+    # its rows are distinct and sorted: taken as coalesced without a copy
+    c = coalesced_rows(g)
+    assert c.is_coalesced() and c._values().data_ptr() == g._values().data_ptr()
     g = g.coalesce()
     rows = set(g.indices()[0].tolist())
     assert rows == set(np.unique(X.indices).tolist())
@@ -156,6 +160,42 @@ def test_sparse_steps_match_dense_adam_while_every_row_is_touched(product, monke
         pretrain_step(sparse, SparseBatch.from_csr(X), didx, lab, opt_s)
     for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_coalesced_rows_marks_sorted_distinct_rows_and_sums_the_others():
+    values = torch.arange(8.0).view(4, 2)
+    sorted_rows = torch.sparse_coo_tensor(torch.tensor([[1, 3, 4, 9]]), values, (10, 2), check_invariants=True)
+    assert not sorted_rows.is_coalesced()
+    out = coalesced_rows(sorted_rows)
+    assert out.is_coalesced() and torch.equal(out.to_dense(), sorted_rows.to_dense())
+    for rows in ([3, 1, 4, 9], [1, 3, 3, 9]):  # unsorted, repeated: really coalesced
+        g = torch.sparse_coo_tensor(torch.tensor([rows]), values, (10, 2), check_invariants=True)
+        out = coalesced_rows(g)
+        assert out.is_coalesced() and torch.equal(out.to_dense(), g.to_dense())
+        assert torch.equal(out.indices()[0], torch.unique(torch.tensor(rows)))
+
+
+def test_sparse_adam_in_chunks_equals_one_pass(monkeypatch):
+    """The step updates rows chunk by chunk; the numbers do not depend on the chunk size."""
+    torch.manual_seed(0)
+    start = torch.randn(50, 6)
+    runs = []
+    for chunk in (7, 10_000):
+        monkeypatch.setattr(optim, "SPARSE_CHUNK_ROWS", chunk)
+        p = torch.nn.Parameter(start.clone())
+        opt = LazyAdam([p], lr=1e-2)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            rows = torch.from_numpy(np.sort(rng.choice(50, size=int(rng.integers(20, 45)), replace=False)))
+            values = torch.from_numpy(rng.standard_normal((len(rows), 6)).astype(np.float32))
+            p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=True)
+            opt.step()
+        runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p7, s7), (p1, s1) = runs
+    assert not torch.equal(p7, start)
+    assert torch.equal(p7, p1)
+    for key in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert torch.equal(s7[key], s1[key]), key
 
 
 def test_lazy_adam_keeps_an_absent_gene_where_dense_adam_drifts():
