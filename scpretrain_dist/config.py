@@ -114,6 +114,11 @@ class PretrainConfig:
     # values (half the bytes; each worker's gradient rounded to 8 significant bits, as DDP's
     # bf16 compression hook does). Only with sparse_updates and more than one worker.
     gradient_sync_dtype: str = "float32"
+    # With more than one CPU worker and sparse_updates: "genes" shards the encoder's rows over
+    # the workers by gene (each steps its own rows; the workers exchange their sparse batches
+    # and cells x dim products instead of gradient rows, train/parallel.py); "none" keeps a
+    # whole encoder on every worker, averaged by the all-reduce of the touched rows.
+    encoder_sharding: str = "genes"
     # Head layout per batch: "auto", "block" (cells x gathered rows) or "padded" (cells x k_max).
     head_layout: str = "auto"
     # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it

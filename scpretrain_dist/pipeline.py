@@ -66,7 +66,7 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_restarts",)}
 # settings added after encoders were cached: left out of the key at these values (what every
 # earlier encoder was trained with), so those caches stay valid; any other value is in the key
-KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32"}}
+KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32", "encoder_sharding": "genes"}}
 
 
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:

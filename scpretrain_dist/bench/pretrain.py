@@ -124,6 +124,7 @@ def _summarise(metrics: dict, workers: int, wall: float) -> dict:
         "replica_max_diff": metrics.get("replica_max_diff"),
         "torch_threads": metrics.get("torch_threads"),
         "gradient_sync_seconds": metrics.get("gradient_sync_seconds"),
+        "encoder_exchange_seconds": metrics.get("encoder_exchange_seconds"),
         "gradient_rows_sent_per_step": metrics.get("gradient_rows_sent_per_step"),
     }
 

@@ -71,6 +71,72 @@ class CellShard:
             )
 
 
+@dataclass
+class GeneShardedCells:
+    """Every cell of the run over one rank's genes (gene g is rank g % world's), for an encoder
+    sharded by gene (:class:`~scpretrain_dist.train.parallel.GeneRowExchange`). Step t yields
+    every rank's batch t, cut as :class:`CellShard` cuts it, over this rank's genes, so the
+    ranks exchange no batches; the dataset indices and pseudo-labels are this rank's cells'.
+    Memory is about a row shard's (all cells, a 1/world share of their values); loading reads
+    the whole run once on every rank."""
+
+    X: sp.csr_matrix  # every cell of the run (joinid order) x atlas genes, other ranks' genes dropped
+    rows: list[np.ndarray]  # each rank's shard as rows of X, in its CellShard order
+    dataset_idx: np.ndarray  # per row of X
+    labels: np.ndarray  # per row of X
+    joinids: np.ndarray  # per row of X
+    rank: int
+
+    @classmethod
+    def load(cls, locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabels, rank: int,
+             world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
+        store = AtlasStore(locator.uri, locator.timestamp_ms)
+        records = {r.name: r for r in store.datasets()}
+        joinids = np.concatenate([records[d].joinids for d in datasets])
+        didx = np.concatenate([np.full(records[d].n_cells, i) for i, d in enumerate(datasets)])
+        labels = np.concatenate([pseudo_labels.labels[d] for d in datasets])
+        vtypes = np.concatenate(
+            [np.full(records[d].n_cells, records[d].value_type, dtype=object) for d in datasets]
+        )
+        order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order
+        owned = np.arange(len(store.genes())) % world == rank
+        blocks = [
+            _columns(store.read_rows(joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]).tocsr(), owned)
+            for i in range(0, len(order), block_cells)
+        ]
+        row_of = np.empty(len(order), dtype=np.int64)
+        row_of[order] = np.arange(len(order))
+        rows = []
+        for r in range(world):  # each rank's shard in the order CellShard.load keeps it
+            pos = shard_positions(len(joinids), r, world, seed)
+            rows.append(row_of[pos[np.argsort(joinids[pos], kind="stable")]])
+        return cls(sp.vstack(blocks).tocsr(), rows, didx[order], labels[order], joinids[order], rank)
+
+    def __len__(self) -> int:
+        return len(self.rows[self.rank])
+
+    def batches(
+        self, batch_size: int, seed: int, epoch: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[SparseBatch, torch.Tensor, torch.Tensor]]:
+        for idx in epoch_batches(len(self), batch_size, seed, epoch):  # the same on every rank
+            per_rank = [r[idx] for r in self.rows]
+            x = SparseBatch.from_csr(self.X[np.concatenate(per_rank)], device)
+            x.cells_per_rank = tuple(len(p) for p in per_rank)
+            own = per_rank[self.rank]
+            yield (
+                x,
+                torch.from_numpy(self.dataset_idx[own].astype(np.int64)).to(device),
+                torch.from_numpy(self.labels[own]).to(device),
+            )
+
+
+def _columns(X: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
+    """``X`` with the values of the columns outside ``keep`` (a mask) dropped; same shape."""
+    mask = keep[X.indices]
+    kept = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return sp.csr_matrix((X.data[mask], X.indices[mask], kept[X.indptr]), shape=X.shape)
+
+
 class DeviceCellShard:
     """A :class:`CellShard` held in device memory: its CSR arrays, dataset indices and labels
     are copied once, and every batch is gathered on the device (no host work and no transfer

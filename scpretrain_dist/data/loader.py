@@ -408,17 +408,19 @@ def check_loader(kind: str, stream=None) -> str:
     return kind
 
 
-def open_shard(config: dict, labels, rank: int, world: int):
+def open_shard(config: dict, labels, rank: int, world: int, gene_sharded: bool = False):
     """A training worker's data, as ``config["loader"]`` asks: ``"memory"`` (the whole shard
-    read up front, :class:`~scpretrain_dist.data.dataset.CellShard`) or ``"stream"``
-    (:class:`StreamingCells`, options from ``config["loader_options"]``)."""
+    read up front, :class:`~scpretrain_dist.data.dataset.CellShard`; with ``gene_sharded``,
+    every cell over this rank's genes, :class:`~scpretrain_dist.data.dataset.GeneShardedCells`)
+    or ``"stream"`` (:class:`StreamingCells`, options from ``config["loader_options"]``)."""
     kind = config.get("loader", "memory")
     locator = AtlasLocator(**config["locator"])
     datasets = config["datasets"]
     if kind == "memory":
-        from scpretrain_dist.data.dataset import CellShard
+        from scpretrain_dist.data.dataset import CellShard, GeneShardedCells
 
-        return CellShard.load(locator, datasets, labels, rank, world, seed=config["seed"])
+        shard_type = GeneShardedCells if gene_sharded else CellShard
+        return shard_type.load(locator, datasets, labels, rank, world, seed=config["seed"])
     if kind == "stream":
         return StreamingCells(
             locator, datasets, config["batch_size"], config["seed"], rank=rank, world=world,

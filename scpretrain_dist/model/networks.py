@@ -31,6 +31,9 @@ class SparseBatch:
     values: torch.Tensor  # (nnz,) float32
     genes: torch.Tensor | None = None  # (n_present,) sorted distinct gene indices
     local_indices: torch.Tensor | None = None  # (nnz,) position of each index in ``genes``
+    # Set on a batch of every rank's cells (rank order) over one rank's genes, for an encoder
+    # sharded by gene (``Encoder.row_exchange``): how many cells each rank's batch has.
+    cells_per_rank: tuple[int, ...] | None = None
 
     @classmethod
     def from_csr(cls, X: sp.csr_matrix, device: torch.device | str = "cpu") -> SparseBatch:
@@ -125,23 +128,26 @@ class Encoder(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_genes, dim))
         self.bias = nn.Parameter(torch.empty(dim))
         self.sparse_grad = sparse_grad
+        # Set by a data-parallel trainer (train/parallel.py), with ``sparse_grad``: an object
+        # whose ``combine(batch)`` returns every rank's batch restricted to this rank's genes
+        # and ``own_cells(products)`` sums those products over the ranks and keeps this
+        # batch's cells. None: the whole weight, this batch only.
+        self.row_exchange = None
         bound = 1.0 / math.sqrt(n_genes)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         if isinstance(x, SparseBatch):
-            if self.sparse_grad:
-                genes, local = x.gathered()
-                rows = _GatherRows.apply(self.weight, genes)  # (n_present, dim)
-                n_cells = len(x.offsets)
-                if len(local) > DENSE_BATCH_DENSITY * n_cells * len(genes):
-                    # a dense batch over its own genes: one GEMM beats the per-value products
-                    h = _densify(local, x.offsets, x.values, n_cells, len(genes)) @ rows
-                elif rows.is_cuda:
-                    h = F.embedding_bag(local, rows, x.offsets, mode="sum", per_sample_weights=x.values)
-                else:
-                    h = _BagSum.apply(rows, local, x.offsets, x.values)
+            if x.cells_per_rank is not None and self.row_exchange is None:
+                raise ValueError("a batch of every rank's cells over one rank's genes needs an "
+                                 "encoder sharded by gene (Encoder.row_exchange)")
+            if self.sparse_grad and self.row_exchange is not None:
+                # data parallelism over genes: this rank's genes times every rank's batch,
+                # summed over the ranks into this batch's products (see ``row_exchange``)
+                h = self.row_exchange.own_cells(self._rows_product(self.row_exchange.combine(x)))
+            elif self.sparse_grad:
+                h = self._rows_product(x)
             else:
                 h = F.embedding_bag(
                     x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values
@@ -149,6 +155,18 @@ class Encoder(nn.Module):
         else:
             h = x @ self.weight
         return h + self.bias
+
+    def _rows_product(self, x: SparseBatch) -> torch.Tensor:
+        """X W over the rows of the genes present in ``x`` only (a sparse gradient over them)."""
+        genes, local = x.gathered()
+        rows = _GatherRows.apply(self.weight, genes)  # (n_present, dim)
+        n_cells = len(x.offsets)
+        if len(local) > DENSE_BATCH_DENSITY * n_cells * len(genes):
+            # a dense batch over its own genes: one GEMM beats the per-value products
+            return _densify(local, x.offsets, x.values, n_cells, len(genes)) @ rows
+        if rows.is_cuda:
+            return F.embedding_bag(local, rows, x.offsets, mode="sum", per_sample_weights=x.values)
+        return _BagSum.apply(rows, local, x.offsets, x.values)
 
     def embed(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         return torch.sigmoid(self(x))

@@ -10,12 +10,23 @@ is computed identically everywhere), so replicas that start equal stay equal, as
 
 The model knows nothing of this; the training loop calls ``sync()`` between backward and the
 optimizer step.
+
+``GeneRowExchange`` shards the encoder's weight instead (``pretrain.encoder_sharding =
+"genes"``, on CPUs): gene g's row belongs to rank g % world, which alone steps it. Every step the
+ranks exchange their sparse batches (a few MB, against tens of MB of gradient rows); each rank
+multiplies every rank's cells over its own genes, one all-reduce of those products (cells x dim)
+gives every rank its batch's full products, and backward all-gathers the output gradients
+(cells x dim) so each rank forms the mean gradient of its own rows. Nothing is computed twice:
+the union of the ranks' genes is gathered, multiplied and stepped by Adam once, a share on each
+rank, where a replicated encoder steps every union row on every rank. ``assemble`` puts the whole
+weight back on every rank at the end.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,12 +35,20 @@ from scpretrain_dist.data.distributed import rank_and_world
 from scpretrain_dist.train.optim import coalesced_rows
 
 SYNC_DTYPES = ("float32", "bfloat16")
+ENCODER_SHARDINGS = ("genes", "none")
 
 
 def check_sync_dtype(name: str) -> str:
     """``pretrain.gradient_sync_dtype`` if it is one the sync can send, else a clear error."""
     if name not in SYNC_DTYPES:
         raise ConfigError(f"pretrain.gradient_sync_dtype={name!r}: use one of {', '.join(SYNC_DTYPES)}")
+    return name
+
+
+def check_encoder_sharding(name: str) -> str:
+    """``pretrain.encoder_sharding`` if known, else a clear error."""
+    if name not in ENCODER_SHARDINGS:
+        raise ConfigError(f"pretrain.encoder_sharding={name!r}: use one of {', '.join(ENCODER_SHARDINGS)}")
     return name
 
 
@@ -46,14 +65,16 @@ class RowGradSync:
     """Averages the gradients of ``model`` over all ranks (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, sparse_params: list[torch.nn.Parameter],
-                 wire_dtype: torch.dtype = torch.float32):
+                 wire_dtype: torch.dtype = torch.float32, skip: tuple[torch.nn.Parameter, ...] = ()):
         """``sparse_params``: the parameters whose gradients are sparse over rows. Every rank
         must pass the same ones (the buffer layout depends on it); a rank whose batch did not
         use one contributes no rows, a missing dense gradient counts as zeros. ``wire_dtype``:
         what the all-reduce sends (``torch.bfloat16`` halves the bytes; the sum comes back in
-        the gradients' own dtype, the same on every rank)."""
+        the gradients' own dtype, the same on every rank). ``skip``: parameters whose gradient
+        is already the mean over the ranks (a :class:`GeneRowExchange` encoder's weight)."""
         self.wire_dtype = wire_dtype
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        skipped = {id(p) for p in skip}
+        self.params = [p for p in model.parameters() if p.requires_grad and id(p) not in skipped]
         ids = {id(p) for p in sparse_params}
         self.sparse = [p for p in self.params if id(p) in ids]
         self.dense = [p for p in self.params if id(p) not in ids]
@@ -134,3 +155,124 @@ def _row_sparse(p: torch.nn.Parameter) -> torch.Tensor:
         raise ValueError("a parameter declared row-sparse got a dense gradient; build the "
                          "model with sparse_grad=True")
     return coalesced_rows(g)
+
+
+class GeneRowExchange:
+    """The encoder's weight rows sharded over the ranks by gene (see the module docstring).
+
+    Set as ``encoder.row_exchange`` on an encoder with ``sparse_grad``; its weight's gradient is
+    then already the mean over the ranks, over this rank's genes only (pass the weight as
+    ``skip`` to :class:`RowGradSync`). Every rank must start from the same weight and run the
+    same number of steps; rows of other ranks' genes go stale on a rank until :meth:`assemble`.
+    """
+
+    def __init__(self, n_genes: int, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.owned = np.arange(n_genes) % world == rank
+        self.n_genes = n_genes
+        self.seconds = 0.0  # time in the exchange's own work and collectives so far
+        self._cells: list[int] = []  # cells of each rank's batch in the last combine
+
+    def combine(self, x) -> object:
+        """Every rank's batch (in rank order) over this rank's genes, one SparseBatch; a
+        batch that already is one (``cells_per_rank`` set, from
+        :class:`~scpretrain_dist.data.dataset.GeneShardedCells`) is used as it is."""
+        from scpretrain_dist.model.networks import SparseBatch
+
+        if x.cells_per_rank is not None:
+            if len(x.cells_per_rank) != self.world:
+                raise ValueError(f"a batch of {len(x.cells_per_rank)} ranks' cells on a world of {self.world}")
+            self._cells = list(x.cells_per_rank)
+            return x
+        t0 = time.perf_counter()
+        genes, local = x.gathered()
+        header = torch.tensor([len(x.offsets), len(genes), len(local)], dtype=torch.int32)
+        packed = torch.cat([header, genes.to(torch.int32), local.to(torch.int32),
+                            x.offsets.to(torch.int32), x.values.to(torch.float32).view(torch.int32)])
+        parts = [_unpack(p.numpy()) for p in _all_gather_varlen(packed, self.world)]
+        # this rank's genes among each batch's distinct genes, their union, and each value kept
+        owned = [self.owned[genes] for genes, _, _, _ in parts]
+        present = np.zeros(self.n_genes, dtype=bool)
+        for (genes, _, _, _), mine in zip(parts, owned):
+            present[genes[mine]] = True
+        union = np.flatnonzero(present)
+        cols, local_all, values, per_cell = [], [], [], []
+        for (genes, local, offsets, vals), mine in zip(parts, owned):
+            kept = np.flatnonzero(mine[local])  # positions of the values kept, ascending
+            # values kept per cell: kept positions below each cell's end, minus below its start
+            per_cell.append(np.diff(np.searchsorted(kept, np.append(offsets, len(local)))))
+            position = np.zeros(len(genes), dtype=np.int64)  # of each owned gene in the union
+            position[mine] = np.searchsorted(union, genes[mine])
+            local_kept = local.take(kept)
+            local_all.append(position.take(local_kept))
+            cols.append(genes.take(local_kept))
+            values.append(vals.take(kept))
+        counts = np.concatenate(per_cell)
+        offsets_all = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self._cells = [len(p[2]) for p in parts]
+        self.seconds += time.perf_counter() - t0
+        return SparseBatch(torch.from_numpy(np.concatenate(cols).astype(np.int64)), torch.from_numpy(offsets_all),
+                           torch.from_numpy(np.concatenate(values)), torch.from_numpy(union),
+                           torch.from_numpy(np.concatenate(local_all)))
+
+    def own_cells(self, products: torch.Tensor) -> torch.Tensor:
+        """This rank's cells of the products summed over the ranks; backward hands every rank
+        the mean of the ranks' output gradients for all cells."""
+        return _OwnCells.apply(products, self)
+
+    @torch.no_grad()
+    def assemble(self, weight: torch.Tensor) -> None:
+        """Every rank's rows into ``weight`` on every rank (each row from its owner, exactly)."""
+        t0 = time.perf_counter()
+        weight[torch.from_numpy(~self.owned)] = 0
+        dist.all_reduce(weight)
+        self.seconds += time.perf_counter() - t0
+
+
+class _OwnCells(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, products, exchange):
+        t0 = time.perf_counter()
+        total = products.detach().clone()
+        dist.all_reduce(total)
+        r = exchange.rank
+        lo = sum(exchange._cells[:r])
+        ctx.exchange, ctx.cells = exchange, list(exchange._cells)
+        exchange.seconds += time.perf_counter() - t0
+        return total[lo : lo + exchange._cells[r]]
+
+    @staticmethod
+    def backward(ctx, grad_own):
+        ex = ctx.exchange
+        t0 = time.perf_counter()
+        width = max(ctx.cells)
+        padded = grad_own.new_zeros(width, grad_own.shape[1])
+        padded[: len(grad_own)] = grad_own
+        gathered = [torch.empty_like(padded) for _ in range(ex.world)]
+        dist.all_gather(gathered, padded)
+        grad = torch.cat([g[:n] for g, n in zip(gathered, ctx.cells)]) / ex.world
+        ex.seconds += time.perf_counter() - t0
+        return grad, None
+
+
+def _unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A batch packed by :meth:`GeneRowExchange.combine`: (distinct genes, each value's
+    position among them, cell offsets, values)."""
+    n, g, nnz = (int(v) for v in p[:3])
+    genes = p[3 : 3 + g]
+    local = p[3 + g : 3 + g + nnz]
+    offsets = p[3 + g + nnz : 3 + g + nnz + n]
+    return genes, local, offsets, p[3 + g + nnz + n :].view(np.float32)
+
+
+def _all_gather_varlen(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's 1-d tensor ``t`` (lengths may differ), in rank order."""
+    size = torch.tensor([len(t)], dtype=torch.int64)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros(max(sizes))
+    padded[: len(t)] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [o[:n] for o, n in zip(out, sizes)]

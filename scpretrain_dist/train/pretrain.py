@@ -22,7 +22,7 @@ from scpretrain_dist.pseudolabel.pool import (
 )
 from scpretrain_dist.store.files import write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
-from scpretrain_dist.train.parallel import check_sync_dtype
+from scpretrain_dist.train.parallel import check_encoder_sharding, check_sync_dtype
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -72,7 +72,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
     from scpretrain_dist.data.loader import open_shard
     from scpretrain_dist.model.networks import PretrainModel
     from scpretrain_dist.train.optim import LazyAdam
-    from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
+    from scpretrain_dist.train.parallel import GeneRowExchange, RowGradSync, broadcast_parameters
     from scpretrain_dist.train.steps import pretrain_eval, pretrain_step
 
     ctx = ray.train.get_context()
@@ -80,30 +80,39 @@ def pretrain_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"] + config["iteration"])
     labels = PseudoLabels.load(config["labels_path"])
     datasets = config["datasets"]
-    shard = open_shard(config, labels, rank, world)  # pretrain.loader: "memory" or "stream"
     device = ray.train.torch.get_device()
+    sparse = config.get("sparse_updates", True)
+    # on CPUs the encoder takes sparse gradients, and with several workers its rows are
+    # sharded by gene unless pretrain.encoder_sharding = "none"
+    sparse_encoder = sparse and device.type == "cpu"
+    gene_sharded = sparse_encoder and world > 1 and config.get("encoder_sharding", "genes") == "genes"
+    # pretrain.loader: "memory" or "stream"
+    shard = open_shard(config, labels, rank, world, gene_sharded=gene_sharded)
     if device.type == "cuda" and hasattr(shard, "to_device"):
         shard = shard.to_device(device)  # the in-memory shard moves to the GPU: batches made there
     ks = [labels.ks[d] for d in datasets]
-    sparse = config.get("sparse_updates", True)
     model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"],
                           sparse_grad=sparse, head_layout=config.get("head_layout", "auto"),
-                          encoder_sparse_grad=sparse and device.type == "cpu")
+                          encoder_sparse_grad=sparse_encoder)
     if config.get("init_encoder"):
         enc = load_encoder(config["init_encoder"])
         with torch.no_grad():
             model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
             model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
-    sync = None
+    sync = exchange = None
     if sparse:
         # rows a batch touched only: lazy Adam, and an all-reduce of the touched rows instead
         # of DDP's dense all-reduce of every parameter
         model = model.to(device)
         broadcast_parameters(model)
         if world > 1:
-            row_sparse = [model.encoder.weight] if model.encoder.sparse_grad else []
+            encoder = model.encoder
+            row_sparse, skip = ([encoder.weight], ()) if encoder.sparse_grad else ([], ())
+            if gene_sharded:  # the exchange averages the encoder's weight
+                exchange = encoder.row_exchange = GeneRowExchange(config["n_genes"], rank, world)
+                row_sparse, skip = [], (encoder.weight,)
             wire = getattr(torch, config.get("gradient_sync_dtype", "float32"))
-            sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire)
+            sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire, skip=skip)
         optimizer = LazyAdam(model.parameters(), lr=config["lr"])
     else:
         model = ray.train.torch.prepare_model(model)
@@ -138,10 +147,12 @@ def pretrain_loop_per_worker(config: dict) -> None:
         if epoch == n_epochs - 1:
             metrics["epoch_history"] = history
             metrics["torch_threads"] = torch.get_num_threads()
+            if exchange is not None:
+                metrics["encoder_exchange_seconds"] = exchange.seconds
             if sync is not None:
                 metrics["gradient_sync_seconds"] = sync.seconds
                 metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
-            metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval))
+            metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval, exchange))
         step = config["iteration"] * n_epochs + epoch
         if client is not None:  # side effects on rank 0 only
             for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
@@ -155,9 +166,11 @@ def pretrain_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval) -> dict:
+def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
     """Peak RSS of every worker; on request the loss over every cell without updates and the
-    largest difference between the replicas' parameters (0 when data parallelism is sound)."""
+    largest difference between the replicas' parameters (0 when data parallelism is sound).
+    An encoder sharded by gene (``exchange``) is evaluated as it trained, then its rows are
+    assembled on every rank for the replica check and the checkpoint."""
     from scpretrain_dist.bench.report import peak_rss_mib
 
     out = {}
@@ -175,6 +188,9 @@ def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval
             torch.distributed.all_reduce(sums)
         out["final_eval_loss"] = float(sums[0] / sums[2])
         out["final_eval_accuracy"] = float(sums[1] / sums[2])
+    if exchange is not None:
+        exchange.assemble(model.encoder.weight)
+        model.encoder.row_exchange = None
     if config.get("check_replicas") and world > 1:
         flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
         lo, hi = flat.clone(), flat.clone()
@@ -207,6 +223,7 @@ def loop_config(
         "init_encoder": init_encoder,
         "sparse_updates": p.sparse_updates,
         "gradient_sync_dtype": check_sync_dtype(p.gradient_sync_dtype),
+        "encoder_sharding": check_encoder_sharding(p.encoder_sharding),
         "head_layout": p.head_layout,
         "loader": check_loader(p.loader, cfg.stream),
         "loader_options": asdict(cfg.stream),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from scpretrain_dist.data.dataset import CellShard
+from scpretrain_dist.data.dataset import CellShard, GeneShardedCells
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions, steps_per_epoch
 from scpretrain_dist.pseudolabel.pool import PseudoLabels
 from scpretrain_dist.store import AtlasStore
@@ -130,6 +131,44 @@ def test_cell_shard_from_the_store(demo_store):
             assert len(x) == len(didx) == lab.shape[0]
             assert len(np.unique(didx.numpy())) >= 2
         assert n_batches == steps_per_epoch(n_total, world, 64)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gene_sharded_cells_give_every_ranks_batch_over_its_genes(demo_store, world):
+    """Step t of a gene-sharded rank is every rank's CellShard batch t (rank order) with the
+    other ranks' genes dropped; its dataset indices and labels are its own batch's."""
+    records = demo_store.datasets()
+    names = [r.name for r in records]
+    labels = PseudoLabels(
+        version=0,
+        labels={r.name: np.stack([np.arange(r.n_cells) % 3, np.arange(r.n_cells) % 2], 1) for r in records},
+        ks={r.name: [3, 2] for r in records},
+        space="expression",
+    )
+    shards = [CellShard.load(demo_store.locator, names, labels, r, world, seed=4, block_cells=50) for r in range(world)]
+    n_genes = shards[0].X.shape[1]
+    for rank in range(world):
+        cols = GeneShardedCells.load(demo_store.locator, names, labels, rank, world, seed=4, block_cells=70)
+        assert len(cols) == len(shards[rank])
+        owned = np.arange(n_genes) % world == rank
+        steps = 0
+        per_rank = [list(s.batches(32, seed=4, epoch=1)) for s in shards]
+        for t, (x, didx, lab) in enumerate(cols.batches(32, seed=4, epoch=1)):
+            batches = [p[t] for p in per_rank]
+            assert x.cells_per_rank == tuple(len(b[1]) for b in batches)
+            expect = np.vstack([_dense(b[0], n_genes) for b in batches]) * owned
+            np.testing.assert_array_equal(_dense(x, n_genes), expect)
+            assert set(x.genes.tolist()) <= set(np.flatnonzero(owned).tolist())
+            assert torch.equal(didx, batches[rank][1]) and torch.equal(lab, batches[rank][2])
+            steps += 1
+        assert steps == len(per_rank[0]) > 1
+
+
+def _dense(x, n_genes):
+    counts = np.diff(np.append(x.offsets.numpy(), len(x.indices)))
+    out = np.zeros((len(x), n_genes), dtype=np.float32)
+    np.add.at(out, (np.repeat(np.arange(len(x)), counts), x.indices.numpy()), x.values.numpy())
+    return out
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from scpretrain_dist.model import Encoder, PretrainModel, SparseBatch, networks
 from scpretrain_dist.train import optim
 from scpretrain_dist.train.optim import LazyAdam, coalesced_rows
-from scpretrain_dist.train.parallel import RowGradSync, broadcast_parameters
+from scpretrain_dist.train.parallel import GeneRowExchange, RowGradSync, broadcast_parameters
 from scpretrain_dist.train.steps import pretrain_step
 
 
@@ -278,6 +278,102 @@ def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path, w
     f0, f1 = torch.load(tmp_path / "final0.pt"), torch.load(tmp_path / "final1.pt")
     for k in f0:
         assert torch.equal(f0[k], f1[k]), k
+
+
+def _combined(rank, world):
+    """Both ranks' batches (rank order) over ``rank``'s genes, as GeneShardedCells makes them."""
+    X = sp.vstack([_rank_batches(r)[0] for r in range(world)]).tocsr()
+    X = X.multiply(np.arange(X.shape[1]) % world == rank).tocsr()
+    X.eliminate_zeros()
+    batch = SparseBatch.from_csr(X)
+    batch.cells_per_rank = tuple(_rank_batches(r)[0].shape[0] for r in range(world))
+    return batch
+
+
+def _sharded_worker(rank, world, init_file, out_dir, source):
+    """``source``: "gather" (the exchange all-gathers the ranks' batches) or "local" (each
+    rank is handed every rank's batch over its genes, no batch travels)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)
+        model = PretrainModel(40, KS, dim=8, sparse_grad=True)
+        broadcast_parameters(model)
+        exchange = model.encoder.row_exchange = GeneRowExchange(40, rank, world)
+        sync = RowGradSync(model, list(model.heads.weights), skip=(model.encoder.weight,))
+
+        def batch():
+            X, didx, lab = _rank_batches(rank)
+            return (SparseBatch.from_csr(X) if source == "gather" else _combined(rank, world)), didx, lab
+
+        x, didx, lab = batch()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.loss(model(x, didx), lab).total.backward()
+        sync()
+        grads = {k: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for k, p in model.named_parameters()}
+        rows = model.encoder.weight.grad.coalesce().indices()[0]
+        opt = LazyAdam(model.parameters(), lr=1e-2)
+        for _step in range(3):
+            pretrain_step(model, *batch(), opt, sync_gradients=sync)
+        exchange.assemble(model.encoder.weight)
+        torch.save({"state": state, "grads": grads, "rows": rows, "final": model.state_dict()},
+                   f"{out_dir}/{source}{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gene_sharded_encoder_over_two_gloo_ranks_gives_the_mean_gradient(tmp_path):
+    """Each rank forms the mean gradient of its own genes' rows only; the heads and bias are
+    averaged as before; after steps the assembled weights match a replicated encoder's (up to
+    float rounding) and are equal on both ranks; handing each rank the combined batches gives
+    the same numbers as gathering them."""
+    for source in ("gather", "local"):
+        mp.start_processes(_sharded_worker, args=(2, str(tmp_path / f"init_{source}"), str(tmp_path), source),
+                           nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init_rep"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r = [torch.load(tmp_path / f"gather{k}.pt") for k in (0, 1)]
+    ref = PretrainModel(40, KS, dim=8)
+    ref.load_state_dict(r[0]["state"])
+    total = 0
+    for rank in (0, 1):
+        X, didx, lab = _rank_batches(rank)
+        total = total + ref.loss(ref(SparseBatch.from_csr(X), didx), lab).total / 2
+    total.backward()
+    present = set(_rank_batches(0)[0].indices.tolist()) | set(_rank_batches(1)[0].indices.tolist())
+    for k in (0, 1):
+        assert set(r[k]["rows"].tolist()) == {g for g in present if g % 2 == k}  # its own genes only
+    grad_w = r[0]["grads"]["encoder.weight"] + r[1]["grads"]["encoder.weight"]
+    torch.testing.assert_close(grad_w, ref.encoder.weight.grad, rtol=1e-5, atol=1e-6)
+    for name, p in ref.named_parameters():
+        if name != "encoder.weight":
+            torch.testing.assert_close(r[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+            assert torch.equal(r[1]["grads"][name], r[0]["grads"][name]), name
+    replicated = torch.load(tmp_path / "final0.pt")
+    local = [torch.load(tmp_path / f"local{k}.pt") for k in (0, 1)]
+    for key, value in r[0]["final"].items():
+        assert torch.equal(r[1]["final"][key], value), key  # the replicas agree after assembly
+        assert torch.equal(local[0]["final"][key], value) and torch.equal(local[1]["final"][key], value), key
+        torch.testing.assert_close(value, replicated[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(r[0]["final"]["encoder.weight"], r[0]["state"]["encoder.weight"])
+
+
+def test_a_batch_of_every_ranks_cells_needs_a_sharded_encoder():
+    enc = Encoder(40, 8, sparse_grad=True)
+    with pytest.raises(ValueError, match="needs an encoder sharded by gene"):
+        enc(_combined(0, 2))
+
+
+def test_encoder_sharding_is_checked_before_any_worker_starts():
+    from scpretrain_dist.config import ConfigError
+    from scpretrain_dist.train.parallel import check_encoder_sharding
+
+    assert check_encoder_sharding("none") == "none"
+    with pytest.raises(ConfigError, match="pretrain.encoder_sharding='rows': use one of genes, none"):
+        check_encoder_sharding("rows")
 
 
 def test_gradient_sync_dtype_is_checked_before_any_worker_starts():
