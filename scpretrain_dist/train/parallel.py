@@ -12,11 +12,13 @@ The model knows nothing of this; the training loop calls ``sync()`` between back
 optimizer step.
 
 ``GeneRowExchange`` shards the encoder's weight instead (``pretrain.encoder_sharding =
-"genes"``, on CPUs): gene g's row belongs to rank g % world, which alone steps it. Every step the
-ranks exchange their sparse batches (a few MB, against tens of MB of gradient rows); each rank
-multiplies every rank's cells over its own genes, one all-reduce of those products (cells x dim)
-gives every rank its batch's full products, and backward all-gathers the output gradients
-(cells x dim) so each rank forms the mean gradient of its own rows. Nothing is computed twice:
+"genes"``, on CPUs): gene g's row belongs to rank g % world, which alone steps it. Every step each
+rank multiplies every rank's batch over its own genes (batches that
+:class:`~scpretrain_dist.data.dataset.GeneShardedCells` already holds so, without communication;
+otherwise the ranks all-gather their sparse batches, a few MB against tens of MB of gradient
+rows), one all-reduce of those products (cells x dim) gives every rank its batch's full
+products, and backward all-gathers the output gradients (cells x dim) so each rank forms the
+mean gradient of its own rows. Nothing is computed twice:
 the union of the ranks' genes is gathered, multiplied and stepped by Adam once, a share on each
 rank, where a replicated encoder steps every union row on every rank. ``assemble`` puts the whole
 weight back on every rank at the end.
