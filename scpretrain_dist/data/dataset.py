@@ -16,6 +16,20 @@ from scpretrain_dist.pseudolabel.pool import PseudoLabels
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 
 
+def _run_cells(locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabels):
+    """The run's store and, per cell of ``datasets`` in order: joinid, dataset index,
+    pseudo-labels and value type."""
+    store = AtlasStore(locator.uri, locator.timestamp_ms)
+    records = {r.name: r for r in store.datasets()}
+    joinids = np.concatenate([records[d].joinids for d in datasets])
+    didx = np.concatenate([np.full(records[d].n_cells, i) for i, d in enumerate(datasets)])
+    labels = np.concatenate([pseudo_labels.labels[d] for d in datasets])
+    vtypes = np.concatenate(
+        [np.full(records[d].n_cells, records[d].value_type, dtype=object) for d in datasets]
+    )
+    return store, joinids, didx, labels, vtypes
+
+
 @dataclass
 class CellShard:
     """Normalised cells of one rank held as compact CSR (cells x atlas genes)."""
@@ -36,14 +50,7 @@ class CellShard:
         seed: int,
         block_cells: int = 16384,
     ) -> CellShard:
-        store = AtlasStore(locator.uri, locator.timestamp_ms)
-        records = {r.name: r for r in store.datasets()}
-        joinids = np.concatenate([records[d].joinids for d in datasets])
-        didx = np.concatenate([np.full(records[d].n_cells, i) for i, d in enumerate(datasets)])
-        labels = np.concatenate([pseudo_labels.labels[d] for d in datasets])
-        vtypes = np.concatenate(
-            [np.full(records[d].n_cells, records[d].value_type, dtype=object) for d in datasets]
-        )
+        store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         pos = shard_positions(len(joinids), rank, world, seed)
         # read in joinid order (sequential I/O), blocks bound the transient memory
         order = np.argsort(joinids[pos], kind="stable")
@@ -90,14 +97,7 @@ class GeneShardedCells:
     @classmethod
     def load(cls, locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabels, rank: int,
              world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
-        store = AtlasStore(locator.uri, locator.timestamp_ms)
-        records = {r.name: r for r in store.datasets()}
-        joinids = np.concatenate([records[d].joinids for d in datasets])
-        didx = np.concatenate([np.full(records[d].n_cells, i) for i, d in enumerate(datasets)])
-        labels = np.concatenate([pseudo_labels.labels[d] for d in datasets])
-        vtypes = np.concatenate(
-            [np.full(records[d].n_cells, records[d].value_type, dtype=object) for d in datasets]
-        )
+        store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order
         owned = np.arange(len(store.genes())) % world == rank
         blocks = [

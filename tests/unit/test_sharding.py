@@ -98,15 +98,20 @@ def test_batches_mix_datasets(world):
                 assert len(np.unique(dataset_of[pos[b]])) >= 2
 
 
-def test_cell_shard_from_the_store(demo_store):
-    records = demo_store.datasets()
-    names = [r.name for r in records]
-    labels = PseudoLabels(
+def _cyclic_labels(records) -> PseudoLabels:
+    """Pseudo-labels of two partitions: a cell's position in its dataset modulo 3 and 2."""
+    return PseudoLabels(
         version=0,
         labels={r.name: np.stack([np.arange(r.n_cells) % 3, np.arange(r.n_cells) % 2], 1) for r in records},
         ks={r.name: [3, 2] for r in records},
         space="expression",
     )
+
+
+def test_cell_shard_from_the_store(demo_store):
+    records = demo_store.datasets()
+    names = [r.name for r in records]
+    labels = _cyclic_labels(records)
     n_total = sum(r.n_cells for r in records)
     world = 2
     shards = [
@@ -139,12 +144,7 @@ def test_gene_sharded_cells_give_every_ranks_batch_over_its_genes(demo_store, wo
     other ranks' genes dropped; its dataset indices and labels are its own batch's."""
     records = demo_store.datasets()
     names = [r.name for r in records]
-    labels = PseudoLabels(
-        version=0,
-        labels={r.name: np.stack([np.arange(r.n_cells) % 3, np.arange(r.n_cells) % 2], 1) for r in records},
-        ks={r.name: [3, 2] for r in records},
-        space="expression",
-    )
+    labels = _cyclic_labels(records)
     shards = [CellShard.load(demo_store.locator, names, labels, r, world, seed=4, block_cells=50) for r in range(world)]
     n_genes = shards[0].X.shape[1]
     for rank in range(world):
