@@ -130,8 +130,9 @@ class Encoder(nn.Module):
         self.sparse_grad = sparse_grad
         # Set by a data-parallel trainer (train/parallel.py), with ``sparse_grad``: an object
         # whose ``combine(batch)`` returns every rank's batch restricted to this rank's genes
-        # and ``own_cells(products)`` sums those products over the ranks and keeps this
-        # batch's cells. None: the whole weight, this batch only.
+        # (``cells_per_rank`` set) and ``own_cells(products, cells_per_rank)`` sums those
+        # products over the ranks and keeps this batch's cells. None: the whole weight, this
+        # batch only.
         self.row_exchange = None
         bound = 1.0 / math.sqrt(n_genes)
         nn.init.uniform_(self.weight, -bound, bound)
@@ -145,7 +146,8 @@ class Encoder(nn.Module):
             if self.sparse_grad and self.row_exchange is not None:
                 # data parallelism over genes: this rank's genes times every rank's batch,
                 # summed over the ranks into this batch's products (see ``row_exchange``)
-                h = self.row_exchange.own_cells(self._rows_product(self.row_exchange.combine(x)))
+                combined = self.row_exchange.combine(x)
+                h = self.row_exchange.own_cells(self._rows_product(combined), combined.cells_per_rank)
             elif self.sparse_grad:
                 h = self._rows_product(x)
             else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
@@ -42,16 +43,18 @@ ENCODER_SHARDINGS = ("genes", "none")
 
 def check_sync_dtype(name: str) -> str:
     """``pretrain.gradient_sync_dtype`` if it is one the sync can send, else a clear error."""
-    if name not in SYNC_DTYPES:
-        raise ConfigError(f"pretrain.gradient_sync_dtype={name!r}: use one of {', '.join(SYNC_DTYPES)}")
-    return name
+    return _choice("pretrain.gradient_sync_dtype", name, SYNC_DTYPES)
 
 
 def check_encoder_sharding(name: str) -> str:
     """``pretrain.encoder_sharding`` if known, else a clear error."""
-    if name not in ENCODER_SHARDINGS:
-        raise ConfigError(f"pretrain.encoder_sharding={name!r}: use one of {', '.join(ENCODER_SHARDINGS)}")
-    return name
+    return _choice("pretrain.encoder_sharding", name, ENCODER_SHARDINGS)
+
+
+def _choice(setting: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{setting}={value!r}: use one of {', '.join(choices)}")
+    return value
 
 
 def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
@@ -96,28 +99,16 @@ class RowGradSync:
     def _sync(self) -> None:
         device = self.params[0].device
         sparse, dense = self.sparse, self.dense
-        # 1. how many rows each rank touched, per sparse parameter
+        # 1. every rank's touched rows: its count per sparse parameter, then the row ids
         local = [_row_sparse(p) for p in sparse]
-        rows_local = [g.indices()[0] for g in local]
-        counts = torch.tensor([len(r) for r in rows_local], dtype=torch.int64, device=device)
-        all_counts = [torch.empty_like(counts) for _ in range(self.world)]
-        dist.all_gather(all_counts, counts)
-        all_counts = torch.stack(all_counts)  # (world, n_sparse)
-        # 2. the row ids themselves, padded to the longest rank
-        totals = all_counts.sum(1)
-        width = int(totals.max())
-        flat = torch.cat(rows_local) if rows_local else torch.empty(0, dtype=torch.int64, device=device)
-        padded = torch.full((width,), -1, dtype=torch.int64, device=device)
-        padded[: len(flat)] = flat
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        unions = []
-        for j in range(len(sparse)):
-            parts = []
-            for r in range(self.world):
-                lo = int(all_counts[r, :j].sum())
-                parts.append(gathered[r][lo : lo + int(all_counts[r, j])])
-            unions.append(torch.unique(torch.cat(parts), sorted=True))
+        counts = torch.tensor([g.indices().shape[1] for g in local], dtype=torch.int64, device=device)
+        packed = torch.cat([counts, *(g.indices()[0] for g in local)])
+        unions = [[] for _ in sparse]
+        for part in _all_gather_varlen(packed, self.world):
+            ids = torch.split(part[len(sparse) :], part[: len(sparse)].tolist())
+            for j, r in enumerate(ids):
+                unions[j].append(r)
+        unions = [torch.unique(torch.cat(u), sorted=True) for u in unions]
         # 3. one all-reduce: each sparse parameter's union rows, then the dense gradients
         sizes = [len(u) * p[0].numel() for u, p in zip(unions, sparse)]
         sizes += [p.numel() for p in dense]
@@ -171,56 +162,44 @@ class GeneRowExchange:
     def __init__(self, n_genes: int, rank: int, world: int):
         self.rank, self.world = rank, world
         self.owned = np.arange(n_genes) % world == rank
-        self.n_genes = n_genes
         self.seconds = 0.0  # time in the exchange's own work and collectives so far
-        self._cells: list[int] = []  # cells of each rank's batch in the last combine
 
     def combine(self, x) -> object:
-        """Every rank's batch (in rank order) over this rank's genes, one SparseBatch; a
-        batch that already is one (``cells_per_rank`` set, from
+        """Every rank's batch (in rank order) over this rank's genes, one SparseBatch with
+        ``cells_per_rank`` set; a batch that already is one (from
         :class:`~scpretrain_dist.data.dataset.GeneShardedCells`) is used as it is."""
         from scpretrain_dist.model.networks import SparseBatch
 
         if x.cells_per_rank is not None:
             if len(x.cells_per_rank) != self.world:
                 raise ValueError(f"a batch of {len(x.cells_per_rank)} ranks' cells on a world of {self.world}")
-            self._cells = list(x.cells_per_rank)
             return x
         t0 = time.perf_counter()
         genes, local = x.gathered()
         header = torch.tensor([len(x.offsets), len(genes), len(local)], dtype=torch.int32)
         packed = torch.cat([header, genes.to(torch.int32), local.to(torch.int32),
                             x.offsets.to(torch.int32), x.values.to(torch.float32).view(torch.int32)])
-        parts = [_unpack(p.numpy()) for p in _all_gather_varlen(packed, self.world)]
-        # this rank's genes among each batch's distinct genes, their union, and each value kept
-        owned = [self.owned[genes] for genes, _, _, _ in parts]
-        present = np.zeros(self.n_genes, dtype=bool)
-        for (genes, _, _, _), mine in zip(parts, owned):
-            present[genes[mine]] = True
-        union = np.flatnonzero(present)
-        cols, local_all, values, per_cell = [], [], [], []
-        for (genes, local, offsets, vals), mine in zip(parts, owned):
-            kept = np.flatnonzero(mine[local])  # positions of the values kept, ascending
+        cols, values, per_cell = [], [], []
+        for part in _all_gather_varlen(packed, self.world):
+            genes, local, offsets, vals = _unpack(part.numpy())
+            kept = np.flatnonzero(self.owned[genes][local])  # values of this rank's genes, in order
             # values kept per cell: kept positions below each cell's end, minus below its start
             per_cell.append(np.diff(np.searchsorted(kept, np.append(offsets, len(local)))))
-            position = np.zeros(len(genes), dtype=np.int64)  # of each owned gene in the union
-            position[mine] = np.searchsorted(union, genes[mine])
-            local_kept = local.take(kept)
-            local_all.append(position.take(local_kept))
-            cols.append(genes.take(local_kept))
+            cols.append(genes.take(local.take(kept)))
             values.append(vals.take(kept))
         counts = np.concatenate(per_cell)
-        offsets_all = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self._cells = [len(p[2]) for p in parts]
+        X = sp.csr_matrix((np.concatenate(values), np.concatenate(cols), np.concatenate([[0], np.cumsum(counts)])),
+                          shape=(len(counts), len(self.owned)))
+        batch = SparseBatch.from_csr(X)
+        batch.cells_per_rank = tuple(len(c) for c in per_cell)
         self.seconds += time.perf_counter() - t0
-        return SparseBatch(torch.from_numpy(np.concatenate(cols).astype(np.int64)), torch.from_numpy(offsets_all),
-                           torch.from_numpy(np.concatenate(values)), torch.from_numpy(union),
-                           torch.from_numpy(np.concatenate(local_all)))
+        return batch
 
-    def own_cells(self, products: torch.Tensor) -> torch.Tensor:
-        """This rank's cells of the products summed over the ranks; backward hands every rank
-        the mean of the ranks' output gradients for all cells."""
-        return _OwnCells.apply(products, self)
+    def own_cells(self, products: torch.Tensor, cells_per_rank: tuple[int, ...]) -> torch.Tensor:
+        """This rank's cells of the products (of the ranks' batches, ``cells_per_rank`` cells
+        each) summed over the ranks; backward hands every rank the mean of the ranks' output
+        gradients for all cells."""
+        return _OwnCells.apply(products, self, cells_per_rank)
 
     @torch.no_grad()
     def assemble(self, weight: torch.Tensor) -> None:
@@ -233,15 +212,14 @@ class GeneRowExchange:
 
 class _OwnCells(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, products, exchange):
+    def forward(ctx, products, exchange, cells):
         t0 = time.perf_counter()
         total = products.detach().clone()
         dist.all_reduce(total)
-        r = exchange.rank
-        lo = sum(exchange._cells[:r])
-        ctx.exchange, ctx.cells = exchange, list(exchange._cells)
+        lo = sum(cells[: exchange.rank])
+        ctx.exchange, ctx.cells = exchange, cells
         exchange.seconds += time.perf_counter() - t0
-        return total[lo : lo + exchange._cells[r]]
+        return total[lo : lo + cells[exchange.rank]]
 
     @staticmethod
     def backward(ctx, grad_own):
@@ -254,7 +232,7 @@ class _OwnCells(torch.autograd.Function):
         dist.all_gather(gathered, padded)
         grad = torch.cat([g[:n] for g, n in zip(gathered, ctx.cells)]) / ex.world
         ex.seconds += time.perf_counter() - t0
-        return grad, None
+        return grad, None, None
 
 
 def _unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -269,7 +247,7 @@ def _unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 def _all_gather_varlen(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     """Every rank's 1-d tensor ``t`` (lengths may differ), in rank order."""
-    size = torch.tensor([len(t)], dtype=torch.int64)
+    size = torch.tensor([len(t)], dtype=torch.int64, device=t.device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]

@@ -107,10 +107,11 @@ def pretrain_loop_per_worker(config: dict) -> None:
         broadcast_parameters(model)
         if world > 1:
             encoder = model.encoder
-            row_sparse, skip = ([encoder.weight], ()) if encoder.sparse_grad else ([], ())
             if gene_sharded:  # the exchange averages the encoder's weight
                 exchange = encoder.row_exchange = GeneRowExchange(config["n_genes"], rank, world)
                 row_sparse, skip = [], (encoder.weight,)
+            else:
+                row_sparse, skip = ([encoder.weight] if encoder.sparse_grad else []), ()
             wire = getattr(torch, config.get("gradient_sync_dtype", "float32"))
             sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire, skip=skip)
         optimizer = LazyAdam(model.parameters(), lr=config["lr"])
