@@ -49,14 +49,17 @@ class PseudoLabelConfig:
 
     cluster_sizes: tuple[int, ...] = (50, 100, 200)
     min_k: int = 2
+    # At most niter Lloyd iterations; a partition stops at its fixed point (an update that
+    # leaves its centroids unchanged), with the same result as running on.
     niter: int = 30
     # Space of the first clustering: "expression" (normalised expression, the paper),
     # "pca" (a PCA projection of it, faster), or "raw" (raw counts, the original code).
     phase1_space: str = "expression"
     pca_dims: int = 50
-    # The PCA runs on this many genes of highest variance in the dataset (all if fewer), and
-    # is fitted on a seeded sample of at most pca_fit_cells cells.
-    pca_genes: int = 4000
+    # The PCA runs on this many genes of highest variance in the dataset (all if fewer; 2000 as
+    # Seurat and scanpy's tutorials choose), and is fitted on a seeded sample of at most
+    # pca_fit_cells cells.
+    pca_genes: int = 2000
     pca_fit_cells: int = 10_000
     num_actors: int = 2
     cpus_per_actor: float = 0.5

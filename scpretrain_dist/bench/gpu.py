@@ -291,11 +291,11 @@ def refresh(shard, model, starts, sizes, ks, pcfg, device, truth) -> dict:
         sample = km.init_sample(int(n), pcfg.init_sample_cells, pcfg.seed)
         inits = km.plusplus_inits(xt[torch.from_numpy(sample).to(xt.device)].cpu().numpy(), ks[d], pcfg.seed)
         t2 = time.perf_counter()
-        lab, _, _ = km.lloyd(xt, inits, pcfg.niter, pcfg.seed)
+        lab, _, _, its = km.lloyd(xt, inits, pcfg.niter, pcfg.seed)
         t3 = time.perf_counter()
         labels[first[d] : first[d] + n] = lab
         embed_s, init_s, lloyd_s = embed_s + t1 - t0, init_s + t2 - t1, lloyd_s + t3 - t2
-        flops += km.lloyd_flops(int(n), ks[d], xt.shape[1], pcfg.niter)
+        flops += km.lloyd_flops(int(n), ks[d], xt.shape[1], its)
     seconds = time.perf_counter() - t_all
     from scpretrain_dist.bench.kmeans import _nmi
 

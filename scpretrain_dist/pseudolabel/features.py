@@ -79,11 +79,15 @@ class Projection:
 
 
 def column_moments(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """float64 mean and variance of every column of a CSR matrix, one pass over its values."""
+    """float64 mean and variance of every column of a CSR matrix: two products of its transpose
+    with a vector of ones (the values, then their squares), summing each column in row order."""
     n = max(X.shape[0], 1)
-    values = X.data.astype(np.float64)
-    mean = np.bincount(X.indices, values, minlength=X.shape[1]) / n
-    var = np.bincount(X.indices, values * values, minlength=X.shape[1]) / n - mean**2
+    X = sp.csr_matrix(X)
+    values = sp.csr_matrix((X.data.astype(np.float64), X.indices, X.indptr), shape=X.shape)
+    ones = np.ones(X.shape[0])
+    mean = (values.T @ ones) / n
+    values.data *= values.data
+    var = (values.T @ ones) / n - mean**2
     return mean, var
 
 
@@ -104,7 +108,7 @@ def _normalise_columns(M: np.ndarray) -> np.ndarray:
     return scipy.linalg.lu(M, permute_l=True, check_finite=False)[0]
 
 
-def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_genes: int = 4000, n_iter: int = 2,
+def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_genes: int = 2000, n_iter: int = 2,
             oversample: int = 10, return_fitted: bool = False) -> Projection | tuple[Projection, np.ndarray]:
     """Randomized PCA (Halko et al.) of the cells ``X`` (a sample of a dataset) over their
     ``n_genes`` most variable genes, as single-cell PCA is usually done: the centred sample as

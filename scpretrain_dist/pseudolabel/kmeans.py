@@ -498,34 +498,53 @@ def run_lloyd(
     inits: Sequence[np.ndarray],
     niter: int,
     seed: int,
-) -> list[np.ndarray]:
-    """``niter`` Lloyd iterations where ``step(centroids)`` returns the partial sums of every
-    shard (computed wherever the shards live); returns the final centroids."""
+) -> tuple[list[np.ndarray], list[int]]:
+    """At most ``niter`` Lloyd iterations where ``step(centroids)`` returns the partial sums of
+    every shard (computed wherever the shards live) for the partitions it is given; returns the
+    final centroids and the iterations each partition ran.
+
+    A partition whose update leaves its centroids bitwise unchanged is at a fixed point (the
+    same centroids give the same assignment, sums and update again), so it leaves the step:
+    the result equals ``niter`` full iterations. It drew nothing from the iteration's generator
+    (no cluster was empty), so the partitions after it draw exactly as before."""
     centroids = [np.ascontiguousarray(c, dtype=np.float32) for c in inits]
+    iterations = [0] * len(centroids)
+    active = list(range(len(centroids)))
     for it in range(niter):
-        total = LloydPartial.reduce(step(centroids))
-        centroids = update_centroids(centroids, total, seed, it)
-    return centroids
+        if not active:
+            break
+        total = LloydPartial.reduce(step([centroids[p] for p in active]))
+        updated = update_centroids([centroids[p] for p in active], total, seed, it)
+        still = []
+        for p, c in zip(active, updated):
+            iterations[p] += 1
+            if not np.array_equal(c, centroids[p]):
+                still.append(p)
+            centroids[p] = c
+        active = still
+    return centroids, iterations
 
 
 def lloyd(
     x: np.ndarray, inits: Sequence[np.ndarray], niter: int, seed: int, gpu: bool = False
-) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """Single-process Lloyd: (labels (n, P), final centroids, objective per partition).
-    ``x`` may be a float32 torch tensor: Lloyd then runs on its device (torch)."""
+) -> tuple[np.ndarray, list[np.ndarray], list[float], list[int]]:
+    """Single-process Lloyd: (labels (n, P), final centroids, objective per partition,
+    iterations per partition). ``x`` may be a float32 torch tensor: Lloyd then runs on its
+    device (torch)."""
     x = held_cells(x, gpu)  # on the GPU (torch) the cells stay there for every iteration
     x64 = None if is_tensor(x) else float64_copy(x)
-    centroids = run_lloyd(lambda c: [partial_step(x, c, gpu, x64)], inits, niter, seed)
+    centroids, iterations = run_lloyd(lambda c: [partial_step(x, c, gpu, x64)], inits, niter, seed)
     labels, dist = assign(x, centroids, gpu)
-    return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)]
+    return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)], iterations
 
 
-def lloyd_flops(n_cells: int, ks: Sequence[int], dims: int, niter: int) -> float:
-    """Floating-point operations of ``niter`` iterations plus the final assignment: 2 n k d per
-    assignment (the distance GEMM) and n d per update (the sums), per partition."""
-    per_assign = sum(2.0 * n_cells * k * dims for k in ks)
-    per_update = len(ks) * float(n_cells) * dims
-    return niter * (per_assign + per_update) + per_assign
+def lloyd_flops(n_cells: int, ks: Sequence[int], dims: int, iterations: int | Sequence[int]) -> float:
+    """Floating-point operations of the Lloyd iterations (``iterations``: one count for every
+    partition, or one per partition) plus the final assignment: 2 n k d per assignment (the
+    distance GEMM) and n d per update (the sums), per partition."""
+    its = [iterations] * len(ks) if isinstance(iterations, int) else list(iterations)
+    per_assign = [2.0 * n_cells * k * dims for k in ks]
+    return sum(i * (a + float(n_cells) * dims) + a for i, a in zip(its, per_assign))
 
 
 # ------------------------------------------------------------------ whole-dataset entry points
@@ -537,7 +556,7 @@ def cluster_partitions(
     x = np.ascontiguousarray(x, dtype=np.float32)
     sample = init_sample(len(x), init_sample_cells, seed)
     inits = plusplus_inits(x[sample], ks, seed)
-    labels, _, objectives = lloyd(x, inits, niter, seed, gpu)
+    labels, _, objectives, _ = lloyd(x, inits, niter, seed, gpu)
     return labels, objectives
 
 
@@ -548,7 +567,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 30, seed: int = 0, gpu: bool = Fa
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not 1 <= k <= len(x):
         raise ValueError(f"k={k} must lie between 1 and the number of points ({len(x)})")
-    labels, centroids, objective = lloyd(x, [kmeans_plusplus_init(x, k, seed)], niter, seed, gpu)
+    labels, centroids, objective, _ = lloyd(x, [kmeans_plusplus_init(x, k, seed)], niter, seed, gpu)
     return KMeansResult(labels[:, 0], centroids[0], objective[0], time.perf_counter() - t0)
 
 

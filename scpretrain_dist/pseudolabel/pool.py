@@ -103,14 +103,14 @@ def cluster_dataset(
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
     inits = plusplus_inits(x[sample], ks, cfg.seed)
     t_init = time.perf_counter()
-    labels, _, objectives = lloyd(x, inits, cfg.niter, cfg.seed, cfg.use_gpu)
+    labels, _, objectives, iterations = lloyd(x, inits, cfg.niter, cfg.seed, cfg.use_gpu)
     t_end = time.perf_counter()
     stats = {
         "n_cells": n, "dims": int(x.shape[1]), "ks": ks, "shards": 1,
         "read_seconds": t_read - t0, "feature_seconds": t_feat - t_read,
         "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
         "kmeans_seconds": t_end - t_feat,
-        "lloyd_flops": lloyd_flops(n, ks, int(x.shape[1]), cfg.niter),
+        "lloyd_iterations": iterations, "lloyd_flops": lloyd_flops(n, ks, int(x.shape[1]), iterations),
         "objectives": objectives,
     }
     return labels, ks, stats
@@ -299,7 +299,7 @@ def _cluster_sharded_once(actors: list, store: AtlasStore, dataset: str, cfg: Ps
         ref = ray.put(centroids)
         return ray.get([a.step.remote(dataset, ref) for a in actors])
 
-    centroids = run_lloyd(step, inits, cfg.niter, cfg.seed)
+    centroids, iterations = run_lloyd(step, inits, cfg.niter, cfg.seed)
     ref = ray.put(centroids)
     finals = ray.get([a.final.remote(dataset, ref) for a in actors])
     t_end = time.perf_counter()
@@ -312,7 +312,7 @@ def _cluster_sharded_once(actors: list, store: AtlasStore, dataset: str, cfg: Ps
         "feature_seconds": t_feat - t_load + max(ld["feature_seconds"] for ld in loads),
         "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
         "kmeans_seconds": t_end - t_feat, "wall_seconds": t_end - t0,
-        "lloyd_flops": lloyd_flops(n, ks, dims, cfg.niter),
+        "lloyd_iterations": iterations, "lloyd_flops": lloyd_flops(n, ks, dims, iterations),
         "objectives": [float(v) for v in np.sum([f[1] for f in finals], axis=0)],
     }
     return labels, ks, stats

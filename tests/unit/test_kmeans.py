@@ -151,9 +151,10 @@ def test_sharded_lloyd_equals_single_process_lloyd(n_shards):
     ks = [12, 6, 3]
     inits = plusplus_inits(x, ks, seed=0)
     inits[0][1] = inits[0][0]  # a duplicated start: one cluster empties and is re-seeded
-    labels, centroids, objectives = lloyd(x, inits, niter=15, seed=0)
+    labels, centroids, objectives, iterations = lloyd(x, inits, niter=15, seed=0)
     shards = np.array_split(x, n_shards)  # unequal sizes
-    sharded = run_lloyd(lambda c: [partial_step(s, c) for s in shards], inits, niter=15, seed=0)
+    sharded, sharded_iterations = run_lloyd(lambda c: [partial_step(s, c) for s in shards], inits, niter=15, seed=0)
+    assert sharded_iterations == iterations
     for a, b in zip(centroids, sharded):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     from scpretrain_dist.pseudolabel.kmeans import assign
@@ -200,7 +201,42 @@ def test_init_sample():
 
 
 def test_lloyd_flops():
-    assert lloyd_flops(100, [10, 5], 4, niter=2) == 2 * (2 * 100 * 15 * 4 + 2 * 100 * 4) + 2 * 100 * 15 * 4
+    assert lloyd_flops(100, [10, 5], 4, 2) == 2 * (2 * 100 * 15 * 4 + 2 * 100 * 4) + 2 * 100 * 15 * 4
+    # per-partition iteration counts: the one that stopped after 1 costs one pass less
+    assert lloyd_flops(100, [10, 5], 4, [2, 1]) == lloyd_flops(100, [10, 5], 4, 2) - (2 * 100 * 5 * 4 + 100 * 4)
+
+
+def _every_iteration(x, inits, niter, seed):
+    """Lloyd without the fixed-point stop: ``niter`` full iterations of every partition."""
+    centroids = [np.asarray(c, np.float32) for c in inits]
+    for it in range(niter):
+        centroids = update_centroids(centroids, partial_step(x, centroids), seed, it)
+    return centroids
+
+
+def test_lloyd_stops_a_partition_at_its_fixed_point_with_the_same_result():
+    x, _ = blobs(n_per=120, k=5, d=8, spread=2.0, seed=7)
+    ks = [40, 5, 2]
+    inits = plusplus_inits(x, ks, seed=1)
+    inits[0][1] = inits[0][0]  # an empty cluster on the first pass: the generator is drawn from
+    stepped = []
+
+    def step(c):
+        stepped.append(len(c))
+        return [partial_step(x, c)]
+
+    centroids, iterations = run_lloyd(step, inits, niter=60, seed=0)
+    full = _every_iteration(x, inits, 60, seed=0)
+    for a, b in zip(centroids, full):
+        np.testing.assert_array_equal(a, b)  # bitwise: stopping changed nothing
+    assert all(1 <= i < 60 for i in iterations)  # each partition reached its fixed point early
+    assert len(set(iterations)) > 1  # ... at its own iteration
+    assert stepped[0] == 3 and stepped[-1] == 1 and len(stepped) == max(iterations)
+    labels, _, _, its = lloyd(x, inits, niter=60, seed=0)
+    assert its == iterations
+    from scpretrain_dist.pseudolabel.kmeans import assign
+
+    np.testing.assert_array_equal(labels, assign(x, full)[0])
 
 
 def test_sparse_pca_matches_dense_pca():
@@ -220,6 +256,23 @@ def test_sparse_pca_matches_dense_pca():
     z = proj.apply(X)
     assert z.dtype == np.float32 and z.shape == (300, 4)
     np.testing.assert_allclose(np.abs(z), np.abs(ref.transform(dense)), rtol=1e-3, atol=1e-3)
+
+
+def test_column_moments_equal_the_dense_float64_moments():
+    import scipy.sparse as sp
+
+    from scpretrain_dist.pseudolabel.features import column_moments
+
+    rng = np.random.default_rng(3)
+    dense = (rng.random((200, 30)) < 0.1) * rng.gamma(2.0, 3.0, (200, 30))
+    dense[:, 7] = 0  # a gene never measured
+    X = sp.csr_matrix(dense.astype(np.float32))
+    mean, var = column_moments(X)
+    ref = dense.astype(np.float32).astype(np.float64)
+    assert mean.dtype == var.dtype == np.float64
+    np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, ref.var(0), rtol=1e-9, atol=1e-12)
+    assert mean[7] == var[7] == 0
 
 
 def test_gpu_request_without_faiss_gpu_is_a_clear_error():
@@ -385,8 +438,8 @@ def test_lloyd_on_a_tensor_runs_on_its_device_and_matches_numpy():
 
     torch, x, _ = _torch_case()
     inits = plusplus_inits(x, [6, 20], seed=0)
-    lab_np, cent_np, obj_np = lloyd(x, inits, niter=10, seed=0)
-    lab_t, cent_t, obj_t = lloyd(torch.from_numpy(x), inits, niter=10, seed=0)
+    lab_np, cent_np, obj_np, _ = lloyd(x, inits, niter=10, seed=0)
+    lab_t, cent_t, obj_t, _ = lloyd(torch.from_numpy(x), inits, niter=10, seed=0)
     # the two GEMMs sum in different orders: a cell equidistant to two centres may go either way
     assert (lab_np == lab_t).mean() > 0.999
     assert obj_t == pytest.approx(obj_np, rel=1e-4)
