@@ -67,6 +67,10 @@ RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_resta
 # settings added after encoders were cached: left out of the key at these values (what every
 # earlier encoder was trained with), so those caches stay valid; any other value is in the key
 KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32", "encoder_sharding": "genes"}}
+# the first phase's PCA settings change nothing unless it clusters in the "pca" space; otherwise
+# the key holds them at these fixed values (the defaults every earlier encoder was keyed with), so
+# changing them, or their defaults, keeps those caches
+UNUSED_PCA_SETTINGS = {"pca_dims": 50, "pca_genes": 4000, "pca_fit_cells": 10_000}
 
 
 def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
@@ -77,8 +81,11 @@ def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
         return {k: v for k, v in asdict(getattr(cfg, section)).items()
                 if k not in RUN_ONLY_SETTINGS[section] and not (k in neutral and v == neutral[k])}
 
+    pseudolabel = settings("pseudolabel")
+    if cfg.pseudolabel.phase1_space != "pca":
+        pseudolabel |= UNUSED_PCA_SETTINGS
     what = {"datasets": sorted(datasets), "pretrain": settings("pretrain") | {"exclude_datasets": []},
-            "pseudolabel": settings("pseudolabel"), "model": asdict(cfg.model), "store": cfg.store_uri}
+            "pseudolabel": pseudolabel, "model": asdict(cfg.model), "store": cfg.store_uri}
     if cfg.pretrain.loader == "stream":  # chunks, buffers and the cache set the order cells come in
         what["stream"] = asdict(cfg.stream) | {"prefetch_buffers": 0}  # read-ahead changes nothing
     blob = json.dumps(what, sort_keys=True, default=str)

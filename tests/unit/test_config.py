@@ -218,3 +218,9 @@ def test_encoder_cache_key_tracks_what_changes_the_encoder():
     # the gradient exchange's dtype: in the key only when it is not the float32 every earlier encoder had
     assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="float32"']), ["a", "b"]) == key
     assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="bfloat16"']), ["a", "b"]) != key
+    # the first phase's PCA settings: in the key only when it clusters in the PCA space
+    expression = config.resolve(base, overrides=['pseudolabel.phase1_space="expression"'])
+    pca = config.resolve(base, overrides=['pseudolabel.phase1_space="pca"'])
+    for space, changes in ((expression, False), (pca, True)):
+        other = config.resolve(space, overrides=["pseudolabel.pca_genes=123"])
+        assert (pretrain_key(other, ["a", "b"]) != pretrain_key(space, ["a", "b"])) is changes
