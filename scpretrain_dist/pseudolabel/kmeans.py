@@ -505,8 +505,10 @@ def run_lloyd(
 
     A partition whose update leaves its centroids bitwise unchanged is at a fixed point (the
     same centroids give the same assignment, sums and update again), so it leaves the step:
-    the result equals ``niter`` full iterations. It drew nothing from the iteration's generator
-    (no cluster was empty), so the partitions after it draw exactly as before."""
+    the result equals ``niter`` full iterations (bitwise on CPUs, where each partition has its
+    own GEMMs; on a GPU the partitions share one GEMM, whose rounding may depend on how many
+    there are). It drew nothing from the iteration's generator (no cluster was empty), so the
+    partitions after it draw exactly as before."""
     centroids = [np.ascontiguousarray(c, dtype=np.float32) for c in inits]
     iterations = [0] * len(centroids)
     active = list(range(len(centroids)))
