@@ -181,6 +181,8 @@ def run(args) -> dict:
             "stage_seconds_summed_over_datasets": stage_seconds,
             "sharded_datasets": [d for d, s in ours.stats.items() if s["shards"] > 1],
             "lloyd_flops": flops,
+            # per dataset, the iterations each partition ran (fewer than niter: its fixed point)
+            "lloyd_iterations": {d: s["lloyd_iterations"] for d, s in ours.stats.items()},
             "flops_per_second_wall": flops / t_ours,
             "flops_per_second_per_core_in_lloyd": flops / lloyd_core_seconds if lloyd_core_seconds else None,
             "later_refresh": later_detail,

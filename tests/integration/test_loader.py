@@ -423,5 +423,8 @@ def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atl
     assert later["datasets_from_actor_cache"] == CFG.n_datasets and later["labels_equal_first_refresh"]
     assert res["ratios"]["faiss_sequential_expression"] > 0
     assert 0 < res["targets"]["fraction_of_machine_matmul_rate_later_refreshes"] < 1
+    iterations = res["ours_detail"]["lloyd_iterations"]
+    assert len(iterations) == CFG.n_datasets and all(len(its) == 3 and all(1 <= i <= 5 for i in its)
+                                                     for its in iterations.values())
     memory = res["actor_memory"]
     assert len(memory["peak_rss_mib"]) == 2 and min(memory["peak_rss_mib"]) > 0 and sum(memory["cached_mib"]) > 0
