@@ -275,6 +275,25 @@ def test_column_moments_equal_the_dense_float64_moments():
     assert mean[7] == var[7] == 0
 
 
+def test_select_genes_equals_column_selection():
+    import scipy.sparse as sp
+
+    from scpretrain_dist.pseudolabel.features import select_genes
+
+    rng = np.random.default_rng(5)
+    mask = rng.random(40) < 0.5
+    dense = (rng.random((30, 40)) < 0.3) * rng.gamma(2.0, 1.0, (30, 40))
+    for outside in (False, True):  # values only in kept columns (renumbered), or also outside
+        d = dense * (mask | outside)
+        X = sp.csr_matrix(d.astype(np.float32))
+        Y = select_genes(X, mask)
+        ref = X[:, np.flatnonzero(mask)]
+        assert Y.shape == ref.shape == (30, int(mask.sum()))
+        np.testing.assert_array_equal(Y.toarray(), ref.toarray())
+        np.testing.assert_array_equal(Y.indptr, ref.indptr)
+        assert np.shares_memory(Y.data, X.data) is not outside  # shared only when renumbered
+
+
 def test_gpu_request_without_faiss_gpu_is_a_clear_error():
     import faiss
 
