@@ -515,8 +515,8 @@ def run_lloyd(
     for it in range(niter):
         if not active:
             break
-        total = LloydPartial.reduce(step([centroids[p] for p in active]))
-        updated = update_centroids([centroids[p] for p in active], total, seed, it)
+        current = [centroids[p] for p in active]
+        updated = update_centroids(current, LloydPartial.reduce(step(current)), seed, it)
         still = []
         for p, c in zip(active, updated):
             iterations[p] += 1

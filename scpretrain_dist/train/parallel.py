@@ -225,12 +225,7 @@ class _OwnCells(torch.autograd.Function):
     def backward(ctx, grad_own):
         ex = ctx.exchange
         t0 = time.perf_counter()
-        width = max(ctx.cells)
-        padded = grad_own.new_zeros(width, grad_own.shape[1])
-        padded[: len(grad_own)] = grad_own
-        gathered = [torch.empty_like(padded) for _ in range(ex.world)]
-        dist.all_gather(gathered, padded)
-        grad = torch.cat([g[:n] for g, n in zip(gathered, ctx.cells)]) / ex.world
+        grad = torch.cat(_all_gather_padded(grad_own, list(ctx.cells))) / ex.world
         ex.seconds += time.perf_counter() - t0
         return grad, None, None
 
@@ -250,9 +245,14 @@ def _all_gather_varlen(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     size = torch.tensor([len(t)], dtype=torch.int64, device=t.device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = t.new_zeros(max(sizes))
+    return _all_gather_padded(t, [int(s) for s in sizes])
+
+
+def _all_gather_padded(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Every rank's tensor ``t``, whose first dimension is ``sizes[rank]`` on each rank (known
+    to all), in rank order: one all-gather of copies padded to the longest."""
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
     padded[: len(t)] = t
-    out = [torch.empty_like(padded) for _ in range(world)]
+    out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [o[:n] for o, n in zip(out, sizes)]
