@@ -197,6 +197,7 @@ class EvaluateConfig:
         "scpretrain", "no_pretrain", "logreg",
         "emb_rf", "emb_logreg", "emb_svm", "pca_rf", "pca_logreg", "pca_svm",
         "scpretrain_ssl",  # transfer only (it learns from the unlabelled query too)
+        "celltypist",  # where installed (the bench extra); skipped with a note otherwise
     )
     # labelled training cells per fine-tuning; the largest is the paper's protocol (capped at
     # min(budget, 0.6 n)); the smaller ones are stratified subsets of its training cells

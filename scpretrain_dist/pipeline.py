@@ -10,12 +10,12 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from scpretrain_dist.config import RunConfig
+from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
 from scpretrain_dist.store.soma import AtlasStore, StoreError
 
 
@@ -261,6 +261,7 @@ def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:
                        + (f", mean weights of the {cfg.finetune.snapshots} best epochs" if cfg.finetune.snapshots > 1 else ""),
         "pretraining": f"{cfg.pretrain.iterations} iterations max x {cfg.pretrain.epochs} epochs, lr {cfg.pretrain.lr}, "
                        f"stop at NMI >= {cfg.pretrain.nmi_stop}",
+        "methods": ", ".join(cfg.evaluate.methods),
         "store": cfg.store_uri,
     }
 
@@ -308,11 +309,32 @@ def fold_exclusions(targets: list[str], scheme: str, sizes: dict[str, int] | Non
     raise StoreError(f"evaluate.folds {scheme!r} must be 'grouped', 'per_target' or a number of folds")
 
 
+def installed_methods(cfg: RunConfig, log=print) -> RunConfig:
+    """``cfg`` with the peer tools this environment lacks dropped from the default method list
+    (said in the log); a peer asked for by name but not installed is an error, raised before any
+    pretraining starts."""
+    from scpretrain_dist.evaluate.methods import check_methods, missing_peers
+
+    methods = cfg.evaluate.methods
+    check_methods(methods)
+    missing = missing_peers(methods)
+    if not missing:
+        return cfg
+    if methods != EvaluateConfig().methods:
+        raise ConfigError(f"evaluate.methods asks for {missing}, which this environment does not have installed; "
+                          f"install the bench extra (pip install 'scpretrain-dist[bench]', or make bench-venv and run "
+                          f".venv-bench/bin/scpretrain), or leave {missing} out of --methods")
+    log(f"{', '.join(missing)} not installed here: those rows are skipped (make bench-venv, then run "
+        f".venv-bench/bin/scpretrain, to compare with them)")
+    return replace(cfg, evaluate=replace(cfg.evaluate, methods=tuple(m for m in methods if m not in missing)))
+
+
 def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
     """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
     reused), fine-tune and test on each of its targets; one report over every fold."""
     import mlflow
 
+    cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
     check_targets(store, targets)
     ev = Evaluation()
@@ -338,6 +360,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
     from scpretrain_dist.evaluate.protocols import load_mapping
 
+    cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
     if not references or not queries:
         raise StoreError("the transfer protocol needs --references and --queries (datasets in the atlas)")

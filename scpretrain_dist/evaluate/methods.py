@@ -7,11 +7,15 @@ and test cells and returns class probabilities for the test cells.
 - ``{emb,pca}_{rf,logreg,svm}``: random forest, logistic regression and linear SVM on the frozen
   pretrained embedding vs on PCA(200) fitted on the training cells (the paper's Fig. 4);
 - ``scpretrain_ssl`` (transfer only): the pretrained network fine-tuned semi-supervised on the
-  unlabelled query as well (scNym's MixMatch and domain adversary).
+  unlabelled query as well (scNym's MixMatch and domain adversary);
+- ``celltypist``: CellTypist itself (``celltypist.train`` and ``celltypist.annotate``, defaults,
+  best match), where it is installed (the ``bench`` extra): the tool ``logreg`` stands in for.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +31,11 @@ SEMI_SUPERVISED = ("scpretrain_ssl",)
 # Methods whose outputs are probabilities fitted by likelihood, which label-shift EM needs: a
 # forest's vote shares (often exactly 0) and an SVM's softmaxed margins mislead it.
 SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.endswith("_logreg")) + SEMI_SUPERVISED
-ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS + SEMI_SUPERVISED
+# Published tools run on the same cells, when their package is installed (the bench extra, which
+# keeps them from constraining the core's dependencies). CellTypist's probabilities are per-class
+# one-vs-rest sigmoids, not a distribution over types, so label-shift EM does not apply to them.
+PEERS = ("celltypist",)
+ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS + SEMI_SUPERVISED + PEERS
 NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_")) + SEMI_SUPERVISED
 
 
@@ -51,6 +59,15 @@ def check_methods(methods) -> None:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+
+
+def peer_installed(method: str) -> bool:
+    return importlib.util.find_spec(method) is not None
+
+
+def missing_peers(methods) -> list[str]:
+    """The peer tools among ``methods`` whose package this environment lacks."""
+    return [m for m in methods if m in PEERS and not peer_installed(m)]
 
 
 def _full_proba(clf, X, n_types: int) -> np.ndarray:
@@ -144,6 +161,8 @@ def run_method(
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))
+    if method == "celltypist":
+        return _celltypist(train, test, n_types)
     space, name = method.split("_", 1)
     features = features if features is not None else {}
     if space not in features:
@@ -154,6 +173,27 @@ def run_method(
     Ftr, Fte = features[space]
     clf = classifier(name, seed).fit(Ftr, train.y)
     return Fitted(_full_proba(clf, Fte, n_types), {"n_features": int(Ftr.shape[1])})
+
+
+def _celltypist(train: Cells, test: Cells, n_types: int) -> Fitted:
+    """CellTypist as its users run it: ``celltypist.train`` with its defaults (genes scaled,
+    one-vs-rest logistic regression) on the training cells, ``celltypist.annotate`` (best match)
+    on the test cells; both get log1p(CP10k), the input CellTypist checks for. The scores are
+    CellTypist's probability matrix (per-type sigmoids of the decision values)."""
+    import anndata
+    import celltypist
+
+    logging.getLogger("celltypist").setLevel(logging.WARNING)
+    genes = np.array([f"g{i}" for i in range(train.X.shape[1])])
+    model = celltypist.train(train.X, labels=train.y.astype(str), genes=genes, n_jobs=1)
+    query = anndata.AnnData(sp.csr_matrix(test.X, dtype=np.float32))
+    query.var_names = genes
+    query.obs_names = [f"c{i}" for i in range(test.X.shape[0])]
+    result = celltypist.annotate(query, model=model, majority_voting=False)
+    scores = result.probability_matrix
+    proba = np.zeros((test.X.shape[0], n_types))
+    proba[:, scores.columns.astype(int)] = scores.to_numpy()
+    return Fitted(proba, {"n_features": int(len(model.features))})
 
 
 def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:

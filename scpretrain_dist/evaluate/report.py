@@ -43,16 +43,24 @@ def budget_curve(rows: list[dict], metric: str = "kappa") -> pd.DataFrame:
     return per.pivot_table(index="method", columns="budget", values=metric, aggfunc="mean")
 
 
-def paired_tests(rows: list[dict], a: str = "scpretrain", against=("no_pretrain", "logreg")) -> list[dict]:
-    """Paired Wilcoxon signed-rank tests of method ``a`` vs each of ``against`` over the
-    (dataset, seed) pairs, per metric at the full budget and for kappa at every budget."""
+BASELINES = ("no_pretrain", "logreg")  # always compared with
+PEER_BASELINES = ("celltypist",)  # compared with when the evaluation ran them (where installed)
+
+
+def paired_tests(rows: list[dict], a: str = "scpretrain", against=None) -> list[dict]:
+    """Paired Wilcoxon signed-rank tests of method ``a`` vs each of ``against`` (default: the
+    baselines, and the peer tools that have rows) over the (dataset, seed) pairs, per metric at
+    the full budget and for kappa at every budget."""
     df = _frame(rows)
+    if against is None:
+        ran = set(df["method"])
+        against = BASELINES + tuple(p for p in PEER_BASELINES if p in ran)
     out = []
     full = main_rows(rows)
     for b in against:
         for metric in METRICS:
             out.append({"a": a, "b": b, "metric": metric, "budget": "full", **_pair(full, a, b, metric)})
-        for budget in sorted(df["budget"].unique()):
+        for budget in sorted(df.loc[df["method"] == b, "budget"].unique()):  # the budgets b ran at
             out.append({"a": a, "b": b, "metric": "kappa", "budget": int(budget),
                         **_pair(df[df["budget"] == budget], a, b, "kappa")})
     return out

@@ -36,20 +36,24 @@ def test_prints_pretrained_vs_baseline_table(run):
 
 
 def test_report_rows_and_splits(run):
-    from scpretrain_dist.evaluate.methods import ALL_METHODS, SEMI_SUPERVISED
+    from scpretrain_dist.evaluate.methods import ALL_METHODS, SEMI_SUPERVISED, missing_peers
 
-    work, _ = run
+    work, proc = run
     report = json.loads((work / "report" / "report.json").read_text())
     rows = report["rows"]
-    # every method but those that learn from an unlabelled query (transfer only)
-    assert {r["method"] for r in rows} == set(ALL_METHODS) - set(SEMI_SUPERVISED)
+    # every method but those that learn from an unlabelled query (transfer only) and the peer
+    # tools this environment lacks (said in the output)
+    missing = missing_peers(ALL_METHODS)
+    assert {r["method"] for r in rows} == set(ALL_METHODS) - set(SEMI_SUPERVISED) - set(missing)
+    for m in missing:
+        assert f"{m} not installed here" in proc.stdout + proc.stderr
     for r in rows:
         assert r["dataset"] == "demo_03"
         for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
             assert 0.0 <= r[k] <= 1.0
     # the synthetic types are learnable: every method beats chance (1/6) by far at the full budget
     full = [r for r in rows if r["budget"] == 1000]
-    assert len(full) == len(ALL_METHODS) - len(SEMI_SUPERVISED) and min(r["accuracy"] for r in full) > 0.6
+    assert len(full) == len(ALL_METHODS) - len(SEMI_SUPERVISED) - len(missing) and min(r["accuracy"] for r in full) > 0.6
     assert {r["n_train"] for r in rows if r["budget"] == 25} == {25}
     splits = {s["budget"]: s for s in report["splits"]}
     assert set(splits) == {25, 100, 1000}

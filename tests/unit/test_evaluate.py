@@ -9,9 +9,11 @@ import pytest
 import scipy.sparse as sp
 
 from scpretrain_dist import recipes
-from scpretrain_dist.config import resolve
+from scpretrain_dist.config import ConfigError, resolve
+from scpretrain_dist.evaluate import methods as methods_mod
 from scpretrain_dist.evaluate.methods import (
     ALL_METHODS,
+    PEERS,
     SEMI_SUPERVISED,
     Cells,
     check_methods,
@@ -96,7 +98,7 @@ def _toy(n=240, genes=60, types=3, seed=0):
     return sp.csr_matrix(np.log1p(X)), y
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in PEERS])
 def test_every_method_returns_probabilities_over_all_types(method):
     X, y = _toy()
     cfg = resolve(recipes.tiny(), overrides=["finetune.max_epochs=15", "finetune.patience=5"])
@@ -110,6 +112,40 @@ def test_every_method_returns_probabilities_over_all_types(method):
     if method not in ("scpretrain", "no_pretrain", *SEMI_SUPERVISED):  # sklearn: a type absent from training gets none
         assert (fit.proba[:, 3] < 1e-6).all()
     assert (fit.proba.argmax(1) == te.y).mean() > 0.8  # the toy types are easy
+
+
+def test_celltypist_runs_on_the_same_cells_and_scores_every_type():
+    pytest.importorskip("celltypist")  # the bench extra; the core environment does not have it
+    X, y = _toy()
+    counts = np.expm1(X.toarray())
+    X = sp.csr_matrix(np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32))  # what it checks for
+    cfg = resolve(recipes.tiny())
+    fit = run_method("celltypist", Cells(X[:150], y[:150]), Cells(X[150:180], y[150:180]),
+                     Cells(X[180:], y[180:]), 4, 0, cfg)
+    assert fit.proba.shape == (60, 4)
+    assert (fit.proba[:, 3] == 0).all()  # a type absent from training gets no score
+    assert ((fit.proba[:, :3] > 0) & (fit.proba[:, :3] < 1)).all()  # its per-type sigmoids
+    assert (fit.proba.argmax(1) == y[180:]).mean() > 0.8
+    assert fit.extra["n_features"] == 60
+
+
+def test_peers_not_installed_leave_the_default_list_but_an_explicit_request_is_refused(monkeypatch):
+    from scpretrain_dist.pipeline import installed_methods
+
+    monkeypatch.setattr(methods_mod, "peer_installed", lambda m: False)
+    cfg = resolve(recipes.tiny())
+    said = []
+    out = installed_methods(cfg, log=said.append)
+    assert "celltypist" in cfg.evaluate.methods and "celltypist" not in out.evaluate.methods
+    assert out.evaluate.methods == tuple(m for m in cfg.evaluate.methods if m != "celltypist")
+    assert "celltypist not installed" in said[0] and "bench-venv" in said[0]
+    asked = resolve(recipes.tiny(), overrides=['evaluate.methods=["scpretrain","celltypist"]'])
+    with pytest.raises(ConfigError, match=r"asks for \['celltypist'\].*bench extra"):
+        installed_methods(asked, log=said.append)
+    monkeypatch.setattr(methods_mod, "peer_installed", lambda m: True)
+    assert installed_methods(asked, log=said.append) is asked  # installed: nothing to drop
+    with pytest.raises(ValueError, match="unknown method"):
+        installed_methods(resolve(recipes.tiny(), overrides=['evaluate.methods=["magic"]']))
 
 
 def test_semi_supervised_methods_need_the_query():
@@ -170,6 +206,12 @@ def test_report_tables_curve_tests_and_files(tmp_path):
     tests = {(t["b"], t["metric"], t["budget"]): t for t in paired_tests(rows)}
     assert tests[("no_pretrain", "kappa", "full")]["wins"] == 6
     assert tests[("logreg", "kappa", 50)]["mean_diff"] == pytest.approx(0.05)
+    assert {t["b"] for t in paired_tests(rows)} == {"no_pretrain", "logreg"}  # no celltypist rows: not tested
+    peer = [{**r, "method": "celltypist", "kappa": r["kappa"] - 0.02} for r in rows
+            if r["method"] == "logreg" and r["budget"] == 1000]  # a peer runs at the full budget only
+    vs_peer = {(t["metric"], t["budget"]): t for t in paired_tests(rows + peer) if t["b"] == "celltypist"}
+    assert vs_peer[("kappa", "full")]["n"] == 6 and vs_peer[("kappa", "full")]["mean_diff"] == pytest.approx(0.07)
+    assert {b for _, b in vs_peer} == {"full", 1000}  # no rows for budgets it did not run at
     js, md = write_report(rows, tmp_path, {"protocol": "test"},
                           splits=[{"dataset": "d1", "seed": 0, "budget": 50, "train": ["c1"], "val": [], "test": ["c2"]}],
                           clustering=[{"dataset": "d1", "space": "embedding", "rand": 0.9, "ari": 0.7}])
