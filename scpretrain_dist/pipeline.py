@@ -240,6 +240,7 @@ def finetune_and_evaluate(
     """Fine-tune every method on every target, seed and label budget with one pretrained
     encoder (or none); write the report and figures; register the first target's scPretrain
     model with the configured alias."""
+    cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
     ev = Evaluation()
     ev.add_targets(cfg, store, targets, pretrain_result, encoder_run_id, log=log)

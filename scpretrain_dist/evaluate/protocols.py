@@ -31,6 +31,7 @@ from scpretrain_dist.evaluate.methods import (
     adapt_to_label_shift,
     check_methods,
     embed,
+    missing_peers,
     run_method,
 )
 from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
@@ -167,7 +168,9 @@ def evaluate_target(
     and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
     ev, f = cfg.evaluate, cfg.finetune
     check_methods(ev.methods)
-    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in SEMI_SUPERVISED]
+    # the pipeline has already dropped (and said so) the peer tools not installed here
+    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in SEMI_SUPERVISED
+               and m not in missing_peers([m])]
     n_types = len(target.classes)
     gidx = encoder.index(target.genes) if encoder is not None else None
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
@@ -274,7 +277,7 @@ def evaluate_transfer(
     Xr = sp.vstack([r.X for r in refs]).tocsr()
     yr = np.concatenate([r.labels for r in refs])
     ids = np.concatenate([r.obs_ids for r in refs])
-    methods = [m for m in ev.methods if encoder is not None or m not in NEEDS_ENCODER]
+    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in missing_peers([m])]
     check_methods(methods)
     gidx = encoder.index(genes) if encoder is not None else None
     cap = max(ev.budgets) if ev.budgets else f.train_cap
