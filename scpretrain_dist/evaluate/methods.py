@@ -70,6 +70,15 @@ def missing_peers(methods) -> list[str]:
     return [m for m in methods if m in PEERS and not peer_installed(m)]
 
 
+def runnable_methods(methods, has_encoder: bool, has_query: bool) -> list[str]:
+    """``methods`` less those that cannot run here: the ones needing a pretrained encoder when
+    there is none, the semi-supervised ones without an unlabelled query, and the peer tools not
+    installed (the pipeline has already said which it dropped)."""
+    missing = set(missing_peers(methods))
+    return [m for m in methods if (has_encoder or m not in NEEDS_ENCODER)
+            and (has_query or m not in SEMI_SUPERVISED) and m not in missing]
+
+
 def _full_proba(clf, X, n_types: int) -> np.ndarray:
     out = np.zeros((X.shape[0], n_types))
     if hasattr(clf, "predict_proba"):

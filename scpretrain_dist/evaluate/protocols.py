@@ -23,16 +23,14 @@ import scipy.sparse as sp
 from scpretrain_dist.config import RunConfig
 from scpretrain_dist.data.normalize import normalize_rows, to_linear
 from scpretrain_dist.evaluate.methods import (
-    NEEDS_ENCODER,
     NETWORKS,
-    SEMI_SUPERVISED,
     SHIFT_METHODS,
     Cells,
     adapt_to_label_shift,
     check_methods,
     embed,
-    missing_peers,
     run_method,
+    runnable_methods,
 )
 from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
 from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
@@ -168,9 +166,7 @@ def evaluate_target(
     and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
     ev, f = cfg.evaluate, cfg.finetune
     check_methods(ev.methods)
-    # the pipeline has already dropped (and said so) the peer tools not installed here
-    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in SEMI_SUPERVISED
-               and m not in missing_peers([m])]
+    methods = runnable_methods(ev.methods, encoder is not None, has_query=False)
     n_types = len(target.classes)
     gidx = encoder.index(target.genes) if encoder is not None else None
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
@@ -277,7 +273,7 @@ def evaluate_transfer(
     Xr = sp.vstack([r.X for r in refs]).tocsr()
     yr = np.concatenate([r.labels for r in refs])
     ids = np.concatenate([r.obs_ids for r in refs])
-    methods = [m for m in ev.methods if (encoder is not None or m not in NEEDS_ENCODER) and m not in missing_peers([m])]
+    methods = runnable_methods(ev.methods, encoder is not None, has_query=True)
     check_methods(methods)
     gidx = encoder.index(genes) if encoder is not None else None
     cap = max(ev.budgets) if ev.budgets else f.train_cap

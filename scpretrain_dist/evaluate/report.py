@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scpretrain_dist.evaluate.methods import PEERS
 from scpretrain_dist.evaluate.metrics import METRICS, paired_wilcoxon
 
 
@@ -43,8 +44,7 @@ def budget_curve(rows: list[dict], metric: str = "kappa") -> pd.DataFrame:
     return per.pivot_table(index="method", columns="budget", values=metric, aggfunc="mean")
 
 
-BASELINES = ("no_pretrain", "logreg")  # always compared with
-PEER_BASELINES = ("celltypist",)  # compared with when the evaluation ran them (where installed)
+BASELINES = ("no_pretrain", "logreg")  # always compared with; the peer tools when they ran
 
 
 def paired_tests(rows: list[dict], a: str = "scpretrain", against=None) -> list[dict]:
@@ -54,7 +54,7 @@ def paired_tests(rows: list[dict], a: str = "scpretrain", against=None) -> list[
     df = _frame(rows)
     if against is None:
         ran = set(df["method"])
-        against = BASELINES + tuple(p for p in PEER_BASELINES if p in ran)
+        against = BASELINES + tuple(p for p in PEERS if p in ran)
     out = []
     full = main_rows(rows)
     for b in against:
