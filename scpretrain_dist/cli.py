@@ -1,4 +1,9 @@
-"""``scpretrain <stage> ...``: parse, build the config, call the stage."""
+"""``scpretrain <stage> ...``: parse, build the config, call the stage.
+
+Exit codes: 0 done; 2 a usage error (an argument, setting, file, store, model or request that
+cannot be used; the message says which and what to do); 1 a failure while running; 130
+interrupted. ``--verbose`` prints the traceback of either.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,32 @@ import sys
 from pathlib import Path
 
 from scpretrain_dist import recipes
-from scpretrain_dist.config import ConfigError, RunConfig, resolve
+from scpretrain_dist.config import ConfigError, RunConfig, UserError
 
 
-def _config(args) -> RunConfig:
-    cfg = resolve(recipes.get(args.recipe), args.config, args.set)
-    if args.work_dir:
-        cfg = resolve(cfg, overrides=[f'work_dir="{args.work_dir}"'])
-    return cfg
+def _config(args, **sections) -> RunConfig:
+    """The recipe, --config, --set and --work-dir, then ``sections``: {section: {key: value}}
+    from the command's own options."""
+    return recipes.configure(args.recipe, args.config, args.set, args.work_dir, **sections)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value}")
+        return value
+
+    return integer
+
+
+_positive = _integer(1)
+_non_negative = _integer(0)
 
 
 def _common(p: argparse.ArgumentParser, recipe: str = "tiny") -> None:
@@ -34,14 +47,15 @@ def _common(p: argparse.ArgumentParser, recipe: str = "tiny") -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set pretrain.epochs=5 (repeatable)")
     p.add_argument("--work-dir", help="where the atlas, MLflow store, checkpoints and reports go")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="print the full traceback of an error")
 
 
 def cmd_demo_data(args) -> None:
     from scpretrain_dist.pipeline import demo_data
 
-    cfg = _config(args)
     sizes = {"n_cells": args.cells, "n_datasets": args.datasets, "n_genes": args.genes, "seed": args.seed}
-    cfg = resolve(cfg, overrides=[f"demo.{k}={v}" for k, v in sizes.items() if v is not None])
+    cfg = _config(args, demo={k: v for k, v in sizes.items() if v is not None})
     if args.cells is not None:
         _demo_store(cfg, args)
         return
@@ -96,81 +110,96 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from scpretrain_dist.pipeline import pretrain, stage_run
+    from scpretrain_dist.pipeline import pretrain, pretraining_datasets, stage_run
+    from scpretrain_dist.store.soma import AtlasStore
     from scpretrain_dist.train.launch import shutdown_ray
 
     cfg = _config(args)
+    exclude = tuple(args.exclude or cfg.pretrain.exclude_datasets)
+    pretraining_datasets(AtlasStore(cfg.store_uri), exclude, cfg.pseudolabel.min_k)  # checked before any run starts
     try:
         with stage_run("pretrain", cfg):
-            result, _ = pretrain(cfg, exclude=tuple(args.exclude or cfg.pretrain.exclude_datasets), reuse=not args.no_cache)
+            result, _ = pretrain(cfg, exclude=exclude, reuse=not args.no_cache)
     finally:
         shutdown_ray()
     print(f"encoder: {result.encoder_path}")
 
 
 def cmd_finetune(args) -> None:
-    import json as _json
+    from scpretrain_dist.pipeline import (
+        check_targets,
+        finetune_and_evaluate,
+        installed_methods,
+        stage_run,
+    )
+    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.train.pretrain import load_result
 
-    from scpretrain_dist.pipeline import finetune_and_evaluate, stage_run
-    from scpretrain_dist.train.pretrain import PretrainResult
-
-    cfg = _config(args)
-    result = None
-    if args.pretrain_result:
-        result = PretrainResult(**_json.loads(Path(args.pretrain_result).read_text()))
+    cfg = installed_methods(_config(args))
+    result = load_result(args.pretrain_result) if args.pretrain_result else None
+    check_targets(AtlasStore(cfg.store_uri), args.target, result)  # before any run starts
     with stage_run("finetune-evaluate", cfg) as run:
-        encoder_run = _encoder_run(Path(args.pretrain_result).parent.name) if result else None
+        encoder_run = _encoder_run(Path(args.pretrain_result).resolve()) if result else None
         finetune_and_evaluate(cfg, args.target, result, encoder_run, args.out or Path(cfg.work_dir) / "report",
                               register=result is not None)
     print(f"MLflow run {run.info.run_id}")
 
 
-def _encoder_run(pretrain_key: str) -> str | None:
+def _encoder_run(result_path: Path) -> str | None:
     """The MLflow run that trained the encoder of ``pretrain/<key>/result.json`` (for the
     registered model's lineage), if this tracking store has it."""
     import mlflow
 
+    key = (result_path if result_path.is_dir() else result_path.parent).name
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"params.pretrain_key = '{pretrain_key}'",
+                              filter_string=f"params.pretrain_key = '{key}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def cmd_evaluate(args) -> None:
     from scpretrain_dist.pipeline import (
+        check_lodo,
+        check_transfer,
         evaluate_lodo,
         evaluate_transfer,
+        installed_methods,
         resolve_targets,
         stage_run,
     )
     from scpretrain_dist.store.soma import AtlasStore
     from scpretrain_dist.train.launch import shutdown_ray
 
-    sets = []
-    if args.group:
-        # --group names the targets; it replaces targets listed in the work dir's config
-        sets += [f'evaluate.group="{args.group}"', "evaluate.targets=[]"]
+    evaluate: dict = {}
+    if args.group:  # --group names the targets; it replaces targets listed in the work dir's config
+        evaluate |= {"group": args.group, "targets": []}
     if args.folds:
-        sets.append(f'evaluate.folds="{args.folds}"')
+        evaluate["folds"] = args.folds
     if args.budgets:
-        sets.append(f"evaluate.budgets={list(args.budgets)}")
+        evaluate["budgets"] = list(args.budgets)
     if args.methods:
-        sets.append(f"evaluate.methods={json.dumps(list(args.methods))}")
-    cfg = resolve(_config(args), overrides=sets)
+        evaluate["methods"] = list(args.methods)
+    cfg = _config(args, evaluate=evaluate)
     if not Path(cfg.store_uri).exists():
         raise ConfigError(f"no atlas at {cfg.store_uri}; run `scpretrain ingest ... --work-dir {cfg.work_dir}` first")
+    store = AtlasStore(cfg.store_uri)
     out = args.out or Path(cfg.work_dir) / f"report_{args.protocol}"
+    cfg = installed_methods(cfg)
+    # every input checked before any MLflow run, K-means or training starts
+    if args.protocol == "lodo":
+        targets = resolve_targets(cfg, store, args.targets)
+        check_lodo(cfg, store, targets)
+    else:
+        refs = args.references or list(cfg.evaluate.references)
+        queries = args.queries or list(cfg.evaluate.queries)
+        mapping = args.label_mapping or cfg.evaluate.label_mapping or None
+        check_transfer(cfg, store, refs, queries, mapping)
     try:
         with stage_run(f"evaluate-{args.protocol}", cfg):
             if args.protocol == "lodo":
-                targets = resolve_targets(cfg, AtlasStore(cfg.store_uri), args.targets)
                 evaluate_lodo(cfg, targets, out)
-            elif args.protocol == "transfer":
-                refs = args.references or list(cfg.evaluate.references)
-                queries = args.queries or list(cfg.evaluate.queries)
-                evaluate_transfer(cfg, refs, queries, args.label_mapping or cfg.evaluate.label_mapping or None, out)
             else:
-                raise ConfigError(f"--protocol {args.protocol!r}: use lodo or transfer")
+                evaluate_transfer(cfg, refs, queries, mapping, out)
     finally:
         shutdown_ray()
 
@@ -183,7 +212,7 @@ def cmd_quickstart(args) -> None:
         if not Path(args.data).exists():
             raise ConfigError(f"--data {args.data} does not exist")
         if args.recipe == "tiny" and not args.set:
-            cfg = resolve(recipes.real_cpu(), args.config, [f'work_dir="{cfg.work_dir}"'])
+            cfg = recipes.configure("real_cpu", args.config, (), cfg.work_dir)
     out = quickstart(cfg, args.data)
     print(json.dumps({k: round(v, 1) for k, v in out["timings"].items()}))
 
@@ -231,13 +260,17 @@ def cmd_annotate(args) -> None:
     cfg = _config(args)
     if args.h5ad and args.datasets:
         raise ConfigError("--datasets selects atlas datasets; it does not go with --h5ad")
-    if args.store_uri and (args.out or args.overwrite):
-        raise ConfigError("--out and --overwrite are for --h5ad; atlas annotations go into obs columns of the store")
+    if args.store_uri and (args.out or args.overwrite or args.in_place):
+        raise ConfigError("--out, --in-place and --overwrite are for --h5ad; atlas annotations go into obs "
+                          "columns of the store")
+    if args.out and args.in_place:
+        raise ConfigError("--out writes a new file and --in-place replaces the input; give one of them")
     common = dict(embedding=args.embedding, block_size=args.block_size, workers=args.workers)
     if args.store_uri:
         rep = annotate_store(cfg, args.model, args.store_uri, datasets=args.datasets, **common)
     else:
-        rep = annotate_h5ad(cfg, args.model, args.h5ad, out=args.out, overwrite=args.overwrite, **common)
+        rep = annotate_h5ad(cfg, args.model, args.h5ad, out=args.out, in_place=args.in_place,
+                            overwrite=args.overwrite, **common)
     print(f"annotated {rep.n_cells} cells of {', '.join(rep.datasets)} with {rep.model_uri} into {rep.target}: "
           f"{rep.blocks_computed} blocks computed, {rep.blocks_skipped} already done, {rep.seconds:.1f} s "
           f"({rep.cells_per_second:,.0f} cells/s)")
@@ -247,17 +280,16 @@ def cmd_annotate(args) -> None:
 
 def cmd_markers(args) -> None:
     """Saliency-derived marker genes of each cell type a registered model calls in an .h5ad."""
-    import anndata as ad
-
+    from scpretrain_dist.catalog.entries import read_h5ad
     from scpretrain_dist.serve.annotate import AnnotateError, load_annotator, resolve_model
     from scpretrain_dist.serve.pyfunc import InputError
 
     cfg = _config(args)
     path = Path(args.h5ad)
-    if not path.exists():
-        raise ConfigError(f"--h5ad {path} does not exist")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: its folder does not exist")
+    adata = read_h5ad(path, "--h5ad")
     annotator = load_annotator(resolve_model(args.model, cfg.tracking_uri))
-    adata = ad.read_h5ad(path)
     try:
         markers = annotator.marker_genes(adata.X, [str(g) for g in adata.var_names], args.value_type, args.top)
     except InputError as e:
@@ -272,17 +304,14 @@ def cmd_markers(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """MLflow's scoring server for a registered annotator, on 127.0.0.1 unless told otherwise."""
-    import os
+    """The scoring server for a registered annotator, on 127.0.0.1 unless told otherwise."""
+    from scpretrain_dist.serve.annotate import resolve_model
+    from scpretrain_dist.serve.server import serve
 
     cfg = _config(args)
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn and mlflow live beside this python
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-               MLFLOW_TRACKING_URI=cfg.tracking_uri)
-    cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", args.model, "--env-manager", "local",
-           "-h", args.host, "-p", str(args.port), "--workers", "1"]
-    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations")
-    os.execvpe(cmd[0], cmd, env)
+    ref = resolve_model(args.model, cfg.tracking_uri)  # an unknown model is refused here, clearly
+    print(f"serving {args.model} ({ref.uri}) on http://{args.host}:{args.port}/invocations", flush=True)
+    serve(ref.uri, cfg.tracking_uri, args.host, args.port)
 
 
 def cmd_bench(args) -> None:
@@ -316,7 +345,9 @@ def _bench_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="scpretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="synthetic multi-dataset atlas: small .h5ad files, or any size "
@@ -327,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(never held in memory) instead of writing .h5ad files")
     p.add_argument("--datasets", type=_positive, help="number of datasets (sizes log-normal with --cells)")
     p.add_argument("--genes", type=_positive, help="number of genes of the atlas")
-    p.add_argument("--seed", type=int, help="random seed (same seed, same atlas)")
+    p.add_argument("--seed", type=_non_negative, help="random seed (same seed, same atlas)")
     p.add_argument("--store-uri", help="with --cells: the store to write (default <work-dir>/atlas.soma, "
                    "or atlas.zarr for --format zarr)")
     p.add_argument("--format", choices=["soma", "zarr"], help="with --cells: store format (default soma)")
@@ -370,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="lodo: every labelled dataset of this catalog group is a target (e.g. pbmc)")
     p.add_argument("--folds", help="grouped: one pretraining without all targets (default); per_target: one per "
                                    "target; N: N folds, each pretrained without its own targets only")
-    p.add_argument("--budgets", nargs="+", type=int, metavar="N", help="labelled training cells to sweep (default 25 50 100 250 1000)")
+    p.add_argument("--budgets", nargs="+", type=_positive, metavar="N", help="labelled training cells to sweep (default 25 50 100 250 1000)")
     p.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
     p.add_argument("--references", nargs="+", help="transfer: labelled reference datasets to fine-tune on")
     p.add_argument("--queries", nargs="+", help="transfer: datasets to predict")
@@ -387,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model", default="models:/scpretrain-annotator@champion")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--port", type=_integer(1, 65535), default=5001)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("annotate", help="annotate whole datasets of the atlas, or an .h5ad, with a registered model")
@@ -397,11 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store-uri", help="the SOMA atlas: predictions go into obs columns named after the model version")
     where.add_argument("--h5ad", help="an .h5ad: obs['scpretrain_label'], obs['scpretrain_confidence'], obsm['X_scpretrain']")
     p.add_argument("--datasets", nargs="+", help="atlas datasets to annotate (default: all)")
-    p.add_argument("--out", help="--h5ad output file (default: the input, replaced only when every block is done)")
+    p.add_argument("--out", help="--h5ad: the annotated copy to write (default <input>.annotated.h5ad beside the "
+                   "input; the input is never changed)")
+    p.add_argument("--in-place", action="store_true", help="--h5ad: add the entries to the input file itself "
+                   "(replaced in one rename once every block is done; its permissions are kept)")
     p.add_argument("--embedding", action="store_true", help="also write the 200-d embedding of every cell")
-    p.add_argument("--block-size", type=int, help="cells per block (default annotate.block_size)")
-    p.add_argument("--workers", type=int, help="Ray actors (default annotate.workers; 0 runs in this process)")
-    p.add_argument("--overwrite", action="store_true", help="--h5ad: replace existing scpretrain_* entries")
+    p.add_argument("--block-size", type=_positive, help="cells per block (default annotate.block_size)")
+    p.add_argument("--workers", type=_non_negative, help="Ray actors (default annotate.workers; 0 runs in this process)")
+    p.add_argument("--overwrite", action="store_true", help="--h5ad: replace scpretrain_* entries the input already has")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("markers", help="saliency-derived marker genes of the cell types a registered model calls in an .h5ad")
@@ -423,22 +457,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scpretrain_dist.catalog.entries import CatalogError
-    from scpretrain_dist.store.soma import StoreError
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    where = f"scpretrain {args.command}"
     try:
         args.func(args)
-    except (ConfigError, CatalogError, StoreError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"scpretrain {args.command}: error: {msg}", file=sys.stderr)
+    except UserError as e:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        annotate = sys.modules.get("scpretrain_dist.serve.annotate")  # loaded only if it could raise
-        if annotate is None or not isinstance(e, annotate.AnnotateError):
-            raise
-        print(f"scpretrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure while running: its message, the traceback on request
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        said = lines[0] if lines else ""
+        if len(lines) > 1:  # wrapped errors (Ray's) put the cause last
+            said += f" ... {lines[-1]}"
+        print(f"{where}: failed: {type(e).__name__}: {said}"
+              + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,111 +1,182 @@
 """Typed run configuration: one frozen dataclass per stage, nested in a RunConfig.
 
 Configs come from a recipe (``recipes.py``), optionally a TOML/YAML file, then
-``section.key=value`` overrides from the command line, in that order.
+``section.key=value`` overrides from the command line, in that order. Every setting's range or
+choices are declared beside it (:func:`setting`) and checked when a section is built, so a bad
+value is refused before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import tomllib
 
 
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be applied."""
+class UserError(ValueError):
+    """Something the user gave (an argument, a setting, a file, a store, a request) that cannot
+    be used; the message says which input, what is wrong and what to do. The CLI exits 2."""
+
+
+class ConfigError(UserError):
+    """A configuration file, override or command-line value that cannot be applied."""
+
+
+# Choices of the settings that name a mode; the modules that implement them import these.
+PHASE1_SPACES = ("expression", "pca", "raw")
+HEAD_ACTIVATIONS = ("none", "sigmoid")
+SYNC_DTYPES = ("float32", "bfloat16")
+ENCODER_SHARDINGS = ("genes", "none")
+HEAD_LAYOUTS = ("auto", "block", "padded")
+LOADERS = ("memory", "stream")
+CLASS_WEIGHTS = ("none", "sqrt", "balanced")
+STORE_BACKENDS = ("soma", "zarr")
+FOLD_SCHEMES = ("grouped", "per_target")  # or a number of folds
+
+
+def setting(default, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, choices: tuple | None = None, nonempty: bool = False):
+    """A config field with its allowed range: bounds (``ge``/``gt``/``le``/``lt``) or ``choices``
+    apply to the value, or to every item of a tuple; ``nonempty`` refuses an empty tuple or string."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt,
+                                            "choices": choices, "nonempty": nonempty})
+
+
+def _bound_problem(value, m: dict) -> str | None:
+    if m["choices"] is not None and value not in m["choices"]:
+        return f"use one of {', '.join(map(str, m['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if m[key] is not None and not ok(value, m[key]):
+                return f"must be {word} {m[key]}"
+    return None
+
+
+class _Checked:
+    """Checks every :func:`setting` of a section when it is built (recipes, files, overrides)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            m = f.metadata
+            if not m:
+                continue
+            value = getattr(self, f.name)
+            where = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            if m["nonempty"] and len(value) == 0:
+                raise ConfigError(f"{where} is empty; give at least one value")
+            for v in value if isinstance(value, tuple) else (value,):
+                problem = _bound_problem(v, m)
+                if problem:
+                    raise ConfigError(f"{where} = {value!r}: {problem}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across settings of the section (none by default)."""
 
 
 @dataclass(frozen=True)
-class DemoDataConfig:
+class DemoDataConfig(_Checked):
     """Synthetic multi-dataset atlas (``scpretrain demo-data``)."""
 
-    n_datasets: int = 4
-    cells_per_dataset: int = 600
-    n_genes: int = 2000
-    n_types: int = 6
-    markers_per_type: int = 40
-    genes_kept: float = 0.85  # fraction of the atlas genes each dataset measures
-    seed: int = 0
+    SECTION: ClassVar[str] = "demo"
+    n_datasets: int = setting(4, ge=1)
+    cells_per_dataset: int = setting(600, ge=1)
+    n_genes: int = setting(2000, ge=2)
+    n_types: int = setting(6, ge=1)
+    markers_per_type: int = setting(40, ge=1)
+    genes_kept: float = setting(0.85, gt=0, le=1)  # fraction of the atlas genes each dataset measures
+    seed: int = setting(0, ge=0)
     # > 0: an atlas of this many cells over n_datasets datasets of uneven (log-normal) sizes,
     # streamed into the store block by block instead of written as .h5ad files
-    n_cells: int = 0
+    n_cells: int = setting(0, ge=0)
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(_Checked):
     """Where the atlas lives. ``uri`` empty means ``<work_dir>/atlas.soma``."""
 
+    SECTION: ClassVar[str] = "store"
     uri: str = ""
-    backend: str = "soma"
+    backend: str = setting("soma", choices=STORE_BACKENDS)
 
 
 @dataclass(frozen=True)
-class PseudoLabelConfig:
+class PseudoLabelConfig(_Checked):
     """Per-dataset K-means pseudo-labels: one partition per mean cluster size."""
 
-    cluster_sizes: tuple[int, ...] = (50, 100, 200)
-    min_k: int = 2
+    SECTION: ClassVar[str] = "pseudolabel"
+    cluster_sizes: tuple[int, ...] = setting((50, 100, 200), ge=1, nonempty=True)
+    min_k: int = setting(2, ge=1)
     # At most niter Lloyd iterations; a partition stops at its fixed point (an update that
     # leaves its centroids unchanged), with the same result as running on.
-    niter: int = 30
+    niter: int = setting(30, ge=1)
     # Space of the first clustering: "expression" (normalised expression, the paper),
     # "pca" (a PCA projection of it, faster), or "raw" (raw counts, the original code).
-    phase1_space: str = "expression"
-    pca_dims: int = 50
+    phase1_space: str = setting("expression", choices=PHASE1_SPACES)
+    pca_dims: int = setting(50, ge=1)
     # The PCA runs on this many genes of highest variance in the dataset (all if fewer; 2000 as
     # Seurat and scanpy's tutorials choose), and is fitted on a seeded sample of at most
     # pca_fit_cells cells.
-    pca_genes: int = 2000
-    pca_fit_cells: int = 10_000
-    num_actors: int = 2
-    cpus_per_actor: float = 0.5
+    pca_genes: int = setting(2000, ge=1)
+    pca_fit_cells: int = setting(10_000, ge=1)
+    num_actors: int = setting(2, ge=1)
+    cpus_per_actor: float = setting(0.5, gt=0)
     use_gpu: bool = False  # faiss-gpu assignment (the [gpu] extra) on a GPU per actor
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     # A dataset with more cells than this is clustered by sharded Lloyd iterations across all
     # actors (each reads and featurises its own rows; the driver reduces the sums).
-    shard_threshold_cells: int = 200_000
+    shard_threshold_cells: int = setting(200_000, ge=1)
     # k-means++ (and the PCA of phase1_space="pca") run on a seeded sample of at most this
     # many cells of a dataset; at or below it, on all of them.
-    init_sample_cells: int = 100_000
+    init_sample_cells: int = setting(100_000, ge=1)
     # Each actor keeps the normalised cells it read (compact CSR over the atlas genes, up to this
     # many bytes) and is sent the same datasets at the next refresh: the embedding refreshes of
     # a pretraining run embed them from memory instead of reading the store (a first phase in
     # the "expression" or "pca" space fills the cache too; "raw" does not).
-    cache_bytes: int = 2 << 30
+    cache_bytes: int = setting(2 << 30, ge=0)
     # An actor that dies (a native crash, a lost node) is restarted and its tasks run again, at
     # most this many times per actor; a dataset split over the actors is clustered again from
     # its start when one of them lost its slice. Past that, the refresh fails.
-    actor_restarts: int = 2
+    actor_restarts: int = setting(2, ge=0)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     """Encoder and heads. ``head_activation="sigmoid"`` reproduces the original code."""
 
-    embedding_dim: int = 200
-    hidden_dim: int = 100
-    head_activation: str = "none"
+    SECTION: ClassVar[str] = "model"
+    embedding_dim: int = setting(200, ge=1)
+    hidden_dim: int = setting(100, ge=1)
+    head_activation: str = setting("none", choices=HEAD_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(_Checked):
     """Multi-task pretraining: iterations of (cluster, train ``epochs``)."""
 
-    iterations: int = 10
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float = 1e-4
+    SECTION: ClassVar[str] = "pretrain"
+    iterations: int = setting(10, ge=1)
+    epochs: int = setting(50, ge=1)
+    batch_size: int = setting(256, ge=1)
+    lr: float = setting(1e-4, gt=0)
     # Stop early once every partition's NMI between consecutive pseudo-labels exceeds this
     # (pseudo-labels have stopped changing); ``iterations`` is the maximum. Above 1: never stop.
-    nmi_stop: float = 0.95
-    num_workers: int = 2
-    cpus_per_worker: float = 0.5
+    nmi_stop: float = setting(0.95, ge=0)
+    num_workers: int = setting(2, ge=1)
+    cpus_per_worker: float = setting(0.5, gt=0)
     use_gpu: bool = False
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     # Datasets left out of pretraining (the held-out targets of leave-one-dataset-out).
     exclude_datasets: tuple[str, ...] = ()
     # Sparse updates: the encoder and heads get gradients over the rows a batch touched only
@@ -116,92 +187,102 @@ class PretrainConfig:
     # The all-reduce of the touched rows across workers sends "float32" (exact) or "bfloat16"
     # values (half the bytes; each worker's gradient rounded to 8 significant bits, as DDP's
     # bf16 compression hook does). Only with sparse_updates and more than one worker.
-    gradient_sync_dtype: str = "float32"
+    gradient_sync_dtype: str = setting("float32", choices=SYNC_DTYPES)
     # With more than one CPU worker and sparse_updates: "genes" shards the encoder's rows over
     # the workers by gene (each steps its own rows; the workers exchange their sparse batches
     # and cells x dim products instead of gradient rows, train/parallel.py); "none" keeps a
     # whole encoder on every worker, averaged by the all-reduce of the touched rows.
-    encoder_sharding: str = "genes"
+    encoder_sharding: str = setting("genes", choices=ENCODER_SHARDINGS)
     # Head layout per batch: "auto", "block" (cells x gathered rows) or "padded" (cells x k_max).
-    head_layout: str = "auto"
+    head_layout: str = setting("auto", choices=HEAD_LAYOUTS)
     # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it
     # buffer by buffer with bounded memory (settings in [stream]), for atlases of any size.
-    loader: str = "memory"
+    loader: str = setting("memory", choices=LOADERS)
     # A training worker that dies (a native crash, a lost node) restarts the iteration's
     # training from its start, at most this many times per iteration; past that the run stops,
     # and rerunning the command resumes it after its last finished step.
-    max_failures: int = 2
+    max_failures: int = setting(2, ge=0)
 
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(_Checked):
     """The streaming loader (``pretrain.loader = "stream"``, ``scpretrain bench loader``)."""
 
-    chunk_cells: int = 512  # consecutive cells read together (cheap I/O); shards are made of chunks
-    buffer_cells: int = 32768  # cells shuffled together: 64 chunks, so batches mix datasets
-    prefetch_buffers: int = 1  # buffers read ahead on a background thread
+    SECTION: ClassVar[str] = "stream"
+    chunk_cells: int = setting(512, ge=1)  # consecutive cells read together (cheap I/O); shards are made of chunks
+    buffer_cells: int = setting(32768, ge=1)  # cells shuffled together: 64 chunks, so batches mix datasets
+    prefetch_buffers: int = setting(1, ge=0)  # buffers read ahead on a background thread
     # Keep the worker's shard in memory as compact CSR after the first epoch when it fits in
     # this many bytes; later epochs then run from memory. 0: always stream.
-    cache_bytes: int = 2 << 30
+    cache_bytes: int = setting(2 << 30, ge=0)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_Checked):
     """Supervised fine-tuning of encoder -> sigmoid -> 100 -> sigmoid -> n_types."""
 
-    lr: float = 2e-3
+    SECTION: ClassVar[str] = "finetune"
+    lr: float = setting(2e-3, gt=0)
     # learning rate of the (pretrained) encoder; 0 means ``lr`` as in the paper. A smaller one
     # keeps more of what pretraining learnt (discriminative fine-tuning).
-    encoder_lr: float = 0.0
-    max_epochs: int = 300
-    patience: int = 20
-    batch_size: int = 64
+    encoder_lr: float = setting(0.0, ge=0)
+    max_epochs: int = setting(300, ge=1)
+    patience: int = setting(20, ge=1)
+    batch_size: int = setting(64, ge=1)
     # an epoch is at least this many steps (small label budgets go round their cells several
     # times), so patience means the same amount of training whatever the budget
-    min_steps_per_epoch: int = 16
+    min_steps_per_epoch: int = setting(16, ge=1)
     # >1: the model is the mean of the weights of this many best epochs (by validation accuracy,
     # then loss) instead of the single best epoch (1, the paper)
-    snapshots: int = 1
+    snapshots: int = setting(1, ge=1)
     # probability of zeroing each measured value of a training cell, per step (0: none, the paper)
-    input_dropout: float = 0.0
+    input_dropout: float = setting(0.0, ge=0, lt=1)
     # cross-entropy weight of each class, from its share of the training cells: "none" (the
     # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1;
     # supervised fine-tuning only (the semi-supervised objective stays unweighted)
-    class_weight: str = "none"
+    class_weight: str = setting("none", choices=CLASS_WEIGHTS)
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
     # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary
     # on the embedding behind a gradient reversal; both weights ramp up over the first epochs.
-    unsup_weight: float = 1.0
-    domain_weight: float = 0.1
-    mixup_alpha: float = 0.3
-    sharpen_temperature: float = 0.5
-    ssl_rampup_epochs: int = 20
-    ssl_augment_dropout: float = 0.1  # input dropout of the augmentations when input_dropout is 0
-    train_frac: float = 0.6
-    val_frac: float = 0.1
-    train_cap: int = 1000
-    seeds: tuple[int, ...] = (0, 1, 2)
+    unsup_weight: float = setting(1.0, ge=0)
+    domain_weight: float = setting(0.1, ge=0)
+    mixup_alpha: float = setting(0.3, gt=0)
+    sharpen_temperature: float = setting(0.5, gt=0)
+    ssl_rampup_epochs: int = setting(20, ge=0)
+    # input dropout of the augmentations when input_dropout is 0
+    ssl_augment_dropout: float = setting(0.1, ge=0, lt=1)
+    train_frac: float = setting(0.6, gt=0, lt=1)
+    val_frac: float = setting(0.1, gt=0, lt=1)
+    train_cap: int = setting(1000, ge=1)
+    seeds: tuple[int, ...] = setting((0, 1, 2), ge=0, nonempty=True)
+
+    def check(self) -> None:
+        if self.train_frac + self.val_frac >= 1:
+            raise ConfigError(f"finetune.train_frac + finetune.val_frac = {self.train_frac + self.val_frac:g} "
+                              "leaves no test cells; keep their sum below 1 (the paper: 0.6 + 0.1)")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Checked):
     """Which labelled datasets are held out and fine-tuned on (empty: every labelled one)."""
 
+    SECTION: ClassVar[str] = "evaluate"
     targets: tuple[str, ...] = ()
     group: str = ""  # catalog group whose labelled datasets are the targets (e.g. "pbmc")
     # "grouped": one pretraining without every target serves them all; "per_target": one
-    # pretraining per target, without just that target (the strict leave-one-dataset-out)
+    # pretraining per target, without just that target (the strict leave-one-dataset-out);
+    # a number N: N folds, each pretrained without its own targets only
     folds: str = "grouped"
-    methods: tuple[str, ...] = (
+    methods: tuple[str, ...] = setting((
         "scpretrain", "no_pretrain", "logreg",
         "emb_rf", "emb_logreg", "emb_svm", "pca_rf", "pca_logreg", "pca_svm",
         "scpretrain_ssl",  # transfer only (it learns from the unlabelled query too)
         "celltypist",  # where installed (the bench extra); skipped with a note otherwise
-    )
+    ), nonempty=True)
     # labelled training cells per fine-tuning; the largest is the paper's protocol (capped at
     # min(budget, 0.6 n)); the smaller ones are stratified subsets of its training cells
-    budgets: tuple[int, ...] = (25, 50, 100, 250, 1000)
+    budgets: tuple[int, ...] = setting((25, 50, 100, 250, 1000), ge=1)
     # methods run at every budget (the networks always are); the rest at the largest only
     sweep_methods: tuple[str, ...] = ("logreg",)
     cluster: bool = True  # K-means on embeddings vs UMAP of PCA (Rand index, ARI)
@@ -214,47 +295,60 @@ class EvaluateConfig:
     # query's class mix, estimated by EM on the unlabelled query (rows "<method>+shift")
     label_shift: bool = True
 
+    def check(self) -> None:
+        if self.folds not in FOLD_SCHEMES and not (self.folds.isdigit() and int(self.folds) >= 1):
+            raise ConfigError(f"evaluate.folds = {self.folds!r}: use grouped, per_target or a number of folds >= 1")
+
 
 @dataclass(frozen=True)
-class AnnotateConfig:
+class AnnotateConfig(_Checked):
     """Batch annotation (``scpretrain annotate``): blocks of cells streamed through a pool of
     Ray actors that each load the model once. ``workers = 0`` runs in this process."""
 
-    block_size: int = 8192
-    workers: int = 2
-    cpus_per_worker: float = 0.5
+    SECTION: ClassVar[str] = "annotate"
+    block_size: int = setting(8192, ge=1)
+    workers: int = setting(2, ge=0)
+    cpus_per_worker: float = setting(0.5, gt=0)
     # Without --workers, the actor pool is used only with a Ray cluster to spread over (ray.address,
     # RAY_ADDRESS, or a running Ray) and for jobs of at least this many cells; else in-process.
-    ray_min_cells: int = 50_000
+    ray_min_cells: int = setting(50_000, ge=0)
     # A worker that dies (a native crash, a lost node) is restarted, loading the model again, and
     # its blocks run again, at most this many times per worker. A block is written only after it
     # finishes, so running one again writes nothing twice. 0: the first death stops the run.
-    worker_restarts: int = 2
+    worker_restarts: int = setting(2, ge=0)
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(_Checked):
     """MLflow. ``tracking_uri`` empty means sqlite + local artifacts under the work dir."""
 
+    SECTION: ClassVar[str] = "tracking"
     tracking_uri: str = ""
-    experiment: str = "scpretrain"
-    registered_model: str = "scpretrain-annotator"
-    alias: str = "champion"
+    experiment: str = setting("scpretrain", nonempty=True)
+    registered_model: str = setting("scpretrain-annotator", nonempty=True)
+    alias: str = setting("champion", nonempty=True)
+
+    def check(self) -> None:
+        # MLflow's rules for aliases: word characters and '-', and not a version reference
+        if not re.fullmatch(r"[\w\-]+", self.alias) or self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
+            raise ConfigError(f"tracking.alias = {self.alias!r}: use letters, digits, '_' and '-' "
+                              "(not 'latest' or 'v<number>', which MLflow reserves)")
 
 
 @dataclass(frozen=True)
-class RayConfig:
-    """Ray cluster. ``address`` empty starts a local Ray inside the work dir."""
+class RayConfig(_Checked):
+    """Ray cluster. ``address`` empty starts a local Ray (its temp files under a short path)."""
 
+    SECTION: ClassVar[str] = "ray"
     address: str = ""
     # Logical CPUs for a local Ray. More than the physical cores so that train workers,
     # K-means actors and Ray's own tasks never starve each other on a small machine.
-    num_cpus: int = 0
+    num_cpus: int = setting(0, ge=0)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    work_dir: str = "scpretrain_work"
+class RunConfig(_Checked):
+    work_dir: str = setting("scpretrain_work", nonempty=True)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)

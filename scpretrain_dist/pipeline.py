@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
-from scpretrain_dist.store.soma import AtlasStore, StoreError
+from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
 
 
 @contextmanager
@@ -50,16 +50,26 @@ def ingest(cfg: RunConfig, inputs: list[str], catalog: str | None = None, root: 
     from scpretrain_dist.catalog.entries import entries_from_paths, load_catalog
 
     entries = load_catalog(catalog, root) if catalog else entries_from_paths(inputs)
-    store = AtlasStore.open_or_create(cfg.store_uri)
-    return store.ingest(entries, log=log)
+    return AtlasStore(cfg.store_uri).ingest(entries, log=log)
 
 
-def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]) -> list[str]:
-    names = [r.name for r in store.datasets()]
+def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str], min_cells: int = 1) -> list[str]:
+    """The atlas datasets pretraining uses: all but ``exclude``; each must hold at least
+    ``min_cells`` cells (K-means needs as many cells as its smallest k)."""
+    records = store.datasets()
+    names = [r.name for r in records]
     missing = sorted(set(exclude) - set(names))
     if missing:
         raise StoreError(f"cannot exclude {missing}: not in the atlas (it holds {', '.join(names)})")
-    return [n for n in names if n not in set(exclude)]
+    used = [r for r in records if r.name not in set(exclude)]
+    if not used:
+        raise StoreError(f"every dataset of the atlas is excluded ({', '.join(names)}); pretraining needs at least one")
+    small = [f"{r.name} ({r.n_cells} cells)" for r in used if r.n_cells < min_cells]
+    if small:
+        raise StoreError(f"dataset(s) {', '.join(small)} hold fewer cells than the smallest K-means partition "
+                         f"(pseudolabel.min_k = {min_cells}); leave them out of pretraining with --exclude "
+                         "(or --set pretrain.exclude_datasets=[...])")
+    return [r.name for r in used]
 
 
 # settings of how a run copes, not of what it computes: left out of the encoder's cache key
@@ -99,19 +109,20 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     import mlflow
 
     from scpretrain_dist.train.launch import init_ray
-    from scpretrain_dist.train.pretrain import PretrainResult
+    from scpretrain_dist.train.pretrain import load_result
     from scpretrain_dist.train.pretrain import pretrain as run_pretrain
 
     store = AtlasStore(cfg.store_uri)
-    datasets = pretraining_datasets(store, exclude)
-    if not datasets:
-        raise StoreError("every dataset is excluded; pretraining needs at least one")
+    datasets = pretraining_datasets(store, exclude, cfg.pseudolabel.min_k)
     version = store.locator.pinned().timestamp_ms
     key = pretrain_key(cfg, datasets)
     cached = Path(cfg.work_dir) / "pretrain" / key / "result.json"
     if reuse and cached.exists():
-        result = PretrainResult(**json.loads(cached.read_text()))
-        if Path(result.encoder_path).exists():
+        try:
+            result = load_result(cached)
+        except ConfigError as e:
+            log(f"pretrain: not reusing {cached} ({e}); training again")
+        else:
             log(f"pretrain: reusing cached encoder {result.encoder_path} (key {key})")
             return result, None
     log(f"pretrain: {len(datasets)} datasets ({', '.join(datasets)}), excluded: {', '.join(exclude) or 'none'}")
@@ -138,8 +149,16 @@ def load_encoder_for(store: AtlasStore, pretrain_result):
     return Encoder(load_encoder(pretrain_result.encoder_path), genes, mask)
 
 
+# a fine-tuning target's least labelled cells: the 60/10/30 split leaves each part at least one
+MIN_TARGET_CELLS = 10
+
+
 def check_targets(store: AtlasStore, targets: list[str], pretrain_result=None) -> None:
+    """Every target is a labelled atlas dataset pretraining never saw, with enough labelled cells
+    (and types) to be split, fine-tuned on and tested. Reads obs only: cheap, before any work."""
     records = {r.name: r for r in store.datasets()}
+    if not targets:
+        raise StoreError("no target datasets given; name labelled datasets of the atlas (--target / --targets)")
     for t in targets:
         if t not in records:
             raise StoreError(f"target {t!r} is not in the atlas; it holds {', '.join(records)}")
@@ -147,6 +166,60 @@ def check_targets(store: AtlasStore, targets: list[str], pretrain_result=None) -
             raise StoreError(f"target {t!r} has no cell-type labels; choose a labelled dataset")
         if pretrain_result is not None and t in pretrain_result.datasets:
             raise StoreError(f"target {t!r} was seen in pretraining; exclude it to evaluate honestly")
+        labels = store.read_obs(t)["cell_type"].to_numpy()
+        _check_labelled(f"target {t!r}", labels[labels != UNKNOWN_LABEL])
+
+
+def _check_labelled(what: str, labels: np.ndarray) -> None:
+    types = np.unique(labels)
+    if len(labels) < MIN_TARGET_CELLS:
+        raise StoreError(f"{what} has {len(labels)} labelled cells; fine-tuning and testing need at least "
+                         f"{MIN_TARGET_CELLS} (split 60/10/30); choose a larger dataset")
+    if len(types) < 2:
+        raise StoreError(f"{what} has a single cell type ({', '.join(map(str, types))}); a classifier needs "
+                         "at least 2")
+
+
+def check_transfer(cfg: RunConfig, store: AtlasStore, references: list[str], queries: list[str],
+                   mapping_path: str | None) -> dict | None:
+    """Everything the transfer protocol needs, checked before any pretraining: references and
+    queries in the atlas and distinct, the label mapping readable and covering every label of
+    theirs, enough labelled reference cells of 2+ types, query cells of types the references
+    know, and enough shared genes. Returns the mapping."""
+    from scpretrain_dist.evaluate.protocols import (
+        MIN_SHARED_GENES,
+        harmonise,
+        load_mapping,
+        shared_genes,
+    )
+
+    if not references or not queries:
+        raise StoreError("the transfer protocol needs --references and --queries (datasets in the atlas)")
+    overlap = sorted(set(references) & set(queries))
+    if overlap:
+        raise StoreError(f"{overlap} are both reference and query; a query must be a different dataset")
+    records = {r.name: r for r in store.datasets()}
+    for d in [*references, *queries]:
+        if d not in records:
+            raise StoreError(f"{d!r} is not in the atlas; it holds {', '.join(records)}")
+        if not records[d].labelled:
+            raise StoreError(f"{d!r} has no cell-type labels; the transfer protocol scores labelled queries "
+                             "(`scpretrain annotate` labels unlabelled ones)")
+    mapping = load_mapping(mapping_path)
+    labels = {d: harmonise(d, store.read_obs(d)["cell_type"].to_numpy().astype(object), mapping)
+              for d in [*references, *queries]}
+    ref = np.concatenate([labels[r] for r in references])
+    known = ref[ref != UNKNOWN_LABEL]
+    _check_labelled(f"references {', '.join(references)}", known)
+    for q in queries:
+        if not np.isin(labels[q], known).any():
+            raise StoreError(f"query {q!r} has no cell of a type the references know ({', '.join(np.unique(known))}); "
+                             "check the label mapping")
+        n = len(shared_genes(store, [*references, q]))
+        if n < MIN_SHARED_GENES:
+            raise StoreError(f"references {references} and query {q!r} share only {n} genes; transfer needs at "
+                             f"least {MIN_SHARED_GENES}")
+    return mapping
 
 
 class Evaluation:
@@ -318,6 +391,7 @@ def installed_methods(cfg: RunConfig, log=print) -> RunConfig:
 
     methods = cfg.evaluate.methods
     check_methods(methods)
+    check_methods(cfg.evaluate.sweep_methods, "evaluate.sweep_methods")
     missing = missing_peers(methods)
     if not missing:
         return cfg
@@ -330,6 +404,17 @@ def installed_methods(cfg: RunConfig, log=print) -> RunConfig:
     return replace(cfg, evaluate=replace(cfg.evaluate, methods=tuple(m for m in methods if m not in missing)))
 
 
+def check_lodo(cfg: RunConfig, store: AtlasStore, targets: list[str]) -> list[list[str]]:
+    """The folds of a leave-datasets-out evaluation, each checked before any pretraining: its
+    targets usable, and what pretraining keeps without them usable."""
+    check_targets(store, targets)
+    sizes = {r.name: r.n_cells for r in store.datasets()}
+    folds = fold_exclusions(targets, cfg.evaluate.folds, sizes)
+    for fold in folds:
+        pretraining_datasets(store, tuple(dict.fromkeys([*fold, *cfg.pretrain.exclude_datasets])), cfg.pseudolabel.min_k)
+    return folds
+
+
 def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
     """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
     reused), fine-tune and test on each of its targets; one report over every fold."""
@@ -337,10 +422,9 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> 
 
     cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
-    check_targets(store, targets)
+    folds = check_lodo(cfg, store, targets)
     ev = Evaluation()
-    sizes = {r.name: r.n_cells for r in store.datasets()}
-    for fold in fold_exclusions(targets, cfg.evaluate.folds, sizes):
+    for fold in folds:
         with stage_run("pretrain", cfg):
             result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*fold, *cfg.pretrain.exclude_datasets])), log=log)
             run_id = run_id or mlflow.active_run().info.run_id
@@ -359,17 +443,10 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     import mlflow
 
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
-    from scpretrain_dist.evaluate.protocols import load_mapping
 
     cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
-    if not references or not queries:
-        raise StoreError("the transfer protocol needs --references and --queries (datasets in the atlas)")
-    overlap = sorted(set(references) & set(queries))
-    if overlap:
-        raise StoreError(f"{overlap} are both reference and query; a query must be a different dataset")
-    check_targets(store, [*references, *queries])
-    mapping = load_mapping(mapping_path)
+    mapping = check_transfer(cfg, store, references, queries, mapping_path)
     exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
     ev = Evaluation()
     for q in queries:
@@ -425,6 +502,9 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=print) -> dict:
     from scpretrain_dist.train.launch import shutdown_ray
 
     timings: dict[str, float] = {}
+    cfg = installed_methods(cfg, log)  # the method list checked before any work
+    if data is not None and not Path(data).exists():
+        raise ConfigError(f"--data {data} does not exist; give a folder of .h5ad files or a catalog .toml")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:

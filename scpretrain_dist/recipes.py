@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from scpretrain_dist.config import (
+    ConfigError,
     DemoDataConfig,
     EvaluateConfig,
     FinetuneConfig,
     PretrainConfig,
     PseudoLabelConfig,
     RunConfig,
+    merge,
+    resolve,
 )
 
 
@@ -74,7 +77,19 @@ def atlas_8gpu() -> RunConfig:
 RECIPES = {"tiny": tiny, "paper": paper, "real_cpu": real_cpu, "atlas_8gpu": atlas_8gpu}
 
 
+def configure(name: str, file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+              work_dir: str | None = None, **sections: dict) -> RunConfig:
+    """Recipe ``name``, then the settings ``file``, then ``section.key=value`` overrides, then
+    ``work_dir`` and ``sections`` ({key: value} per section, from a command's own options; set
+    as values, never pasted into TOML, so any path or name survives)."""
+    cfg = resolve(get(name), file, list(overrides))
+    updates: dict = {k: v for k, v in sections.items() if v}
+    if work_dir:
+        updates["work_dir"] = str(work_dir)
+    return merge(cfg, updates) if updates else cfg
+
+
 def get(name: str) -> RunConfig:
     if name not in RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        raise ConfigError(f"--recipe {name!r} is not a recipe; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]()

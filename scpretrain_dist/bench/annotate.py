@@ -97,7 +97,8 @@ def _read(path: Path):
 
 def _lognorm(adata):
     """log1p(CP10k), the input CellTypist expects (and what our annotator computes inside)."""
-    from scpretrain_dist.data.normalize import detect_value_type, normalize_rows
+    from scpretrain_dist.catalog.values import detect_value_type
+    from scpretrain_dist.data.normalize import normalize_rows
 
     out = adata.copy()
     out.X = normalize_rows(adata.X, detect_value_type(adata.X))

@@ -178,8 +178,6 @@ def plan_atlas(cfg: DemoDataConfig) -> AtlasPlan:
             f"{cfg.n_genes} genes cannot hold {cfg.n_types} cell types of {cfg.markers_per_type} "
             "marker genes (needs at least twice the markers per type); raise --genes"
         )
-    if not 0 < cfg.genes_kept <= 1:
-        raise ConfigError(f"demo.genes_kept must be in (0, 1], got {cfg.genes_kept}")
     rng = np.random.default_rng([cfg.seed, 0])
     weights = np.exp(rng.normal(0.0, 1.0, cfg.n_datasets))
     sizes = 1 + np.floor(weights / weights.sum() * (cfg.n_cells - cfg.n_datasets)).astype(np.int64)

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scpretrain_dist.config import ConfigError
+from scpretrain_dist.config import LOADERS, ConfigError
 from scpretrain_dist.data.distributed import rank_and_world
 from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
@@ -39,7 +39,6 @@ from scpretrain_dist.store.sources import csr_nbytes
 
 DEFAULT_CHUNK_CELLS = 512
 DEFAULT_BUFFER_CELLS = 32768
-LOADERS = ("memory", "stream")
 
 
 @dataclass
@@ -394,18 +393,6 @@ class StreamingCells(torch.utils.data.IterableDataset):
             )
         for b in self.epoch_batches(epoch, device):
             yield b.x, b.dataset_idx, b.labels
-
-
-def check_loader(kind: str, stream=None) -> str:
-    """``pretrain.loader`` (and the ``[stream]`` settings), refused before any worker starts."""
-    if kind not in LOADERS:
-        raise ConfigError(f"pretrain.loader must be one of {', '.join(LOADERS)}, got {kind!r}")
-    if stream is not None:
-        for key in ("chunk_cells", "buffer_cells"):
-            _positive_int(f"stream.{key}", getattr(stream, key))
-        for key in ("prefetch_buffers", "cache_bytes"):
-            _positive_int(f"stream.{key}", getattr(stream, key), minimum=0)
-    return kind
 
 
 def open_shard(config: dict, labels, rank: int, world: int, gene_sharded: bool = False):

@@ -1,4 +1,4 @@
-"""Value-type detection and the one normalisation every stage uses: log1p(CP10k)."""
+"""The one normalisation every stage uses: log1p(CP10k) (value types: ``catalog/values.py``)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,6 @@ import numpy as np
 import scipy.sparse as sp
 
 TARGET_SUM = 1e4
-
-
-VALUE_TYPES = ("counts", "lognorm", "log2norm")
-# log1p of a cell's values scaled to 1e6 stays below ~13.8; above that, non-integer values are
-# either log2-scaled (scater's logNormCounts) or linear (TPM, estimated counts).
-_MAX_LN = float(np.log1p(1e6))
-_MAX_LOG2 = 30.0
-
-
-def detect_value_type(X: sp.spmatrix | np.ndarray, sample: int = 200_000) -> str:
-    """"counts" for whole numbers or large linear values (TPM, estimated counts), "lognorm"
-    for natural-log values, "log2norm" for log2 values."""
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    data = data[data != 0]
-    if data.size == 0:
-        return "counts"
-    vmax = float(data.max())
-    if data.size > sample:
-        data = data[:: data.size // sample]
-    frac_non_integer = np.mean(np.abs(data - np.round(data)) > 1e-3)
-    if frac_non_integer < 1e-3 or vmax > _MAX_LOG2:
-        return "counts"
-    return "lognorm" if vmax <= _MAX_LN else "log2norm"
 
 
 def to_linear(values: np.ndarray, value_type: str) -> np.ndarray:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from scpretrain_dist.config import ConfigError
+
 NETWORKS = ("scpretrain", "no_pretrain")
 EXPRESSION = ("logreg",)
 CLASSIFIERS = ("rf", "logreg", "svm")
@@ -55,10 +57,10 @@ class Fitted:
     prior: np.ndarray | None = None  # the class prior the probabilities follow (None: the training shares)
 
 
-def check_methods(methods) -> None:
+def check_methods(methods, setting: str = "evaluate.methods") -> None:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        raise ConfigError(f"{setting} names unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
 
 
 def peer_installed(method: str) -> bool:

@@ -37,6 +37,8 @@ from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
 from scpretrain_dist.train.finetune import gene_index, training_prior
 
+MIN_SHARED_GENES = 50  # genes a reference and its query must share for a transfer
+
 
 @dataclass
 class TargetData:
@@ -81,7 +83,7 @@ def load_mapping(path: str | Path | None) -> dict[str, dict[str, str | None]] | 
     return mapping
 
 
-def _harmonise(name: str, labels: np.ndarray, mapping: dict | None) -> np.ndarray:
+def harmonise(name: str, labels: np.ndarray, mapping: dict | None) -> np.ndarray:
     """Mapped labels (UNKNOWN_LABEL where the mapping drops a cell)."""
     if mapping is None:
         return labels
@@ -121,7 +123,7 @@ def load_target(
     else:
         where = {g: i for i, g in enumerate(atlas_genes)}
         cols = np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
-    labels = _harmonise(name, obs["cell_type"].to_numpy().astype(object), mapping)
+    labels = harmonise(name, obs["cell_type"].to_numpy().astype(object), mapping)
     keep = labels != UNKNOWN_LABEL
     if classes is not None:
         keep &= np.isin(labels, classes)
@@ -262,9 +264,9 @@ def evaluate_transfer(
     query, normalised over that shared panel in both."""
     ev, f = cfg.evaluate, cfg.finetune
     genes = shared_genes(store, [*references, query])
-    if len(genes) < 50:
+    if len(genes) < MIN_SHARED_GENES:
         raise StoreError(f"references {references} and query {query!r} share only {len(genes)} genes; "
-                         f"transfer needs at least 50")
+                         f"transfer needs at least {MIN_SHARED_GENES}")
     refs = [load_target(store, r, genes, mapping) for r in references]
     classes = np.unique(np.concatenate([r.classes[r.labels] for r in refs]))
     refs = [load_target(store, r, genes, mapping, classes) for r in references]

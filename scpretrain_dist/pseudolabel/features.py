@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from scpretrain_dist.config import PHASE1_SPACES
 from scpretrain_dist.store.soma import AtlasStore
 
-SPACES = ("expression", "pca", "raw", "embedding")
+SPACES = (*PHASE1_SPACES, "embedding")  # the first phase's spaces, then the encoder's
 
 
 def read_encoder(path: str | Path) -> dict[str, np.ndarray]:

@@ -19,7 +19,6 @@ import scipy.sparse as sp
 
 from scpretrain_dist.config import ConfigError, PseudoLabelConfig
 from scpretrain_dist.pseudolabel.features import (
-    SPACES,
     Projection,
     embed,
     featurize,
@@ -353,8 +352,6 @@ class KMeansPool:
             raise ConfigError(f"datasets {missing} are not in the atlas {self.locator.uri}")
         order = sorted(datasets, key=lambda d: -sizes[d])  # largest first: shortest makespan
         space = "embedding" if encoder is not None else cfg.phase1_space
-        if space not in SPACES:
-            raise ConfigError(f"pseudolabel.phase1_space={space!r} is not one of {', '.join(SPACES[:3])}")
         sharded = [d for d in order if sizes[d] > cfg.shard_threshold_cells]
         whole = [d for d in order if sizes[d] <= cfg.shard_threshold_cells]
         encoder_ref = ray.put(encoder) if isinstance(encoder, dict) else encoder

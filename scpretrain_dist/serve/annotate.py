@@ -30,13 +30,14 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from scpretrain_dist.config import RunConfig
+from scpretrain_dist.catalog.entries import read_h5ad
+from scpretrain_dist.config import RunConfig, UserError
 from scpretrain_dist.store.files import save_npz_whole, write_json_whole
 from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
 with warnings.catch_warnings(record=True):
-    from scpretrain_dist.serve.pyfunc import Annotator, InputError, _check_values
+    from scpretrain_dist.serve.pyfunc import UNASSIGNED, Annotator, InputError, _check_values
 
 ANNOTATIONS_KEY = "scpretrain.annotations"
 H5AD_LABEL = "scpretrain_label"
@@ -46,7 +47,7 @@ H5AD_UNS = "scpretrain_annotation"
 FAST_KERNEL_MIN_CELLS = 200_000  # cells per actor above which actors load torch's sparse kernel
 
 
-class AnnotateError(ValueError):
+class AnnotateError(UserError):
     """A model, input or output that batch annotation cannot use; the message says what to do."""
 
 
@@ -450,7 +451,7 @@ def _write_record(store: AtlasStore, ref: ModelRef, embedding: bool, updates: di
         exp.metadata[ANNOTATIONS_KEY] = json.dumps(allrec)
 
 
-def _write_store_block(store: AtlasStore, ref: ModelRef, res: BlockResult, classes: np.ndarray) -> None:
+def _write_store_block(store: AtlasStore, ref: ModelRef, res: BlockResult, names: Callable) -> None:
     """Embedding first, then the block's whole obs rows (TileDB writes need every attribute),
     in one write: the filled label column is the block's commit marker."""
     import tiledbsoma as soma
@@ -474,7 +475,7 @@ def _write_store_block(store: AtlasStore, ref: ModelRef, res: BlockResult, class
     order = np.argsort(tbl["soma_joinid"].to_numpy())
     tbl = tbl.take(pa.array(order))
     pos = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
-    labels = pa.array(classes[res.codes[pos]].tolist(), pa.large_string())
+    labels = pa.array(names(res.codes[pos]).tolist(), pa.large_string())
     conf = pa.array(res.confidence[pos].astype(np.float32), pa.float32())
     tbl = tbl.set_column(tbl.schema.get_field_index(ref.label_column), ref.label_column, labels)
     tbl = tbl.set_column(tbl.schema.get_field_index(ref.confidence_column), ref.confidence_column, conf)
@@ -552,7 +553,7 @@ def annotate_store(
             workers = _choose_workers(cfg, workers, sum(b.n_cells for b in pending), log)
             with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
                 for res in results:
-                    _write_store_block(store, ref, res, annotator.classes)
+                    _write_store_block(store, ref, res, annotator.label_names)
                     computed += 1
                     bar.update(res.block.n_cells)
                     d = res.block.source.dataset
@@ -572,6 +573,37 @@ def annotate_store(
 
 
 # ---------------------------------------------------------------------------- .h5ad files
+def output_path(path: Path, out: str | Path | None, in_place: bool) -> Path:
+    """Where the annotated file goes, checked before any work: the input itself only with
+    ``in_place`` (and when it may be written), else a new file that does not exist yet."""
+    if not path.is_file():
+        raise AnnotateError(f"--h5ad {path} does not exist" if not path.exists() else f"--h5ad {path} is not a file")
+    if in_place:
+        if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.resolve().parent, os.W_OK | os.X_OK):
+            raise AnnotateError(f"--in-place: {path} (or its folder) is read-only; make it writable, or leave out "
+                                "--in-place to write an annotated copy")
+        return path
+    out = Path(out) if out else path.with_name(f"{path.stem}.annotated.h5ad")
+    if out.exists() and out.resolve() == path.resolve():
+        raise AnnotateError(f"--out {out} is the input; pass --in-place to add the annotation to the input itself")
+    if out.exists():
+        raise AnnotateError(f"{out} already exists; choose another --out, remove it, or pass --in-place to "
+                            "annotate the input itself")
+    folder = out.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AnnotateError(f"cannot write {out}: {folder} is read-only; choose another --out")
+    return out
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (ValueError, OSError):  # a damaged record of our own: start over
+        return None
+
+
 def _file_identity(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -586,31 +618,27 @@ def annotate_h5ad(
     block_size: int | None = None,
     workers: int | None = None,
     overwrite: bool = False,
+    in_place: bool = False,
     on_block: Callable[[BlockResult], None] | None = None,
     progress: bool | None = None,
     log=print,
 ) -> AnnotateReport:
     """Annotate every cell of an ``.h5ad``: ``obs['scpretrain_label']``,
-    ``obs['scpretrain_confidence']`` (and ``obsm['X_scpretrain']``), written to ``out``
-    (default: the input, replaced atomically at the end, so an interrupted run loses nothing).
+    ``obs['scpretrain_confidence']`` (and ``obsm['X_scpretrain']``), written to a copy, ``out``
+    (default ``<input>.annotated.h5ad``), or with ``in_place`` into the input itself (replaced in
+    one rename at the end, its permissions kept). The input is otherwise never changed.
 
     Finished blocks wait in ``<out>.annotate-progress/``; a rerun picks them up."""
-    import anndata as ad
     import h5py
 
     t0 = time.perf_counter()
     block_size = block_size or cfg.annotate.block_size
+    if block_size < 1:
+        raise AnnotateError(f"--block-size {block_size}: give a positive number of cells per block")
     path = Path(path)
-    out = Path(out) if out else path
-    if not path.exists():
-        raise AnnotateError(f"--h5ad {path} does not exist")
-    if out.resolve() != path.resolve() and out.exists():
-        raise AnnotateError(f"--out {out} already exists; choose another path or remove it")
+    out = output_path(path, out, in_place)
     ref = resolve_model(model_uri, cfg.tracking_uri)
-    try:
-        adata = ad.read_h5ad(path, backed="r")
-    except Exception as e:  # anndata raises many types for a broken file
-        raise AnnotateError(f"{path} is not a readable .h5ad file ({type(e).__name__}: {e})") from None
+    adata = read_h5ad(path, "--h5ad", backed="r")
     n_cells, genes = adata.n_obs, np.asarray(adata.var_names.astype(str))
     clash = [c for c in (H5AD_LABEL, H5AD_CONFIDENCE) if c in adata.obs] + \
             ([H5AD_EMBEDDING] if H5AD_EMBEDDING in adata.obsm else [])
@@ -628,7 +656,7 @@ def annotate_h5ad(
         first = sp.csr_matrix(adata.X[: min(n_cells, 2_000)])
         values = first.data[probe.lut[first.indices] >= 0]
         _check_values(values)
-        from scpretrain_dist.data.normalize import detect_value_type
+        from scpretrain_dist.catalog.values import detect_value_type
 
         value_type = detect_value_type(values)
     except InputError as e:
@@ -641,16 +669,18 @@ def annotate_h5ad(
     manifest = {"model_uri": ref.uri, "input": _file_identity(path), "n_cells": n_cells,
                 "block_size": block_size, "embedding": embedding, "value_type": value_type}
     mf = progress_dir / "manifest.json"
-    if mf.exists():
-        old = json.loads(mf.read_text())
-        if old != manifest:
-            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-            raise AnnotateError(
-                f"{progress_dir} holds an unfinished run that differs in {diff} "
-                f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); rerun it with the same settings, "
-                "or remove that folder to start over"
-            )
-    else:
+    old = _read_manifest(mf)
+    if old is not None and old != manifest:
+        diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+        if diff == ["block_size"] and isinstance(old.get("block_size"), int) and old["block_size"] >= 1:
+            manifest["block_size"] = block_size = old["block_size"]  # the same work, cut as it was
+            blocks = make_blocks(src, n_cells, block_size)
+            log(f"annotate: resuming {progress_dir} with its block size {block_size}")
+        else:  # finished blocks of another input, model or setting: of no use to this run
+            log(f"annotate: {progress_dir} holds an unfinished run that differs in {diff}; starting over")
+            shutil.rmtree(progress_dir)
+            old = None
+    if old is None:
         progress_dir.mkdir(parents=True, exist_ok=True)
         write_json_whole(mf, manifest, indent=None)
 
@@ -674,6 +704,10 @@ def annotate_h5ad(
                 bar.update(res.block.n_cells)
                 if on_block is not None:
                     on_block(res)
+    except AnnotateError:
+        if not any(progress_dir.glob("block_*.npz")):  # bad input before any block finished: nothing to keep
+            shutil.rmtree(progress_dir, ignore_errors=True)
+        raise
     finally:
         bar.close()
 
@@ -718,7 +752,11 @@ def _write_h5ad_annotation(path: Path, out: Path, classes, codes, conf, emb, inf
                     del obs[key]
                 if key in order:
                     order.remove(key)
-            write_elem(obs, H5AD_LABEL, pd.Categorical.from_codes(codes, categories=[str(c) for c in classes]))
+            categories = [str(c) for c in classes]
+            if (codes < 0).any():  # cells with no value over the model's genes
+                categories.append(UNASSIGNED)
+                codes = np.where(codes < 0, len(classes), codes)
+            write_elem(obs, H5AD_LABEL, pd.Categorical.from_codes(codes, categories=categories))
             write_elem(obs, H5AD_CONFIDENCE, conf)
             obs.attrs["column-order"] = np.array(order + [H5AD_LABEL, H5AD_CONFIDENCE], dtype=object)
             if emb is not None:
@@ -734,6 +772,8 @@ def _write_h5ad_annotation(path: Path, out: Path, classes, codes, conf, emb, inf
             write_elem(f["uns"], H5AD_UNS, info)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if out.exists():  # --in-place: the file keeps its permissions
+            shutil.copymode(out, tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -18,6 +18,9 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import softmax
 
+from scpretrain_dist.catalog.values import value_problem
+from scpretrain_dist.config import UserError
+
 try:
     import mlflow.pyfunc
 
@@ -32,9 +35,11 @@ _GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repe
 _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero values
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
 PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
+# the call for a cell with no value over the model's genes: nothing to base a type on
+UNASSIGNED = "Unassigned"
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A request the annotator refuses; the message says what to fix."""
 
 
@@ -68,9 +73,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class Predictions:
     """Per cell: predicted class, its probability, and the 200-d embedding when asked."""
 
-    labels: np.ndarray  # object array of class names
-    codes: np.ndarray  # int, index into ``Annotator.classes``
-    confidence: np.ndarray  # float32
+    labels: np.ndarray  # object array of class names (UNASSIGNED for cells with no model gene)
+    codes: np.ndarray  # int, index into ``Annotator.classes``; -1: UNASSIGNED
+    confidence: np.ndarray  # float32 (0 where UNASSIGNED)
     overlap: float  # fraction of the model's genes found in the input
     n_matched: int
     value_type: str
@@ -111,6 +116,11 @@ class Annotator:
         self.temperature = float(meta.get("temperature", 1.0))
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
+        self._names = np.append(self.classes, UNASSIGNED).astype(object)
+
+    def label_names(self, codes: np.ndarray) -> np.ndarray:
+        """Class names of prediction codes; code -1 is :data:`UNASSIGNED`."""
+        return self._names[codes]
 
     def gene_map(self, genes, merge_repeats: bool = False) -> _GeneMap:
         """Where each model gene sits in an input gene list (symbols, any case and order).
@@ -183,10 +193,21 @@ class Annotator:
             )
         gm = self.gene_map(df.columns)
         try:
-            values = df.to_numpy(dtype=np.float32)
+            with np.errstate(over="ignore"):  # values past float32 become inf here, told apart below
+                values = df.to_numpy(dtype=np.float32)
         except (TypeError, ValueError):
-            bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-            raise InputError(f"gene columns must be numeric; non-numeric: {bad[:5]}") from None
+            bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            raise InputError(f"gene columns must hold numbers; these do not: {bad[:5]}") from None
+        if not np.isfinite(values).all():
+            original = df.to_numpy(dtype=np.float64)
+            missing = np.isnan(original)
+            if missing.any():
+                r, c = (int(i[0]) for i in np.nonzero(missing))
+                raise InputError(
+                    f"cell {r} has no value for gene {str(df.columns[c])!r} ({int(missing.sum())} missing values in "
+                    "all): a row shorter than the columns, a record without that key, or null/NaN; send a number "
+                    "for every gene column (0 where a gene was not detected)")
+            _check_values(original)
         _check_values(values)
         return values, gm
 
@@ -216,13 +237,18 @@ class Annotator:
         emb, _, logits = self._layers(h)
         p = softmax(logits, axis=1)
         codes = p.argmax(1)
-        return Predictions(self.classes[codes], codes, p.max(1).astype(np.float32), overlap, gm.n_matched,
+        confidence = p.max(1).astype(np.float32)
+        empty = _empty_rows(Xm)
+        codes[empty] = -1
+        confidence[empty] = 0.0
+        return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched,
                            value_type, emb.astype(np.float32) if return_embedding else None)
 
     def _normalised(self, X, gm: _GeneMap, value_type: str):
         """Cells x matched genes (CSR, or dense when the input is dense enough), log1p(CP10k)
         over the matched genes, and the value type found."""
-        from scpretrain_dist.data.normalize import TARGET_SUM, detect_value_type, to_linear
+        from scpretrain_dist.catalog.values import detect_value_type
+        from scpretrain_dist.data.normalize import TARGET_SUM, to_linear
 
         if not sp.issparse(X):
             X = np.asarray(X, dtype=np.float32)
@@ -296,9 +322,10 @@ class Annotator:
             rows = np.repeat(np.arange(Xm.shape[0]), np.diff(Xm.indptr))
             grad = np.einsum("ij,ij->i", d_h[rows], gm.enc_w[Xm.indices])  # at each non-zero
             attribution = sp.csr_matrix((grad * Xm.data, Xm.indices, Xm.indptr), shape=Xm.shape)
-            onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
+            called_cells = (~_empty_rows(Xm)).astype(np.float64)  # an empty cell is called nothing
+            onehot = sp.csr_matrix((called_cells, (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
             total += (onehot @ attribution).toarray()
-            called += np.bincount(codes, minlength=n_types)
+            called += np.bincount(codes, weights=called_cells, minlength=n_types).astype(np.int64)
         model_genes = self.genes[gm.rows]
         out = {}
         for c in np.flatnonzero(called):
@@ -382,14 +409,19 @@ def _decode(value, dtype: str, what: str, row: int) -> np.ndarray:
         raw = bytes(value)
     elif isinstance(value, str):
         try:
-            raw = binascii.a2b_base64(value)
+            raw = binascii.a2b_base64(value, strict_mode=True)
         except (binascii.Error, ValueError):
-            raise InputError(f"cell {row}: {what} is not valid base64") from None
+            raise InputError(f"cell {row}: {what} is not valid base64 (of little-endian {dtype} values)") from None
     else:
         try:
-            return np.asarray(value, dtype=np.float64 if what == "values" else np.int64).ravel()
+            out = np.asarray(value, dtype=np.float64).ravel()
         except (TypeError, ValueError):
             raise InputError(f"cell {row}: {what} must be a list of numbers or base64 of {dtype}") from None
+        if what == "indices":
+            if not np.all(np.isfinite(out)) or np.any(out != np.round(out)):
+                raise InputError(f"cell {row}: indices must be whole numbers (positions in the genes parameter)")
+            return out.astype(np.int64)
+        return out
     size = np.dtype(dtype).itemsize
     if len(raw) % size:
         raise InputError(f"cell {row}: {what} holds {len(raw)} bytes, not a whole number of {dtype} values")
@@ -404,7 +436,7 @@ def _decode_column(items: list, dtype: str, what: str) -> tuple[np.ndarray, np.n
 
     if all(type(v) is str for v in items):
         try:
-            raw = [binascii.a2b_base64(v) for v in items]
+            raw = [binascii.a2b_base64(v, strict_mode=True) for v in items]
         except (binascii.Error, ValueError):
             raw = None  # the row-by-row pass below names the bad cell
     elif all(type(v) is bytes for v in items):
@@ -454,6 +486,10 @@ def decode_sparse_rows(df: pd.DataFrame, n_genes: int, dtypes: str = "i4,f4") ->
         raise InputError(f"cell {row}: {n_ind[row]} indices but {n_val[row]} values")
     indptr = np.zeros(len(n_ind) + 1, dtype=np.int64)
     np.cumsum(n_ind, out=indptr[1:])
+    problem = value_problem(data)
+    if problem:
+        row = int(np.searchsorted(indptr, _first_bad(data), side="right") - 1)
+        raise InputError(f"cell {row}: the values hold {problem}; send raw counts or log-normalised values")
     data = data.astype(np.float32)
     if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
         raise InputError(f"gene indices must lie in [0, {n_genes}) (positions in the genes parameter)")
@@ -464,6 +500,13 @@ def decode_sparse_rows(df: pd.DataFrame, n_genes: int, dtypes: str = "i4,f4") ->
         if np.any((np.diff(X.indices) == 0) & same_row):
             raise InputError("a cell repeats a gene index; send each gene once per cell")
     return X
+
+
+def _first_bad(values: np.ndarray) -> int:
+    """Position of the first value :func:`value_problem` objects to."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max) | (values < 0)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else 0
 
 
 def _sparse_parts(X, genes) -> tuple[str, str, sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -514,10 +557,14 @@ def sparse_request_parquet(X, genes, value_type: str = "auto", return_embedding:
 
 
 def _check_values(values: np.ndarray) -> None:
-    if not np.isfinite(values).all():
-        raise InputError("the request holds NaN or infinite values; send counts or log-normalised values")
-    if (values < 0).any():
-        raise InputError("the request holds negative values (scaled data?); send counts or log-normalised values")
+    problem = value_problem(values)
+    if problem:
+        raise InputError(f"the input holds {problem}; send raw counts or log-normalised values")
+
+
+def _empty_rows(Xm) -> np.ndarray:
+    """Cells with no value over the model's genes (after normalisation, so all-zero rows)."""
+    return np.asarray(Xm.sum(1)).ravel() == 0  # normalised values are >= 0
 
 
 def preload_sparse_kernel() -> None:

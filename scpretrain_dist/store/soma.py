@@ -15,7 +15,6 @@ ingest never leaves a half dataset behind.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import queue
@@ -31,13 +30,19 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import DatasetEntry
-from scpretrain_dist.data.normalize import detect_value_type, normalize_rows
+from scpretrain_dist.catalog.inputs import (
+    UNKNOWN_LABEL,
+    PreparedDataset,
+    file_sha256,
+    prepare_dataset,
+)
+from scpretrain_dist.config import UserError
+from scpretrain_dist.data.normalize import normalize_rows
 
 REGISTRY_KEY = "scpretrain.datasets"
 GENES_KEY = "scpretrain.genes."
 MEASUREMENT = "RNA"
 LAYER = "counts"
-UNKNOWN_LABEL = "unknown"
 # X is read by runs of cells. One gene tile as wide as any gene space keeps each cell's values
 # together in the array's global order, so reading a run of cells decompresses only those cells'
 # data tiles (with the default 2048-gene tiles, one cell costs its whole 2048-cell band).
@@ -56,7 +61,7 @@ WHOLE_READ_CONFIG = {"soma.init_buffer_bytes": str(64 << 20), "sm.mem.malloc_tri
 MAX_SLICE_READS = 256
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """An input or store state that ingest or reading cannot accept."""
 
 
@@ -88,7 +93,14 @@ class AtlasLocator:
         import tiledbsoma as soma
 
         context = _context(tiledb_config) if tiledb_config else None
-        return soma.Experiment.open(self.uri, tiledb_timestamp=self.timestamp_ms, context=context)
+        try:
+            return soma.Experiment.open(self.uri, tiledb_timestamp=self.timestamp_ms, context=context)
+        except soma.SOMAError as e:
+            if "://" not in self.uri and not Path(self.uri).exists():
+                raise StoreError(f"no atlas at {self.uri}; run `scpretrain ingest` first (or give the right "
+                                 "--work-dir / store.uri)") from None
+            raise StoreError(f"{self.uri} is not a SOMA experiment ({str(e).splitlines()[0][:200]}); give the "
+                             "atlas folder `scpretrain ingest` made, or a path that does not exist yet") from None
 
     def pinned(self) -> AtlasLocator:
         """The same atlas, pinned to its current version."""
@@ -149,102 +161,6 @@ def _with_null_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class PreparedDataset:
-    """A dataset read and validated in memory, ready to be written."""
-
-    entry: DatasetEntry
-    matrix: sp.csr_matrix  # cells x own genes, duplicates summed
-    symbols: np.ndarray  # upper-case, unique
-    obs_ids: np.ndarray
-    labels: np.ndarray
-    value_type: str
-    n_types: int
-    sha256: str
-    species: str
-    tissue: str
-    technology: str
-
-
-def prepare_dataset(entry: DatasetEntry) -> PreparedDataset:
-    """Read and validate one ``.h5ad``; raise StoreError naming the file and the fix."""
-    import anndata as ad
-
-    path = Path(entry.path)
-    if not path.exists():
-        raise StoreError(f"dataset {entry.name}: file {path} does not exist")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as e:  # anndata raises many types for a broken file
-        raise StoreError(
-            f"dataset {entry.name}: {path} is not a readable .h5ad file ({type(e).__name__}: {e}); "
-            "check the file or re-export it with anndata"
-        ) from None
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise StoreError(f"dataset {entry.name}: {path} has {adata.n_obs} cells x {adata.n_vars} genes; nothing to ingest")
-    X = adata.X
-    if X is None:
-        raise StoreError(f"dataset {entry.name}: {path} has no X matrix")
-    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
-    X.sum_duplicates()
-    if not np.all(np.isfinite(X.data)):
-        raise StoreError(f"dataset {entry.name}: {path} has NaN or infinite values in X; clean them first")
-    if X.data.size and X.data.min() < 0:
-        raise StoreError(
-            f"dataset {entry.name}: {path} has negative values in X (scaled data?); "
-            "ingest raw counts or log-normalised values"
-        )
-    symbols = pd.Index(adata.var_names.astype(str)).str.upper()
-    if symbols.str.len().min() == 0:
-        raise StoreError(f"dataset {entry.name}: {path} has empty gene names in var_names")
-    if symbols.has_duplicates:  # sum rows of genes that collide once upper-cased
-        codes, uniques = pd.factorize(symbols)
-        merge = sp.csr_matrix(
-            (np.ones(len(codes), np.float32), (np.arange(len(codes)), codes)),
-            shape=(len(codes), len(uniques)),
-        )
-        X = (X @ merge).tocsr()
-        symbols = pd.Index(uniques)
-    value_type = detect_value_type(X) if entry.value_type == "auto" else entry.value_type
-    if entry.label_key in adata.obs:
-        col = adata.obs[entry.label_key]
-        labels = col.astype(object).where(col.notna(), UNKNOWN_LABEL).astype(str).to_numpy()
-    else:
-        labels = np.full(adata.n_obs, UNKNOWN_LABEL, dtype=object)
-    n_types = len(set(labels) - {UNKNOWN_LABEL, "nan", ""})
-    names = adata.obs_names.astype(str)
-    obs_ids = np.array([f"{entry.name}:{n}" for n in names], dtype=object)
-    if len(set(obs_ids)) != len(obs_ids):
-        obs_ids = np.array([f"{o}#{i}" for i, o in enumerate(obs_ids)], dtype=object)
-    uns = adata.uns
-
-    def meta(key: str) -> str:
-        value = getattr(entry, key)
-        return value if value != "unknown" else str(uns.get(key, "unknown"))
-
-    return PreparedDataset(
-        entry=entry,
-        matrix=X,
-        symbols=np.asarray(symbols, dtype=object),
-        obs_ids=obs_ids,
-        labels=labels.astype(object),
-        value_type=value_type,
-        n_types=n_types,
-        sha256=_sha256(path),
-        species=meta("species"),
-        tissue=meta("tissue"),
-        technology=meta("technology"),
-    )
-
-
 @dataclass
 class StreamedDataset:
     """A dataset appended block by block, never whole in memory, already in the atlas gene
@@ -296,6 +212,34 @@ def _pipelined(items: Iterator, consume: Callable[[object], None], depth: int = 
         raise failed[0]
 
 
+# a dataset sharing fewer of its genes than this with the rest of the atlas is refused (its
+# names are not the atlas's gene symbols: another species, ids, a typo'd column); under
+# LOW_OVERLAP it is accepted with a warning
+MIN_OVERLAP = 0.05
+LOW_OVERLAP = 0.5
+
+
+def _check_gene_overlap(prepared: list[PreparedDataset], atlas_genes: list[str], log) -> None:
+    """Each new dataset's genes against the atlas and the other new datasets (what it will be
+    pretrained and compared with); nothing to compare with for a lone first dataset."""
+    for p in prepared:
+        others = set(atlas_genes).union(*(set(q.symbols) for q in prepared if q is not p))
+        if not others:
+            continue
+        shared = sum(1 for s in p.symbols if s in others)
+        frac = shared / len(p.symbols)
+        where = f"dataset {p.entry.name} ({p.entry.path})"
+        if frac < MIN_OVERLAP:
+            raise StoreError(
+                f"{where} shares {shared} of its {len(p.symbols)} genes ({frac:.1%}) with the atlas and the other "
+                f"inputs (e.g. its {', '.join(map(str, p.symbols[:3]))} vs {', '.join(sorted(others)[:3])}); the atlas "
+                "matches genes by symbol (human and mouse by upper case). Give gene symbols (catalog gene_key names a "
+                "var column of them), or ingest it into an atlas of its own species and naming")
+        if frac < LOW_OVERLAP:
+            log(f"warning: {where} shares only {shared} of its {len(p.symbols)} genes ({frac:.0%}) with the atlas "
+                "and the other inputs; the rest add genes no other dataset measures")
+
+
 class AtlasStore:
     """Read and append to a SOMA atlas. Open it per use; pass ``locator`` between processes."""
 
@@ -305,12 +249,28 @@ class AtlasStore:
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, uri: str | Path) -> AtlasStore:
-        import tiledbsoma as soma
+        """A new, empty atlas, built under a temporary name beside ``uri`` and renamed into place
+        (members are stored relative to the experiment), so an interrupted create leaves nothing
+        at ``uri`` to block the next one."""
+        import shutil
 
         uri = str(uri)
         if Path(uri).exists():
             raise StoreError(f"{uri} already exists; open it with AtlasStore({uri!r}) instead")
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(uri).with_name(f".{Path(uri).name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            cls._create_layout(str(tmp))
+            os.rename(tmp, uri)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(uri)
+
+    @staticmethod
+    def _create_layout(uri: str) -> None:
+        import tiledbsoma as soma
+
         with soma.Experiment.create(uri) as exp:
             exp.add_new_dataframe(
                 "obs",
@@ -334,11 +294,21 @@ class AtlasStore:
                 LAYER, type=pa.float32(), shape=(1, 1), platform_config=X_CREATE_OPTIONS
             )
             exp.metadata[REGISTRY_KEY] = "[]"
-        return cls(uri)
 
     @classmethod
     def open_or_create(cls, uri: str | Path) -> AtlasStore:
-        return cls(uri) if Path(str(uri)).exists() else cls.create(uri)
+        """The atlas at ``uri`` (checked to be one), or a new one where nothing is (an empty folder
+        counts as nothing)."""
+        path = Path(str(uri))
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        if not path.exists():
+            return cls.create(uri)
+        if not path.is_dir():
+            raise StoreError(f"{uri} is a file, not an atlas; give a folder path for the atlas (store.uri)")
+        store = cls(uri)
+        store.datasets()  # refuses anything but an atlas
+        return store
 
     @property
     def uri(self) -> str:
@@ -349,7 +319,10 @@ class AtlasStore:
         if not Path(self.uri).exists():
             raise StoreError(f"no atlas at {self.uri}; run `scpretrain ingest` first")
         with self.locator.open() as exp:
-            return [DatasetRecord(**r) for r in json.loads(exp.metadata.get(REGISTRY_KEY, "[]"))]
+            if REGISTRY_KEY not in exp.metadata:
+                raise StoreError(f"{self.uri} is a SOMA experiment but not an scpretrain atlas (it has no dataset "
+                                 "registry); ingest into a new path, e.g. --work-dir of its own")
+            return [DatasetRecord(**r) for r in json.loads(exp.metadata[REGISTRY_KEY])]
 
     def dataset(self, name: str) -> DatasetRecord:
         records = {r.name: r for r in self.datasets()}
@@ -387,22 +360,29 @@ class AtlasStore:
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, entries: list[DatasetEntry], log=print) -> IngestReport:
-        """Append datasets. All are read and validated before anything is written; a dataset
-        already present with the same content is skipped; with other content it is refused."""
+        """Append datasets, creating the atlas if nothing is at its path yet. All are read and
+        validated before anything is written (or created); a dataset already present with the
+        same content is skipped; with other content it is refused."""
         import tiledbsoma as soma
 
-        existing = {r.name: r for r in self.datasets()}
-        with self.locator.open() as exp:
-            n_genes_before = self._n_genes(exp)
+        path = Path(self.uri)
+        fresh = "://" not in self.uri and (not path.exists() or (path.is_dir() and not any(path.iterdir())))
+        if fresh:
+            existing, n_genes_before = {}, 0
+        else:
+            existing = {r.name: r for r in self.datasets()}
+            with self.locator.open() as exp:
+                n_genes_before = self._n_genes(exp)
         names = [e.name for e in entries]
         dups = {n for n in names if names.count(n) > 1}
         if dups:
             raise StoreError(f"the inputs name dataset(s) {sorted(dups)} more than once")
         prepared: list[PreparedDataset] = []
         skipped, messages = [], []
+        by_content = {r.sha256: r.name for r in existing.values() if r.sha256}
         for entry in entries:
+            digest = file_sha256(entry.path) if Path(entry.path).is_file() else ""
             if entry.name in existing:
-                digest = _sha256(Path(entry.path)) if Path(entry.path).exists() else ""
                 if digest == existing[entry.name].sha256:
                     msg = f"dataset {entry.name} is already in the atlas (same file); nothing to do"
                     skipped.append(entry.name)
@@ -413,11 +393,23 @@ class AtlasStore:
                     f"dataset {entry.name} is already in the atlas with different content "
                     f"(from {existing[entry.name].source}); give the new file another name"
                 )
-            prepared.append(prepare_dataset(entry))
+            if digest and digest in by_content:
+                raise StoreError(
+                    f"dataset {entry.name} ({entry.path}) has the same content as dataset {by_content[digest]!r}, "
+                    "already in the atlas or in these inputs (same sha256); ingesting it again would "
+                    "duplicate its cells. Leave it out, or ingest it under its first name")
+            prepared.append(prepare_dataset(entry, log=log))
+            by_content[prepared[-1].sha256] = entry.name
         if not prepared:
             return IngestReport([], skipped, n_genes_before, n_genes_before, messages)
+        genes_before = list(self.genes()) if n_genes_before else []
+        _check_gene_overlap(prepared, genes_before, log)
+        if fresh:  # every input checked: now the atlas may come into being
+            if path.is_dir():
+                path.rmdir()
+            AtlasStore.create(self.uri)
 
-        genes = list(self.genes()) if n_genes_before else []
+        genes = genes_before
         index = {g: i for i, g in enumerate(genes)}
         for p in prepared:
             for s in p.symbols:
@@ -494,7 +486,7 @@ class AtlasStore:
                             species=p.species,
                             tissue=p.tissue,
                             technology=p.technology,
-                            label_key=p.entry.label_key,
+                            label_key=p.label_key,
                             n_types=p.n_types,
                             source=str(p.entry.path),
                             sha256=p.sha256,

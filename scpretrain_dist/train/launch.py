@@ -1,17 +1,58 @@
-"""Starting Ray: a local cluster inside the run's work directory, or an existing one."""
+"""Starting Ray: a local cluster for the run's work directory, or an existing one."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from scpretrain_dist.config import RunConfig
+from scpretrain_dist.config import ConfigError, RunConfig
+
+# Ray puts its Unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/<name> (about 65
+# characters below <temp>), and a socket path may hold at most 107 bytes: the temp folder is kept
+# short whatever the work dir's path is.
+_SOCKET_TAIL = len("/session_2026-12-03_10-44-12_123456_4194304/sockets/plasma_store")
+_SOCKET_PATH_MAX = 107
+
+
+def ray_temp_dir(work_dir: str | Path) -> Path:
+    """A short folder of this user's for the Ray sessions of ``work_dir`` (the same one for every
+    run there), linked from ``<work_dir>/ray`` for finding its logs."""
+    work = Path(work_dir).resolve()
+    digest = hashlib.sha1(f"{os.getuid()}:{work}".encode()).hexdigest()[:12]
+    roots = [Path("/tmp"), Path(tempfile.gettempdir())]
+    for root in roots:
+        temp = root / f"scp-ray-{digest}"
+        if len(os.fsencode(temp)) + _SOCKET_TAIL > _SOCKET_PATH_MAX or not os.access(root, os.W_OK | os.X_OK):
+            continue
+        temp.mkdir(mode=0o700, exist_ok=True)
+        if temp.stat().st_uid != os.getuid():  # someone else's folder of that name: not ours to use
+            continue
+        _link(work / "ray", temp)
+        return temp
+    raise ConfigError(f"no short temporary folder for Ray's sockets: tried {', '.join(map(str, roots))} (a socket "
+                      f"path is limited to {_SOCKET_PATH_MAX} bytes); set TMPDIR to a short writable folder")
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target``, unless something other than a link is there (older runs' folder)."""
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            if Path(os.readlink(link)) == target:
+                return
+            link.unlink()
+        elif link.exists():
+            return
+        link.symlink_to(target, target_is_directory=True)
+    except OSError:  # a file system without links: the logs are still in ``target``
+        pass
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Connect to ``cfg.ray.address`` or start a local Ray whose temp files live in the work
-    dir (or a short temp path when the work dir's path is too long for Ray's sockets)."""
+    """Connect to ``cfg.ray.address`` or start a local Ray whose temp files live in a short
+    folder linked from the work dir (:func:`ray_temp_dir`)."""
     import ray
 
     from scpretrain_dist.store.sources import READER_ENV
@@ -23,10 +64,7 @@ def init_ray(cfg: RunConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
-    temp = Path(cfg.work_dir).resolve() / "ray"
-    if len(str(temp)) > 60:  # AF_UNIX paths are limited to ~107 bytes
-        temp = Path(tempfile.mkdtemp(prefix="scp-ray-"))
-    temp.mkdir(parents=True, exist_ok=True)
+    temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(
         num_cpus=num_cpus,

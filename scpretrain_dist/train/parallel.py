@@ -33,28 +33,8 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from scpretrain_dist.config import ConfigError
 from scpretrain_dist.data.distributed import rank_and_world
 from scpretrain_dist.train.optim import coalesced_rows
-
-SYNC_DTYPES = ("float32", "bfloat16")
-ENCODER_SHARDINGS = ("genes", "none")
-
-
-def check_sync_dtype(name: str) -> str:
-    """``pretrain.gradient_sync_dtype`` if it is one the sync can send, else a clear error."""
-    return _choice("pretrain.gradient_sync_dtype", name, SYNC_DTYPES)
-
-
-def check_encoder_sharding(name: str) -> str:
-    """``pretrain.encoder_sharding`` if known, else a clear error."""
-    return _choice("pretrain.encoder_sharding", name, ENCODER_SHARDINGS)
-
-
-def _choice(setting: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{setting}={value!r}: use one of {', '.join(choices)}")
-    return value
 
 
 def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scpretrain_dist.config import RunConfig
+from scpretrain_dist.config import ConfigError, RunConfig
 from scpretrain_dist.pseudolabel.features import read_encoder, write_encoder
 from scpretrain_dist.pseudolabel.pool import (
     KMeansPool,
@@ -22,7 +22,6 @@ from scpretrain_dist.pseudolabel.pool import (
 )
 from scpretrain_dist.store.files import write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
-from scpretrain_dist.train.parallel import check_encoder_sharding, check_sync_dtype
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -40,6 +39,31 @@ class PretrainResult:
 
 
 PROGRESS_FILE = "progress.json"
+RESULT_FILE = "result.json"
+
+
+def load_result(path: str | Path) -> PretrainResult:
+    """A pretraining's ``result.json`` (``scpretrain pretrain`` prints where), checked: readable,
+    of the expected form, and naming an encoder that still exists."""
+    path = Path(path)
+    what = f"--pretrain-result {path}"
+    if path.is_dir():
+        path = path / RESULT_FILE
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist; give the result.json of a pretraining "
+                          "(<work-dir>/pretrain/<key>/result.json, printed by `scpretrain pretrain`)")
+    try:
+        data = json.loads(path.read_text())
+        result = PretrainResult(**data)
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} is not a pretraining result ({type(e).__name__}: {str(e)[:200]}); give the "
+                          "result.json a pretraining wrote") from None
+    if not isinstance(result.encoder_path, str) or not isinstance(result.datasets, list):
+        raise ConfigError(f"{what} is not a pretraining result (no encoder_path or datasets)")
+    if not Path(result.encoder_path).is_file():
+        raise ConfigError(f"{what} names the encoder {result.encoder_path}, which is gone; pretrain again "
+                          "(`scpretrain pretrain`) or give another result")
+    return result
 
 
 def _read_progress(out_dir: Path, log) -> dict | None:
@@ -206,8 +230,6 @@ def loop_config(
     iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None, **extra,
 ) -> dict:
     """What every training worker of one iteration receives (plain values only)."""
-    from scpretrain_dist.data.loader import check_loader
-
     p = cfg.pretrain
     return {
         "locator": asdict(locator),
@@ -223,10 +245,10 @@ def loop_config(
         "iteration": iteration,
         "init_encoder": init_encoder,
         "sparse_updates": p.sparse_updates,
-        "gradient_sync_dtype": check_sync_dtype(p.gradient_sync_dtype),
-        "encoder_sharding": check_encoder_sharding(p.encoder_sharding),
+        "gradient_sync_dtype": p.gradient_sync_dtype,
+        "encoder_sharding": p.encoder_sharding,
         "head_layout": p.head_layout,
-        "loader": check_loader(p.loader, cfg.stream),
+        "loader": p.loader,
         "loader_options": asdict(cfg.stream),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": cfg.tracking_uri,
@@ -372,7 +394,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         stopped_early=stopped_early, history=history, seconds=time.perf_counter() - t_start,
         resumed_after_iteration=resumed,
     )
-    write_json_whole(out_dir / "result.json", asdict(result))
+    write_json_whole(out_dir / RESULT_FILE, asdict(result))
     if client is not None:
-        client.log_artifact(mlflow_run_id, str(out_dir / "result.json"), "pretrain")
+        client.log_artifact(mlflow_run_id, str(out_dir / RESULT_FILE), "pretrain")
     return result

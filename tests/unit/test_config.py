@@ -38,7 +38,7 @@ def test_recipe_values():
 
 
 def test_unknown_recipe_names_the_choices():
-    with pytest.raises(KeyError, match="tiny"):
+    with pytest.raises(ConfigError, match="tiny"):
         recipes.get("no_such_recipe")
 
 

@@ -21,7 +21,7 @@ from scpretrain_dist.evaluate.methods import (
     run_method,
 )
 from scpretrain_dist.evaluate.metrics import clustering_metrics, paired_wilcoxon
-from scpretrain_dist.evaluate.protocols import _harmonise, load_mapping
+from scpretrain_dist.evaluate.protocols import harmonise, load_mapping
 from scpretrain_dist.evaluate.report import budget_curve, paired_tests, summary, write_report
 from scpretrain_dist.evaluate.splits import budget_subset, split_cells
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, StoreError
@@ -69,12 +69,12 @@ def test_mapping_maps_drops_and_refuses_uncovered_labels(tmp_path):
     m = tmp_path / "map.json"
     m.write_text(json.dumps({"a": {"T_CD4": "CD4 T", "HSC": None}}))
     mapping = load_mapping(m)
-    out = _harmonise("a", np.array(["T_CD4", "HSC", UNKNOWN_LABEL], dtype=object), mapping)
+    out = harmonise("a", np.array(["T_CD4", "HSC", UNKNOWN_LABEL], dtype=object), mapping)
     assert list(out) == ["CD4 T", UNKNOWN_LABEL, UNKNOWN_LABEL]
     with pytest.raises(StoreError, match=r"does not cover labels \['B'\]"):
-        _harmonise("a", np.array(["B"], dtype=object), mapping)
+        harmonise("a", np.array(["B"], dtype=object), mapping)
     with pytest.raises(StoreError, match="no entry for dataset 'b'"):
-        _harmonise("b", np.array(["B"], dtype=object), mapping)
+        harmonise("b", np.array(["B"], dtype=object), mapping)
 
 
 @pytest.mark.parametrize("text, msg", [("{not json", "not valid JSON"), ('["a"]', "object of objects"),
@@ -144,7 +144,7 @@ def test_peers_not_installed_leave_the_default_list_but_an_explicit_request_is_r
         installed_methods(asked, log=said.append)
     monkeypatch.setattr(methods_mod, "peer_installed", lambda m: True)
     assert installed_methods(asked, log=said.append) is asked  # installed: nothing to drop
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ConfigError, match="unknown method"):
         installed_methods(resolve(recipes.tiny(), overrides=['evaluate.methods=["magic"]']))
 
 

@@ -378,19 +378,11 @@ def test_a_batch_of_every_ranks_cells_needs_a_sharded_encoder():
         enc(_combined(0, 2))
 
 
-def test_encoder_sharding_is_checked_before_any_worker_starts():
-    from scpretrain_dist.config import ConfigError
-    from scpretrain_dist.train.parallel import check_encoder_sharding
+def test_encoder_sharding_and_sync_dtype_are_checked_when_the_config_is_built():
+    from scpretrain_dist.config import ConfigError, PretrainConfig
 
-    assert check_encoder_sharding("none") == "none"
-    with pytest.raises(ConfigError, match="pretrain.encoder_sharding='rows': use one of genes, none"):
-        check_encoder_sharding("rows")
-
-
-def test_gradient_sync_dtype_is_checked_before_any_worker_starts():
-    from scpretrain_dist.config import ConfigError
-    from scpretrain_dist.train.parallel import check_sync_dtype
-
-    assert check_sync_dtype("bfloat16") == "bfloat16"
-    with pytest.raises(ConfigError, match="pretrain.gradient_sync_dtype='float16': use one of float32, bfloat16"):
-        check_sync_dtype("float16")
+    assert PretrainConfig(encoder_sharding="none").encoder_sharding == "none"
+    with pytest.raises(ConfigError, match="pretrain.encoder_sharding = 'rows': use one of genes, none"):
+        PretrainConfig(encoder_sharding="rows")
+    with pytest.raises(ConfigError, match="pretrain.gradient_sync_dtype = 'float16': use one of float32, bfloat16"):
+        PretrainConfig(gradient_sync_dtype="float16")

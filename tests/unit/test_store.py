@@ -9,6 +9,7 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from scpretrain_dist.catalog import DatasetEntry
+from scpretrain_dist.config import UserError
 from scpretrain_dist.store import AtlasStore, StoreError
 
 
@@ -150,9 +151,11 @@ def test_reingesting_the_same_entries_is_a_noop(demo_store, demo_entries, helper
 
 def test_changed_file_under_the_same_name_is_refused(demo_store, demo_entries, helpers, copy_file):
     path = copy_file(demo_entries[0].path, "mine.h5ad")
+    adata = helpers.read_h5ad(path)
+    adata.X = adata.X * 3  # not the same content as demo_00, which is in the atlas already
+    adata.write_h5ad(path)
     demo_store.ingest([DatasetEntry("mine", str(path))], log=_quiet)
     before = helpers.store_snapshot(demo_store)
-    adata = helpers.read_h5ad(path)
     adata.X = adata.X * 2
     adata.write_h5ad(path)
     with pytest.raises(StoreError, match="mine"):
@@ -216,7 +219,7 @@ BAD = {
     "nan": (_bad_nan, "NaN"),
     "inf": (_bad_inf, "infinite"),
     "negative": (_bad_negative, "negative"),
-    "not_h5ad": (_bad_not_h5ad, "not a readable .h5ad"),
+    "not_h5ad": (_bad_not_h5ad, "not an HDF5 file"),
     "zero_cells": (_bad_zero_cells, "0 cells"),
     "zero_genes": (_bad_zero_genes, "0 genes"),
     "missing": (_bad_missing, "does not exist"),
@@ -232,13 +235,13 @@ def test_bad_input_raises_and_leaves_the_store_as_it_was(kind, demo_store, helpe
     _counts_file(helpers, good, genes=["BRANDNEW1", "SYN00001"])
     before = helpers.store_snapshot(demo_store)
     name = f"bad_{kind}"
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(UserError) as info:
         demo_store.ingest([DatasetEntry(name, str(path))], log=_quiet)
     assert f"dataset {name}" in str(info.value)
     assert reason in str(info.value)
     helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
     # a bad file next to a good one: nothing at all is written
-    with pytest.raises(StoreError, match=name):
+    with pytest.raises(UserError, match=name):
         demo_store.ingest(
             [DatasetEntry("good_new", str(good)), DatasetEntry(name, str(path))], log=_quiet
         )
@@ -299,7 +302,8 @@ def test_processed_dataset_is_detected_and_reads_back_like_counts(
 
 def test_declared_value_type_overrides_detection(tmp_path, helpers):
     path = tmp_path / "a.h5ad"
-    _counts_file(helpers, path)
+    X = np.log1p(_counts_file(helpers, path) * 1e5)  # natural-log values above log1p(1e6): detected as log2
+    helpers.write_h5ad(path, sp.csr_matrix(X), [f"GENE{i}" for i in range(12)])
     store = AtlasStore.create(tmp_path / "s.soma")
     store.ingest([DatasetEntry("a", str(path), value_type="lognorm")], log=_quiet)
     assert store.dataset("a").value_type == "lognorm"
