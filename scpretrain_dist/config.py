@@ -361,6 +361,14 @@ class RunConfig(_Checked):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def check(self) -> None:
+        # TileDB cannot open arrays under paths with control characters (a tab, a newline)
+        for name, value in (("work_dir", self.work_dir), ("store.uri", self.store.uri)):
+            bad = sorted({repr(c) for c in value if ord(c) < 32 or ord(c) == 127})
+            if bad:
+                raise ConfigError(f"{name} {value!r} holds the control character(s) {', '.join(bad)}, which the "
+                                  "atlas store cannot address; choose a path without them")
+
     @property
     def store_uri(self) -> str:
         """Absolute: Ray workers and actors run in other working directories."""

@@ -15,6 +15,19 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_mlflow_uris():
+    """MLflow's set_tracking_uri/set_registry_uri also set environment variables, which every
+    subprocess a later test starts would inherit: each test gets the environment it began with."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
 def _quiet_ray(monkeypatch):
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")

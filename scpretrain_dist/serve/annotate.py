@@ -97,7 +97,7 @@ def resolve_model(uri: str, tracking_uri: str) -> ModelRef:
             "(or set tracking.tracking_uri)"
         )
     name, alias, version = m.groups()
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
@@ -579,7 +579,9 @@ def output_path(path: Path, out: str | Path | None, in_place: bool) -> Path:
     if not path.is_file():
         raise AnnotateError(f"--h5ad {path} does not exist" if not path.exists() else f"--h5ad {path} is not a file")
     if in_place:
-        if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.resolve().parent, os.W_OK | os.X_OK):
+        # the permission bits too: a superuser may write anything, but a file made read-only says "keep"
+        if (not path.stat().st_mode & 0o222 or not os.access(path, os.R_OK | os.W_OK)
+                or not os.access(path.resolve().parent, os.W_OK | os.X_OK)):
             raise AnnotateError(f"--in-place: {path} (or its folder) is read-only; make it writable, or leave out "
                                 "--in-place to write an annotated copy")
         return path

@@ -3,8 +3,6 @@ annotator, with each JSON request checked before it reaches the model (unknown k
 parameters refused, not ignored) and error bodies that say what to fix, with no stack trace and
 no echo of the request's data."""
 
-from __future__ import annotations
-
 import json
 import logging
 import re
@@ -77,7 +75,7 @@ def build_app(model):
         return Response(content=json.dumps(body), status_code=e.get_http_status_code(), media_type="application/json")
 
     @app.post("/invocations")
-    async def invocations(request: Request) -> Response:
+    async def invocations(request: Request) -> Response:  # evaluated annotations: FastAPI reads them
         body = await request.body()
         content_type = request.headers.get("content-type") or ""
         data = body

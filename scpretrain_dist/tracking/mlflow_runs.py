@@ -12,11 +12,13 @@ from scpretrain_dist.config import RunConfig
 
 
 def setup(cfg: RunConfig) -> str:
-    """Point MLflow at the run's tracking store; create the experiment; return its id."""
+    """Point MLflow at the run's tracking store (which is also its model registry); create the
+    experiment; return its id."""
     import mlflow
 
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         kwargs = {} if cfg.tracking.tracking_uri else {"artifact_location": cfg.artifact_location}

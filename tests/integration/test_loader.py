@@ -376,7 +376,7 @@ def _cli(*args, cwd):
 
 def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas):
     for args, match in [
-        (["demo-data", "--cells", "0"], "positive integer"),
+        (["demo-data", "--cells", "0"], "expected an integer >= 1"),
         (["demo-data", "--cells", "3", "--datasets", "4"], "at least one cell per dataset"),
         (["demo-data", "--cells", "100", "--out", "x"], "--out is for the .h5ad demo"),
         (["demo-data", "--store-uri", "x.soma"], "need --cells"),

@@ -65,10 +65,9 @@ def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atl
 
 def test_a_bad_loader_setting_is_refused_before_workers_start(streamed_atlas):
     from scpretrain_dist.config import ConfigError
-    from scpretrain_dist.train.pretrain import loop_config
 
     cfg, store = streamed_atlas
+    # refused when the settings are built, so no worker can ever receive them
     for override, match in [('pretrain.loader="disk"', "pretrain.loader"), ("stream.chunk_cells=0", "chunk_cells")]:
-        bad = resolve(cfg, overrides=[override])
         with pytest.raises(ConfigError, match=match):
-            loop_config(bad, store.locator.pinned(), ["demo_00"], "x.npz", 10)
+            resolve(cfg, overrides=[override])

@@ -97,23 +97,65 @@ def test_predictions_equal_in_process(server):
     assert served["gene_overlap"].iloc[0] == pytest.approx(59 / 60)
 
 
-@pytest.mark.parametrize(
-    "payload, words",
-    [
-        ({"dataframe_split": {"columns": ["GENE1", "GENE2"], "data": [["a", "b"]]}}, "numeric"),
-        ({"dataframe_split": {"columns": ["XYZ1", "XYZ2"], "data": [[1, 2]]}}, "genes"),
-        ({"dataframe_split": {"columns": GENES, "data": [[None] * len(GENES)]}}, "nan"),
-        ({"dataframe_split": {"columns": GENES, "data": []}}, "no cells"),
-        (b"{not json", ""),
-    ],
-)
-def test_malformed_requests_get_4xx_and_server_keeps_serving(server, payload, words):
+def _sparse(indices, values, **params):
+    return {"dataframe_split": {"columns": ["indices", "values"], "data": [[indices, values]]},
+            "params": {"genes": ",".join(GENES), **params}}
+
+
+ONES = [1.0] * len(GENES)
+# payload -> words the error must hold; every one is a 400 that names its cause
+BAD_PAYLOADS = {
+    "non_numeric": ({"dataframe_split": {"columns": ["GENE1", "GENE2"], "data": [["a", "b"]]}}, "must hold numbers"),
+    "no_known_gene": ({"dataframe_split": {"columns": ["XYZ1", "XYZ2"], "data": [[1, 2]]}}, "of the model's 60 genes"),
+    "nulls": ({"dataframe_split": {"columns": GENES, "data": [[None] * len(GENES)]}}, "no value for gene"),
+    "ragged_row": ({"dataframe_split": {"columns": GENES, "data": [ONES, ONES[:-3]]}}, "cell 1 has no value for gene 'GENE57'"),
+    "record_missing_key": ({"dataframe_records": [dict(zip(GENES, ONES)), dict(zip(GENES[1:], ONES))]},
+                           "cell 1 has no value for gene 'GENE0'"),
+    "negative": ({"dataframe_split": {"columns": GENES, "data": [[-1.0] + ONES[1:]]}}, "negative"),
+    "beyond_float32": ({"dataframe_split": {"columns": GENES, "data": [[1e39] + ONES[1:]]}}, "float32"),
+    "no_cells": ({"dataframe_split": {"columns": GENES, "data": []}}, "no cells"),
+    "not_json": (b"{not json", "not valid JSON"),
+    "json_list": ([[1, 2, 3]], "JSON list"),
+    "unknown_key": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "param": {"value_type": "counts"}},
+                    "unknown request key(s) ['param']"),
+    "unknown_param": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": {"value_typ": "counts"}},
+                      "unknown parameter(s) ['value_typ']"),
+    "two_formats": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "dataframe_records": []}, "exactly one"),
+    "params_not_object": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": [1]}, "params must be"),
+    "bad_value_type": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": {"value_type": "tpm"}},
+                       "value_type 'tpm'"),
+    "invalid_base64": (_sparse("AAAA!!!!", "AACAPw=="), "not valid base64"),
+    "base64_wrong_length": (_sparse("AAA=", "AACAPw=="), "not a whole number"),
+    "indices_out_of_range": (_sparse([0, 99], [1, 1]), "must lie in [0, 60)"),
+    "indices_not_whole": (_sparse([0.5], [1]), "whole numbers"),
+    "sparse_negative": (_sparse([0, 1], [1, -4]), "negative"),
+    "sparse_lengths_differ": (_sparse([0, 1], [1]), "2 indices but 1 values"),
+    "repeated_index": (_sparse([3, 3], [1, 1]), "repeats a gene index"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PAYLOADS))
+def test_malformed_requests_get_a_400_naming_the_cause_and_server_keeps_serving(server, name):
     port, loaded, counts = server
+    payload, words = BAD_PAYLOADS[name]
     status, body = post(port, payload)
-    assert 400 <= status < 500
-    assert words.lower() in json.dumps(body).lower()
+    assert status == 400, (status, body)
+    assert words in body.get("message", ""), body
+    assert set(body) == {"error_code", "message"}, body  # no stack trace, nothing else
+    assert "Traceback" not in body["message"] and len(body["message"]) < 1200
     ok, _ = post(port, frame(counts.head(3)))
     assert ok == 200
+
+
+def test_a_cell_without_model_genes_is_unassigned_over_http(server):
+    port, loaded, counts = server
+    df = counts.head(3).copy()
+    df.iloc[1] = 0.0
+    status, body = post(port, frame(df))
+    assert status == 200, body
+    got = pd.DataFrame(body["predictions"])
+    assert got["cell_type"][1] == "Unassigned" and got["confidence"][1] == 0
+    assert (got["cell_type"].drop(1) != "Unassigned").all()
 
 
 def test_huge_request_refused(server):
@@ -164,6 +206,7 @@ def test_parquet_request_over_http(server):
     # not Parquet at all, and a Parquet table without the parameters: 4xx, and the server goes on
     status, body = post(port, b"PAR1 not really", PARQUET)
     assert 400 <= status < 500, body
+    assert set(body) == {"error_code", "message"} and "Parquet" in body["message"], body  # no stack trace
     import io
 
     buf = io.BytesIO()
