@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,37 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@contextmanager
+def _mlflow_uris_restored():
+    import mlflow.tracking._model_registry.utils as registry
+    import mlflow.tracking._tracking_service.utils as tracking
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    uris = (tracking._tracking_uri, registry._registry_uri)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tracking._tracking_uri, registry._registry_uri = uris
+
+
+# MLflow's set_tracking_uri/set_registry_uri set process-wide state and environment variables
+# (which every subprocess a later test starts inherits): each module and each test gets the
+# MLflow URIs it began with.
+@pytest.fixture(autouse=True, scope="module")
+def _own_mlflow_uris_per_module():
+    with _mlflow_uris_restored():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_mlflow_uris():
-    """MLflow's set_tracking_uri/set_registry_uri also set environment variables, which every
-    subprocess a later test starts would inherit: each test gets the environment it began with."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with _mlflow_uris_restored():
+        yield
 
 
 @pytest.fixture(autouse=True)
