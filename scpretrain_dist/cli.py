@@ -70,8 +70,8 @@ def _demo_store(cfg: RunConfig, args) -> None:
     """The atlas-size demo: streamed block by block into a SOMA (or zarr) store."""
     import time
 
-    from scpretrain_dist.bench.report import peak_rss_mib
-    from scpretrain_dist.catalog.synthetic import write_demo_store
+    from scpretrain_dist.demo import write_demo_store
+    from scpretrain_dist.runtime import peak_rss_mib
 
     if args.out:
         raise ConfigError("--out is for the .h5ad demo; with --cells give --store-uri (or --work-dir)")
@@ -111,8 +111,8 @@ def cmd_ingest(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from scpretrain_dist.pipeline import pretrain, pretraining_datasets, stage_run
+    from scpretrain_dist.runtime import shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore
-    from scpretrain_dist.train.launch import shutdown_ray
 
     cfg = _config(args)
     exclude = tuple(args.exclude or cfg.pretrain.exclude_datasets)
@@ -167,8 +167,8 @@ def cmd_evaluate(args) -> None:
         resolve_targets,
         stage_run,
     )
+    from scpretrain_dist.runtime import shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore
-    from scpretrain_dist.train.launch import shutdown_ray
 
     evaluate: dict = {}
     if args.group:  # --group names the targets; it replaces targets listed in the work dir's config

@@ -41,7 +41,7 @@ def stage_run(name: str, cfg: RunConfig, timings: dict | None = None):
 
 
 def demo_data(cfg: RunConfig, out_dir: str | Path) -> list[Path]:
-    from scpretrain_dist.catalog.synthetic import write_demo_atlas
+    from scpretrain_dist.demo import write_demo_atlas
 
     return write_demo_atlas(out_dir, cfg.demo)
 
@@ -108,7 +108,7 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     neither)."""
     import mlflow
 
-    from scpretrain_dist.train.launch import init_ray
+    from scpretrain_dist.runtime import init_ray
     from scpretrain_dist.train.pretrain import load_result
     from scpretrain_dist.train.pretrain import pretrain as run_pretrain
 
@@ -499,7 +499,7 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=print) -> dict:
     """Everything, end to end, under one MLflow parent run; returns stage timings and rows."""
     import mlflow
 
-    from scpretrain_dist.train.launch import shutdown_ray
+    from scpretrain_dist.runtime import shutdown_ray
 
     timings: dict[str, float] = {}
     cfg = installed_methods(cfg, log)  # the method list checked before any work

@@ -53,14 +53,12 @@ def add_arguments(p) -> None:
 
 def _config(args):
     from scpretrain_dist import recipes
-    from scpretrain_dist.config import resolve
 
-    cfg = resolve(recipes.get(args.recipe), args.config, args.set)
-    work = args.work_dir or "scpretrain_bench_annotate"
-    overrides = [f'work_dir="{work}"', f"annotate.workers={args.workers}", f"annotate.block_size={args.block_size}"]
+    annotate = {"workers": args.workers, "block_size": args.block_size}
     if not any(s.startswith("annotate.cpus_per_worker") for s in args.set):
-        overrides.append("annotate.cpus_per_worker=1")
-    return resolve(cfg, overrides=overrides)
+        annotate["cpus_per_worker"] = 1
+    return recipes.configure(args.recipe, args.config, args.set, args.work_dir or "scpretrain_bench_annotate",
+                             annotate=annotate)
 
 
 def _import_celltypist():
@@ -112,7 +110,7 @@ def _inputs(args, cfg, log):
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.reference is None:
-        from scpretrain_dist.catalog.synthetic import write_demo_atlas
+        from scpretrain_dist.demo import write_demo_atlas
 
         demo = work / "demo_data"
         paths = write_demo_atlas(demo, cfg.demo)
@@ -207,8 +205,8 @@ def _time_celltypist(ct, model, query_ln, runs=2) -> tuple[float, list[float], n
 def _time_ours(cfg, model_uri, qpath: Path, workers: int, tag: str, runs: int, log) -> tuple[float, list[float], dict]:
     import anndata as ad
 
+    from scpretrain_dist.runtime import shutdown_ray
     from scpretrain_dist.serve.annotate import annotate_h5ad
-    from scpretrain_dist.train.launch import shutdown_ray
 
     times, info = [], {}
     for i in range(runs):
@@ -227,8 +225,8 @@ def _time_ours(cfg, model_uri, qpath: Path, workers: int, tag: str, runs: int, l
 
 def _time_ours_ray_running(cfg, model_uri, qpath: Path, workers: int, log) -> float:
     """The actor-pool path on a Ray that is already up (a cluster): start-up of actors included."""
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
     from scpretrain_dist.serve.annotate import annotate_h5ad
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
 
     out = qpath.with_name("annotated-ray-running.h5ad")
     if out.exists():
@@ -246,7 +244,7 @@ def _time_ours_ray_running(cfg, model_uri, qpath: Path, workers: int, log) -> fl
 
 
 def _time_ray_start(cfg) -> float:
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
 
     shutdown_ray()
     t0 = time.perf_counter()
@@ -369,8 +367,9 @@ def _serving(cfg, model_uri, query, sizes, n_requests, log) -> dict:
 
 
 def run(args) -> dict:
-    from scpretrain_dist.bench.report import peak_rss_mib, result
+    from scpretrain_dist.bench.report import result
     from scpretrain_dist.evaluate.splits import split_cells
+    from scpretrain_dist.runtime import peak_rss_mib
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -222,8 +222,8 @@ def measure_gpu_matmul(device, repeats: int = 10) -> dict:
 
 # ------------------------------------------------------------------ the atlas, in memory
 def _chunk(task):
-    from scpretrain_dist.catalog.synthetic import dataset_model, plan_atlas, simulate_chunk
     from scpretrain_dist.data.normalize import normalize_rows
+    from scpretrain_dist.demo import dataset_model, plan_atlas, simulate_chunk
 
     cfg, d, c = task
     if _GEN.get("cfg") != cfg:
@@ -243,7 +243,7 @@ def simulate_atlas(cfg, processes: int) -> dict:
 
     import scipy.sparse as sp
 
-    from scpretrain_dist.catalog.synthetic import CHUNK_CELLS, plan_atlas
+    from scpretrain_dist.demo import CHUNK_CELLS, plan_atlas
 
     plan = plan_atlas(cfg)
     tasks = [(cfg, d, c) for d in range(cfg.n_datasets) for c in range(-(-int(plan.sizes[d]) // CHUNK_CELLS))]

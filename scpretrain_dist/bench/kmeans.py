@@ -51,18 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     import ray
 
-    from scpretrain_dist.bench.report import peak_rss_mib, result
-    from scpretrain_dist.cli import _config
-    from scpretrain_dist.config import ConfigError, resolve
+    from scpretrain_dist import recipes
+    from scpretrain_dist.config import ConfigError, merge
     from scpretrain_dist.pseudolabel.kmeans import cpu_gemm
     from scpretrain_dist.pseudolabel.pool import KMeansPool
+    from scpretrain_dist.runtime import init_ray, peak_rss_mib, result, shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore, StoreError
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
-    cfg = _config(args)
+    cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
     if args.store:
-        cfg = resolve(cfg, overrides=[f'store.uri="{Path(args.store).resolve()}"'])
+        cfg = merge(cfg, {"store": {"uri": str(Path(args.store).resolve())}})
     pcfg = dataclasses.replace(cfg.pseudolabel, phase1_space=args.space)
     peers = [p for p in str(args.peers).split(",") if p]
     bad = sorted(set(peers) - set(PEERS))

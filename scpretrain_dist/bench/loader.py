@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scpretrain_dist.bench.report import peak_rss_mib, result
+from scpretrain_dist import recipes
+from scpretrain_dist.bench.report import result
 from scpretrain_dist.config import ConfigError
+from scpretrain_dist.runtime import peak_rss_mib
 
 PEER = "tiledbsoma-ml"
 
@@ -112,9 +114,8 @@ def _entropy(codes: np.ndarray, n: int) -> float:
 
 
 def run(args) -> dict:
-    from scpretrain_dist.cli import _config
 
-    cfg = _config(args)
+    cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
     unknown = set(loaders) - {"ours", "ours_dense", "peer", "peer_trim_off"}
     if unknown or not loaders:

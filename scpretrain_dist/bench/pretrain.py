@@ -33,19 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    from scpretrain_dist import recipes
     from scpretrain_dist.bench.report import result
-    from scpretrain_dist.cli import _config
-    from scpretrain_dist.config import resolve
+    from scpretrain_dist.config import merge
     from scpretrain_dist.pseudolabel.pool import KMeansPool
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore, StoreError
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
     from scpretrain_dist.train.pretrain import _fit_iteration, loop_config
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
-    cfg = _config(args)
+    cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
     if args.store:
-        cfg = resolve(cfg, overrides=[f'store.uri="{Path(args.store).resolve()}"'])
-    cfg = resolve(cfg, overrides=[f"pretrain.epochs={args.epochs}", 'pseudolabel.phase1_space="pca"'])
+        cfg = merge(cfg, {"store": {"uri": str(Path(args.store).resolve())}})
+    cfg = merge(cfg, {"pretrain": {"epochs": args.epochs}, "pseudolabel": {"phase1_space": "pca"}})
     store = AtlasStore(cfg.store_uri)
     names = [r.name for r in store.datasets()]
     datasets = args.datasets or names
@@ -69,7 +69,7 @@ def run(args) -> dict:
         if args.dense_ablation:
             plans.append(("ours_dense_ddp_1w", 1, False))
         for name, w, sparse in plans:
-            c = resolve(cfg, overrides=[f"pretrain.num_workers={w}", f"pretrain.sparse_updates={str(sparse).lower()}"])
+            c = merge(cfg, {"pretrain": {"num_workers": w, "sparse_updates": sparse}})
             wc = loop_config(c, locator, datasets, labels_path, n_genes, final_eval=True, check_replicas=True)
             t0 = time.perf_counter()
             _, epochs = _fit_iteration(c, wc, f"bench-{name}-{int(time.time())}")
@@ -201,15 +201,17 @@ def plain_loop(store_uri: str, datasets: list[str], labels_path: str, pretrain: 
     import torch
     import torch.nn.functional as F
 
-    from scpretrain_dist.bench.report import peak_rss_mib
+    from scpretrain_dist.data.normalize import normalized_rows
     from scpretrain_dist.pseudolabel.pool import PseudoLabels
+    from scpretrain_dist.runtime import peak_rss_mib
     from scpretrain_dist.store.soma import AtlasStore
 
     torch.set_num_threads(1)
     torch.manual_seed(pretrain["seed"])
     store = AtlasStore(store_uri)
     labels = PseudoLabels.load(labels_path)
-    data = {d: store.read_dataset(d)[0] for d in datasets}  # normalised CSR, cells x atlas genes
+    data = {d: normalized_rows(store, store.dataset(d).joinids, store.dataset(d).value_type)
+            for d in datasets}  # normalised CSR, cells x atlas genes
     n_genes = next(iter(data.values())).shape[1]
     model = plain_network(n_genes, [labels.ks[d] for d in datasets], dim)
 

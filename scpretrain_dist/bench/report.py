@@ -1,10 +1,9 @@
-"""The shape every benchmark reports in, and peak-RSS measurement."""
+"""The shape every benchmark reports in."""
 
 from __future__ import annotations
 
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,6 @@ def machine() -> dict:
     import os
 
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def emit(res: dict, json_path: str | None) -> None:

@@ -1,4 +1,4 @@
-"""Dataset entries (what a dataset is and where it lives) and the synthetic demo atlas."""
+"""Dataset entries (what a dataset is and where it lives), read and checked before any store is touched."""
 
 from scpretrain_dist.catalog.entries import (
     CatalogError,

@@ -3,20 +3,28 @@ memory (:class:`CellShard`) or, on a GPU, in device memory (:class:`DeviceCellSh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions
 from scpretrain_dist.model.networks import SparseBatch
-from scpretrain_dist.pseudolabel.pool import PseudoLabels
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 
 
-def _run_cells(locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabels):
+class PseudoLabelled(Protocol):
+    """What a shard needs of a pseudo-labelling (``pseudolabel.pool.PseudoLabels``): each
+    dataset's labels, cells x partitions."""
+
+    labels: Mapping[str, np.ndarray]
+
+
+def _run_cells(locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabelled):
     """The run's store and, per cell of ``datasets`` in order: joinid, dataset index,
     pseudo-labels and value type."""
     store = AtlasStore(locator.uri, locator.timestamp_ms)
@@ -44,7 +52,7 @@ class CellShard:
         cls,
         locator: AtlasLocator,
         datasets: list[str],
-        pseudo_labels: PseudoLabels,
+        pseudo_labels: PseudoLabelled,
         rank: int,
         world: int,
         seed: int,
@@ -56,7 +64,7 @@ class CellShard:
         order = np.argsort(joinids[pos], kind="stable")
         pos = pos[order]
         blocks = [
-            store.read_rows(joinids[pos[i : i + block_cells]], vtypes[pos[i : i + block_cells]])
+            normalized_rows(store, joinids[pos[i : i + block_cells]], vtypes[pos[i : i + block_cells]])
             for i in range(0, len(pos), block_cells)
         ]
         return cls(sp.vstack(blocks).tocsr(), didx[pos], labels[pos], joinids[pos])
@@ -95,13 +103,13 @@ class GeneShardedCells:
     rank: int
 
     @classmethod
-    def load(cls, locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabels, rank: int,
+    def load(cls, locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabelled, rank: int,
              world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
         store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order
         owned = np.arange(len(store.genes())) % world == rank
         blocks = [
-            _columns(store.read_rows(joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]).tocsr(), owned)
+            _columns(normalized_rows(store, joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]), owned)
             for i in range(0, len(order), block_cells)
         ]
         row_of = np.empty(len(order), dtype=np.int64)

@@ -55,3 +55,9 @@ def normalize_dense(X: np.ndarray, value_type: str) -> np.ndarray:
     lib = X.sum(1, keepdims=True)
     X = X * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
     return np.log1p(X)
+
+
+def normalized_rows(store, joinids: np.ndarray, value_types: np.ndarray | str) -> sp.csr_matrix:
+    """Cells of an atlas store (by soma_joinid, in the given order) x atlas genes, log1p(CP10k);
+    ``value_types`` is one value type for every cell or one per cell."""
+    return normalize_rows(store.read_rows(joinids), value_types, copy=False)  # a matrix the read made

@@ -115,7 +115,7 @@ def load_target(
     rec = store.dataset(name)
     if not rec.labelled:
         raise StoreError(f"dataset {name!r} has no cell-type labels; it cannot be a fine-tuning target")
-    raw, obs = store.read_dataset(name, normalize=False)
+    raw, obs = store.read_dataset(name)
     atlas_genes = store.genes()
     if genes is None:
         cols = np.flatnonzero(store.dataset_gene_mask(name))

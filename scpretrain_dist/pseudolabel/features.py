@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scpretrain_dist.config import PHASE1_SPACES
+from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.store.soma import AtlasStore
 
 SPACES = (*PHASE1_SPACES, "embedding")  # the first phase's spaces, then the encoder's
@@ -151,7 +152,8 @@ def read_cells(store: AtlasStore, dataset: str, lo: int, hi: int, space: str) ->
     dataset's own genes: genes it never measured are zero in all its cells, so dropping them
     leaves every distance unchanged and shrinks the problem."""
     rec = store.dataset(dataset)
-    X = store.read_rows(rec.joinids[lo:hi], rec.value_type, normalize=(space != "raw"))
+    ids = rec.joinids[lo:hi]
+    X = store.read_rows(ids) if space == "raw" else normalized_rows(store, ids, rec.value_type)
     if space in ("expression", "pca", "raw"):
         X = select_genes(X, store.dataset_gene_mask(dataset))
     return X.tocsr()

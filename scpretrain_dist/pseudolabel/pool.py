@@ -322,7 +322,7 @@ class KMeansPool:
     once). Use as a context manager, or call :meth:`close`; Ray must be up."""
 
     def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig, n_actors: int | None = None):
-        from scpretrain_dist.train.launch import restartable
+        from scpretrain_dist.runtime import restartable
 
         self.locator, self.cfg = locator, cfg
         Actor = restartable(KMeansWorker, cfg.actor_restarts, num_cpus=cfg.cpus_per_actor,
@@ -375,26 +375,13 @@ class KMeansPool:
         largest-first schedule does and later refreshes keep that balance."""
         import ray
 
-        queues: list[list[str]] = [[] for _ in self.actors]
-        unplaced = []
-        for d in datasets:  # largest first
-            home = self.home.get(d)
-            (queues[home] if home is not None and home < len(self.actors) else unplaced).append(d)
-        running = {}
+        from scpretrain_dist.runtime import on_actors
 
-        def submit(i: int) -> None:
-            if queues[i] or unplaced:
-                d = (queues[i] or unplaced).pop(0)
-                self.home[d] = i
-                running[self.actors[i].cluster.remote(d, encoder, space)] = i
-
-        for i in range(len(self.actors)):
-            submit(i)
-        while running:
-            [done], _ = ray.wait(list(running), num_returns=1)
-            i = running.pop(done)
+        tasks = on_actors(self.actors, datasets, lambda actor, d: actor.cluster.remote(d, encoder, space),
+                          home=self.home.get)
+        for i, d, done in tasks:
+            self.home[d] = i
             yield ray.get(done)
-            submit(i)
 
     def close(self) -> None:
         import ray

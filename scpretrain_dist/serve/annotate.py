@@ -193,7 +193,7 @@ class BlockReader:
                 self._datasets[key] = (store, cols, store.genes()[cols])
             store, cols, genes = self._datasets[key]
             ids = np.arange(src.joinid_start + block.start, src.joinid_start + block.stop, dtype=np.int64)
-            return store.read_rows(ids, src.value_type, normalize=False)[:, cols], genes
+            return store.read_rows(ids)[:, cols], genes
         if src.path not in self._files:
             import anndata as ad
 
@@ -251,7 +251,7 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
         return
     import ray
 
-    from scpretrain_dist.train.launch import init_ray, restartable, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, on_actors, restartable, shutdown_ray
 
     started = not ray.is_initialized()
     init_ray(cfg)
@@ -262,34 +262,20 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
         # torch's faster sparse product costs an import of seconds: worth it for large shares only
         fast = sum(b.n_cells for b in blocks) / n_actors >= FAST_KERNEL_MIN_CELLS
         actors = [worker.remote(ref, fast) for _ in range(n_actors)]
-        free = actors * 2
-        todo = list(reversed(blocks))
-        pending: dict = {}
-        pending_blocks: dict = {}
-        while todo or pending:
-            while todo and free:
-                actor = free.pop()
-                block = todo.pop()
-                task = actor.run.remote(block, embedding)
-                pending[task] = actor
-                pending_blocks[task] = block
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref_ in done:
-                free.append(pending.pop(ref_))
-                block = pending_blocks.pop(ref_)
-                try:
-                    res = ray.get(ref_)
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, (InputError, StoreError, AnnotateError)):
-                        raise AnnotateError(f"{_where(block)}: {cause}") from None
-                    raise
-                except ray.exceptions.ActorDiedError as e:
-                    raise AnnotateError(
-                        f"{_where(block)}: an annotation worker died after {max(0, cfg.annotate.worker_restarts)} restart(s) "
-                        f"(annotate.worker_restarts); finished blocks are kept, rerun the same command to resume. "
-                        f"Ray said: {str(e).splitlines()[0]}") from None
-                yield res
+        for _, block, done in on_actors(actors, blocks, lambda actor, b: actor.run.remote(b, embedding), per_actor=2):
+            try:
+                res = ray.get(done)
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, (InputError, StoreError, AnnotateError)):
+                    raise AnnotateError(f"{_where(block)}: {cause}") from None
+                raise
+            except ray.exceptions.ActorDiedError as e:
+                raise AnnotateError(
+                    f"{_where(block)}: an annotation worker died after {max(0, cfg.annotate.worker_restarts)} restart(s) "
+                    f"(annotate.worker_restarts); finished blocks are kept, rerun the same command to resume. "
+                    f"Ray said: {str(e).splitlines()[0]}") from None
+            yield res
     finally:
         for a in actors:
             ray.kill(a)

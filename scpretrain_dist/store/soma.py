@@ -37,7 +37,6 @@ from scpretrain_dist.catalog.inputs import (
     prepare_dataset,
 )
 from scpretrain_dist.config import UserError
-from scpretrain_dist.data.normalize import normalize_rows
 
 REGISTRY_KEY = "scpretrain.datasets"
 GENES_KEY = "scpretrain.genes."
@@ -698,13 +697,9 @@ class AtlasStore:
             ).concat()
         return tbl.to_pandas().sort_values("soma_joinid").reset_index(drop=True)
 
-    def read_rows(
-        self, joinids: np.ndarray, value_types: np.ndarray | str, normalize: bool = True
-    ) -> sp.csr_matrix:
-        """Cells (by soma_joinid, in the given order) x atlas genes, normalised to log1p(CP10k).
-
-        ``value_types`` is one value type for all rows or one per row.
-        """
+    def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
+        """Cells (by soma_joinid, in the given order) x atlas genes, the values as stored
+        (``data.normalize.normalized_rows`` gives them normalised)."""
         from scpretrain_dist.store.sources import read_run, runs, stack_runs
 
         joinids = np.asarray(joinids, dtype=np.int64)
@@ -723,18 +718,9 @@ class AtlasStore:
                 mat.sum_duplicates()
         # every requested position, in the given order (a joinid asked twice comes twice)
         out = mat if len(uniq) == len(joinids) and (uniq == joinids).all() else mat[np.searchsorted(uniq, joinids)]
-        if normalize:
-            out = normalize_rows(out, value_types, copy=False)  # a matrix this read made
         return out.tocsr()
 
-    def read_dataset(self, name: str, normalize: bool = True) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    def read_dataset(self, name: str) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        """A dataset's cells x atlas genes as stored, and its obs."""
         rec = self.dataset(name)
-        return self.read_rows(rec.joinids, rec.value_type, normalize), self.read_obs(name)
-
-    def iter_blocks(self, name: str, block_cells: int = 8192) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        """Normalised blocks of one dataset: (joinids, cells x atlas genes)."""
-        rec = self.dataset(name)
-        ids = rec.joinids
-        for lo in range(0, len(ids), block_cells):
-            block = ids[lo : lo + block_cells]
-            yield block, self.read_rows(block, rec.value_type)
+        return self.read_rows(rec.joinids), self.read_obs(name)

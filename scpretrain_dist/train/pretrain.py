@@ -196,7 +196,7 @@ def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval
     largest difference between the replicas' parameters (0 when data parallelism is sound).
     An encoder sharded by gene (``exchange``) is evaluated as it trained, then its rows are
     assembled on every rank for the replica check and the checkpoint."""
-    from scpretrain_dist.bench.report import peak_rss_mib
+    from scpretrain_dist.runtime import peak_rss_mib
 
     out = {}
     rss = torch.tensor([peak_rss_mib()], dtype=torch.float64)

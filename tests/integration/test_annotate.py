@@ -35,12 +35,12 @@ def env(tmp_path_factory):
     import mlflow
 
     from scpretrain_dist.catalog import load_catalog
-    from scpretrain_dist.catalog.synthetic import write_demo_atlas
+    from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
     from scpretrain_dist.store import AtlasStore
     from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
     from scpretrain_dist.train.finetune import finetune
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
 
     work = tmp_path_factory.mktemp("annotate")
     cfg = resolve(recipes.tiny(), overrides=[
@@ -113,7 +113,7 @@ def reference_predictions(env, store, dataset: str, version: int) -> pd.DataFram
     annotator = load_annotator(ref)
     rec = store.dataset(dataset)
     cols = np.flatnonzero(store.dataset_gene_mask(dataset))
-    X = store.read_rows(rec.joinids, rec.value_type, normalize=False)[:, cols].toarray()
+    X = store.read_rows(rec.joinids)[:, cols].toarray()
     df = pd.DataFrame(X, columns=store.genes()[cols], index=rec.joinids)
     return annotator.predict(df, return_embedding=True)
 

@@ -62,8 +62,8 @@ def env(tmp_path_factory):
 
     from scpretrain_dist import recipes
     from scpretrain_dist.catalog import load_catalog
-    from scpretrain_dist.catalog.synthetic import write_demo_atlas
     from scpretrain_dist.config import DemoDataConfig
+    from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
     from scpretrain_dist.store import AtlasStore
     from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup

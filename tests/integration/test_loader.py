@@ -15,16 +15,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scpretrain_dist.catalog.synthetic import (
+from scpretrain_dist.config import ConfigError, DemoDataConfig
+from scpretrain_dist.data.loader import StreamingCells
+from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.demo import (
     dataset_model,
     demo_datasets,
     plan_atlas,
     simulate_chunk,
     write_demo_store,
 )
-from scpretrain_dist.config import ConfigError, DemoDataConfig
-from scpretrain_dist.data.loader import StreamingCells
-from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.store.soma import AtlasStore, StoreError, StreamedDataset
 from scpretrain_dist.store.zarr_csr import ZarrLocator, ZarrSource, export_zarr
 
@@ -86,7 +86,7 @@ def test_demo_store_has_the_asked_cells_genes_sparsity_and_registry(atlas):
         assert rec.value_type == "counts" and rec.label_key == "cell_type" and rec.sha256
         mask = atlas.dataset_gene_mask(rec.name)
         assert mask.sum() == rec.n_genes == round(CFG.genes_kept * CFG.n_genes)
-        raw, obs = atlas.read_dataset(rec.name, normalize=False)
+        raw, obs = atlas.read_dataset(rec.name)
         assert raw.shape == (rec.n_cells, CFG.n_genes)
         assert not raw[:, ~mask].nnz, "values only in the dataset's measured genes"
         nnz = np.diff(raw.indptr)
@@ -103,7 +103,7 @@ def test_demo_values_and_labels_regenerate_from_the_seed(atlas):
     rec = atlas.dataset(plan.names[d])
     labels, X = simulate_chunk(plan, dataset_model(plan, d), 0)
     n = min(X.shape[0], rec.n_cells)
-    raw = atlas.read_rows(rec.joinids[:n], rec.value_type, normalize=False)
+    raw = atlas.read_rows(rec.joinids[:n])
     np.testing.assert_array_equal(raw.toarray(), X[:n].toarray())
     obs = atlas.read_obs(rec.name)
     np.testing.assert_array_equal(obs["cell_type"].to_numpy()[:n], plan.type_names()[labels[:n]])
@@ -141,7 +141,7 @@ def test_a_failed_streamed_append_leaves_the_store_as_it_was(tmp_path):
     rec = store.dataset("extra")
     assert rec.joinid_start == sum(r.n_cells for r in records_before)
     expected = sp.vstack([b[2] for b in ok.blocks()]).toarray()
-    got = store.read_rows(rec.joinids, "counts", normalize=False).toarray()
+    got = store.read_rows(rec.joinids).toarray()
     np.testing.assert_array_equal(got, expected)
     with pytest.raises(StoreError, match="gene space"):
         store.append_streamed(genes[::-1], [replace(ok, name="extra2")], log=_quiet)
@@ -238,7 +238,7 @@ def test_values_are_exactly_normalize_rows_of_the_same_cells(atlas):
     ds = StreamingCells(atlas.locator, names, 50, seed=2, rank=1, world=2, chunk_cells=20, buffer_cells=500)
     n_checked = 0
     for b in ds.epoch_batches(0):
-        raw = atlas.read_rows(b.joinids, "counts", normalize=False)
+        raw = atlas.read_rows(b.joinids)
         np.testing.assert_array_equal(_dense(b, ds.n_genes), normalize_rows(raw, "counts").toarray())
         d = b.dataset_idx.numpy()
         starts = np.array([atlas.dataset(names[i]).joinid_start for i in d])
@@ -297,7 +297,7 @@ def test_shard_cache_serves_later_epochs_when_it_fits(atlas):
         ids = np.concatenate([b.joinids for b in batches])
         assert len(np.unique(ids)) == len(ids) and set(ids.tolist()) <= shard
         b = batches[3]
-        raw = atlas.read_rows(b.joinids, "counts", normalize=False)
+        raw = atlas.read_rows(b.joinids)
         np.testing.assert_array_equal(_dense(b, cached.n_genes), normalize_rows(raw, "counts").toarray())
     too_small = StreamingCells(atlas.locator, names, 32, 4, cache_bytes=10_000, **kw)
     list(too_small.epoch_batches(0))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from scpretrain_dist import recipes
-from scpretrain_dist.catalog.synthetic import write_demo_store
 from scpretrain_dist.config import DemoDataConfig, resolve
+from scpretrain_dist.demo import write_demo_store
 from scpretrain_dist.store import AtlasStore
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def streamed_atlas(tmp_path_factory):
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
 
     work = tmp_path_factory.mktemp("ldr")
     demo = DemoDataConfig(n_cells=2400, n_datasets=3, n_genes=500, n_types=4, markers_per_type=15, seed=2)

@@ -14,8 +14,8 @@ import torch
 
 from scpretrain_dist import recipes
 from scpretrain_dist.catalog import load_catalog
-from scpretrain_dist.catalog.synthetic import write_demo_atlas
 from scpretrain_dist.config import DemoDataConfig, resolve
+from scpretrain_dist.demo import write_demo_atlas
 from scpretrain_dist.store import AtlasStore
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_atlas(tmp_path_factory):
     """A 3-dataset demo atlas and a local Ray whose files live in the test's temp dir."""
-    from scpretrain_dist.train.launch import init_ray, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
 
     work = tmp_path_factory.mktemp("scale")
     demo = DemoDataConfig(n_datasets=3, cells_per_dataset=300, n_genes=400, n_types=4,

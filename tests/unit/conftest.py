@@ -18,8 +18,8 @@ import scipy.sparse as sp
 import torch
 
 from scpretrain_dist.catalog import load_catalog
-from scpretrain_dist.catalog.synthetic import write_demo_atlas
 from scpretrain_dist.config import DemoDataConfig
+from scpretrain_dist.demo import write_demo_atlas
 from scpretrain_dist.store import AtlasStore
 
 SMALL_DEMO = DemoDataConfig(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scpretrain_dist.data.dataset import CellShard, GeneShardedCells
+from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions, steps_per_epoch
 from scpretrain_dist.pseudolabel.pool import PseudoLabels
 from scpretrain_dist.store import AtlasStore
@@ -128,7 +129,7 @@ def test_cell_shard_from_the_store(demo_store):
         local = shard.joinids - np.array([records[d].joinid_start for d in shard.dataset_idx])
         np.testing.assert_array_equal(shard.labels[:, 0], local % 3)
         vt = np.array([records[d].value_type for d in shard.dataset_idx], dtype=object)
-        expected = store.read_rows(shard.joinids, vt).toarray()
+        expected = normalized_rows(store, shard.joinids, vt).toarray()
         np.testing.assert_allclose(shard.X.toarray(), expected, rtol=1e-6)
         n_batches = 0
         for x, didx, lab in shard.batches(64, seed=0, epoch=0):

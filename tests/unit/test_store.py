@@ -10,6 +10,7 @@ import tiledbsoma
 
 from scpretrain_dist.catalog import DatasetEntry
 from scpretrain_dist.config import UserError
+from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.store import AtlasStore, StoreError
 
 
@@ -26,6 +27,11 @@ def _file_matrix(helpers, path):
 def _columns(store, genes):
     index = {g: i for i, g in enumerate(store.genes())}
     return np.array([index[g.upper()] for g in genes])
+
+
+def _normalized(store, name):
+    rec = store.dataset(name)
+    return normalized_rows(store, rec.joinids, rec.value_type)
 
 
 def _counts_file(helpers, path, n_cells=30, genes=None, seed=0, labels=True):
@@ -67,14 +73,14 @@ def test_read_dataset_equals_log1p_cp10k_of_the_file(demo_store, helpers):
     for rec in demo_store.datasets():
         counts, genes, adata = _file_matrix(helpers, rec.source)
         cols = _columns(demo_store, genes)
-        X, obs = demo_store.read_dataset(rec.name)
-        X = X.toarray()
+        X = normalized_rows(demo_store, rec.joinids, rec.value_type).toarray()
+        obs = demo_store.read_obs(rec.name)
         assert X.shape == (adata.n_obs, len(demo_store.genes()))
         np.testing.assert_allclose(X[:, cols], helpers.log1p_cp10k(counts), rtol=1e-6, atol=1e-6)  # float32 rounding
         others = np.setdiff1d(np.arange(X.shape[1]), cols)
         assert not X[:, others].any(), "genes the dataset never measured read as zero"
         # the stored values themselves are the file's, bit for bit
-        raw, _ = demo_store.read_dataset(rec.name, normalize=False)
+        raw, _ = demo_store.read_dataset(rec.name)
         np.testing.assert_array_equal(raw.toarray()[:, cols], counts.astype(np.float32))
         # cells come back in file order with their labels
         assert obs["obs_id"].tolist() == [f"{rec.name}:{o}" for o in adata.obs_names]
@@ -88,7 +94,7 @@ def test_read_dataset_equals_log1p_cp10k_of_the_file(demo_store, helpers):
 def test_read_rows_keeps_request_order_and_repeats(demo_store):
     rec = demo_store.dataset("demo_02")
     ids = rec.joinids[[5, 0, 5, 17]]
-    rows = demo_store.read_rows(ids, rec.value_type).toarray()
+    rows = demo_store.read_rows(ids).toarray()
     full, _ = demo_store.read_dataset("demo_02")
     np.testing.assert_array_equal(rows, full.toarray()[[5, 0, 5, 17]])
 
@@ -288,15 +294,15 @@ def test_processed_dataset_is_detected_and_reads_back_like_counts(
     store.ingest([demo_entries[0], DatasetEntry("processed", str(path))], log=_quiet)
     assert store.dataset(demo_entries[0].name).value_type == "counts"
     assert store.dataset("processed").value_type == expected_type
-    X_counts, _ = store.read_dataset(demo_entries[0].name)
-    X_proc, _ = store.read_dataset("processed")
+    X_counts = _normalized(store, demo_entries[0].name)
+    X_proc = _normalized(store, "processed")
     np.testing.assert_allclose(X_proc.toarray(), X_counts.toarray(), rtol=1e-4, atol=1e-4)
     # a mixed read (one value type per row) normalises each row by its own type
     ids = np.concatenate(
         [store.dataset("processed").joinids[:3], store.dataset(demo_entries[0].name).joinids[:3]]
     )
     types = np.array([expected_type] * 3 + ["counts"] * 3, dtype=object)
-    mixed = store.read_rows(ids, types).toarray()
+    mixed = normalized_rows(store, ids, types).toarray()
     np.testing.assert_allclose(mixed[:3], mixed[3:], rtol=1e-4, atol=1e-4)
 
 
@@ -315,7 +321,7 @@ def test_genes_colliding_after_upper_casing_are_summed(tmp_path, helpers):
     store = AtlasStore.create(tmp_path / "s.soma")
     store.ingest([DatasetEntry("dup", str(path))], log=_quiet)
     assert sorted(store.genes()) == ["ACTB", "GAPDH"]
-    raw, _ = store.read_dataset("dup", normalize=False)
+    raw, _ = store.read_dataset("dup")
     cols = _columns(store, ["ACTB", "GAPDH"])
     np.testing.assert_array_equal(raw.toarray()[:, cols], [[3, 3], [4, 6]])
 
@@ -391,14 +397,14 @@ def test_interrupted_ingest_is_invisible_and_leaves_no_stale_cells(
     assert report.added == [name]
     assert [r.name for r in store.datasets()] == ["first", name]
     adata = helpers.read_h5ad(path)
-    raw, obs = store.read_dataset(name, normalize=False)
+    raw, obs = store.read_dataset(name)
     cols = _columns(store, list(adata.var_names))
     np.testing.assert_array_equal(raw.toarray()[:, cols], X_ref)
     assert raw.nnz == np.count_nonzero(X_ref), "no stale values of the interrupted ingest"
-    norm, _ = store.read_dataset(name)
+    norm = _normalized(store, name)
     np.testing.assert_allclose(norm.toarray()[:, cols], helpers.log1p_cp10k(X_ref), rtol=1e-5, atol=1e-6)
     assert obs["obs_id"].tolist() == [f"{name}:{o}" for o in adata.obs_names]
     # the committed dataset is untouched
-    raw_first, _ = store.read_dataset("first", normalize=False)
+    raw_first, _ = store.read_dataset("first")
     np.testing.assert_array_equal(raw_first.toarray()[:, _columns(store, [f"G{i}" for i in range(10)])], X_first)
     assert raw_first.nnz == np.count_nonzero(X_first)

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scpretrain_dist.catalog.synthetic import (
+from scpretrain_dist.config import ConfigError, DemoDataConfig
+from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
+from scpretrain_dist.demo import (
     CHUNK_CELLS,
     dataset_model,
     iter_dataset_blocks,
     plan_atlas,
     simulate_chunk,
 )
-from scpretrain_dist.config import ConfigError, DemoDataConfig
-from scpretrain_dist.data.normalize import normalize_rows
-from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
 from scpretrain_dist.store.sources import coo_run, runs, stack_runs
 
 # (cells, world, chunk): ranks with fewer cells than a chunk, worlds larger than the atlas,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from scpretrain_dist.train.launch import _SOCKET_PATH_MAX, _SOCKET_TAIL, ray_temp_dir
+from scpretrain_dist.runtime import _SOCKET_PATH_MAX, _SOCKET_TAIL, ray_temp_dir
 
 
 def _work_dir(root, length: int) -> str:

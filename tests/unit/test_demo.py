@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from scpretrain_dist.catalog import CatalogError, entries_from_paths, load_catalog
-from scpretrain_dist.catalog.synthetic import gene_symbols, write_demo_atlas
 from scpretrain_dist.config import DemoDataConfig
+from scpretrain_dist.demo import gene_symbols, write_demo_atlas
 
 CFG = DemoDataConfig(
     n_datasets=3, cells_per_dataset=40, n_genes=60, n_types=3, markers_per_type=6, genes_kept=0.8

@@ -1,10 +1,14 @@
-"""Starting Ray: a local cluster for the run's work directory, or an existing one."""
+"""Where the distributed stages run: starting (or joining) Ray, actors that are restarted when
+their process dies, the one scheduler that keeps a pool of actors busy, and process memory.
+K-means (``pseudolabel/``) and batch annotation (``serve/``) both run on it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from scpretrain_dist.config import ConfigError, RunConfig
@@ -77,6 +81,11 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def restartable(cls, restarts: int, **options):
     """``cls`` as a Ray actor class whose actors, when their process dies (a native crash, a
     lost node), are restarted and their pending tasks run again, up to ``restarts`` times.
@@ -92,3 +101,36 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def on_actors(actors: list, items: Iterable, call: Callable, per_actor: int = 1,
+              home: Callable[[object], int | None] | None = None) -> Iterator[tuple[int, object, object]]:
+    """Run ``call(actor, item) -> ObjectRef`` for every item on a pool of actors, at most
+    ``per_actor`` tasks in flight on each, and yield ``(actor index, item, ref)`` as each task
+    finishes (``ray.get(ref)`` gives its result or raises its error). Items are started in their
+    order; one whose ``home(item)`` names an actor waits for that actor (its data is cached
+    there), the others go to whichever actor is free first."""
+    import ray
+
+    queues: list[list] = [[] for _ in actors]
+    shared: list = []
+    for item in items:
+        h = home(item) if home is not None else None
+        (queues[h] if h is not None and 0 <= h < len(actors) else shared).append(item)
+    running: dict = {}
+    load = [0] * len(actors)
+
+    def fill(i: int) -> None:
+        while load[i] < per_actor and (queues[i] or shared):
+            item = (queues[i] or shared).pop(0)
+            running[call(actors[i], item)] = (i, item)
+            load[i] += 1
+
+    for i in range(len(actors)):
+        fill(i)
+    while running:
+        [done], _ = ray.wait(list(running), num_returns=1)
+        i, item = running.pop(done)
+        load[i] -= 1
+        yield i, item, done
+        fill(i)
