@@ -110,9 +110,10 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from scpretrain_dist.pipeline import pretrain, pretraining_datasets, stage_run
+    from scpretrain_dist.pipeline import pretrain, pretraining_datasets
     from scpretrain_dist.runtime import shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.tracking.mlflow_runs import stage_run
 
     cfg = _config(args)
     exclude = tuple(args.exclude or cfg.pretrain.exclude_datasets)
@@ -148,13 +149,9 @@ def cmd_finetune(args) -> None:
 def _encoder_run(result_path: Path) -> str | None:
     """The MLflow run that trained the encoder of ``pretrain/<key>/result.json`` (for the
     registered model's lineage), if this tracking store has it."""
-    import mlflow
+    from scpretrain_dist.tracking.mlflow_runs import find_run
 
-    key = (result_path if result_path.is_dir() else result_path.parent).name
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"params.pretrain_key = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    return find_run("pretrain_key", (result_path if result_path.is_dir() else result_path.parent).name)
 
 
 def cmd_evaluate(args) -> None:
@@ -218,39 +215,12 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from mlflow import MlflowClient
-
     from scpretrain_dist.tracking.mlflow_runs import setup
+    from scpretrain_dist.tracking.registry import describe_models
 
     cfg = _config(args)
     setup(cfg)
-    client = MlflowClient()
-    import mlflow
-
-    shown = {"finetune_dataset", "metrics", "pretrain_datasets", "store_uri", "store_version", "encoder_run",
-             "pseudo_label_version"}
-    models = client.search_registered_models()
-    if not models:
-        print(f"no registered models in {cfg.tracking_uri}")
-    for rm in models:
-        aliases = getattr(rm, "aliases", {}) or {}
-        for v in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)):
-            tags = dict(v.tags)
-            al = [a for a, ver in aliases.items() if str(ver) == str(v.version)]
-            print(f"models:/{rm.name}/{v.version}  aliases={al}  fine-tuned on {tags.get('finetune_dataset', '?')}  "
-                  f"metrics={tags.get('metrics', '{}')}")
-            print(f"    pretrained on {tags.get('pretrain_datasets', '?')}; store {tags.get('store_uri', '?')}@{tags.get('store_version', '?')}")
-            print(f"    encoder run {tags.get('encoder_run') or '-'}; pseudo-labels v{tags.get('pseudo_label_version', '?')}; "
-                  f"fine-tune run {v.run_id}")
-            try:
-                info = mlflow.models.get_model_info(f"models:/{rm.name}/{v.version}")
-                print(f"    signature: {'yes' if info.signature else 'NO'}; input example: "
-                      f"{'yes' if info.saved_input_example_info else 'NO'}")
-            except Exception as e:  # an unreadable artifact store should not hide the other versions
-                print(f"    model files unreadable: {type(e).__name__}: {e}")
-            rest = {k: tags[k] for k in sorted(tags) if k not in shown}
-            if rest:
-                print("    " + "; ".join(f"{k}={val}" for k, val in rest.items()))
+    print("\n".join(describe_models(cfg.tracking_uri)))
 
 
 def cmd_annotate(args) -> None:
@@ -281,8 +251,9 @@ def cmd_annotate(args) -> None:
 def cmd_markers(args) -> None:
     """Saliency-derived marker genes of each cell type a registered model calls in an .h5ad."""
     from scpretrain_dist.catalog.entries import read_h5ad
-    from scpretrain_dist.serve.annotate import AnnotateError, load_annotator, resolve_model
+    from scpretrain_dist.serve.annotate import AnnotateError, load_annotator
     from scpretrain_dist.serve.pyfunc import InputError
+    from scpretrain_dist.tracking.registry import resolve_model
 
     cfg = _config(args)
     path = Path(args.h5ad)
@@ -305,8 +276,8 @@ def cmd_markers(args) -> None:
 
 def cmd_serve(args) -> None:
     """The scoring server for a registered annotator, on 127.0.0.1 unless told otherwise."""
-    from scpretrain_dist.serve.annotate import resolve_model
     from scpretrain_dist.serve.server import serve
+    from scpretrain_dist.tracking.registry import resolve_model
 
     cfg = _config(args)
     ref = resolve_model(args.model, cfg.tracking_uri)  # an unknown model is refused here, clearly

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -17,27 +16,14 @@ import numpy as np
 
 from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
-
-
-@contextmanager
-def stage_run(name: str, cfg: RunConfig, timings: dict | None = None):
-    """An MLflow run for a stage, nested under the active run if there is one."""
-    import mlflow
-
-    from scpretrain_dist.tracking.mlflow_runs import log_config, setup
-
-    setup(cfg)
-    t0 = time.perf_counter()
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, nested=nested) as run:
-        mlflow.set_tag("stage", name)
-        if not nested:
-            log_config(cfg)
-        yield run
-        seconds = time.perf_counter() - t0
-        mlflow.log_metric("stage_seconds", seconds)
-    if timings is not None:
-        timings[name] = seconds
+from scpretrain_dist.tracking.mlflow_runs import (
+    active_run_id,
+    log_artifacts,
+    log_dict,
+    log_metrics,
+    log_params,
+    stage_run,
+)
 
 
 def demo_data(cfg: RunConfig, out_dir: str | Path) -> list[Path]:
@@ -106,8 +92,6 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     """Pretrain on every dataset but ``exclude`` (a cached encoder of the same key is reused, and
     an interrupted run of the same key resumes after its last finished step; ``reuse=False``:
     neither)."""
-    import mlflow
-
     from scpretrain_dist.runtime import init_ray
     from scpretrain_dist.train.pretrain import load_result
     from scpretrain_dist.train.pretrain import pretrain as run_pretrain
@@ -127,11 +111,10 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
             return result, None
     log(f"pretrain: {len(datasets)} datasets ({', '.join(datasets)}), excluded: {', '.join(exclude) or 'none'}")
     init_ray(cfg)
-    run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
+    run_id = active_run_id()
     result = run_pretrain(cfg, datasets, tag=key, mlflow_run_id=run_id, log=log, resume=reuse)
-    if run_id:
-        mlflow.log_params({"pretrain_key": key, "pretrain_datasets": ",".join(datasets), "store_version": version})
-        mlflow.log_metric("pretrain_iterations_run", result.iterations_run)
+    log_params({"pretrain_key": key, "pretrain_datasets": ",".join(datasets), "store_version": version})
+    log_metrics({"pretrain_iterations_run": result.iterations_run})
     return result, run_id
 
 
@@ -252,8 +235,6 @@ class Evaluation:
                 self.first_model = (data, models[seed], seed, pretrain_result, encoder_run_id, t)
 
     def finish(self, cfg: RunConfig, store: AtlasStore, report_dir, context: dict, register: bool, log=print) -> list[dict]:
-        import mlflow
-
         from scpretrain_dist.evaluate.figures import write_figures
         from scpretrain_dist.evaluate.report import format_table, summary, write_report
 
@@ -261,14 +242,11 @@ class Evaluation:
         out.mkdir(parents=True, exist_ok=True)
         figures = write_figures(self.rows, self.views, out) if cfg.evaluate.figures else []
         js, md = write_report(self.rows, out, context, self.splits, self.clustering, figures, self.confusion)
-        if mlflow.active_run():
-            for path in (js, md, *figures):
-                mlflow.log_artifact(str(path), "report")
-            for _, r in summary(self.rows).iterrows():
-                if r["dataset"] == "MEAN":
-                    for m in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc"):
-                        # MLflow metric names allow no '+': "logreg+shift" is logged as "logreg_shift"
-                        mlflow.log_metric(f"{r['method'].replace('+', '_')}_{m}", float(r[m]))
+        if active_run_id():
+            log_artifacts((js, md, *figures), "report")
+            log_metrics({f"{r['method']}_{m}": float(r[m]) for _, r in summary(self.rows).iterrows()
+                         if r["dataset"] == "MEAN"
+                         for m in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")})
             if register and self.first_model is not None and self.first_model[3] is not None:
                 self._register(cfg, store, log)
         log("\n" + format_table(self.rows))
@@ -278,7 +256,7 @@ class Evaluation:
     def _register(self, cfg: RunConfig, store: AtlasStore, log=print) -> None:
         import pandas as pd
 
-        from scpretrain_dist.tracking.mlflow_runs import log_annotator
+        from scpretrain_dist.serve.pyfunc import register_annotator
 
         data, model, seed, pretrain_result, encoder_run_id, row_dataset = self.first_model
         full = max(r["budget"] for r in self.rows if r["dataset"] == row_dataset)
@@ -296,7 +274,7 @@ class Evaluation:
             "finetune_seed": str(seed),
             "metrics": {k: round(mine[k], 4) for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")},
         }
-        name, version = log_annotator(model, data.genes, data.classes, example, lineage,
+        name, version = register_annotator(model, data.genes, data.classes, example, lineage,
                                       cfg.tracking.registered_model, cfg.tracking.alias)
         log(f"registered models:/{name}/{version} with alias @{cfg.tracking.alias}")
 
@@ -418,8 +396,6 @@ def check_lodo(cfg: RunConfig, store: AtlasStore, targets: list[str]) -> list[li
 def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
     """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
     reused), fine-tune and test on each of its targets; one report over every fold."""
-    import mlflow
-
     cfg = installed_methods(cfg, log)
     store = AtlasStore(cfg.store_uri)
     folds = check_lodo(cfg, store, targets)
@@ -427,7 +403,7 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> 
     for fold in folds:
         with stage_run("pretrain", cfg):
             result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*fold, *cfg.pretrain.exclude_datasets])), log=log)
-            run_id = run_id or mlflow.active_run().info.run_id
+            run_id = run_id or active_run_id()
         with stage_run("finetune-evaluate", cfg):
             ev.add_targets(cfg, store, fold, result, run_id, log=log)
     proto = {"per_target": "leave-one-dataset-out, one pretraining per target",
@@ -440,8 +416,6 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
                       report_dir, log=print) -> list[dict]:
     """Reference -> query: pretrain without the queries (cached encoders reused), fine-tune on
     the labelled references with harmonised labels, predict each query; one report."""
-    import mlflow
-
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
 
     cfg = installed_methods(cfg, log)
@@ -452,7 +426,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     for q in queries:
         with stage_run("pretrain", cfg):
             result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*(exclude or (q,)), *cfg.pretrain.exclude_datasets])), log=log)
-            run_id = run_id or mlflow.active_run().info.run_id
+            run_id = run_id or active_run_id()
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)
             rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=log)
@@ -497,8 +471,6 @@ def choose_targets(cfg: RunConfig, store: AtlasStore) -> list[str]:
 
 def quickstart(cfg: RunConfig, data: str | None = None, log=print) -> dict:
     """Everything, end to end, under one MLflow parent run; returns stage timings and rows."""
-    import mlflow
-
     from scpretrain_dist.runtime import shutdown_ray
 
     timings: dict[str, float] = {}
@@ -520,16 +492,15 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=print) -> dict:
                 inputs = [data]
             with stage_run("ingest", cfg, timings):
                 report = ingest(cfg, [], catalog=inputs[0]) if inputs[0].endswith(".toml") else ingest(cfg, inputs)
-                mlflow.log_metric("datasets_added", len(report.added))
-                mlflow.log_metric("atlas_genes", report.n_genes_after)
+                log_metrics({"datasets_added": len(report.added), "atlas_genes": report.n_genes_after})
             store = AtlasStore(cfg.store_uri)
             targets = choose_targets(cfg, store)
             with stage_run("pretrain", cfg, timings):
                 result, run_id = pretrain(cfg, exclude=tuple(targets), log=log)
-                run_id = run_id or mlflow.active_run().info.run_id
+                run_id = run_id or active_run_id()
             with stage_run("finetune-evaluate", cfg, timings):
                 rows = finetune_and_evaluate(cfg, targets, result, run_id, work / "report", log=log)
-            mlflow.log_dict(timings, "stage_seconds.json")
+            log_dict(timings, "stage_seconds.json")
             parent_id = parent.info.run_id
     finally:
         shutdown_ray()

@@ -146,10 +146,10 @@ def _train_ours(cfg, ref, ref_name, split, log) -> tuple[str, dict]:
     """Fine-tune the classifier on the reference (no pretraining) and register it."""
     import dataclasses
 
-    import mlflow
     import pandas as pd
 
-    from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
+    from scpretrain_dist.serve.pyfunc import register_annotator
+    from scpretrain_dist.tracking.mlflow_runs import stage_run
     from scpretrain_dist.train.finetune import finetune, predict_proba
 
     X = _lognorm(ref).X
@@ -163,13 +163,12 @@ def _train_ours(cfg, ref, ref_name, split, log) -> tuple[str, dict]:
     acc = float((predict_proba(res.model, X[split.test].toarray()).argmax(1) == y[split.test]).mean())
     log(f"bench annotate: fine-tuned our classifier on {ref_name} in {seconds:.0f} s "
         f"({res.epochs_run} epochs), held-out accuracy {acc:.3f}")
-    setup(cfg)
     example = pd.DataFrame(ref.X[:2].toarray(), columns=ref.var_names)
     lineage = {"store_uri": "", "store_version": "", "pretrain_datasets": [], "pseudo_label_version": "none",
                "encoder_run": "", "finetune_dataset": ref_name, "purpose": "bench annotate",
                "metrics": {"accuracy": round(acc, 4)}}
-    with mlflow.start_run(run_name="bench-annotate-finetune"):
-        name, version = log_annotator(res.model, np.asarray(ref.var_names), classes, example, lineage, MODEL_NAME, "bench")
+    with stage_run("bench-annotate-finetune", cfg):
+        name, version = register_annotator(res.model, np.asarray(ref.var_names), classes, example, lineage, MODEL_NAME, "bench")
     return f"models:/{name}/{version}", {"heldout_accuracy": acc, "finetune_seconds": seconds}
 
 
@@ -257,7 +256,8 @@ def _time_ray_start(cfg) -> float:
 def _time_forward(cfg, model_uri, query, block_size) -> tuple[float, float]:
     """The forward pass alone on the in-memory query (what ``celltypist.annotate`` is timed on),
     and the model load through the registry."""
-    from scpretrain_dist.serve.annotate import load_annotator, resolve_model
+    from scpretrain_dist.serve.annotate import load_annotator
+    from scpretrain_dist.tracking.registry import resolve_model
 
     t0 = time.perf_counter()
     annotator = load_annotator(resolve_model(model_uri, cfg.tracking_uri))
@@ -296,8 +296,9 @@ def _post(port: int, body: bytes, content_type: str = "application/json") -> tup
 def _serving(cfg, model_uri, query, sizes, n_requests, log) -> dict:
     import pandas as pd
 
-    from scpretrain_dist.serve.annotate import load_annotator, resolve_model
+    from scpretrain_dist.serve.annotate import load_annotator
     from scpretrain_dist.serve.pyfunc import sparse_request, sparse_request_parquet
+    from scpretrain_dist.tracking.registry import resolve_model
 
     port = _free_port()
     cmd = [sys.executable, "-m", "scpretrain_dist.cli", "serve", "--model", model_uri, "--port", str(port),

@@ -23,13 +23,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scpretrain_dist.config import LOADERS, ConfigError
+from scpretrain_dist.config import ConfigError
 from scpretrain_dist.data.distributed import rank_and_world
 from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
@@ -395,23 +395,19 @@ class StreamingCells(torch.utils.data.IterableDataset):
             yield b.x, b.dataset_idx, b.labels
 
 
-def open_shard(config: dict, labels, rank: int, world: int, gene_sharded: bool = False):
-    """A training worker's data, as ``config["loader"]`` asks: ``"memory"`` (the whole shard
-    read up front, :class:`~scpretrain_dist.data.dataset.CellShard`; with ``gene_sharded``,
-    every cell over this rank's genes, :class:`~scpretrain_dist.data.dataset.GeneShardedCells`)
-    or ``"stream"`` (:class:`StreamingCells`, options from ``config["loader_options"]``)."""
-    kind = config.get("loader", "memory")
-    locator = AtlasLocator(**config["locator"])
-    datasets = config["datasets"]
-    if kind == "memory":
+def open_shard(worker, labels, rank: int, world: int, gene_sharded: bool = False):
+    """A training worker's data, as ``worker.pretrain.loader`` asks (``worker``: the
+    iteration's ``train.pretrain.WorkerConfig``): ``"memory"`` (the whole shard read up front,
+    :class:`~scpretrain_dist.data.dataset.CellShard`; with ``gene_sharded``, every cell over this
+    rank's genes, :class:`~scpretrain_dist.data.dataset.GeneShardedCells`) or ``"stream"``
+    (:class:`StreamingCells`, options from ``worker.stream``)."""
+    p, datasets = worker.pretrain, list(worker.datasets)
+    if p.loader == "memory":
         from scpretrain_dist.data.dataset import CellShard, GeneShardedCells
 
         shard_type = GeneShardedCells if gene_sharded else CellShard
-        return shard_type.load(locator, datasets, labels, rank, world, seed=config["seed"])
-    if kind == "stream":
-        return StreamingCells(
-            locator, datasets, config["batch_size"], config["seed"], rank=rank, world=world,
-            labels=np.concatenate([labels.labels[d] for d in datasets]),
-            **config.get("loader_options", {}),
-        )
-    raise ConfigError(f"pretrain.loader must be one of {', '.join(LOADERS)}, got {kind!r}")
+        return shard_type.load(worker.locator, datasets, labels, rank, world, seed=p.seed)
+    return StreamingCells(
+        worker.locator, datasets, p.batch_size, p.seed, rank=rank, world=world,
+        labels=np.concatenate([labels.labels[d] for d in datasets]), **asdict(worker.stream),
+    )

@@ -32,7 +32,7 @@ class SparseBatch:
     genes: torch.Tensor | None = None  # (n_present,) sorted distinct gene indices
     local_indices: torch.Tensor | None = None  # (nnz,) position of each index in ``genes``
     # Set on a batch of every rank's cells (rank order) over one rank's genes, for an encoder
-    # sharded by gene (``Encoder.row_exchange``): how many cells each rank's batch has.
+    # sharded by gene (``train/parallel.py``, ``shard_by_gene``): how many cells each rank's batch has.
     cells_per_rank: tuple[int, ...] | None = None
 
     @classmethod
@@ -128,28 +128,17 @@ class Encoder(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_genes, dim))
         self.bias = nn.Parameter(torch.empty(dim))
         self.sparse_grad = sparse_grad
-        # Set by a data-parallel trainer (train/parallel.py), with ``sparse_grad``: an object
-        # whose ``combine(batch)`` returns every rank's batch restricted to this rank's genes
-        # (``cells_per_rank`` set) and ``own_cells(products, cells_per_rank)`` sums those
-        # products over the ranks and keeps this batch's cells. None: the whole weight, this
-        # batch only.
-        self.row_exchange = None
         bound = 1.0 / math.sqrt(n_genes)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         if isinstance(x, SparseBatch):
-            if x.cells_per_rank is not None and self.row_exchange is None:
+            if x.cells_per_rank is not None:
                 raise ValueError("a batch of every rank's cells over one rank's genes needs an "
-                                 "encoder sharded by gene (Encoder.row_exchange)")
-            if self.sparse_grad and self.row_exchange is not None:
-                # data parallelism over genes: this rank's genes times every rank's batch,
-                # summed over the ranks into this batch's products (see ``row_exchange``)
-                combined = self.row_exchange.combine(x)
-                h = self.row_exchange.own_cells(self._rows_product(combined), combined.cells_per_rank)
-            elif self.sparse_grad:
-                h = self._rows_product(x)
+                                 "encoder sharded by gene (train/parallel.py shard_by_gene)")
+            if self.sparse_grad:
+                h = self.rows_product(x)
             else:
                 h = F.embedding_bag(
                     x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values
@@ -158,7 +147,7 @@ class Encoder(nn.Module):
             h = x @ self.weight
         return h + self.bias
 
-    def _rows_product(self, x: SparseBatch) -> torch.Tensor:
+    def rows_product(self, x: SparseBatch) -> torch.Tensor:
         """X W over the rows of the genes present in ``x`` only (a sparse gradient over them)."""
         genes, local = x.gathered()
         rows = _GatherRows.apply(self.weight, genes)  # (n_present, dim)

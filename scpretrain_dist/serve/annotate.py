@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,6 +33,7 @@ from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
 from scpretrain_dist.store.files import save_npz_whole, write_json_whole
 from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
+from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
 with warnings.catch_warnings(record=True):
@@ -52,85 +52,14 @@ class AnnotateError(UserError):
 
 
 # ---------------------------------------------------------------------------- the model
-@dataclass(frozen=True)
-class ModelRef:
-    """A registered model version, resolved once so every actor loads the same one."""
-
-    name: str
-    version: int
-    run_id: str
-    tracking_uri: str
-    requested: str
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    @property
-    def prefix(self) -> str:
-        """Stem of the obs columns and the embedding array of this model version."""
-        return f"scpretrain__{re.sub(r'[^A-Za-z0-9_]', '_', self.name)}__v{self.version}"
-
-    @property
-    def label_column(self) -> str:
-        return self.prefix + "__label"
-
-    @property
-    def confidence_column(self) -> str:
-        return self.prefix + "__confidence"
-
-
-def resolve_model(uri: str, tracking_uri: str) -> ModelRef:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the version it names today."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", uri or "")
-    if not m:
-        raise AnnotateError(
-            f"--model {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION "
-            "(`scpretrain models list` shows the registered ones)"
-        )
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
-        raise AnnotateError(
-            f"no MLflow store at {tracking_uri}; pass the --work-dir the model was fine-tuned in "
-            "(or set tracking.tracking_uri)"
-        )
-    name, alias, version = m.groups()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
-        try:
-            known = [f"models:/{rm.name} (aliases: {', '.join(sorted(rm.aliases)) or 'none'})"
-                     for rm in client.search_registered_models()]
-        except MlflowException:
-            known = []
-        raise AnnotateError(
-            f"model {uri} is not in the registry at {tracking_uri}; registered: {'; '.join(known) or 'nothing'}. "
-            "List them with `scpretrain models list`"
-        ) from None
-    return ModelRef(name, int(mv.version), mv.run_id or "", tracking_uri, uri)
-
-
 def load_annotator(ref: ModelRef) -> Annotator:
-    """Download the version's artifacts through the registry and build the numpy annotator.
-
-    The current code reads the artifacts (weights + gene list), so models logged by older
-    releases annotate with the same forward pass as new ones."""
-    import mlflow
-    from mlflow.models import Model
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # models:/ URIs resolve through the global registry URI (a tracking_uri argument is not enough)
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_registry_uri(ref.tracking_uri)
+    """The version's annotator, built from its artifacts (weights and gene list) by the current
+    code, so models logged by older releases annotate with the same forward pass as new ones."""
     with tempfile.TemporaryDirectory(prefix="scp-model-") as tmp:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
-        arts = (Model.load(str(path)).flavors.get("python_function") or {}).get("artifacts") or {}
+        arts = download_pyfunc_artifacts(ref, tmp)
         if "weights" not in arts or "meta" not in arts:
             raise AnnotateError(f"{ref.uri} is not an scpretrain annotator (no weights/meta artifacts)")
-        return Annotator(path / arts["weights"]["path"], path / arts["meta"]["path"])
+        return Annotator(arts["weights"], arts["meta"])
 
 
 # ---------------------------------------------------------------------------- blocks

@@ -63,6 +63,23 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
 
 
+def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: pd.DataFrame, lineage: dict,
+                       registered_model: str, alias: str) -> tuple[str, int]:
+    """Log ``model`` as the annotator pyfunc in the active MLflow run, register it under
+    ``registered_model`` with ``alias`` and its lineage tags. Returns (model name, version)."""
+    import tempfile
+
+    import scpretrain_dist
+    from scpretrain_dist.tracking.registry import log_pyfunc_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = export_annotator(model, genes, classes, tmp, lineage=lineage)
+        return log_pyfunc_model(AnnotatorPyfunc(), artifacts, signature(), example,
+                                code_paths=[str(Path(scpretrain_dist.__file__).parent)],
+                                pip_requirements=["mlflow", "numpy", "pandas", "scipy", "torch"],
+                                lineage=lineage, registered_model=registered_model, alias=alias)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     from scipy.special import expit  # no overflow warnings for large negative inputs
 

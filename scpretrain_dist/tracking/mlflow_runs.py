@@ -1,12 +1,12 @@
-"""MLflow runs and the Model Registry. Only the driver (or rank 0) calls these."""
+"""MLflow runs: the tracking store of a run, stage runs nested under a parent, and what the
+stages log. Only the driver (or rank 0) calls these."""
 
 from __future__ import annotations
 
 import json
-import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
 
 from scpretrain_dist.config import RunConfig
 
@@ -48,37 +48,90 @@ def log_config(cfg: RunConfig) -> None:
     mlflow.log_text(cfg.to_json(), "config.json")
 
 
-def log_annotator(
-    model,
-    genes: np.ndarray,
-    classes: np.ndarray,
-    example: pd.DataFrame,  # noqa: F821
-    lineage: dict,
-    registered_model: str,
-    alias: str,
-) -> tuple[str, int]:
-    """Log the pyfunc annotator in the active run, register it, set the alias and the lineage
-    tags on the version. Returns (model name, version)."""
+@contextmanager
+def stage_run(name: str, cfg: RunConfig, timings: dict | None = None):
+    """An MLflow run for a stage, nested under the active run if there is one; its wall time is
+    logged as ``stage_seconds`` (and put in ``timings[name]``)."""
     import mlflow
-    from mlflow import MlflowClient
 
-    import scpretrain_dist
-    from scpretrain_dist.serve.pyfunc import AnnotatorPyfunc, export_annotator, signature
+    setup(cfg)
+    t0 = time.perf_counter()
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=name, nested=nested) as run:
+        mlflow.set_tag("stage", name)
+        if not nested:
+            log_config(cfg)
+        yield run
+        seconds = time.perf_counter() - t0
+        mlflow.log_metric("stage_seconds", seconds)
+    if timings is not None:
+        timings[name] = seconds
 
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = export_annotator(model, genes, classes, tmp, lineage=lineage)
-        info = mlflow.pyfunc.log_model(
-            name="annotator",
-            python_model=AnnotatorPyfunc(),
-            artifacts=artifacts,
-            code_paths=[str(Path(scpretrain_dist.__file__).parent)],
-            signature=signature(),
-            input_example=example,
-            pip_requirements=["mlflow", "numpy", "pandas", "scipy"],
-        )
-    version = mlflow.register_model(info.model_uri, registered_model)
-    client = MlflowClient()
-    client.set_registered_model_alias(registered_model, alias, version.version)
-    for k, v in lineage.items():
-        client.set_model_version_tag(registered_model, version.version, k, v if isinstance(v, str) else json.dumps(v))
-    return registered_model, int(version.version)
+
+def active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Metrics of the active run, if there is one (MLflow's names allow no '+': it becomes '_')."""
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_metrics({k.replace("+", "_"): float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_params(params: dict) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_params(params)
+
+
+def log_artifacts(paths, folder: str) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        for path in paths:
+            mlflow.log_artifact(str(path), folder)
+
+
+def log_dict(d: dict, name: str) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_dict(d, name)
+
+
+class RunLog:
+    """Logging into a given run from another process (a training worker, a pool's driver loop):
+    a no-op without a run id."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str):
+        self.run_id = run_id
+        self._client = None
+        if run_id:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def metric(self, key: str, value: float, step: int | None = None) -> None:
+        if self._client is not None:
+            self._client.log_metric(self.run_id, key, float(value), step=step)
+
+    def artifact(self, path: str | Path, folder: str) -> None:
+        if self._client is not None:
+            self._client.log_artifact(self.run_id, str(path), folder)
+
+
+def find_run(param: str, value: str) -> str | None:
+    """The newest run, in any experiment of the current tracking store, with ``params.param``
+    equal to ``value`` (e.g. the run that trained the encoder of a pretraining key)."""
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"params.{param} = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -130,10 +130,34 @@ def _row_sparse(p: torch.nn.Parameter) -> torch.Tensor:
     return coalesced_rows(g)
 
 
+def shard_by_gene(encoder, exchange: GeneRowExchange) -> None:
+    """Data parallelism over genes for ``encoder`` (built with ``sparse_grad``): a sparse batch
+    is multiplied as this rank's gene rows times every rank's batch (``exchange.combine``),
+    summed over the ranks into this batch's products (``exchange.own_cells``). The encoder
+    itself knows nothing of it; :func:`unshard` undoes it."""
+    from scpretrain_dist.model.networks import SparseBatch
+
+    if not encoder.sparse_grad:
+        raise ValueError("an encoder sharded by gene needs sparse_grad=True (gradients over its rows)")
+    plain = type(encoder).forward
+
+    def forward(x):
+        if not isinstance(x, SparseBatch):
+            return plain(encoder, x)
+        combined = exchange.combine(x)
+        return exchange.own_cells(encoder.rows_product(combined), combined.cells_per_rank) + encoder.bias
+
+    encoder.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+
+
+def unshard(encoder) -> None:
+    encoder.__dict__.pop("forward", None)
+
+
 class GeneRowExchange:
     """The encoder's weight rows sharded over the ranks by gene (see the module docstring).
 
-    Set as ``encoder.row_exchange`` on an encoder with ``sparse_grad``; its weight's gradient is
+    Installed on an encoder with ``sparse_grad`` by :func:`shard_by_gene`; its weight's gradient is
     then already the mean over the ranks, over this rank's genes only (pass the weight as
     ``skip`` to :class:`RowGradSync`). Every rank must start from the same weight and run the
     same number of steps; rows of other ranks' genes go stale on a rank until :meth:`assemble`.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scpretrain_dist.config import ConfigError, RunConfig
+from scpretrain_dist.config import ConfigError, ModelConfig, PretrainConfig, RunConfig, StreamConfig
 from scpretrain_dist.pseudolabel.features import read_encoder, write_encoder
 from scpretrain_dist.pseudolabel.pool import (
     KMeansPool,
@@ -22,6 +22,7 @@ from scpretrain_dist.pseudolabel.pool import (
 )
 from scpretrain_dist.store.files import write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+from scpretrain_dist.tracking.mlflow_runs import RunLog
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -88,7 +89,7 @@ def load_encoder(path: str | Path) -> dict[str, np.ndarray]:
     return read_encoder(path)
 
 
-def pretrain_loop_per_worker(config: dict) -> None:
+def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"worker": WorkerConfig}
     """Runs on every Ray Train worker: load the rank's shard, train, report per epoch."""
     import ray.train
     import ray.train.torch
@@ -96,30 +97,37 @@ def pretrain_loop_per_worker(config: dict) -> None:
     from scpretrain_dist.data.loader import open_shard
     from scpretrain_dist.model.networks import PretrainModel
     from scpretrain_dist.train.optim import LazyAdam
-    from scpretrain_dist.train.parallel import GeneRowExchange, RowGradSync, broadcast_parameters
+    from scpretrain_dist.train.parallel import (
+        GeneRowExchange,
+        RowGradSync,
+        broadcast_parameters,
+        shard_by_gene,
+    )
     from scpretrain_dist.train.steps import pretrain_eval, pretrain_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + config["iteration"])
-    labels = PseudoLabels.load(config["labels_path"])
-    datasets = config["datasets"]
+    w = config["worker"]
+    p = w.pretrain
+    torch.manual_seed(p.seed + w.iteration)
+    labels = PseudoLabels.load(w.labels_path)
+    datasets = list(w.datasets)
     device = ray.train.torch.get_device()
-    sparse = config.get("sparse_updates", True)
+    sparse = p.sparse_updates
     # on CPUs the encoder takes sparse gradients, and with several workers its rows are
     # sharded by gene unless pretrain.encoder_sharding = "none"
     sparse_encoder = sparse and device.type == "cpu"
-    gene_sharded = sparse_encoder and world > 1 and config.get("encoder_sharding", "genes") == "genes"
+    gene_sharded = sparse_encoder and world > 1 and p.encoder_sharding == "genes"
     # pretrain.loader: "memory" or "stream"
-    shard = open_shard(config, labels, rank, world, gene_sharded=gene_sharded)
+    shard = open_shard(w, labels, rank, world, gene_sharded=gene_sharded)
     if device.type == "cuda" and hasattr(shard, "to_device"):
         shard = shard.to_device(device)  # the in-memory shard moves to the GPU: batches made there
     ks = [labels.ks[d] for d in datasets]
-    model = PretrainModel(config["n_genes"], ks, config["dim"], config["head_activation"],
-                          sparse_grad=sparse, head_layout=config.get("head_layout", "auto"),
+    model = PretrainModel(w.n_genes, ks, w.model.embedding_dim, w.model.head_activation,
+                          sparse_grad=sparse, head_layout=p.head_layout,
                           encoder_sparse_grad=sparse_encoder)
-    if config.get("init_encoder"):
-        enc = load_encoder(config["init_encoder"])
+    if w.init_encoder:
+        enc = load_encoder(w.init_encoder)
         with torch.no_grad():
             model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
             model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
@@ -132,29 +140,26 @@ def pretrain_loop_per_worker(config: dict) -> None:
         if world > 1:
             encoder = model.encoder
             if gene_sharded:  # the exchange averages the encoder's weight
-                exchange = encoder.row_exchange = GeneRowExchange(config["n_genes"], rank, world)
+                exchange = GeneRowExchange(w.n_genes, rank, world)
+                shard_by_gene(encoder, exchange)
                 row_sparse, skip = [], (encoder.weight,)
             else:
                 row_sparse, skip = ([encoder.weight] if encoder.sparse_grad else []), ()
-            wire = getattr(torch, config.get("gradient_sync_dtype", "float32"))
+            wire = getattr(torch, p.gradient_sync_dtype)
             sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire, skip=skip)
-        optimizer = LazyAdam(model.parameters(), lr=config["lr"])
+        optimizer = LazyAdam(model.parameters(), lr=p.lr)
     else:
         model = ray.train.torch.prepare_model(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
-        client = MlflowClient(config["tracking_uri"])
-    n_epochs = config["epochs"]
+        optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    run_log = RunLog(w.mlflow_run_id if rank == 0 else None, w.tracking_uri)  # rank 0 only
+    n_epochs = p.epochs
     history = []  # per epoch: (seconds, loss, cells per second per worker)
     n_steps = 0
     for epoch in range(n_epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
         model.train()
-        for x, didx, lab in shard.batches(config["batch_size"], config["seed"], epoch + 1000 * config["iteration"], device):
+        for x, didx, lab in shard.batches(p.batch_size, p.seed, epoch + 1000 * w.iteration, device):
             out = pretrain_step(model, x, didx, lab, optimizer, sync_gradients=sync)
             n_steps += 1
             n = len(didx)
@@ -162,7 +167,7 @@ def pretrain_loop_per_worker(config: dict) -> None:
         if world > 1:
             torch.distributed.all_reduce(sums)
         metrics = {
-            "iteration": config["iteration"],
+            "iteration": w.iteration,
             "epoch": epoch,
             "loss": float(sums[0] / sums[2]),
             "pseudo_label_accuracy": float(sums[1] / sums[2]),
@@ -177,21 +182,21 @@ def pretrain_loop_per_worker(config: dict) -> None:
             if sync is not None:
                 metrics["gradient_sync_seconds"] = sync.seconds
                 metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
-            metrics.update(_final_metrics(config, model, shard, device, world, pretrain_eval, exchange))
-        step = config["iteration"] * n_epochs + epoch
-        if client is not None:  # side effects on rank 0 only
-            for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
-                client.log_metric(config["mlflow_run_id"], f"pretrain_{key}", metrics[key], step=step)
+            metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
+        step = w.iteration * n_epochs + epoch
+        for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
+            run_log.metric(f"pretrain_{key}", metrics[key], step=step)
         checkpoint = None
         if epoch == n_epochs - 1 and rank == 0:
             tmp = Path(tempfile.mkdtemp(prefix="scp-ckpt-"))
             write_encoder(getattr(model, "module", model).encoder, tmp / ENCODER_FILE)
-            (tmp / META_FILE).write_text(json.dumps({k: config[k] for k in ("iteration", "datasets", "labels_path", "locator")} | {"metrics": metrics}))
+            (tmp / META_FILE).write_text(json.dumps({"iteration": w.iteration, "datasets": list(w.datasets), "labels_path": w.labels_path,
+                                                    "locator": asdict(w.locator), "metrics": metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
+def _final_metrics(w: WorkerConfig, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
     """Peak RSS of every worker; on request the loss over every cell without updates and the
     largest difference between the replicas' parameters (0 when data parallelism is sound).
     An encoder sharded by gene (``exchange``) is evaluated as it trained, then its rows are
@@ -205,9 +210,9 @@ def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval
         torch.distributed.all_gather(gathered, rss)
         rss = torch.cat(gathered)
     out["peak_rss_mib_per_worker"] = [round(float(v), 1) for v in rss]
-    if config.get("final_eval"):
+    if w.final_eval:
         model.eval()
-        sums = torch.tensor(pretrain_eval(model, shard.batches(config["batch_size"], config["seed"], 10**6, device)),
+        sums = torch.tensor(pretrain_eval(model, shard.batches(w.pretrain.batch_size, w.pretrain.seed, 10**6, device)),
                             dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(sums)
@@ -215,8 +220,10 @@ def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval
         out["final_eval_accuracy"] = float(sums[1] / sums[2])
     if exchange is not None:
         exchange.assemble(model.encoder.weight)
-        model.encoder.row_exchange = None
-    if config.get("check_replicas") and world > 1:
+        from scpretrain_dist.train.parallel import unshard
+
+        unshard(model.encoder)
+    if w.check_replicas and world > 1:
         flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
         lo, hi = flat.clone(), flat.clone()
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
@@ -225,37 +232,38 @@ def _final_metrics(config: dict, model, shard, device, world: int, pretrain_eval
     return out
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every training worker of one iteration receives: the typed settings and the run's
+    locator, datasets and pseudo-labels."""
+
+    pretrain: PretrainConfig
+    model: ModelConfig
+    stream: StreamConfig
+    locator: AtlasLocator
+    datasets: tuple[str, ...]
+    labels_path: str
+    n_genes: int
+    iteration: int = 0
+    init_encoder: str | None = None
+    mlflow_run_id: str | None = None
+    tracking_uri: str = ""
+    final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
+    check_replicas: bool = False  # the largest difference between the replicas' parameters
+
+
 def loop_config(
     cfg: RunConfig, locator: AtlasLocator, datasets: list[str], labels_path: str | Path, n_genes: int,
-    iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None, **extra,
-) -> dict:
-    """What every training worker of one iteration receives (plain values only)."""
-    p = cfg.pretrain
-    return {
-        "locator": asdict(locator),
-        "datasets": list(datasets),
-        "labels_path": str(Path(labels_path).resolve()),
-        "n_genes": n_genes,
-        "dim": cfg.model.embedding_dim,
-        "head_activation": cfg.model.head_activation,
-        "lr": p.lr,
-        "epochs": p.epochs,
-        "batch_size": p.batch_size,
-        "seed": p.seed,
-        "iteration": iteration,
-        "init_encoder": init_encoder,
-        "sparse_updates": p.sparse_updates,
-        "gradient_sync_dtype": p.gradient_sync_dtype,
-        "encoder_sharding": p.encoder_sharding,
-        "head_layout": p.head_layout,
-        "loader": p.loader,
-        "loader_options": asdict(cfg.stream),
-        "mlflow_run_id": mlflow_run_id,
-        "tracking_uri": cfg.tracking_uri,
-    } | extra
+    iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None,
+    final_eval: bool = False, check_replicas: bool = False,
+) -> WorkerConfig:
+    """The :class:`WorkerConfig` of one iteration."""
+    return WorkerConfig(cfg.pretrain, cfg.model, cfg.stream, locator, tuple(datasets),
+                        str(Path(labels_path).resolve()), n_genes, iteration, init_encoder, mlflow_run_id,
+                        cfg.tracking_uri, final_eval, check_replicas)
 
 
-def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, list[dict]]:
+def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, list[dict]]:
     """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -264,7 +272,7 @@ def _fit_iteration(cfg: RunConfig, loop_config: dict, name: str) -> tuple[str, l
     p = cfg.pretrain
     trainer = TorchTrainer(
         pretrain_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"worker": loop_config},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=p.num_workers,
@@ -305,11 +313,7 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
-    client = None
-    if mlflow_run_id:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(cfg.tracking_uri)
+    client = RunLog(mlflow_run_id, cfg.tracking_uri)
     t0 = time.perf_counter()
     # CPU actors stay up between refreshes (start-up paid once); GPU actors are released so
     # that training can have the GPUs
@@ -345,9 +349,8 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         if previous is not None:
             nmi = agreement(previous, new)
             history[-1].update(cluster_seconds=time.perf_counter() - t0, nmi_mean=nmi["mean"], nmi_min=nmi["min"])
-            if client is not None:
-                client.log_metric(mlflow_run_id, "pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
-                client.log_metric(mlflow_run_id, "pseudo_label_nmi_min", nmi["min"], step=it + 1)
+            client.metric("pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
+            client.metric("pseudo_label_nmi_min", nmi["min"], step=it + 1)
             log(f"  pseudo-labels v{it + 1} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, min {nmi['min']:.3f}")
         path = new.save(out_dir / f"pseudo_labels_v{new.version}.npz")
         save_progress(it, path)
@@ -395,6 +398,5 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         resumed_after_iteration=resumed,
     )
     write_json_whole(out_dir / RESULT_FILE, asdict(result))
-    if client is not None:
-        client.log_artifact(mlflow_run_id, str(out_dir / RESULT_FILE), "pretrain")
+    client.artifact(out_dir / RESULT_FILE, "pretrain")
     return result

@@ -38,8 +38,9 @@ def env(tmp_path_factory):
     from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
     from scpretrain_dist.runtime import init_ray, shutdown_ray
+    from scpretrain_dist.serve.pyfunc import register_annotator
     from scpretrain_dist.store import AtlasStore
-    from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
+    from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.finetune import finetune
 
     work = tmp_path_factory.mktemp("annotate")
@@ -63,7 +64,7 @@ def env(tmp_path_factory):
                    "pseudo_label_version": "none", "encoder_run": "", "finetune_dataset": "demo_00",
                    "metrics": {"val_accuracy": round(res.best_val_accuracy, 4)}}
         with mlflow.start_run():
-            log_annotator(res.model, target.genes, target.classes, example, lineage, MODEL, "champion")
+            register_annotator(res.model, target.genes, target.classes, example, lineage, MODEL, "champion")
     init_ray(cfg)
     try:
         yield {"cfg": cfg, "work": work, "pristine": pristine, "entries": entries, "demo": demo}
@@ -107,7 +108,8 @@ def assert_unchanged(a: dict, b: dict) -> None:
 
 def reference_predictions(env, store, dataset: str, version: int) -> pd.DataFrame:
     """What the served model answers for the dataset's raw cells (the DataFrame request path)."""
-    from scpretrain_dist.serve.annotate import load_annotator, resolve_model
+    from scpretrain_dist.serve.annotate import load_annotator
+    from scpretrain_dist.tracking.registry import resolve_model
 
     ref = resolve_model(f"models:/{MODEL}/{version}", env["cfg"].tracking_uri)
     annotator = load_annotator(ref)
@@ -305,7 +307,8 @@ def sha256(path: Path) -> str:
 def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path):
     import anndata as ad
 
-    from scpretrain_dist.serve.annotate import annotate_h5ad, load_annotator, resolve_model
+    from scpretrain_dist.serve.annotate import annotate_h5ad, load_annotator
+    from scpretrain_dist.tracking.registry import resolve_model
 
     path = tmp_path / "query.h5ad"
     shutil.copy(env["demo"] / "demo_02.h5ad", path)

@@ -65,8 +65,9 @@ def env(tmp_path_factory):
     from scpretrain_dist.config import DemoDataConfig
     from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
+    from scpretrain_dist.serve.pyfunc import register_annotator
     from scpretrain_dist.store import AtlasStore
-    from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
+    from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.finetune import finetune
 
     work = tmp_path_factory.mktemp("corpus") / "work"
@@ -82,7 +83,7 @@ def env(tmp_path_factory):
                    len(target.classes), cfg.finetune, cfg.model, 0)
     example = pd.DataFrame(np.expm1(target.X[:2].toarray()).round(0), columns=target.genes)
     with mlflow.start_run():
-        log_annotator(res.model, target.genes, target.classes, example, {"finetune_dataset": "demo_00"}, MODEL,
+        register_annotator(res.model, target.genes, target.classes, example, {"finetune_dataset": "demo_00"}, MODEL,
                       "champion")
     genes = list(store.genes())
     counts = np.random.default_rng(0).poisson(2.0, (40, len(genes))).astype(np.float32)

@@ -53,7 +53,7 @@ def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atl
     path = labels.save(f"{cfg.work_dir}/labels.npz")
     n_genes = len(store.genes())
     worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
-    assert worker_cfg["loader"] == "stream" and worker_cfg["loader_options"]["buffer_cells"] == 512
+    assert worker_cfg.pretrain.loader == "stream" and worker_cfg.stream.buffer_cells == 512
     ckpt, epochs = _fit_iteration(cfg, worker_cfg, "stream-test")
     last = epochs[-1]
     assert last["replica_max_diff"] == 0.0

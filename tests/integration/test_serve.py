@@ -47,7 +47,8 @@ def frame(df: pd.DataFrame) -> dict:
 def server(tmp_path_factory):
     import mlflow
 
-    from scpretrain_dist.tracking.mlflow_runs import log_annotator, setup
+    from scpretrain_dist.serve.pyfunc import register_annotator
+    from scpretrain_dist.tracking.mlflow_runs import setup
 
     work = tmp_path_factory.mktemp("serve")
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"'])
@@ -56,7 +57,7 @@ def server(tmp_path_factory):
     rng = np.random.default_rng(0)
     counts = pd.DataFrame(rng.poisson(3, (20, len(GENES))).astype(float), columns=GENES)
     with mlflow.start_run():
-        log_annotator(model, np.array(GENES), np.array(["B", "T", "NK"]), counts.head(2),
+        register_annotator(model, np.array(GENES), np.array(["B", "T", "NK"]), counts.head(2),
                       {"finetune_dataset": "synthetic"}, "annot", "champion")
     port = free_port()
     proc = subprocess.Popen(

@@ -14,8 +14,9 @@ import torch
 from scpretrain_dist.model import CellTypeClassifier
 
 with warnings.catch_warnings(record=True):
-    from scpretrain_dist.serve.annotate import H5adSource, ModelRef, make_blocks
+    from scpretrain_dist.serve.annotate import H5adSource, make_blocks
     from scpretrain_dist.serve.pyfunc import Annotator, InputError, export_annotator
+    from scpretrain_dist.tracking.registry import ModelRef
 
 GENES = np.array([f"G{i:03d}" for i in range(50)])
 CLASSES = np.array(["a", "b", "c", "d"])

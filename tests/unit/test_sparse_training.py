@@ -14,7 +14,12 @@ import torch.multiprocessing as mp
 from scpretrain_dist.model import Encoder, PretrainModel, SparseBatch, networks
 from scpretrain_dist.train import optim
 from scpretrain_dist.train.optim import LazyAdam, coalesced_rows
-from scpretrain_dist.train.parallel import GeneRowExchange, RowGradSync, broadcast_parameters
+from scpretrain_dist.train.parallel import (
+    GeneRowExchange,
+    RowGradSync,
+    broadcast_parameters,
+    shard_by_gene,
+)
 from scpretrain_dist.train.steps import pretrain_step
 
 
@@ -311,7 +316,8 @@ def _sharded_worker(rank, world, init_file, out_dir, source):
         torch.manual_seed(100 + rank)
         model = PretrainModel(40, KS, dim=8, sparse_grad=True)
         broadcast_parameters(model)
-        exchange = model.encoder.row_exchange = GeneRowExchange(40, rank, world)
+        exchange = GeneRowExchange(40, rank, world)
+        shard_by_gene(model.encoder, exchange)
         sync = RowGradSync(model, list(model.heads.weights), skip=(model.encoder.weight,))
 
         def batch():
