@@ -19,6 +19,13 @@ from scpretrain_dist.config import ConfigError, RunConfig
 _SOCKET_TAIL = len("/session_2026-12-03_10-44-12_123456_4194304/sockets/plasma_store")
 _SOCKET_PATH_MAX = 107
 
+# glibc gives threads their own heaps; the query buffers TileDB's and the reader's threads
+# allocate and free then fragment across up to 8 heaps per core, and a streaming reader's peak
+# RSS drifted by hundreds of MiB with the length of the run (not the atlas). Processes this
+# package starts (local Ray workers, benchmark children) get this; set it in a cluster job's
+# environment too (deploy/submit_pretrain.sh does). It must be set before the process starts.
+READER_ENV = {"MALLOC_ARENA_MAX": "2"}
+
 
 def ray_temp_dir(work_dir: str | Path) -> Path:
     """A short folder of this user's for the Ray sessions of ``work_dir`` (the same one for every
@@ -58,8 +65,6 @@ def init_ray(cfg: RunConfig) -> None:
     """Connect to ``cfg.ray.address`` or start a local Ray whose temp files live in a short
     folder linked from the work dir (:func:`ray_temp_dir`)."""
     import ray
-
-    from scpretrain_dist.store.sources import READER_ENV
 
     if ray.is_initialized():
         return

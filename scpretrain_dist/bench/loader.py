@@ -79,7 +79,7 @@ def _demo_atlas(work_dir: Path, cells: int, datasets: int, genes: int, seed: int
 
 def _child(spec: dict) -> dict:
     cmd = [sys.executable, "-m", "scpretrain_dist.bench.loader", "--child", json.dumps(spec)]
-    from scpretrain_dist.store.sources import READER_ENV
+    from scpretrain_dist.runtime import READER_ENV
 
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **READER_ENV})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]

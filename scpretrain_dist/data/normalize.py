@@ -17,20 +17,31 @@ def to_linear(values: np.ndarray, value_type: str) -> np.ndarray:
     return values
 
 
-def normalize_rows(X: sp.csr_matrix, value_types: np.ndarray | str, copy: bool = True) -> sp.csr_matrix:
-    """Per cell: library size to 1e4, then log1p.
+def normalize_rows(X, value_types: np.ndarray | str, copy: bool = True):
+    """Per cell: library size to 1e4, then log1p; a CSR matrix or a dense array (float32 out,
+    the same kind as in).
 
     Log-normalised rows are first taken back to linear scale with expm1 and rescaled, which
     makes any natural-log CP-whatever input consistent with counts. ``copy=False`` normalises
-    a float32 CSR in place (a loader's freshly read buffer).
+    a float32 input in place (a loader's freshly read buffer).
     """
+    n = X.shape[0]
+    types = np.full(n, value_types, dtype=object) if isinstance(value_types, str) else np.asarray(value_types)
+    if not sp.issparse(X):
+        X = np.array(X, dtype=np.float32, copy=copy) if copy else np.asarray(X, dtype=np.float32)
+        for vt in ("lognorm", "log2norm"):
+            rows = types == vt
+            if rows.any():
+                X[rows] = to_linear(X[rows], vt)
+        lib = X.sum(1, keepdims=True, dtype=np.float64)
+        X *= np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
+        return np.log1p(X, out=X)
     X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
-    types = np.full(X.shape[0], value_types, dtype=object) if isinstance(value_types, str) else np.asarray(value_types)
     row_of = None
     for vt in ("lognorm", "log2norm"):
         rows = types == vt
         if rows.any():
-            row_of = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr)) if row_of is None else row_of
+            row_of = np.repeat(np.arange(n), np.diff(X.indptr)) if row_of is None else row_of
             sel = rows[row_of]
             X.data[sel] = to_linear(X.data[sel], vt)
     lib = np.asarray(X.sum(1)).ravel()
@@ -47,14 +58,6 @@ def _scale_rows(X: sp.csr_matrix, scale: np.ndarray, rows: int = 16384) -> None:
     for lo in range(0, X.shape[0], rows):
         hi = min(lo + rows, X.shape[0])
         X.data[X.indptr[lo] : X.indptr[hi]] *= np.repeat(scale[lo:hi], np.diff(X.indptr[lo : hi + 1]))
-
-
-def normalize_dense(X: np.ndarray, value_type: str) -> np.ndarray:
-    """Dense twin of :func:`normalize_rows` for request-sized inputs."""
-    X = to_linear(np.asarray(X, dtype=np.float32), value_type)
-    lib = X.sum(1, keepdims=True)
-    X = X * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
-    return np.log1p(X)
 
 
 def normalized_rows(store, joinids: np.ndarray, value_types: np.ndarray | str) -> sp.csr_matrix:

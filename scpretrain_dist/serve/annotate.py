@@ -44,7 +44,6 @@ H5AD_LABEL = "scpretrain_label"
 H5AD_CONFIDENCE = "scpretrain_confidence"
 H5AD_EMBEDDING = "X_scpretrain"
 H5AD_UNS = "scpretrain_annotation"
-FAST_KERNEL_MIN_CELLS = 200_000  # cells per actor above which actors load torch's sparse kernel
 
 
 class AnnotateError(UserError):
@@ -143,11 +142,7 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
 class _BlockWorker:
     """Ray actor body: the model loaded once, then blocks on request."""
 
-    def __init__(self, ref: ModelRef, fast_kernel: bool):
-        if fast_kernel:
-            from scpretrain_dist.serve.pyfunc import preload_sparse_kernel
-
-            preload_sparse_kernel()
+    def __init__(self, ref: ModelRef):
         self.annotator = load_annotator(ref)
         self.reader = BlockReader()
 
@@ -188,9 +183,7 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
     try:
         worker = restartable(_BlockWorker, cfg.annotate.worker_restarts, num_cpus=cfg.annotate.cpus_per_worker)
         n_actors = min(workers, len(blocks))
-        # torch's faster sparse product costs an import of seconds: worth it for large shares only
-        fast = sum(b.n_cells for b in blocks) / n_actors >= FAST_KERNEL_MIN_CELLS
-        actors = [worker.remote(ref, fast) for _ in range(n_actors)]
+        actors = [worker.remote(ref) for _ in range(n_actors)]
         for _, block, done in on_actors(actors, blocks, lambda actor, b: actor.run.remote(b, embedding), per_actor=2):
             try:
                 res = ray.get(done)
@@ -432,7 +425,7 @@ def annotate_store(
         except InputError as e:
             raise AnnotateError(f"dataset {d}: {e}") from None
     n_atlas = sum(r.n_cells for r in records.values())
-    dim = annotator.w["enc_w"].shape[1]
+    dim = annotator.embedding_dim
     locator = store.locator.pinned()
     with _store_lock(store.uri):
         _prepare_store_columns(store, ref, embedding, dim, n_atlas)

@@ -3,23 +3,25 @@
 Input: a DataFrame whose columns are gene symbols (any subset, any order, any case; raw counts
 or log1p(CP10k), detected or declared with the ``value_type`` param). Output: ``cell_type``,
 ``confidence`` and ``gene_overlap`` per cell, plus the 200-d embedding when asked.
-The forward pass is numpy, so serving needs neither torch nor this package's training stack.
+The forward pass is the fine-tuning network itself (the torch module that was trained), after
+the one normalisation every stage uses.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.special import softmax
+import torch
 
-from scpretrain_dist.catalog.values import value_problem
+from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value_problem
 from scpretrain_dist.config import UserError
+from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch
 
 try:
     import mlflow.pyfunc
@@ -80,12 +82,6 @@ def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: p
                                 lineage=lineage, registered_model=registered_model, alias=alias)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    from scipy.special import expit  # no overflow warnings for large negative inputs
-
-    return expit(x)
-
-
 @dataclass
 class Predictions:
     """Per cell: predicted class, its probability, and the 200-d embedding when asked."""
@@ -103,34 +99,34 @@ class Predictions:
 class _GeneMap:
     """An input gene list mapped onto the model's genes; built once per distinct list."""
 
-    src: np.ndarray  # input column of each matched gene
-    dst: np.ndarray  # its row in the model's gene list
-    rows: np.ndarray  # the distinct model genes found, sorted: the matched space
-    enc_w: np.ndarray  # their encoder rows (matched x 200), gathered once; plus a zero row for
-    # unknown genes when some input columns are not model genes (and none repeat)
-    lut: np.ndarray  # input column -> position in ``rows``, -1 for genes the model does not know
-    dense_cols: np.ndarray | None  # input columns in ``rows`` order (no repeats); None: already so
-    all_columns: bool  # every input column is a model gene
-    n_matched: int
-    merge: sp.csr_matrix | None = None  # matched columns -> ``rows``, when symbols repeat
-    # with unknown genes and no repeats: input column -> matched column or the zero row, and
-    # 1/0 per input column (known or not), so a request is two gathers (see _matched_columns)
-    pad_lut: np.ndarray | None = None
-    known: np.ndarray | None = None
+    row: np.ndarray  # input column -> the model's gene row, -1 for a gene the model does not know
+    safe_row: np.ndarray  # the same with unknown genes pointed at row 0 (their values are zeroed)
+    known: np.ndarray  # float32 1/0 per input column
+    src: np.ndarray  # input columns of known genes
+    n_matched: int  # distinct model genes found
+    repeats: bool  # two input columns name one model gene (summed, as ingest does)
 
 
 class Annotator:
-    """The model itself, usable without MLflow."""
+    """The model itself, usable without MLflow: the fine-tuning network
+    (:class:`~scpretrain_dist.model.networks.CellTypeClassifier`, the module that was trained)
+    behind gene alignment by symbol and the normalisation of ``data/normalize.py``."""
 
     def __init__(self, weights_path: str | Path, meta_path: str | Path):
         w = np.load(weights_path)
-        self.w = {k: w[k].astype(np.float32) for k in w.files}
         meta = json.loads(Path(meta_path).read_text())
         self.genes = np.array(meta["genes"], dtype=object)
         self.classes = np.array(meta["classes"], dtype=object)
         self.min_overlap = float(meta.get("min_overlap", 0.2))
         self.lineage = meta.get("lineage", {})
         self.temperature = float(meta.get("temperature", 1.0))
+        enc_w = w["enc_w"].astype(np.float32)
+        self.embedding_dim = enc_w.shape[1]
+        self.model = CellTypeClassifier(len(self.genes), len(self.classes), self.embedding_dim, w["hid_w"].shape[0])
+        state = {"encoder.weight": enc_w, "encoder.bias": w["enc_b"], "hidden.weight": w["hid_w"],
+                 "hidden.bias": w["hid_b"], "out.weight": w["out_w"], "out.bias": w["out_b"]}
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+        self.model.eval()
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
         self._names = np.append(self.classes, UNASSIGNED).astype(object)
@@ -140,12 +136,11 @@ class Annotator:
         return self._names[codes]
 
     def gene_map(self, genes, merge_repeats: bool = False) -> _GeneMap:
-        """Where each model gene sits in an input gene list (symbols, any case and order).
+        """Where each input gene (symbols, any case and order) sits among the model's genes.
 
-        Repeated symbols (once upper-cased) are refused, or with ``merge_repeats`` summed (the
-        first layer is linear, so mapping both columns to one gene adds them, as ingest does).
-        Cached per gene list: a client or a batch job sends the same columns again and again,
-        and building the mapping costs more than the forward pass for small requests."""
+        Repeated symbols (once upper-cased) are refused, or with ``merge_repeats`` summed before
+        normalising, as ingest does. Cached per gene list: clients and batch jobs send the same
+        columns again and again, and building the map costs more than a small request."""
         key = (tuple(genes), merge_repeats)
         hit = self._maps.get(key)
         if hit is not None:
@@ -153,27 +148,11 @@ class Annotator:
         cols = [str(c).upper() for c in key[0]]
         if not merge_repeats and len(set(cols)) != len(cols):
             raise InputError("the input repeats gene columns (case-insensitive); send each gene once")
-        src = np.array([i for i, c in enumerate(cols) if c in self._index], dtype=np.int64)
-        dst = np.array([self._index[cols[i]] for i in src], dtype=np.int64)
-        rows, inverse = np.unique(dst, return_inverse=True)
-        lut = np.full(len(cols), -1, dtype=np.int32)
-        lut[src] = inverse
-        merge, dense_cols = None, None
-        if len(rows) < len(dst):  # sum repeated columns before normalising (log is not linear)
-            merge = sp.csr_matrix((np.ones(len(dst), np.float32), (np.arange(len(dst)), inverse)),
-                                  shape=(len(dst), len(rows)))
-        else:
-            ordered = src[np.argsort(dst, kind="stable")]
-            if len(ordered) != len(cols) or (ordered != np.arange(len(cols))).any():
-                dense_cols = ordered
-        all_columns = len(src) == len(cols)
-        enc_w, pad_lut, known = self.w["enc_w"][rows], None, None
-        if not all_columns and merge is None:  # the zero row unknown genes point at, see _matched_columns
-            enc_w = np.vstack([enc_w, np.zeros((1, enc_w.shape[1]), enc_w.dtype)])
-            pad_lut = np.where(lut < 0, len(rows), lut).astype(np.int32)
-            known = (lut >= 0).astype(np.float32)
-        hit = _GeneMap(src, dst, rows, np.ascontiguousarray(enc_w), lut, dense_cols,
-                       all_columns=all_columns, n_matched=len(rows), merge=merge, pad_lut=pad_lut, known=known)
+        row = np.array([self._index.get(c, -1) for c in cols], dtype=np.int64)
+        known = row >= 0
+        matched = np.unique(row[known])
+        hit = _GeneMap(row, np.where(known, row, 0), known.astype(np.float32), np.flatnonzero(known),
+                       len(matched), len(matched) < int(known.sum()))
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -191,14 +170,6 @@ class Annotator:
     def check_genes(self, genes, merge_repeats: bool = False) -> float:
         """The overlap fraction of an input gene list; InputError when too small to trust."""
         return self._check_overlap(self.gene_map(genes, merge_repeats).n_matched)
-
-    def align(self, df: pd.DataFrame) -> tuple[np.ndarray, float, int]:
-        """Cells x model genes (missing genes zero, extra ignored), overlap fraction, matches."""
-        values, gm = self._request_values(df)
-        overlap = self._check_overlap(gm.n_matched)
-        X = np.zeros((values.shape[0], len(self.genes)), dtype=np.float32)
-        X[:, gm.dst] = values[:, gm.src]
-        return X, overlap, gm.n_matched
 
     def _request_values(self, df: pd.DataFrame) -> tuple[np.ndarray, _GeneMap]:
         if not isinstance(df, pd.DataFrame) or df.shape[0] == 0 or df.shape[1] == 0:
@@ -248,69 +219,53 @@ class Annotator:
             _check_values(X)
         return self._predict(X, gm, overlap, value_type, return_embedding)
 
+    def _normalised(self, X, gm: _GeneMap, value_type: str):
+        """The cells over the model's genes, log1p(CP10k) over the ones found: a CSR whose columns
+        are the model's gene rows (a sparse input; unknown genes zeroed in place), or a dense
+        cells x model genes array (a dense input), and the value type used."""
+        if not sp.issparse(X) and np.count_nonzero(X) < _DENSE_ABOVE * X.size:
+            X = sp.csr_matrix(X)  # normalise and multiply the non-zeros only
+        if sp.issparse(X):
+            X = sp.csr_matrix(X)
+            if gm.repeats:  # columns of one gene summed before the log: compact, then merge
+                keep = gm.row[X.indices] >= 0
+                per_cell = np.bincount(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[keep], minlength=X.shape[0])
+                indptr = np.concatenate([[0], np.cumsum(per_cell)])
+                Xm = sp.csr_matrix((X.data[keep].astype(np.float32), gm.row[X.indices[keep]], indptr),
+                                   shape=(X.shape[0], len(self.genes)))
+                Xm.sum_duplicates()
+            else:  # unknown genes keep their slots with value 0: cheaper than compacting them out
+                Xm = sp.csr_matrix((X.data.astype(np.float32) * gm.known[X.indices], gm.safe_row[X.indices],
+                                    X.indptr), shape=(X.shape[0], len(self.genes)))
+        else:
+            Xm = np.zeros((X.shape[0], len(self.genes)), np.float32)
+            np.add.at(Xm.T, gm.row[gm.src], np.asarray(X, np.float32)[:, gm.src].T)
+        if value_type == "auto":
+            known = Xm.data[Xm.data != 0] if sp.issparse(Xm) else Xm[Xm != 0]
+            step = max(1, known.size // 100_000)  # a strided sample of the non-zeros, plus the largest
+            value_type = detect_value_type(np.append(known[::step], known.max(initial=0)))
+        if value_type not in VALUE_TYPES:
+            raise InputError(f"value_type {value_type!r} must be auto, {', '.join(VALUE_TYPES)}")
+        return normalize_rows(Xm, value_type, copy=False), value_type
+
+    @staticmethod
+    def _batch(Xm):
+        """The module's input: a SparseBatch over the model's gene rows, or a dense tensor."""
+        return SparseBatch.from_csr(Xm) if sp.issparse(Xm) else torch.from_numpy(Xm)
+
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
         Xm, value_type = self._normalised(X, gm, value_type)
-        h = self._first_layer(Xm, gm)
-        emb, _, logits = self._layers(h)
-        p = softmax(logits, axis=1)
+        with torch.no_grad():
+            pre = self.model.encoder(self._batch(Xm))  # x W + b, the network's own first layer
+            # divided by the temperature fitted at fine-tuning: the softmax is the calibrated confidence
+            p = torch.softmax(self.model.classify(pre) / self.temperature, dim=1).numpy()
+            emb = torch.sigmoid(pre).numpy() if return_embedding else None
         codes = p.argmax(1)
         confidence = p.max(1).astype(np.float32)
         empty = _empty_rows(Xm)
         codes[empty] = -1
         confidence[empty] = 0.0
-        return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched,
-                           value_type, emb.astype(np.float32) if return_embedding else None)
-
-    def _normalised(self, X, gm: _GeneMap, value_type: str):
-        """Cells x matched genes (CSR, or dense when the input is dense enough), log1p(CP10k)
-        over the matched genes, and the value type found."""
-        from scpretrain_dist.catalog.values import detect_value_type
-        from scpretrain_dist.data.normalize import TARGET_SUM, to_linear
-
-        if not sp.issparse(X):
-            X = np.asarray(X, dtype=np.float32)
-            if np.count_nonzero(X) < _DENSE_ABOVE * X.size:
-                X = sp.csr_matrix(X)  # normalise and multiply the non-zeros only
-        if sp.issparse(X):
-            Xm = _matched_columns(sp.csr_matrix(X), gm)  # cells x matched genes, a fresh copy
-        elif gm.merge is not None:
-            Xm = np.asarray(X[:, gm.src] @ gm.merge)
-        else:
-            Xm = X if gm.dense_cols is None else X[:, gm.dense_cols]
-        if value_type == "auto":
-            if sp.issparse(Xm):  # a strided sample of the non-zeros, plus the largest value
-                step = max(1, Xm.nnz // 100_000)
-                value_type = detect_value_type(np.append(Xm.data[::step], Xm.data.max(initial=0)))
-            else:
-                value_type = detect_value_type(Xm)
-        if value_type not in ("counts", "lognorm", "log2norm"):
-            raise InputError(f"value_type {value_type!r} must be auto, counts, lognorm or log2norm")
-        if sp.issparse(Xm):
-            Xm.data = to_linear(Xm.data, value_type)
-            per_cell = np.diff(Xm.indptr)
-            # library sizes; reduceat reads one value for an empty cell, so those are zeroed
-            lib = np.add.reduceat(np.append(Xm.data, np.float32(0)), Xm.indptr[:-1], dtype=np.float64)
-            lib[per_cell == 0] = 0
-            scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
-            Xm.data *= np.repeat(scale, per_cell)
-            np.log1p(Xm.data, out=Xm.data)
-            return Xm, value_type
-        Xm = to_linear(np.asarray(Xm, dtype=np.float32), value_type)
-        lib = Xm.sum(1, keepdims=True)
-        return np.log1p(Xm * np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)), value_type
-
-    def _first_layer(self, Xm, gm: _GeneMap) -> np.ndarray:
-        if sp.issparse(Xm):
-            dense_enough = Xm.nnz > _DENSE_ABOVE * Xm.shape[0] * max(Xm.shape[1], 1)
-            return (Xm.toarray() @ gm.enc_w) if dense_enough else _sparse_times(Xm, gm.enc_w)
-        return Xm @ gm.enc_w[: Xm.shape[1]]  # without the zero row of unknown genes
-
-    def _layers(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """First-layer output -> embedding, hidden activations, logits (divided by the
-        temperature fitted at fine-tuning, so the softmax is the calibrated confidence)."""
-        emb = _sigmoid(h + self.w["enc_b"])
-        hid = _sigmoid(emb @ self.w["hid_w"].T + self.w["hid_b"])
-        return emb, hid, (hid @ self.w["out_w"].T + self.w["out_b"]) / self.temperature
+        return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched, value_type, emb)
 
     def marker_genes(self, X, genes, value_type: str = "auto", top: int = 20, block: int = 2048) -> dict:
         """Saliency-derived markers of each cell type, as scNym reports them: per cell, the
@@ -322,34 +277,33 @@ class Annotator:
             raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
         gm = self.gene_map(genes, merge_repeats=True)
         self._check_overlap(gm.n_matched)
-        n_types = len(self.classes)
-        total = np.zeros((n_types, gm.enc_w.shape[0]), np.float64)
+        n_types, n_genes = len(self.classes), len(self.genes)
+        total = np.zeros((n_types, n_genes), np.float64)
         called = np.zeros(n_types, np.int64)
         for start in range(0, X.shape[0], block):
             part = X[start : start + block]
-            part = sp.csr_matrix(part, dtype=np.float32) if sp.issparse(part) else sp.csr_matrix(np.asarray(part, np.float32))
+            part = sp.csr_matrix(part) if sp.issparse(part) else sp.csr_matrix(np.asarray(part))
             _check_values(part.data)
             Xm, _ = self._normalised(part, gm, value_type)  # CSR in, CSR out
-            emb, hid, logits = self._layers(self._first_layer(Xm, gm))
-            p = softmax(logits, axis=1)
-            codes = p.argmax(1)
-            d_logits = (np.eye(n_types, dtype=np.float32)[codes] - p) / self.temperature  # d log p_c / d logits
-            d_hid = (d_logits @ self.w["out_w"]) * hid * (1 - hid)
-            d_h = (d_hid @ self.w["hid_w"]) * emb * (1 - emb)  # cells x 200: d log p_c / d first layer
-            rows = np.repeat(np.arange(Xm.shape[0]), np.diff(Xm.indptr))
-            grad = np.einsum("ij,ij->i", d_h[rows], gm.enc_w[Xm.indices])  # at each non-zero
-            attribution = sp.csr_matrix((grad * Xm.data, Xm.indices, Xm.indptr), shape=Xm.shape)
-            called_cells = (~_empty_rows(Xm)).astype(np.float64)  # an empty cell is called nothing
-            onehot = sp.csr_matrix((called_cells, (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
+            batch = SparseBatch.from_csr(Xm)
+            batch.values.requires_grad_(True)
+            logp = torch.log_softmax(self.model(batch) / self.temperature, dim=1)
+            codes = logp.argmax(1)
+            logp.gather(1, codes[:, None]).sum().backward()  # d log p(called type) / d each value
+            codes = codes.numpy()
+            attribution = sp.csr_matrix((batch.values.grad.numpy() * Xm.data, Xm.indices, Xm.indptr), shape=Xm.shape)
+            weight = (~_empty_rows(Xm)).astype(np.float64)  # an empty cell is called nothing
+            onehot = sp.csr_matrix((weight, (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
             total += (onehot @ attribution).toarray()
-            called += np.bincount(codes, weights=called_cells, minlength=n_types).astype(np.int64)
-        model_genes = self.genes[gm.rows]
+            called += np.bincount(codes, weights=weight, minlength=n_types).astype(np.int64)
+        found = np.zeros(n_genes, bool)
+        found[gm.row[gm.src]] = True
         out = {}
         for c in np.flatnonzero(called):
-            mean = total[c, : gm.n_matched] / called[c]
-            order = np.argsort(-mean)[:top]
+            mean = np.where(found, total[c] / called[c], -np.inf)
+            order = np.argsort(-mean, kind="stable")[: min(top, int(found.sum()))]
             out[str(self.classes[c])] = {"cells": int(called[c]),
-                                         "genes": [[str(model_genes[j]), float(mean[j])] for j in order]}
+                                         "genes": [[str(self.genes[j]), float(mean[j])] for j in order]}
         return out
 
     def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False,
@@ -374,46 +328,6 @@ class Annotator:
             out = pd.concat([out, pd.DataFrame(res.embedding, index=df.index,
                                                columns=[f"emb_{i}" for i in range(res.embedding.shape[1])])], axis=1)
         return out
-
-
-def _matched_columns(X: sp.csr_matrix, gm: _GeneMap) -> sp.csr_matrix:
-    """CSR over the input genes -> CSR over the matched genes, in O(non-zeros), values copied
-    (normalisation works in place). Unknown genes keep their slots but point at one extra,
-    all-zero column with value 0 (``gm.enc_w`` has a zero row there): cheaper than compacting
-    them out, which costs a branchy pass over every non-zero. Repeated symbols are summed."""
-    if gm.merge is None and gm.all_columns:
-        return sp.csr_matrix((X.data.astype(np.float32, copy=True), gm.lut[X.indices], X.indptr),
-                             shape=(X.shape[0], gm.n_matched))
-    if gm.merge is None:  # two gathers: cheaper than masking with np.where
-        data = X.data.astype(np.float32, copy=False) * gm.known[X.indices]
-        return sp.csr_matrix((data, gm.pad_lut[X.indices], X.indptr), shape=(X.shape[0], gm.n_matched + 1))
-    # repeated symbols: unknown genes dropped (each row start moves back by the values dropped
-    # before it), then the columns of one gene summed
-    cols = gm.lut[X.indices]
-    dropped = np.flatnonzero(cols < 0)
-    indptr = X.indptr - np.searchsorted(dropped, X.indptr)
-    keep = np.ones(cols.size, dtype=bool)
-    keep[dropped] = False
-    out = sp.csr_matrix((X.data[keep].astype(np.float32), cols[keep], indptr), shape=(X.shape[0], gm.n_matched))
-    out.sum_duplicates()
-    return out
-
-
-def _sparse_times(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
-    """CSR x dense. torch's ``embedding_bag`` (a fused gather-scale-sum over each cell's
-    non-zeros) is about twice as fast as scipy's loop, when torch is loaded already (long-lived
-    workers and the scoring server load it up front; importing it costs seconds)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return np.asarray(X @ W)
-    import torch.nn.functional as F
-
-    with torch.no_grad():  # int32 indices and offsets: half the memory traffic of int64
-        return F.embedding_bag(
-            torch.from_numpy(X.indices.astype(np.int32, copy=False)), torch.from_numpy(W),
-            torch.from_numpy(X.indptr[:-1].astype(np.int32)), mode="sum",
-            per_sample_weights=torch.from_numpy(X.data.astype(np.float32, copy=False)),
-        ).numpy()
 
 
 _SPARSE_DTYPES = {"indices": ("i4", "u2"), "values": ("f4", "u2", "u1")}
@@ -584,20 +498,11 @@ def _empty_rows(Xm) -> np.ndarray:
     return np.asarray(Xm.sum(1)).ravel() == 0  # normalised values are >= 0
 
 
-def preload_sparse_kernel() -> None:
-    """Import torch once, up front, for its sparse product (optional: scipy otherwise)."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:  # pragma: no cover - torch is a core dependency, not a serving one
-        pass
-
-
 class AnnotatorPyfunc(_Base):
     """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
 
     def load_context(self, context):
         self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
-        preload_sparse_kernel()
 
     def predict(self, context, model_input, params=None):
         from mlflow.exceptions import MlflowException

@@ -234,13 +234,6 @@ class SomaSource:
         raise TypeError("a SomaSource holds an open array; pass its locator between processes")
 
 
-# glibc gives threads their own heaps; the query buffers TileDB's and the reader's threads
-# allocate and free then fragment across up to 8 heaps per core, and a streaming reader's peak
-# RSS drifted by hundreds of MiB with the length of the run (not the atlas). Processes this
-# package starts (local Ray workers, benchmark children) get this; set it in a cluster job's
-# environment too (deploy/submit_pretrain.sh does). It must be set before the process starts.
-READER_ENV = {"MALLOC_ARENA_MAX": "2"}
-
 
 def _in_order(pool, fn, items: list, window: int) -> Iterator:
     """``fn`` over ``items`` on ``pool``, results in order, at most ``window`` in flight (a

@@ -87,17 +87,14 @@ def test_lognormalised_sparse_input_is_detected(annotator):
 
 def test_gene_map_is_cached_per_column_list(annotator):
     m1 = annotator.gene_map(list(GENES))
-    assert annotator.gene_map(list(GENES)) is m1 and m1.all_columns and m1.dense_cols is None
-    m2 = annotator.gene_map(list(GENES[::-1]))
-    assert m2 is not m1 and m2.all_columns
-    np.testing.assert_array_equal(GENES[m2.dst], GENES[::-1][m2.src])
-    # input column j's encoder row is the model's row for that gene
-    for j in (0, 7, 49):
-        np.testing.assert_array_equal(m2.enc_w[m2.lut[j]], annotator.w["enc_w"][49 - j])
-    np.testing.assert_array_equal(m2.dense_cols, np.arange(50)[::-1])
+    assert annotator.gene_map(list(GENES)) is m1 and m1.n_matched == 50 and not m1.repeats
+    m2 = annotator.gene_map([g.lower() for g in GENES[::-1]])
+    assert m2 is not m1
+    # input column j is the model's gene row 49 - j, whatever the case
+    np.testing.assert_array_equal(m2.row, np.arange(50)[::-1])
     m3 = annotator.gene_map(["NOPE", *GENES[:30]])
-    assert not m3.all_columns and m3.src.tolist() == list(range(1, 31)) and m3.dst.tolist() == list(range(30))
-    assert m3.lut[0] == -1 and m3.n_matched == 30
+    assert m3.row[0] == -1 and m3.known[0] == 0 and m3.src.tolist() == list(range(1, 31)) and m3.n_matched == 30
+    assert annotator.gene_map([*GENES[:3], GENES[0].lower()], merge_repeats=True).repeats
 
 
 def test_matrix_path_refuses_bad_input(annotator):

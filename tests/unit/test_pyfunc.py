@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from scpretrain_dist.data.normalize import normalize_dense
+from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.model import CellTypeClassifier
 
 # mlflow warns that AnnotatorPyfunc.predict has no type hints, from inside its own
@@ -52,7 +52,7 @@ def _train_model():
     torch.manual_seed(0)
     clf = CellTypeClassifier(N_GENES, len(CLASSES))
     X, y = _programme_counts(90, seed=1)
-    Xt = torch.from_numpy(normalize_dense(X, "counts"))
+    Xt = torch.from_numpy(normalize_rows(X, "counts"))
     yt = torch.from_numpy(y)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
     for _ in range(60):
@@ -92,7 +92,7 @@ def test_predictions_match_the_torch_model(annotator, model, counts):
     assert list(out.columns) == ["cell_type", "confidence", "gene_overlap"]
     assert out.index.equals(counts.index)
     with torch.no_grad():
-        X = torch.from_numpy(normalize_dense(counts.to_numpy(), "counts"))
+        X = torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))
         proba = torch.softmax(model(X), 1).numpy()
     assert out["cell_type"].tolist() == CLASSES[proba.argmax(1)].tolist()
     np.testing.assert_allclose(out["confidence"], proba.max(1), rtol=1e-4)
@@ -229,7 +229,7 @@ def test_return_embedding_adds_200_columns(annotator, model, counts):
     emb = out[emb_cols].to_numpy()
     assert ((emb >= 0) & (emb <= 1)).all() and emb.std() > 0.05
     with torch.no_grad():
-        ref = model.embed(torch.from_numpy(normalize_dense(counts.to_numpy(), "counts"))).numpy()
+        ref = model.embed(torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))).numpy()
     np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -263,7 +263,7 @@ def test_the_fitted_temperature_travels_with_the_model(model, counts, tmp_path):
     assert pa["cell_type"].tolist() == pb["cell_type"].tolist()
     assert (pa["confidence"] < pb["confidence"]).all()
     with torch.no_grad():
-        X = torch.from_numpy(normalize_dense(counts.to_numpy(), "counts"))
+        X = torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))
         expected = torch.softmax(model(X) / 3.0, 1).max(1).values.numpy()
     np.testing.assert_allclose(pa["confidence"], expected, rtol=1e-4)
 
