@@ -38,6 +38,7 @@ LOADERS = ("memory", "stream")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 STORE_BACKENDS = ("soma", "zarr")
 FOLD_SCHEMES = ("grouped", "per_target")  # or a number of folds
+KMEANS_ENGINES = ("auto", "blas", "faiss", "torch")
 
 
 def setting(default, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -132,7 +133,10 @@ class PseudoLabelConfig(_Checked):
     pca_fit_cells: int = setting(10_000, ge=1)
     num_actors: int = setting(2, ge=1)
     cpus_per_actor: float = setting(0.5, gt=0)
-    use_gpu: bool = False  # faiss-gpu assignment (the [gpu] extra) on a GPU per actor
+    use_gpu: bool = False  # K-means on a GPU per actor (faiss-gpu, the [gpu] extra, else torch)
+    # The K-means engine (pseudolabel/kmeans.py): "auto" (on CPUs the one measured fastest here,
+    # on GPUs faiss-gpu where installed, else torch), "blas", "faiss" or "torch"
+    engine: str = setting("auto", choices=KMEANS_ENGINES)
     seed: int = setting(0, ge=0)
     # A dataset with more cells than this is clustered by sharded Lloyd iterations across all
     # actors (each reads and featurises its own rows; the driver reduces the sums).

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
+from scpretrain_dist.pseudolabel.kmeans import CPU_DEFAULT_ENGINE
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
 from scpretrain_dist.tracking.mlflow_runs import (
     active_run_id,
@@ -78,6 +79,11 @@ def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
                 if k not in RUN_ONLY_SETTINGS[section] and not (k in neutral and v == neutral[k])}
 
     pseudolabel = settings("pseudolabel")
+    engine = pseudolabel.pop("engine")
+    if engine == "auto":
+        engine = "gpu-auto" if cfg.pseudolabel.use_gpu else CPU_DEFAULT_ENGINE
+    if engine not in ("blas", "gpu-auto"):  # what every encoder before the setting was clustered with
+        pseudolabel["engine"] = engine
     if cfg.pseudolabel.phase1_space != "pca":
         pseudolabel |= UNUSED_PCA_SETTINGS
     what = {"datasets": sorted(datasets), "pretrain": settings("pretrain") | {"exclude_datasets": []},

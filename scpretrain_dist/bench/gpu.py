@@ -291,7 +291,7 @@ def refresh(shard, model, starts, sizes, ks, pcfg, device, truth) -> dict:
         sample = km.init_sample(int(n), pcfg.init_sample_cells, pcfg.seed)
         inits = km.plusplus_inits(xt[torch.from_numpy(sample).to(xt.device)].cpu().numpy(), ks[d], pcfg.seed)
         t2 = time.perf_counter()
-        lab, _, _, its = km.lloyd(xt, inits, pcfg.niter, pcfg.seed)
+        lab, _, _, its = km.lloyd(xt, inits, pcfg.niter, pcfg.seed, eng=km.engine("torch", gpu=xt.is_cuda))
         t3 = time.perf_counter()
         labels[first[d] : first[d] + n] = lab
         embed_s, init_s, lloyd_s = embed_s + t1 - t0, init_s + t2 - t1, lloyd_s + t3 - t2

@@ -46,16 +46,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "pretraining run; its NMI says nothing about pretraining)")
     p.add_argument("--peers", default="faiss,sklearn", help=f"peers to run, from {','.join(PEERS)} ('' for none)")
     p.add_argument("--threads", type=int, default=0, help="threads for the peers (default: our actor count)")
+    p.add_argument("--engines", action="store_true",
+                   help="instead: time the K-means engines (ours, faiss in our loop, faiss.Kmeans) against each "
+                        "other on identical features, starts and iterations, one thread each, interleaved runs")
+    p.add_argument("--engine-shapes", default="20000x50,60000x200,160000x200",
+                   help="--engines: cells x dims of the synthetic features (k = n/50, n/100, n/200)")
+    p.add_argument("--engine-iterations", type=int, default=10, help="--engines: Lloyd iterations of every run")
+    p.add_argument("--engine-repeats", type=int, default=3, help="--engines: interleaved runs per engine")
 
 
 def run(args) -> dict:
+    if args.engines:
+        return run_engines(args)
     import ray
 
     from scpretrain_dist import recipes
+    from scpretrain_dist.bench.report import result
     from scpretrain_dist.config import ConfigError, merge
     from scpretrain_dist.pseudolabel.kmeans import cpu_gemm
     from scpretrain_dist.pseudolabel.pool import KMeansPool
-    from scpretrain_dist.runtime import init_ray, peak_rss_mib, result, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, peak_rss_mib, shutdown_ray
     from scpretrain_dist.store.soma import AtlasStore, StoreError
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
@@ -193,6 +203,104 @@ def run(args) -> dict:
         actor_memory=actor_memory,
         **extra_load,
     )
+
+
+ENGINE_RUNS = ("blas", "faiss", "faiss.Kmeans")
+
+
+def _features(n: int, d: int, seed: int) -> np.ndarray:
+    """Synthetic cells x features: 40 Gaussian groups of uneven size and spread (as embeddings
+    of cell types are), float32, the same for a seed."""
+    rng = np.random.default_rng([seed, n, d])
+    centers = rng.normal(0, 3, (40, d))
+    group = rng.choice(40, n, p=rng.dirichlet(np.ones(40)))
+    return (centers[group] + rng.normal(0, 1, (n, d)) * rng.uniform(0.5, 2.0, 40)[group, None]).astype(np.float32)
+
+
+def _faiss_kmeans(x: np.ndarray, inits: list[np.ndarray], niter: int) -> tuple[np.ndarray, list[float]]:
+    """faiss's own K-means loop (faiss.Kmeans) from the given starts, every cell used (no
+    subsampling), then its index's assignment."""
+    import faiss
+
+    labels = np.empty((len(x), len(inits)), dtype=np.int64)
+    objectives = []
+    for p, c in enumerate(inits):
+        km = faiss.Kmeans(x.shape[1], len(c), niter=niter, seed=0, verbose=False,
+                          max_points_per_centroid=len(x), min_points_per_centroid=1)
+        km.train(x, init_centroids=np.ascontiguousarray(c, dtype=np.float32))
+        d, i = km.index.search(x, 1)
+        labels[:, p] = i[:, 0]
+        objectives.append(float(d.sum(dtype=np.float64)))
+    return labels, objectives
+
+
+def run_engines(args) -> dict:
+    """The engines on identical features, identical k-means++ starts and identical iteration
+    counts (no early stop), one thread each, ``--engine-repeats`` interleaved runs: the CPU
+    engine of ``pseudolabel.engine = "auto"`` is the one measured fastest here."""
+    import faiss
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+    from threadpoolctl import threadpool_limits
+
+    from scpretrain_dist.bench.report import result
+    from scpretrain_dist.config import ConfigError
+    from scpretrain_dist.pseudolabel.kmeans import (
+        CPU_DEFAULT_ENGINE,
+        cpu_gemm,
+        engine,
+        lloyd,
+        lloyd_flops,
+        plusplus_inits,
+    )
+
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.engine_shapes.split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--engine-shapes {args.engine_shapes!r}: give cells x dims, e.g. 20000x50,160000x200") from None
+    if args.engine_iterations < 1 or args.engine_repeats < 1 or not shapes:
+        raise ConfigError("--engine-iterations and --engine-repeats must be >= 1, and --engine-shapes non-empty")
+    niter, seed = args.engine_iterations, 0
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    out = {}
+    with threadpool_limits(1):
+        for n, d in shapes:
+            x = _features(n, d, seed)
+            ks = [max(2, round(n / s)) for s in (50, 100, 200)]
+            inits = plusplus_inits(x[np.random.default_rng(seed).choice(n, min(n, 100_000), replace=False)], ks, seed)
+            times = {e: [] for e in ENGINE_RUNS}
+            labels, objectives = {}, {}
+            for _ in range(args.engine_repeats):  # interleaved: every engine once per round
+                for e in ENGINE_RUNS:
+                    t0 = time.perf_counter()
+                    if e == "faiss.Kmeans":
+                        lab, obj = _faiss_kmeans(x, inits, niter)
+                    else:
+                        lab, _, obj, _ = lloyd(x, inits, niter, seed, engine(e), stop_at_fixed_point=False)
+                    times[e].append(time.perf_counter() - t0)
+                    labels[e], objectives[e] = lab, obj
+            flops = lloyd_flops(n, ks, d, niter)
+            shape = f"{n}x{d}"
+            out[shape] = {
+                "cells": n, "dims": d, "ks": ks, "iterations": niter,
+                "seconds": {e: sorted(t)[len(t) // 2] for e, t in times.items()},
+                "runs_seconds": times,
+                "gflops_per_second": {e: flops / sorted(t)[len(t) // 2] / 1e9 for e, t in times.items()},
+                "objective_relative_to_blas": {e: float(np.sum(o) / np.sum(objectives["blas"])) for e, o in objectives.items()},
+                "ari_to_blas_labels": {e: float(np.mean([adjusted_rand_score(labels["blas"][:, p], labels[e][:, p])
+                                                         for p in range(len(ks))])) for e in ENGINE_RUNS},
+            }
+            s = out[shape]["seconds"]
+            print(f"{shape} k={ks}, {niter} iterations, 1 thread: " + ", ".join(f"{e} {v:.2f}s" for e, v in s.items()))
+    total = {e: sum(v["seconds"][e] for v in out.values()) for e in ENGINE_RUNS}
+    fastest_cpu = min(("blas", "faiss"), key=lambda e: total[e])
+    return result("kmeans_engines", "seconds (sum over shapes, median of interleaved runs)", total["blas"],
+                  {e: total[e] for e in ENGINE_RUNS if e != "blas"}, higher_is_better=False,
+                  shapes=out, threads=1, assignment_gemm=cpu_gemm(), fastest_cpu_engine=fastest_cpu,
+                  cpu_default_engine=CPU_DEFAULT_ENGINE,
+                  note="ours = the blas engine; faiss = faiss's exact search inside the same Lloyd loop; "
+                       "faiss.Kmeans = faiss's own loop from the same starts, every cell used")
 
 
 def _random_encoder(path: Path, n_genes: int, dim: int, seed: int) -> str:

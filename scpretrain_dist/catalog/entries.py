@@ -30,6 +30,9 @@ class DatasetEntry:
     value_type: str = "auto"
     group: str = ""
     gene_key: str = ""  # var column of gene symbols; empty: var_names
+    # its genes are its own (anonymous, or another naming): accepted though it shares none with
+    # the atlas (it still pretrains the encoder; nothing transfers through its genes)
+    own_genes: bool = False
     # the entry itself names label_key, so the column must be there; otherwise a dataset without
     # it is ingested as unlabelled (said in the log)
     label_required: bool = False
@@ -39,6 +42,8 @@ class DatasetEntry:
             value = getattr(self, f.name)
             if f.type in ("str", str) and not isinstance(value, str):
                 raise CatalogError(f"dataset {self.name!r}: {f.name} = {value!r} must be a string")
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise CatalogError(f"dataset {self.name!r}: {f.name} = {value!r} must be true or false")
         if not _NAME.match(self.name) or len(self.name) > 200:
             raise CatalogError(
                 f"dataset name {self.name!r} may only hold letters, digits, '_', '-' and '.' (not first), "

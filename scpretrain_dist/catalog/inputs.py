@@ -149,12 +149,12 @@ def _gene_symbols(adata, entry: DatasetEntry, where: str) -> pd.Index:
     symbols = pd.Index(pd.Series(names).astype(str).str.strip().to_numpy()).str.upper()
     if (symbols.str.len() == 0).any():
         raise CatalogError(f"{where}: {int((symbols.str.len() == 0).sum())} gene names in {source} are empty")
-    if ensembl_fraction(symbols) > 0.5:
+    if ensembl_fraction(symbols) > 0.5 and not entry.own_genes:
         present = [c for c in SYMBOL_COLUMNS if c in adata.var and c != entry.gene_key]
         hint = (f"its var column {present[0]!r} looks like symbols: set gene_key = \"{present[0]}\" in a catalog entry"
                 if present else "map them to symbols first (e.g. with the Ensembl table of your annotation)")
         raise CatalogError(f"{where}: {source} are Ensembl ids (e.g. {symbols[0]}), but the atlas matches genes by "
-                           f"symbol; {hint}")
+                           f"symbol; {hint} (or set own_genes = true to keep them as they are)")
     return symbols
 
 

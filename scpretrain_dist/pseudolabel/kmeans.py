@@ -3,12 +3,12 @@
 Lloyd iterations from a k-means++ start, with every partition of a dataset (one k each) run in
 lockstep over one pass of its cells. An iteration is written as (partial sums over a shard of
 cells -> reduce -> update), so a dataset split over several workers gives exactly the
-single-process result: :func:`lloyd` is :func:`run_lloyd` with one shard. Assignment is exact:
-on a CPU, per block of cells and chunk of a partition's centroids, one float32 GEMM that writes
-the distances (less ||x||^2) into a table small enough to stay in cache for the argmin (2-3x
-faiss's CPU search at these shapes). On a GPU (``gpu=True``): faiss-gpu where it is installed,
-else the same GEMM + argmin written in torch, with the cells kept on the GPU across iterations.
-Empty clusters are re-seeded as faiss does (split a large cluster in two).
+single-process result: :func:`lloyd` is :func:`run_lloyd` with one shard. Assignment is exact
+and done by one :class:`Engine`, chosen in one place (:func:`engine`): ``blas``, per block of
+cells and chunk of a partition's centroids one float32 GEMM whose distance table stays in cache
+for the argmin; ``faiss``, faiss's exact search (CPU or GPU); ``torch``, the GEMM + argmin in
+torch with the cells kept on the device. Empty clusters are re-seeded as faiss does (split a
+large cluster in two).
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ CPU_BLOCK_ROWS = 1024
 CPU_CHUNK_COLS = 512
 # cells whose float64 copy (for exact per-centroid sums) is kept across iterations, in bytes
 CACHE_FLOAT64_BYTES = 256 << 20
-
-
-@dataclass
-class KMeansResult:
-    labels: np.ndarray  # (n,) int64
-    centroids: np.ndarray  # (k, d) float32
-    objective: float  # sum of squared distances to the assigned centroid
-    seconds: float
 
 
 def n_clusters(n_cells: int, cluster_sizes: tuple[int, ...], min_k: int = 2) -> list[int]:
@@ -197,20 +189,6 @@ def is_tensor(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def held_cells(x, gpu: bool = False):
-    """The cells in the form the Lloyd functions run on: a torch tensor as given (on its own
-    device), a float32 tensor copied to the GPU once where ``gpu`` runs on torch, else a
-    contiguous float32 array. Holding this form across iterations avoids a copy per step."""
-    if is_tensor(x):
-        return x
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if gpu and gpu_backend() == "torch":
-        import torch
-
-        return torch.as_tensor(x).to("cuda")
-    return x
-
-
 def _stacked_torch(xt, centroids: Sequence[np.ndarray]):
     import torch
 
@@ -269,35 +247,20 @@ def partial_step_torch(xt, centroids: Sequence[np.ndarray]) -> LloydPartial:
                         objective.cpu().tolist())
 
 
-def _index(centroids: np.ndarray, gpu: bool):
+def _assign_faiss(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's exact search (``IndexFlatL2``, or ``GpuIndexFlatL2``) per partition."""
     import faiss
 
-    d = centroids.shape[1]
-    if gpu:
-        res = _gpu_resources()
-        index = faiss.GpuIndexFlatL2(res, d)
-    else:
-        index = faiss.IndexFlatL2(d)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    return index
-
-
-def assign(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every cell in every partition: labels (n, P) int64 and squared
-    distances (n, P) float32."""
-    x = held_cells(x, gpu)
-    if is_tensor(x):
-        return assign_torch(x, centroids)
-    if not gpu:
-        return _assign_blas(x, centroids)
     labels = np.empty((len(x), len(centroids)), dtype=np.int64)
     dist = np.empty((len(x), len(centroids)), dtype=np.float32)
     for p, c in enumerate(centroids):
-        index = _index(c, gpu)
+        d = c.shape[1]
+        index = faiss.GpuIndexFlatL2(_gpu_resources(), d) if gpu else faiss.IndexFlatL2(d)
+        index.add(np.ascontiguousarray(c, dtype=np.float32))
         for lo in range(0, len(x), BLOCK_ROWS):
-            d, i = index.search(x[lo : lo + BLOCK_ROWS], 1)
+            dd, i = index.search(x[lo : lo + BLOCK_ROWS], 1)
             labels[lo : lo + BLOCK_ROWS, p] = i[:, 0]
-            dist[lo : lo + BLOCK_ROWS, p] = d[:, 0]
+            dist[lo : lo + BLOCK_ROWS, p] = dd[:, 0]
     return labels, dist
 
 
@@ -431,26 +394,87 @@ class LloydPartial:
         return LloydPartial(sums, counts, objective)
 
 
-def partial_step(x: np.ndarray, centroids: Sequence[np.ndarray], gpu: bool = False,
-                 x64: np.ndarray | None = None) -> LloydPartial:
-    """Assign a shard's cells to every partition's centroids and sum them per centroid.
-    ``x64``: the cells as float64 (see :func:`float64_copy`), else converted block by block."""
-    x = held_cells(x, gpu)
-    if is_tensor(x):
-        return partial_step_torch(x, centroids)
+def _partial_step_arrays(x: np.ndarray, centroids: Sequence[np.ndarray], assign_fn,
+                        x64: np.ndarray | None = None) -> LloydPartial:
+    """Assign a shard's cells (a float32 array) to every partition's centroids with
+    ``assign_fn`` and sum them per centroid. ``x64``: the cells as float64 (see
+    :func:`float64_copy`), else converted block by block."""
     d = x.shape[1]
     sums = [np.zeros((len(c), d), dtype=np.float64) for c in centroids]
     counts = [np.zeros(len(c), dtype=np.int64) for c in centroids]
     objective = [0.0] * len(centroids)
     for lo in range(0, len(x), BLOCK_ROWS):
         block = x[lo : lo + BLOCK_ROWS]
-        labels, dist = assign(block, centroids, gpu)
+        labels, dist = assign_fn(block, centroids)
         block64 = x64[lo : lo + BLOCK_ROWS] if x64 is not None else block.astype(np.float64)
         for p, c in enumerate(centroids):
             sums[p] += _sum_by_label(block64, labels[:, p], len(c))
             counts[p] += np.bincount(labels[:, p], minlength=len(c))
             objective[p] += float(dist[:, p].sum(dtype=np.float64))
     return LloydPartial(sums, counts, objective)
+
+
+# ------------------------------------------------------------------ the engine
+# The CPU engine of engine="auto" (``bench kmeans --engines`` times them on identical features,
+# starts and iterations): see docs/benchmarks.md for the measurement behind it.
+CPU_DEFAULT_ENGINE = "blas"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How cells are held and assigned to centroids (faiss ``contrib/clustering.py``'s
+    DatasetAssign, for every partition of a dataset at once): ``"blas"``, the CPU GEMM above;
+    ``"faiss"``, faiss's exact search (its GPU index with ``gpu``); ``"torch"``, the GEMM in
+    torch on the cells' device (a GPU with ``gpu``). Lloyd, k-means++ and the pool are the same
+    whichever it is."""
+
+    name: str
+    gpu: bool = False
+
+    def hold(self, x):
+        """The cells in the form this engine runs on, held across iterations (one copy)."""
+        if self.name == "torch":
+            import torch
+
+            t = x if is_tensor(x) else torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+            return t.to("cuda") if self.gpu else t
+        return np.ascontiguousarray(x.cpu().numpy() if is_tensor(x) else x, dtype=np.float32)
+
+    def assign(self, x, centroids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid of every cell in every partition: labels (n, P) int64 and squared
+        distances (n, P) float32."""
+        x = self.hold(x)
+        if self.name == "torch":
+            return assign_torch(x, centroids)
+        if self.name == "faiss":
+            return _assign_faiss(x, centroids, self.gpu)
+        return _assign_blas(x, centroids)
+
+    def partial_step(self, x, centroids: Sequence[np.ndarray], x64: np.ndarray | None = None) -> LloydPartial:
+        """One iteration's sums over a shard's cells, for every partition."""
+        x = self.hold(x)
+        if self.name == "torch":
+            return partial_step_torch(x, centroids)
+        return _partial_step_arrays(x, centroids, self.assign, x64)
+
+    def float64_cells(self, held) -> np.ndarray | None:
+        """The float64 copy the sums reuse across iterations (None on torch, or when too large)."""
+        return None if self.name == "torch" else float64_copy(held)
+
+
+def engine(name: str = "auto", gpu: bool = False) -> Engine:
+    """The one place the K-means backend is chosen (``pseudolabel.engine``). ``"auto"``: on a
+    GPU faiss-gpu where installed, else torch; on CPUs :data:`CPU_DEFAULT_ENGINE`."""
+    if name == "auto":
+        name = gpu_backend() if gpu else CPU_DEFAULT_ENGINE
+    if name not in ("blas", "faiss", "torch"):
+        raise ValueError(f"K-means engine {name!r}: use auto, blas, faiss or torch")
+    if gpu and name == "blas":
+        raise ValueError("the blas K-means engine runs on CPUs; on a GPU use faiss or torch (or auto)")
+    if gpu and name == "faiss" and gpu_backend() != "faiss":
+        raise RuntimeError("pseudolabel.engine = faiss with use_gpu needs faiss-gpu (the [gpu] extra); "
+                           "use engine = torch or auto")
+    return Engine(name, gpu)
 
 
 def float64_copy(x: np.ndarray) -> np.ndarray | None:
@@ -498,6 +522,7 @@ def run_lloyd(
     inits: Sequence[np.ndarray],
     niter: int,
     seed: int,
+    stop_at_fixed_point: bool = True,
 ) -> tuple[list[np.ndarray], list[int]]:
     """At most ``niter`` Lloyd iterations where ``step(centroids)`` returns the partial sums of
     every shard (computed wherever the shards live) for the partitions it is given; returns the
@@ -508,7 +533,8 @@ def run_lloyd(
     the result equals ``niter`` full iterations (bitwise on CPUs, where each partition has its
     own GEMMs; on a GPU the partitions share one GEMM, whose rounding may depend on how many
     there are). It drew nothing from the iteration's generator (no cluster was empty), so the
-    partitions after it draw exactly as before."""
+    partitions after it draw exactly as before. ``stop_at_fixed_point=False`` runs every
+    partition ``niter`` times (benchmarks that compare engines at equal iterations)."""
     centroids = [np.ascontiguousarray(c, dtype=np.float32) for c in inits]
     iterations = [0] * len(centroids)
     active = list(range(len(centroids)))
@@ -520,7 +546,7 @@ def run_lloyd(
         still = []
         for p, c in zip(active, updated):
             iterations[p] += 1
-            if not np.array_equal(c, centroids[p]):
+            if not stop_at_fixed_point or not np.array_equal(c, centroids[p]):
                 still.append(p)
             centroids[p] = c
         active = still
@@ -528,15 +554,16 @@ def run_lloyd(
 
 
 def lloyd(
-    x: np.ndarray, inits: Sequence[np.ndarray], niter: int, seed: int, gpu: bool = False
+    x, inits: Sequence[np.ndarray], niter: int, seed: int, eng: Engine | None = None, stop_at_fixed_point: bool = True,
 ) -> tuple[np.ndarray, list[np.ndarray], list[float], list[int]]:
     """Single-process Lloyd: (labels (n, P), final centroids, objective per partition,
-    iterations per partition). ``x`` may be a float32 torch tensor: Lloyd then runs on its
-    device (torch)."""
-    x = held_cells(x, gpu)  # on the GPU (torch) the cells stay there for every iteration
-    x64 = None if is_tensor(x) else float64_copy(x)
-    centroids, iterations = run_lloyd(lambda c: [partial_step(x, c, gpu, x64)], inits, niter, seed)
-    labels, dist = assign(x, centroids, gpu)
+    iterations per partition), on ``eng`` (default: :func:`engine`'s choice for a CPU)."""
+    eng = eng or engine()
+    x = eng.hold(x)  # on a GPU (torch) the cells stay there for every iteration
+    x64 = eng.float64_cells(x)
+    centroids, iterations = run_lloyd(lambda c: [eng.partial_step(x, c, x64)], inits, niter, seed,
+                                      stop_at_fixed_point)
+    labels, dist = eng.assign(x, centroids)
     return labels, centroids, [float(v) for v in dist.sum(0, dtype=np.float64)], iterations
 
 
@@ -549,33 +576,18 @@ def lloyd_flops(n_cells: int, ks: Sequence[int], dims: int, iterations: int | Se
     return sum(i * (a + float(n_cells) * dims) + a for i, a in zip(its, per_assign))
 
 
-# ------------------------------------------------------------------ whole-dataset entry points
-def cluster_partitions(
-    x: np.ndarray, ks: list[int], niter: int, seed: int, gpu: bool = False,
-    init_sample_cells: int = 100_000,
-) -> tuple[np.ndarray, list[float]]:
-    """All partitions of one dataset: labels (n, len(ks)) and each partition's objective."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+# ------------------------------------------------------------------ a whole dataset
+def cluster_cells(x, ks: Sequence[int], niter: int, seed: int, init_sample_cells: int = 100_000,
+                  eng: Engine | None = None) -> tuple[np.ndarray, dict]:
+    """Every partition of one dataset's cells (features n x d, one k each): k-means++ starts
+    on a seeded sample of at most ``init_sample_cells`` cells, then Lloyd. Returns labels
+    (n, len(ks)) and stats (objectives, iterations per partition, FLOPs, seconds)."""
+    t0 = time.perf_counter()
+    x = np.ascontiguousarray(x, dtype=np.float32) if not is_tensor(x) else x
     sample = init_sample(len(x), init_sample_cells, seed)
     inits = plusplus_inits(x[sample], ks, seed)
-    labels, _, objectives, _ = lloyd(x, inits, niter, seed, gpu)
-    return labels, objectives
-
-
-def kmeans(x: np.ndarray, k: int, niter: int = 30, seed: int = 0, gpu: bool = False) -> KMeansResult:
-    """One partition: Lloyd from a k-means++ start (a random start fits much worse on
-    expression data)."""
-    t0 = time.perf_counter()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not 1 <= k <= len(x):
-        raise ValueError(f"k={k} must lie between 1 and the number of points ({len(x)})")
-    labels, centroids, objective, _ = lloyd(x, [kmeans_plusplus_init(x, k, seed)], niter, seed, gpu)
-    return KMeansResult(labels[:, 0], centroids[0], objective[0], time.perf_counter() - t0)
-
-
-def lloyd_step(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """One assignment pass of one partition over a shard: (labels, per-centroid sums, counts,
-    objective)."""
-    part = partial_step(x, [centroids])
-    labels, _ = assign(x, [centroids])
-    return labels[:, 0], part.sums[0], part.counts[0], part.objective[0]
+    t_init = time.perf_counter()
+    labels, _, objectives, iterations = lloyd(x, inits, niter, seed, eng)
+    t_end = time.perf_counter()
+    return labels, {"init_seconds": t_init - t0, "lloyd_seconds": t_end - t_init, "objectives": objectives,
+                    "lloyd_iterations": iterations, "lloyd_flops": lloyd_flops(len(x), ks, int(x.shape[1]), iterations)}

@@ -28,15 +28,11 @@ from scpretrain_dist.pseudolabel.features import (
 )
 from scpretrain_dist.pseudolabel.kmeans import (
     LloydPartial,
-    assign,
-    float64_copy,
-    held_cells,
+    cluster_cells,
+    engine,
     init_sample,
-    is_tensor,
-    lloyd,
     lloyd_flops,
     n_clusters,
-    partial_step,
     plusplus_inits,
     run_lloyd,
 )
@@ -87,7 +83,6 @@ def cluster_dataset(
     n = store.dataset(dataset).n_cells
     X = read_cells(store, dataset, 0, n, space) if X is None else X
     t_read = time.perf_counter()
-    sample = init_sample(n, cfg.init_sample_cells, cfg.seed)
     projection, x = None, None
     if space == "pca":
         fit_rows = init_sample(n, min(cfg.pca_fit_cells, cfg.init_sample_cells), cfg.seed)
@@ -100,18 +95,9 @@ def cluster_dataset(
     del X
     t_feat = time.perf_counter()
     ks = n_clusters(n, cfg.cluster_sizes, cfg.min_k)
-    inits = plusplus_inits(x[sample], ks, cfg.seed)
-    t_init = time.perf_counter()
-    labels, _, objectives, iterations = lloyd(x, inits, cfg.niter, cfg.seed, cfg.use_gpu)
-    t_end = time.perf_counter()
-    stats = {
-        "n_cells": n, "dims": int(x.shape[1]), "ks": ks, "shards": 1,
-        "read_seconds": t_read - t0, "feature_seconds": t_feat - t_read,
-        "init_seconds": t_init - t_feat, "lloyd_seconds": t_end - t_init,
-        "kmeans_seconds": t_end - t_feat,
-        "lloyd_iterations": iterations, "lloyd_flops": lloyd_flops(n, ks, int(x.shape[1]), iterations),
-        "objectives": objectives,
-    }
+    labels, kstats = cluster_cells(x, ks, cfg.niter, cfg.seed, cfg.init_sample_cells, engine(cfg.engine, cfg.use_gpu))
+    stats = {"n_cells": n, "dims": int(x.shape[1]), "ks": ks, "shards": 1, "read_seconds": t_read - t0,
+             "feature_seconds": t_feat - t_read, "kmeans_seconds": time.perf_counter() - t_feat, **kstats}
     return labels, ks, stats
 
 
@@ -230,19 +216,22 @@ class KMeansWorker:
     def _held(self, shard: dict):
         """The slice's cells as Lloyd holds them (on the GPU with torch: copied there once)."""
         if "xt" not in shard:
-            shard["xt"] = held_cells(shard["x"], self.cfg.use_gpu)
-            # the float64 copy for the sums, made once for every iteration (host arrays only)
-            shard["x64"] = None if is_tensor(shard["xt"]) else float64_copy(shard["xt"])
+            eng = self._engine()
+            shard["xt"] = eng.hold(shard["x"])
+            shard["x64"] = eng.float64_cells(shard["xt"])  # for the sums, made once for every iteration
         return shard["xt"]
+
+    def _engine(self):
+        return engine(self.cfg.engine, self.cfg.use_gpu)
 
     def step(self, dataset: str, centroids: list[np.ndarray]) -> LloydPartial:
         shard = self._shard(dataset)
-        return partial_step(self._held(shard), centroids, self.cfg.use_gpu, shard["x64"])
+        return self._engine().partial_step(self._held(shard), centroids, shard["x64"])
 
     def final(self, dataset: str, centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Labels of this shard's cells and its summed squared distances per partition."""
         shard = self._shard(dataset)
-        labels, dist = assign(self._held(shard), centroids, self.cfg.use_gpu)
+        labels, dist = self._engine().assign(self._held(shard), centroids)
         del self._shards[dataset]
         return labels, dist.sum(0, dtype=np.float64)
 

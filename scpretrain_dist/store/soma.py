@@ -228,12 +228,18 @@ def _check_gene_overlap(prepared: list[PreparedDataset], atlas_genes: list[str],
         shared = sum(1 for s in p.symbols if s in others)
         frac = shared / len(p.symbols)
         where = f"dataset {p.entry.name} ({p.entry.path})"
+        if p.entry.own_genes:
+            if frac < LOW_OVERLAP:
+                log(f"note: {where} shares {shared} of its {len(p.symbols)} genes with the atlas (own_genes = true): "
+                    "it pretrains the encoder on genes of its own")
+            continue
         if frac < MIN_OVERLAP:
             raise StoreError(
                 f"{where} shares {shared} of its {len(p.symbols)} genes ({frac:.1%}) with the atlas and the other "
                 f"inputs (e.g. its {', '.join(map(str, p.symbols[:3]))} vs {', '.join(sorted(others)[:3])}); the atlas "
                 "matches genes by symbol (human and mouse by upper case). Give gene symbols (catalog gene_key names a "
-                "var column of them), or ingest it into an atlas of its own species and naming")
+                "var column of them); if its genes are deliberately of their own naming, set own_genes = true in its "
+                "catalog entry")
         if frac < LOW_OVERLAP:
             log(f"warning: {where} shares only {shared} of its {len(p.symbols)} genes ({frac:.0%}) with the atlas "
                 "and the other inputs; the rest add genes no other dataset measures")

@@ -525,3 +525,9 @@ def test_too_small_targets_and_low_overlap(env, tmp_path, capsys):
         assert code == 2 and "target 'tiny3' has 3 labelled cells" in err and "at least 10" in err, err
     assert tree_digest(work / "atlas.soma") == atlas
     assert not (work / "mlflow.db").exists()  # refused before any MLflow run
+    # genes of a deliberate naming of their own: refused by default, accepted when the catalog says so
+    anonymous = write_h5ad(tmp_path / "anon.h5ad", sp.csr_matrix(counts), [f"anon_{i}" for i in range(len(genes))])
+    catalog = tmp_path / "anon.toml"
+    catalog.write_text('[[dataset]]\nname = "anon"\npath = "anon.h5ad"\nown_genes = true\n')
+    code, out, err = run(["ingest", "--catalog", str(catalog), "--work-dir", str(work)], capsys)
+    assert code == 0 and "own_genes = true" in out, err

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from scpretrain_dist.pseudolabel.kmeans import cluster_partitions, kmeans, lloyd_step, n_clusters
+from scpretrain_dist.pseudolabel.kmeans import (
+    CPU_DEFAULT_ENGINE,
+    LloydPartial,
+    cluster_cells,
+    engine,
+    lloyd,
+    n_clusters,
+    plusplus_inits,
+)
 from scpretrain_dist.pseudolabel.pool import PseudoLabels, agreement
 
 
@@ -19,30 +27,47 @@ def blobs(n_per=80, k=4, d=10, spread=0.3, seed=0):
     return x[perm].astype(np.float32), y[perm]
 
 
+ENGINES = ["blas", "faiss", "torch"]  # every backend of the one engine, on this CPU
+BLAS = engine("blas")
+
+
+@pytest.mark.parametrize("name", ENGINES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kmeans_recovers_separated_blobs(seed):
+def test_kmeans_recovers_separated_blobs(seed, name):
     x, y = blobs(seed=seed)
-    res = kmeans(x, 4, niter=20, seed=seed)
-    assert res.labels.shape == (len(y),) and res.labels.dtype == np.int64
-    assert res.centroids.shape == (4, x.shape[1])
-    assert adjusted_rand_score(y, res.labels) > 0.95
-    # the objective is the summed squared distance to the assigned centroid
-    d2 = ((x - res.centroids[res.labels]) ** 2).sum()
-    assert res.objective == pytest.approx(d2, rel=1e-3)
-    assert res.seconds >= 0
+    labels, stats = cluster_cells(x, [4], niter=20, seed=seed, eng=engine(name))
+    assert labels.shape == (len(y), 1) and labels.dtype == np.int64
+    assert adjusted_rand_score(y, labels[:, 0]) > 0.95
+    # the objective is the summed squared distance to the assigned centroid (the cluster mean)
+    centroids = np.stack([x[labels[:, 0] == c].mean(0) for c in range(4)])
+    d2 = ((x - centroids[labels[:, 0]]) ** 2).sum()
+    assert stats["objectives"][0] == pytest.approx(d2, rel=1e-3)
+    assert 1 <= stats["lloyd_iterations"][0] <= 20 and stats["lloyd_seconds"] >= 0
 
 
 def test_kmeans_is_deterministic_by_seed():
     x, _ = blobs(k=6, spread=2.0)
-    a, b = kmeans(x, 6, niter=10, seed=3), kmeans(x, 6, niter=10, seed=3)
-    np.testing.assert_array_equal(a.labels, b.labels)
+    a, _ = cluster_cells(x, [6], niter=10, seed=3)
+    b, _ = cluster_cells(x, [6], niter=10, seed=3)
+    np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("k", [0, 321])
-def test_kmeans_refuses_impossible_k(k):
-    x, _ = blobs()
-    with pytest.raises(ValueError, match="k="):
-        kmeans(x, k)
+def test_the_engines_agree_on_the_same_start():
+    """Identical starts and iterations give the same labels on every backend (all exact)."""
+    x, _ = blobs(n_per=60, k=5, d=6, spread=1.5)
+    inits = plusplus_inits(x, [5, 3], seed=0)
+    runs = {name: lloyd(x, inits, niter=8, seed=0, eng=engine(name), stop_at_fixed_point=False) for name in ENGINES}
+    for name in ENGINES[1:]:
+        assert (runs[name][0] == runs["blas"][0]).mean() > 0.99
+        assert runs[name][3] == [8, 8]
+
+
+def test_the_engine_is_chosen_in_one_place():
+    assert engine("auto") == engine(CPU_DEFAULT_ENGINE)
+    with pytest.raises(ValueError, match="auto, blas, faiss or torch"):
+        engine("sklearn")
+    with pytest.raises(ValueError, match="runs on CPUs"):
+        engine("blas", gpu=True)
 
 
 def test_n_clusters():
@@ -57,31 +82,31 @@ def test_n_clusters():
     assert ks == sorted(ks, reverse=True)
 
 
-def test_lloyd_step_over_shards_equals_one_pass():
+def test_partial_steps_over_shards_equal_one_pass():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 8)).astype(np.float32)
-    centroids = x[[0, 50, 100, 150, 200]].copy()
-    labels, sums, counts, obj = lloyd_step(x, centroids)
+    centroids = [x[[0, 50, 100, 150, 200]].copy()]
+    eng = engine("blas")
+    labels = eng.assign(x, centroids)[0][:, 0]
+    whole = eng.partial_step(x, centroids)
+    sums, counts = whole.sums[0], whole.counts[0]
     assert counts.sum() == len(x) and (counts > 0).all()
-    new_full = sums / counts[:, None]
     # the update is the mean of the points assigned to each centroid
-    for c in range(len(centroids)):
-        np.testing.assert_allclose(new_full[c], x[labels == c].mean(0), rtol=1e-5, atol=1e-6)
-
+    for c in range(5):
+        np.testing.assert_allclose(sums[c] / counts[c], x[labels == c].mean(0), rtol=1e-5, atol=1e-6)
     shards = np.split(x, [100, 220])  # 3 shards of unequal size
-    parts = [lloyd_step(s, centroids) for s in shards]
-    total_sums = sum(p[1] for p in parts)
-    total_counts = sum(p[2] for p in parts)
-    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), labels)
-    np.testing.assert_array_equal(total_counts, counts)
-    np.testing.assert_allclose(total_sums / total_counts[:, None], new_full, rtol=1e-10, atol=1e-10)
-    assert sum(p[3] for p in parts) == pytest.approx(obj, rel=1e-5)
+    total = LloydPartial.reduce([eng.partial_step(s, centroids) for s in shards])
+    np.testing.assert_array_equal(np.concatenate([eng.assign(s, centroids)[0][:, 0] for s in shards]), labels)
+    np.testing.assert_array_equal(total.counts[0], counts)
+    np.testing.assert_allclose(total.sums[0], sums, rtol=1e-10, atol=1e-10)
+    assert total.objective[0] == pytest.approx(whole.objective[0], rel=1e-5)
 
 
-def test_cluster_partitions_shape():
+def test_every_partition_of_a_dataset_at_once():
     x, y = blobs(n_per=40, k=5, d=6)
     ks = [5, 3, 2]
-    labels, objectives = cluster_partitions(x, ks, niter=10, seed=0)
+    labels, stats = cluster_cells(x, ks, niter=10, seed=0)
+    objectives = stats["objectives"]
     assert labels.shape == (len(x), len(ks)) and labels.dtype == np.int64
     for p, k in enumerate(ks):
         assert labels[:, p].min() >= 0 and labels[:, p].max() < k
@@ -134,12 +159,8 @@ def test_pseudo_labels_round_trip(tmp_path):
 # ------------------------------------------------------------------ sharded Lloyd
 from scpretrain_dist.pseudolabel.features import Projection, fit_pca  # noqa: E402
 from scpretrain_dist.pseudolabel.kmeans import (  # noqa: E402
-    LloydPartial,
     init_sample,
-    lloyd,
     lloyd_flops,
-    partial_step,
-    plusplus_inits,
     run_lloyd,
     update_centroids,
 )
@@ -153,13 +174,11 @@ def test_sharded_lloyd_equals_single_process_lloyd(n_shards):
     inits[0][1] = inits[0][0]  # a duplicated start: one cluster empties and is re-seeded
     labels, centroids, objectives, iterations = lloyd(x, inits, niter=15, seed=0)
     shards = np.array_split(x, n_shards)  # unequal sizes
-    sharded, sharded_iterations = run_lloyd(lambda c: [partial_step(s, c) for s in shards], inits, niter=15, seed=0)
+    sharded, sharded_iterations = run_lloyd(lambda c: [BLAS.partial_step(s, c) for s in shards], inits, niter=15, seed=0)
     assert sharded_iterations == iterations
     for a, b in zip(centroids, sharded):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    from scpretrain_dist.pseudolabel.kmeans import assign
-
-    sharded_labels = np.concatenate([assign(s, sharded)[0] for s in shards])
+    sharded_labels = np.concatenate([BLAS.assign(s, sharded)[0] for s in shards])
     np.testing.assert_array_equal(sharded_labels, labels)
     assert labels.shape == (len(x), 3)
     for p, k in enumerate(ks):
@@ -171,8 +190,8 @@ def test_sharded_lloyd_equals_single_process_lloyd(n_shards):
 def test_partials_reduce_to_the_whole():
     x, _ = blobs(n_per=50, k=3, d=5)
     c = [x[:4].copy(), x[10:12].copy()]
-    whole = partial_step(x, c)
-    parts = LloydPartial.reduce([partial_step(s, c) for s in np.array_split(x, 4)])
+    whole = BLAS.partial_step(x, c)
+    parts = LloydPartial.reduce([BLAS.partial_step(s, c) for s in np.array_split(x, 4)])
     for p in range(2):
         np.testing.assert_array_equal(parts.counts[p], whole.counts[p])
         np.testing.assert_allclose(parts.sums[p], whole.sums[p], rtol=1e-12)
@@ -210,7 +229,7 @@ def _every_iteration(x, inits, niter, seed):
     """Lloyd without the fixed-point stop: ``niter`` full iterations of every partition."""
     centroids = [np.asarray(c, np.float32) for c in inits]
     for it in range(niter):
-        centroids = update_centroids(centroids, partial_step(x, centroids), seed, it)
+        centroids = update_centroids(centroids, BLAS.partial_step(x, centroids), seed, it)
     return centroids
 
 
@@ -223,7 +242,7 @@ def test_lloyd_stops_a_partition_at_its_fixed_point_with_the_same_result():
 
     def step(c):
         stepped.append(len(c))
-        return [partial_step(x, c)]
+        return [BLAS.partial_step(x, c)]
 
     centroids, iterations = run_lloyd(step, inits, niter=60, seed=0)
     full = _every_iteration(x, inits, 60, seed=0)
@@ -234,9 +253,7 @@ def test_lloyd_stops_a_partition_at_its_fixed_point_with_the_same_result():
     assert stepped[0] == 3 and stepped[-1] == 1 and len(stepped) == max(iterations)
     labels, _, _, its = lloyd(x, inits, niter=60, seed=0)
     assert its == iterations
-    from scpretrain_dist.pseudolabel.kmeans import assign
-
-    np.testing.assert_array_equal(labels, assign(x, full)[0])
+    np.testing.assert_array_equal(labels, BLAS.assign(x, full)[0])
 
 
 def test_sparse_pca_matches_dense_pca():
@@ -301,7 +318,7 @@ def test_gpu_request_without_faiss_gpu_is_a_clear_error():
         pytest.skip("faiss sees a GPU here")
     x, _ = blobs()
     with pytest.raises(RuntimeError, match="faiss-gpu-cu12"):
-        kmeans(x, 4, niter=2, gpu=True)
+        cluster_cells(x, [4], niter=2, seed=0, eng=engine("auto", gpu=True))
 
 
 def test_pca_runs_on_the_most_variable_genes():
@@ -442,23 +459,23 @@ def test_torch_lloyd_step_equals_the_blas_step():
     from scpretrain_dist.pseudolabel import kmeans as km
 
     torch, x, cents = _torch_case()
-    ref, got = km.partial_step(x, cents), km.partial_step_torch(torch.from_numpy(x), cents)
+    ref, got = km.engine("blas").partial_step(x, cents), km.partial_step_torch(torch.from_numpy(x), cents)
     for p in range(len(cents)):
         np.testing.assert_array_equal(ref.counts[p], got.counts[p])
         np.testing.assert_allclose(ref.sums[p], got.sums[p], rtol=1e-6, atol=1e-6)
         assert got.objective[p] == pytest.approx(ref.objective[p], rel=1e-5)
-    (l1, d1), (l2, d2) = km.assign(x, cents), km.assign_torch(torch.from_numpy(x), cents)
+    (l1, d1), (l2, d2) = km.engine("blas").assign(x, cents), km.assign_torch(torch.from_numpy(x), cents)
     np.testing.assert_array_equal(l1, l2)
     np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-3)
 
 
 def test_lloyd_on_a_tensor_runs_on_its_device_and_matches_numpy():
-    from scpretrain_dist.pseudolabel.kmeans import lloyd, plusplus_inits
+    from scpretrain_dist.pseudolabel import kmeans as km
 
     torch, x, _ = _torch_case()
     inits = plusplus_inits(x, [6, 20], seed=0)
     lab_np, cent_np, obj_np, _ = lloyd(x, inits, niter=10, seed=0)
-    lab_t, cent_t, obj_t, _ = lloyd(torch.from_numpy(x), inits, niter=10, seed=0)
+    lab_t, cent_t, obj_t, _ = lloyd(torch.from_numpy(x), inits, niter=10, seed=0, eng=km.engine("torch"))
     # the two GEMMs sum in different orders: a cell equidistant to two centres may go either way
     assert (lab_np == lab_t).mean() > 0.999
     assert obj_t == pytest.approx(obj_np, rel=1e-4)
@@ -485,13 +502,13 @@ def test_gpu_lloyd_matches_the_cpu_result():
         pytest.skip("needs a CUDA device")
     x, _ = blobs(n_per=2000, k=8, d=32, spread=1.0, seed=4)
     cents = [x[:40].copy(), x[100:120].copy()]
-    ref, got = km.partial_step(x, cents), km.partial_step(x, cents, gpu=True)
+    ref, got = km.engine("blas").partial_step(x, cents), km.engine("auto", gpu=True).partial_step(x, cents)
     for p in range(len(cents)):  # one step: the same assignment up to near-ties
         assert np.abs(ref.counts[p] - got.counts[p]).sum() <= 0.002 * len(x)
         assert got.objective[p] == pytest.approx(ref.objective[p], rel=1e-4)
     # whole runs may part at a tie and converge elsewhere: as good a fit, not the same labels
-    _, obj_cpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0)
-    _, obj_gpu = km.cluster_partitions(x, [40, 20], niter=15, seed=0, gpu=True)
+    obj_cpu = km.cluster_cells(x, [40, 20], niter=15, seed=0)[1]["objectives"]
+    obj_gpu = km.cluster_cells(x, [40, 20], niter=15, seed=0, eng=km.engine("auto", gpu=True))[1]["objectives"]
     assert obj_gpu == pytest.approx(obj_cpu, rel=0.02)
 
 
