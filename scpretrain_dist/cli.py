@@ -12,14 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from scpretrain_dist import recipes
+from scpretrain_dist import console, recipes
 from scpretrain_dist.config import ConfigError, RunConfig, UserError
 
 
 def _config(args, **sections) -> RunConfig:
     """The recipe, --config, --set and --work-dir, then ``sections``: {section: {key: value}}
-    from the command's own options."""
-    return recipes.configure(args.recipe, args.config, args.set, args.work_dir, **sections)
+    from the command's own options. The command's full log goes under its work dir."""
+    cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir, **sections)
+    console.log_to(cfg.work_dir)
+    return cfg
 
 
 def _integer(minimum: int, maximum: int | None = None):
@@ -432,31 +434,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     where = f"scpretrain {args.command}"
+    console.start(args.command, verbose)
+    code = 0
     try:
         args.func(args)
     except UserError as e:
-        if verbose:
-            import traceback
-
-            traceback.print_exc()
+        _traceback(verbose)
+        console.detail(f"usage error: {e}")
         print(f"{where}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"{where}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        code = 130
     except Exception as e:  # a failure while running: its message, the traceback on request
-        if verbose:
-            import traceback
+        _traceback(verbose)
+        import traceback
 
-            traceback.print_exc()
+        console.detail("failure:\n" + traceback.format_exc())
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         said = lines[0] if lines else ""
         if len(lines) > 1:  # wrapped errors (Ray's) put the cause last
             said += f" ... {lines[-1]}"
         print(f"{where}: failed: {type(e).__name__}: {said}"
               + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    finally:
+        log = console.finish()
+    if log is not None and (code != 0 or args.command in _LONG_COMMANDS):
+        print(f"full log: {log}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
+_LONG_COMMANDS = {"quickstart", "pretrain", "finetune", "evaluate", "ingest", "annotate", "bench"}
+
+
+def _traceback(verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
+from scpretrain_dist.console import detail, say
 from scpretrain_dist.pseudolabel.kmeans import CPU_DEFAULT_ENGINE
 from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
 from scpretrain_dist.tracking.mlflow_runs import (
@@ -33,7 +34,7 @@ def demo_data(cfg: RunConfig, out_dir: str | Path) -> list[Path]:
     return write_demo_atlas(out_dir, cfg.demo)
 
 
-def ingest(cfg: RunConfig, inputs: list[str], catalog: str | None = None, root: str | None = None, log=print):
+def ingest(cfg: RunConfig, inputs: list[str], catalog: str | None = None, root: str | None = None, log=say):
     from scpretrain_dist.catalog.entries import entries_from_paths, load_catalog
 
     entries = load_catalog(catalog, root) if catalog else entries_from_paths(inputs)
@@ -94,7 +95,7 @@ def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bool = True):
+def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=say, reuse: bool = True):
     """Pretrain on every dataset but ``exclude`` (a cached encoder of the same key is reused, and
     an interrupted run of the same key resumes after its last finished step; ``reuse=False``:
     neither)."""
@@ -118,7 +119,9 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=print, reuse: bo
     log(f"pretrain: {len(datasets)} datasets ({', '.join(datasets)}), excluded: {', '.join(exclude) or 'none'}")
     init_ray(cfg)
     run_id = active_run_id()
-    result = run_pretrain(cfg, datasets, tag=key, mlflow_run_id=run_id, log=log, resume=reuse)
+    result = run_pretrain(cfg, datasets, tag=key, mlflow_run_id=run_id, log=detail, resume=reuse)
+    log(f"pretrain: {result.iterations_run} iterations in {result.seconds:.0f}s, final pseudo-label loss "
+        f"{result.history[-1]['loss']:.3f}, encoder {result.encoder_path}")
     log_params({"pretrain_key": key, "pretrain_datasets": ",".join(datasets), "store_version": version})
     log_metrics({"pretrain_iterations_run": result.iterations_run})
     return result, run_id
@@ -218,7 +221,7 @@ class Evaluation:
         self.rows, self.splits, self.clustering = [], [], []
         self.views, self.first_model, self.folds, self.confusion = {}, None, [], {}
 
-    def add_targets(self, cfg: RunConfig, store: AtlasStore, targets: list[str], pretrain_result, encoder_run_id, log=print):
+    def add_targets(self, cfg: RunConfig, store: AtlasStore, targets: list[str], pretrain_result, encoder_run_id, log=say):
         from scpretrain_dist.evaluate.protocols import cluster_target, evaluate_target, load_target
 
         check_targets(store, targets, pretrain_result)
@@ -228,19 +231,19 @@ class Evaluation:
                            "encoder": pretrain_result.encoder_path if pretrain_result else None})
         for t in targets:
             data = load_target(store, t)
-            rows, splits, models = evaluate_target(cfg, data, encoder, log=log)
+            rows, splits, models = evaluate_target(cfg, data, encoder, log=detail)
             self.rows += rows
             self.splits += splits
             if cfg.evaluate.cluster:
                 crows, view = cluster_target(data, encoder, seed=min(cfg.finetune.seeds))
                 self.clustering += crows
                 self.views[t] = view
-                log("  " + t + " K-means ARI: " + ", ".join(f"{r['space']} {r['ari']:.3f}" for r in crows))
+                detail("  " + t + " K-means ARI: " + ", ".join(f"{r['space']} {r['ari']:.3f}" for r in crows))
             if self.first_model is None and models:
                 seed = min(models)
                 self.first_model = (data, models[seed], seed, pretrain_result, encoder_run_id, t)
 
-    def finish(self, cfg: RunConfig, store: AtlasStore, report_dir, context: dict, register: bool, log=print) -> list[dict]:
+    def finish(self, cfg: RunConfig, store: AtlasStore, report_dir, context: dict, register: bool, log=say) -> list[dict]:
         from scpretrain_dist.evaluate.figures import write_figures
         from scpretrain_dist.evaluate.report import format_table, summary, write_report
 
@@ -259,7 +262,7 @@ class Evaluation:
         log(f"\nreport: {js} and {md}" + (f"; figures: {', '.join(Path(f).name for f in figures)}" if figures else ""))
         return self.rows
 
-    def _register(self, cfg: RunConfig, store: AtlasStore, log=print) -> None:
+    def _register(self, cfg: RunConfig, store: AtlasStore, log=say) -> None:
         import pandas as pd
 
         from scpretrain_dist.serve.pyfunc import register_annotator
@@ -292,7 +295,7 @@ def finetune_and_evaluate(
     encoder_run_id: str | None,
     report_dir: str | Path,
     register: bool = True,
-    log=print,
+    log=say,
 ) -> list[dict]:
     """Fine-tune every method on every target, seed and label budget with one pretrained
     encoder (or none); write the report and figures; register the first target's scPretrain
@@ -324,7 +327,7 @@ def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:
     }
 
 
-def resolve_targets(cfg: RunConfig, store: AtlasStore, targets: list[str] | None = None, log=print) -> list[str]:
+def resolve_targets(cfg: RunConfig, store: AtlasStore, targets: list[str] | None = None, log=say) -> list[str]:
     """Explicit targets, else the configured ones, else the labelled datasets of the configured
     group; unlabelled datasets are skipped (they still take part in pretraining)."""
     records = {r.name: r for r in store.datasets()}
@@ -367,7 +370,7 @@ def fold_exclusions(targets: list[str], scheme: str, sizes: dict[str, int] | Non
     raise StoreError(f"evaluate.folds {scheme!r} must be 'grouped', 'per_target' or a number of folds")
 
 
-def installed_methods(cfg: RunConfig, log=print) -> RunConfig:
+def installed_methods(cfg: RunConfig, log=say) -> RunConfig:
     """``cfg`` with the peer tools this environment lacks dropped from the default method list
     (said in the log); a peer asked for by name but not installed is an error, raised before any
     pretraining starts."""
@@ -399,7 +402,7 @@ def check_lodo(cfg: RunConfig, store: AtlasStore, targets: list[str]) -> list[li
     return folds
 
 
-def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> list[dict]:
+def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=say) -> list[dict]:
     """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
     reused), fine-tune and test on each of its targets; one report over every fold."""
     cfg = installed_methods(cfg, log)
@@ -419,7 +422,7 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=print) -> 
 
 
 def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str], mapping_path: str | None,
-                      report_dir, log=print) -> list[dict]:
+                      report_dir, log=say) -> list[dict]:
     """Reference -> query: pretrain without the queries (cached encoders reused), fine-tune on
     the labelled references with harmonised labels, predict each query; one report."""
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
@@ -435,7 +438,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
             run_id = run_id or active_run_id()
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)
-            rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=log)
+            rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=detail)
             ev.rows += rows
             ev.splits += splits
             ev.confusion[q] = out["confusion"]
@@ -471,11 +474,11 @@ def choose_targets(cfg: RunConfig, store: AtlasStore) -> list[str]:
     if not labelled:
         raise StoreError("no dataset in the atlas has cell-type labels to fine-tune on")
     if cfg.evaluate.targets:
-        print(f"targets {list(cfg.evaluate.targets)} are not in the atlas; using the largest labelled dataset {labelled[0].name}")
+        say(f"targets {list(cfg.evaluate.targets)} are not in the atlas; using the largest labelled dataset {labelled[0].name}")
     return [labelled[0].name]
 
 
-def quickstart(cfg: RunConfig, data: str | None = None, log=print) -> dict:
+def quickstart(cfg: RunConfig, data: str | None = None, log=say) -> dict:
     """Everything, end to end, under one MLflow parent run; returns stage timings and rows."""
     from scpretrain_dist.runtime import shutdown_ray
 

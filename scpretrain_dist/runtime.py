@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from scpretrain_dist import console
 from scpretrain_dist.config import ConfigError, RunConfig
 
 # Ray puts its Unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/<name> (about 65
@@ -71,7 +72,7 @@ def init_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+        ray.init(address=cfg.ray.address, log_to_driver=console.verbose(), configure_logging=False)
         return
     temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
@@ -79,9 +80,10 @@ def init_ray(cfg: RunConfig) -> None:
         num_cpus=num_cpus,
         _temp_dir=str(temp),
         include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
+        # the workers' own output (Ray Train's reports, its controller's notices) stays in the
+        # session's log files, linked from <work-dir>/ray; errors still reach the driver
+        log_to_driver=console.verbose(),
+        configure_logging=False,
         runtime_env={"env_vars": dict(READER_ENV)},
     )
 

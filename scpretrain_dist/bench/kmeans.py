@@ -53,9 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--engines: cells x dims of the synthetic features (k = n/50, n/100, n/200)")
     p.add_argument("--engine-iterations", type=int, default=10, help="--engines: Lloyd iterations of every run")
     p.add_argument("--engine-repeats", type=int, default=3, help="--engines: interleaved runs per engine")
+    p.add_argument("--pca", nargs="+", metavar="H5AD",
+                   help="instead: the pseudo-labels' PCA (fit_pca, 2000 most variable genes) vs scikit-learn's on "
+                        "the same genes and on all genes, one thread, on these .h5ad files' normalised cells")
 
 
 def run(args) -> dict:
+    if args.pca:
+        return run_pca(args)
     if args.engines:
         return run_engines(args)
     import ray
@@ -301,6 +306,57 @@ def run_engines(args) -> dict:
                   cpu_default_engine=CPU_DEFAULT_ENGINE,
                   note="ours = the blas engine; faiss = faiss's exact search inside the same Lloyd loop; "
                        "faiss.Kmeans = faiss's own loop from the same starts, every cell used")
+
+
+def run_pca(args) -> dict:
+    """Time and variance captured of the two PCAs (see docs/architecture.md), per file and dims."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    from scpretrain_dist.bench.report import result
+    from scpretrain_dist.catalog.entries import read_h5ad
+    from scpretrain_dist.catalog.values import detect_value_type
+    from scpretrain_dist.data.normalize import normalize_rows
+    from scpretrain_dist.pseudolabel.features import fit_pca, most_variable_genes
+
+    def timed(f, *a, **kw):
+        t0 = time.perf_counter()
+        out = f(*a, **kw)
+        return out, time.perf_counter() - t0
+
+    def sklearn_pca(dims, dense):
+        return PCA(dims, random_state=0).fit_transform(dense)
+
+    files = {}
+    with threadpool_limits(1):
+        for path in args.pca:
+            a = read_h5ad(path, "--pca")
+            X = normalize_rows(sp.csr_matrix(a.X), detect_value_type(a.X))
+            genes = most_variable_genes(X, 2000)
+            A = np.asarray(X[:, genes].todense(), np.float64)
+            A -= A.mean(0)
+            total = float((A**2).sum())
+            row = {"cells": X.shape[0], "genes": X.shape[1]}
+            for dims in (50, 200):
+                (_, z), t_ours = timed(fit_pca, X, dims, 0, 2000, return_fitted=True)
+                t0 = time.perf_counter()
+                zh = sklearn_pca(dims, np.asarray(X[:, genes].todense(), np.float32))
+                t_same = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                sklearn_pca(dims, np.asarray(X.todense(), np.float32))
+                t_all = time.perf_counter() - t0
+                row[f"dims_{dims}"] = {
+                    "fit_pca_seconds": t_ours, "sklearn_same_genes_seconds": t_same, "sklearn_all_genes_seconds": t_all,
+                    "variance_captured_fit_pca": float((z.astype(np.float64) ** 2).sum() / total),
+                    "variance_captured_sklearn_same_genes": float((zh.astype(np.float64) ** 2).sum() / total)}
+                print(f"{Path(path).name} {dims} dims: fit_pca {t_ours:.2f}s, scikit-learn same genes {t_same:.2f}s, "
+                      f"all genes {t_all:.2f}s")
+            files[Path(path).name] = row
+    first = next(iter(files.values()))["dims_50"]
+    return result("pca", "seconds, 50 dims, first file", first["fit_pca_seconds"],
+                  {"sklearn_same_genes": first["sklearn_same_genes_seconds"],
+                   "sklearn_all_genes": first["sklearn_all_genes_seconds"]}, higher_is_better=False, files=files)
 
 
 def _random_encoder(path: Path, n_genes: int, dim: int, seed: int) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scpretrain_dist.config import RunConfig
+from scpretrain_dist.console import detail, progress
 from scpretrain_dist.data.normalize import normalize_rows, to_linear
 from scpretrain_dist.evaluate.methods import (
     NETWORKS,
@@ -162,7 +163,7 @@ def evaluate_target(
     cfg: RunConfig,
     target: TargetData,
     encoder: Encoder | None,
-    log=print,
+    log=detail,
 ) -> tuple[list[dict], list[dict], dict]:
     """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget)
     and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
@@ -175,6 +176,7 @@ def evaluate_target(
     full = max(budgets)
     swept = {*NETWORKS, *ev.sweep_methods}  # run at every budget; the others at the full one only
     rows, splits, models = [], [], {}
+    bar = progress(len(f.seeds) * len(budgets), f"fine-tune {target.name}", unit="fit")
     for seed in f.seeds:
         split = split_cells(target.labels, seed, f.train_frac, f.val_frac, f.train_cap)
         val, test = _cells(target, split.val), _cells(target, split.test)
@@ -183,6 +185,7 @@ def evaluate_target(
             train_pos = budget_subset(target.labels, split.train, budget, seed)
             splits.append({"dataset": target.name, "seed": seed, "budget": budget,
                            **_ids(target.obs_ids, Split(train_pos, split.val, split.test))})
+            bar.update(1)
             if len(train_pos) in done:  # the same cells as a smaller budget: same results
                 rows += [{**r, "budget": budget} for r in done[len(train_pos)]]
                 continue
@@ -207,6 +210,10 @@ def evaluate_target(
             # the full-protocol-only methods report at the full budget alone (the curve of kappa
             # by budget must average every method over the same targets), their rows copied there
             rows += [r for r in these if budget == full or r["method"] in swept]
+            mine = [r for r in these if r["method"] == "scpretrain"]
+            if mine:
+                bar.set_postfix(seed=seed, budget=budget, scpretrain_kappa=f"{mine[0]['kappa']:.3f}")
+    bar.close()
     return rows, splits, models
 
 
@@ -256,7 +263,7 @@ def evaluate_transfer(
     query: str,
     mapping: dict | None,
     encoder: Encoder | None,
-    log=print,
+    log=detail,
 ) -> tuple[list[dict], list[dict], dict]:
     """Fine-tune on the labelled reference datasets (90% train, 10% validation per seed;
     training capped at the largest budget), predict every labelled query cell whose
@@ -280,6 +287,7 @@ def evaluate_transfer(
     gidx = encoder.index(genes) if encoder is not None else None
     cap = max(ev.budgets) if ev.budgets else f.train_cap
     rows, splits, models, confusion = [], [], {}, {}
+    bar = progress(len(f.seeds) * len(methods), f"{'+'.join(references)} -> {query}", unit="fit")
     for seed in f.seeds:
         s = split_cells(yr, seed, train_frac=1 - f.val_frac, val_frac=f.val_frac, train_cap=10**9)
         # split_cells puts its test share first; with train_frac = 1 - val_frac there is none
@@ -308,6 +316,8 @@ def evaluate_transfer(
                     f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
             if method == "scpretrain":
                 models[seed] = fit.model
+            bar.update(1)
+    bar.close()
     return rows, splits, {"models": models, "genes": genes, "classes": classes, "confusion": confusion}
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from scpretrain_dist.config import ConfigError, ModelConfig, PretrainConfig, RunConfig, StreamConfig
+from scpretrain_dist.console import detail, progress
 from scpretrain_dist.pseudolabel.features import read_encoder, write_encoder
 from scpretrain_dist.pseudolabel.pool import (
     KMeansPool,
@@ -184,6 +185,9 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
                 metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
             metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
         step = w.iteration * n_epochs + epoch
+        if w.progress is not None and rank == 0:
+            w.progress.put_nowait({k: metrics[k] for k in ("iteration", "epoch", "loss", "pseudo_label_accuracy",
+                                                           "cells_per_second_per_worker")} | {"world": world})
         for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
             run_log.metric(f"pretrain_{key}", metrics[key], step=step)
         checkpoint = None
@@ -250,6 +254,7 @@ class WorkerConfig:
     tracking_uri: str = ""
     final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
     check_replicas: bool = False  # the largest difference between the replicas' parameters
+    progress: object = None  # a ray.util.queue.Queue rank 0 puts each epoch's metrics on (the driver's bar)
 
 
 def loop_config(
@@ -263,8 +268,42 @@ def loop_config(
                         cfg.tracking_uri, final_eval, check_replicas)
 
 
-def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, list[dict]]:
-    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir."""
+def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=None) -> tuple[str, list[dict]]:
+    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir.
+    ``bar``: a progress bar advanced by one per epoch as rank 0 reports it."""
+    if bar is None:
+        return _fit(cfg, loop_config, name)
+    import threading
+
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def follow() -> None:
+        while not done.is_set():
+            try:
+                m = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue's actor went away with the run: nothing more to show
+                return
+            bar.update(1)
+            bar.set_postfix(iteration=m["iteration"], loss=f"{m['loss']:.3f}",
+                            accuracy=f"{m['pseudo_label_accuracy']:.3f}",
+                            cells_s=f"{m['cells_per_second_per_worker'] * m['world']:,.0f}")
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    try:
+        return _fit(cfg, replace(loop_config, progress=queue), name)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+        queue.shutdown()
+
+
+def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, list[dict]]:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -297,7 +336,7 @@ def pretrain(
     datasets: list[str],
     tag: str = "all",
     mlflow_run_id: str | None = None,
-    log=print,
+    log=detail,
     resume: bool = True,
 ) -> PretrainResult:
     """Run iterations of (cluster, train) on ``datasets``; Ray must be initialised. Progress is
@@ -375,20 +414,26 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         elif it < p.iterations:  # the crash came between training and re-clustering: do that now
             previous = out_dir / f"pseudo_labels_v{resumed}.npz"
             labels, labels_path = recluster(resumed, PseudoLabels.load(previous) if previous.exists() else None)
-    while it < p.iterations and not stable():
-        worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
-        t0 = time.perf_counter()
-        ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}")
-        encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
-        last = epochs[-1] if epochs else {}
-        history.append({"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
-                        "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
-        save_progress(it, None)
-        log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
-            f"{history[-1]['pseudo_label_accuracy']:.3f}, {history[-1]['train_seconds']:.1f}s")
-        if it < p.iterations - 1:
-            labels, labels_path = recluster(it, labels)
-        it += 1
+    bar = progress(p.iterations * p.epochs, "pretrain", unit="epoch", initial=it * p.epochs)
+    try:
+        while it < p.iterations and not stable():
+            worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
+            t0 = time.perf_counter()
+            bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations})")
+            ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}", bar)
+            encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
+            last = epochs[-1] if epochs else {}
+            history.append({"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
+                            "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
+            save_progress(it, None)
+            log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
+                f"{history[-1]['pseudo_label_accuracy']:.3f}, {history[-1]['train_seconds']:.1f}s")
+            if it < p.iterations - 1:
+                bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations}, re-clustering)")
+                labels, labels_path = recluster(it, labels)
+            it += 1
+    finally:
+        bar.close()
     stopped_early = stable()
     if stopped_early:
         log(f"  pseudo-labels stable (min NMI >= {p.nmi_stop}); stopping after iteration {history[-1]['iteration']}")

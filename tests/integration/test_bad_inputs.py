@@ -385,7 +385,8 @@ def _snapshot(env, extra: list[Path]) -> dict[str, str]:
     work = env["work"]
     return {"atlas": tree_digest(work / "atlas.soma"), "registry": tree_digest(work / "mlflow.db"),
             "artifacts": tree_digest(work / "mlartifacts"),
-            "work dir entries": ",".join(sorted(p.name for p in work.iterdir() if p.name != "ray")),
+            # Ray's temp link and our own logs aside: a refused command leaves no other trace
+            "work dir entries": ",".join(sorted(p.name for p in work.iterdir() if p.name not in ("ray", "logs"))),
             **{str(p): tree_digest(p) for p in extra}}
 
 
@@ -525,8 +526,9 @@ def test_too_small_targets_and_low_overlap(env, tmp_path, capsys):
         assert code == 2 and "target 'tiny3' has 3 labelled cells" in err and "at least 10" in err, err
     assert tree_digest(work / "atlas.soma") == atlas
     assert not (work / "mlflow.db").exists()  # refused before any MLflow run
-    # genes of a deliberate naming of their own: refused by default, accepted when the catalog says so
-    anonymous = write_h5ad(tmp_path / "anon.h5ad", sp.csr_matrix(counts), [f"anon_{i}" for i in range(len(genes))])
+    # genes of a deliberate naming of their own (refused by default: ingest_no_gene_overlap), accepted
+    # when the catalog says so
+    write_h5ad(tmp_path / "anon.h5ad", sp.csr_matrix(counts), [f"anon_{i}" for i in range(len(genes))])
     catalog = tmp_path / "anon.toml"
     catalog.write_text('[[dataset]]\nname = "anon"\npath = "anon.h5ad"\nown_genes = true\n')
     code, out, err = run(["ingest", "--catalog", str(catalog), "--work-dir", str(work)], capsys)

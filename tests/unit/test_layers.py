@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "scpretrain_dist"
 # what each part may import (besides itself); lower layers never import higher ones
 ALLOWED = {
     "config": set(),
+    "console": set(),
     "recipes": {"config"},
-    "runtime": {"config"},
+    "runtime": {"config", "console"},
     "catalog": {"config"},
     "store": {"config", "catalog"},
     "data": {"config", "catalog", "store", "model"},
@@ -22,14 +23,14 @@ ALLOWED = {
     "pseudolabel": {"config", "store", "data", "model", "runtime"},
     "model": set(),
     "tracking": {"config"},
-    "train": {"config", "store", "data", "pseudolabel", "model", "runtime", "tracking"},
-    "evaluate": {"config", "store", "data", "model", "train"},
-    "serve": {"config", "catalog", "store", "data", "model", "runtime", "tracking"},
-    "pipeline": {"config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
+    "train": {"console", "config", "store", "data", "pseudolabel", "model", "runtime", "tracking"},
+    "evaluate": {"console", "config", "store", "data", "model", "train"},
+    "serve": {"console", "config", "catalog", "store", "data", "model", "runtime", "tracking"},
+    "pipeline": {"console", "config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
                  "evaluate", "tracking", "serve", "runtime"},
-    "cli": {"config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
+    "cli": {"console", "config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
             "evaluate", "tracking", "serve", "runtime", "pipeline", "bench"},
-    "bench": {"config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
+    "bench": {"console", "config", "recipes", "catalog", "store", "data", "demo", "pseudolabel", "model", "train",
               "evaluate", "tracking", "serve", "runtime", "pipeline"},
 }
 # modules that must stay free of the distributed and tracking frameworks
