@@ -231,7 +231,8 @@ class Evaluation:
                            "encoder": pretrain_result.encoder_path if pretrain_result else None})
         for t in targets:
             data = load_target(store, t)
-            rows, splits, models = evaluate_target(cfg, data, encoder, log=detail)
+            rows, splits, models, confusion = evaluate_target(cfg, data, encoder, log=detail)
+            self.confusion[t] = confusion
             self.rows += rows
             self.splits += splits
             if cfg.evaluate.cluster:
@@ -249,7 +250,7 @@ class Evaluation:
 
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
-        figures = write_figures(self.rows, self.views, out) if cfg.evaluate.figures else []
+        figures = write_figures(self.rows, self.views, out, self.confusion) if cfg.evaluate.figures else []
         js, md = write_report(self.rows, out, context, self.splits, self.clustering, figures, self.confusion)
         if active_run_id():
             log_artifacts((js, md, *figures), "report")
@@ -259,7 +260,9 @@ class Evaluation:
             if register and self.first_model is not None and self.first_model[3] is not None:
                 self._register(cfg, store, log)
         log("\n" + format_table(self.rows))
-        log(f"\nreport: {js} and {md}" + (f"; figures: {', '.join(Path(f).name for f in figures)}" if figures else ""))
+        log(f"\nreport: {md} (every row and split: {js.name})")
+        if figures:
+            log("figures: " + ", ".join(Path(f).name for f in figures))
         return self.rows
 
     def _register(self, cfg: RunConfig, store: AtlasStore, log=say) -> None:

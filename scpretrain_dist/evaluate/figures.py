@@ -117,15 +117,49 @@ def budget_curves(curve: pd.DataFrame, path: Path, metric: str = "kappa") -> Pat
     return path
 
 
-def write_figures(rows: list[dict], views: dict, out_dir: Path) -> list[str]:
+def confusion_matrix(dataset: str, table: dict[str, dict[str, int]], method: str, path: Path) -> Path | None:
+    """True (rows) vs predicted (columns) cells, each row as fractions of its true type, counts
+    in the cells."""
+    if not table:
+        return None
+    true = list(table)
+    pred = true + sorted({p for row in table.values() for p in row} - set(true))  # the diagonal first
+    counts = np.array([[table[t].get(p, 0) for p in pred] for t in true], dtype=float)
+    frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(pred), 1.0 + 0.45 * len(true)))
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(true)):
+        for j in range(len(pred)):
+            if counts[i, j]:
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(pred)), pred, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(true)), true, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{dataset}: {method}, accuracy {np.trace(counts[:, :len(true)]) / max(counts.sum(), 1):.3f}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_figures(rows: list[dict], views: dict, out_dir: Path, confusion: dict | None = None) -> list[str]:
+    """The report's figures; ``confusion``: {target or query: {method: table}}, one confusion
+    matrix figure per target/query (scPretrain's, first seed, full budget)."""
     from scpretrain_dist.evaluate.report import budget_curve, main_rows
 
     out_dir = Path(out_dir)
-    main = main_rows(rows)
-    made = [
-        pretrained_vs_not(main, out_dir / "fig2_pretrained_vs_not.png"),
-        umaps(views, out_dir / "fig3_umap_embedding_vs_pca.png"),
-        classifiers_on_features(main, out_dir / "fig4_classifiers_embedding_vs_pca.png"),
-        budget_curves(budget_curve(rows), out_dir / "fig5_kappa_vs_label_budget.png"),
-    ]
+    made = [umaps(views, out_dir / "fig3_umap_embedding_vs_pca.png")]
+    if rows:
+        main = main_rows(rows)
+        made = [pretrained_vs_not(main, out_dir / "fig2_pretrained_vs_not.png"), made[0],
+                classifiers_on_features(main, out_dir / "fig4_classifiers_embedding_vs_pca.png"),
+                budget_curves(budget_curve(rows), out_dir / "fig5_kappa_vs_label_budget.png")]
+    for dataset, by_method in (confusion or {}).items():
+        if "scpretrain" in by_method:
+            made.append(confusion_matrix(dataset, by_method["scpretrain"], "scpretrain",
+                                         out_dir / f"confusion_{dataset}_scpretrain.png"))
     return [str(p) for p in made if p is not None]

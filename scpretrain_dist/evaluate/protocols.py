@@ -165,8 +165,9 @@ def evaluate_target(
     encoder: Encoder | None,
     log=detail,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget)
-    and the fine-tuned scPretrain models at the full budget by seed (for registration)."""
+    """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget),
+    the fine-tuned scPretrain models at the full budget by seed (for registration), and each
+    method's confusion table at the full budget, first seed."""
     ev, f = cfg.evaluate, cfg.finetune
     check_methods(ev.methods)
     methods = runnable_methods(ev.methods, encoder is not None, has_query=False)
@@ -175,7 +176,7 @@ def evaluate_target(
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
     full = max(budgets)
     swept = {*NETWORKS, *ev.sweep_methods}  # run at every budget; the others at the full one only
-    rows, splits, models = [], [], {}
+    rows, splits, models, confusion = [], [], {}, {}
     bar = progress(len(f.seeds) * len(budgets), f"fine-tune {target.name}", unit="fit")
     for seed in f.seeds:
         split = split_cells(target.labels, seed, f.train_frac, f.val_frac, f.train_cap)
@@ -204,6 +205,8 @@ def evaluate_target(
                                   len(split.test), n_types, time.perf_counter() - t0, fit.extra))
                 if method == "scpretrain" and whole:
                     models[seed] = fit.model
+                if whole and seed == min(f.seeds):
+                    confusion[method] = confusion_table(target.classes, test.y, fit.proba.argmax(1))
                 log(f"  {target.name:26s} budget {len(train_pos):5d} {method:12s} seed {seed}: "
                     f"accuracy {m['accuracy']:.3f} kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
             done[len(train_pos)] = these
@@ -214,7 +217,7 @@ def evaluate_target(
             if mine:
                 bar.set_postfix(seed=seed, budget=budget, scpretrain_kappa=f"{mine[0]['kappa']:.3f}")
     bar.close()
-    return rows, splits, models
+    return rows, splits, models, confusion
 
 
 def _ids(obs_ids: np.ndarray, s: Split) -> dict:

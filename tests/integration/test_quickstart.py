@@ -71,6 +71,7 @@ def test_report_rows_and_splits(run):
     for fig in ("fig2_pretrained_vs_not", "fig3_umap_embedding_vs_pca", "fig4_classifiers_embedding_vs_pca",
                 "fig5_kappa_vs_label_budget"):
         assert (work / "report" / f"{fig}.png").stat().st_size > 10_000
+    assert (work / "report" / "confusion_demo_03_scpretrain.png").stat().st_size > 5_000  # one per target
     assert (work / "report" / "report.md").read_text().startswith("# scPretrain evaluation")
 
 

@@ -267,7 +267,8 @@ def test_a_small_target_gets_every_method_once_its_split_is_used_whole():
     cfg = resolve(recipes.tiny(), overrides=["finetune.max_epochs=5", "finetune.patience=2", "finetune.seeds=[0]",
                                              "evaluate.budgets=[25, 250, 1000]",
                                              'evaluate.methods=["scpretrain", "logreg", "emb_logreg", "pca_logreg"]'])
-    rows, splits, models = evaluate_target(cfg, target, enc, log=lambda *_: None)
+    rows, splits, models, confusion = evaluate_target(cfg, target, enc, log=lambda *_: None)
+    assert sum(sum(row.values()) for row in confusion["scpretrain"].values()) == len(splits[0]["test"])
     by_budget = {}
     for r in rows:
         by_budget.setdefault(r["budget"], set()).add(r["method"])
@@ -277,3 +278,14 @@ def test_a_small_target_gets_every_method_once_its_split_is_used_whole():
     full = {r["method"]: r for r in rows if r["budget"] == 1000}
     assert full["emb_logreg"]["n_train"] == full["scpretrain"]["n_train"] == 120
     assert set(models) == {0}
+
+
+def test_a_confusion_matrix_figure_per_target(tmp_path):
+    from scpretrain_dist.evaluate.figures import confusion_matrix, write_figures
+
+    table = {"B": {"B": 40, "T": 2}, "T": {"T": 50, "NK": 3}, "NK": {"NK": 10}}
+    path = confusion_matrix("query", table, "scpretrain", tmp_path / "c.png")
+    assert path.stat().st_size > 5_000
+    made = write_figures([], {}, tmp_path, {"q1": {"scpretrain": table, "logreg": table}, "q2": {"logreg": table}})
+    assert [p.split("/")[-1] for p in made] == ["confusion_q1_scpretrain.png"]
+    assert confusion_matrix("empty", {}, "scpretrain", tmp_path / "e.png") is None
