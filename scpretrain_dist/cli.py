@@ -113,18 +113,15 @@ def cmd_ingest(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from scpretrain_dist.pipeline import pretrain, pretraining_datasets
-    from scpretrain_dist.runtime import shutdown_ray
+    from scpretrain_dist.runtime import ray_scope
     from scpretrain_dist.store.soma import AtlasStore
     from scpretrain_dist.tracking.mlflow_runs import stage_run
 
     cfg = _config(args)
     exclude = tuple(args.exclude or cfg.pretrain.exclude_datasets)
     pretraining_datasets(AtlasStore(cfg.store_uri), exclude, cfg.pseudolabel.min_k)  # checked before any run starts
-    try:
-        with stage_run("pretrain", cfg):
-            result, _ = pretrain(cfg, exclude=exclude, reuse=not args.no_cache)
-    finally:
-        shutdown_ray()
+    with ray_scope(), stage_run("pretrain", cfg):
+        result, _ = pretrain(cfg, exclude=exclude, reuse=not args.no_cache)
     print(f"encoder: {result.encoder_path}")
 
 
@@ -166,7 +163,7 @@ def cmd_evaluate(args) -> None:
         resolve_targets,
         stage_run,
     )
-    from scpretrain_dist.runtime import shutdown_ray
+    from scpretrain_dist.runtime import ray_scope
     from scpretrain_dist.store.soma import AtlasStore
 
     evaluate: dict = {}
@@ -193,14 +190,11 @@ def cmd_evaluate(args) -> None:
         queries = args.queries or list(cfg.evaluate.queries)
         mapping = args.label_mapping or cfg.evaluate.label_mapping or None
         check_transfer(cfg, store, refs, queries, mapping)
-    try:
-        with stage_run(f"evaluate-{args.protocol}", cfg):
-            if args.protocol == "lodo":
-                evaluate_lodo(cfg, targets, out)
-            else:
-                evaluate_transfer(cfg, refs, queries, mapping, out)
-    finally:
-        shutdown_ray()
+    with ray_scope(), stage_run(f"evaluate-{args.protocol}", cfg):
+        if args.protocol == "lodo":
+            evaluate_lodo(cfg, targets, out)
+        else:
+            evaluate_transfer(cfg, refs, queries, mapping, out)
 
 
 def cmd_quickstart(args) -> None:

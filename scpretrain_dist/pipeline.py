@@ -483,7 +483,7 @@ def choose_targets(cfg: RunConfig, store: AtlasStore) -> list[str]:
 
 def quickstart(cfg: RunConfig, data: str | None = None, log=say) -> dict:
     """Everything, end to end, under one MLflow parent run; returns stage timings and rows."""
-    from scpretrain_dist.runtime import shutdown_ray
+    from scpretrain_dist.runtime import ray_scope
 
     timings: dict[str, float] = {}
     cfg = installed_methods(cfg, log)  # the method list checked before any work
@@ -491,7 +491,7 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=say) -> dict:
         raise ConfigError(f"--data {data} does not exist; give a folder of .h5ad files or a catalog .toml")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    try:
+    with ray_scope():
         with stage_run("quickstart", cfg) as parent:
             if data is None:
                 t0 = time.perf_counter()
@@ -514,8 +514,6 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=say) -> dict:
                 rows = finetune_and_evaluate(cfg, targets, result, run_id, work / "report", log=log)
             log_dict(timings, "stage_seconds.json")
             parent_id = parent.info.run_id
-    finally:
-        shutdown_ray()
     log("\nstage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     log(f"MLflow: parent run {parent_id} in {cfg.tracking_uri}")
     log(f"  open the UI with: mlflow ui --backend-store-uri {cfg.tracking_uri}")

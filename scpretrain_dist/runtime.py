@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scpretrain_dist import console
@@ -64,7 +66,8 @@ def _link(link: Path, target: Path) -> None:
 
 def init_ray(cfg: RunConfig) -> None:
     """Connect to ``cfg.ray.address`` or start a local Ray whose temp files live in a short
-    folder linked from the work dir (:func:`ray_temp_dir`)."""
+    folder linked from the work dir (:func:`ray_temp_dir`). A Ray already running in this
+    process (a caller's, a test session's) is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -108,6 +111,19 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@contextmanager
+def ray_scope():
+    """A Ray started inside the block (by :func:`init_ray`) ends with it; one that was already
+    running in this process (a caller's, a test session's) is left as it was."""
+    ray = sys.modules.get("ray")
+    running = ray is not None and ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running:
+            shutdown_ray()
 
 
 def on_actors(actors: list, items: Iterable, call: Callable, per_actor: int = 1,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +29,12 @@ class Interrupt(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, ray_session):
     import mlflow
 
     from scpretrain_dist.catalog import load_catalog
     from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
-    from scpretrain_dist.runtime import init_ray, shutdown_ray
     from scpretrain_dist.serve.pyfunc import register_annotator
     from scpretrain_dist.store import AtlasStore
     from scpretrain_dist.tracking.mlflow_runs import setup
@@ -65,11 +62,7 @@ def env(tmp_path_factory):
                    "metrics": {"val_accuracy": round(res.best_val_accuracy, 4)}}
         with mlflow.start_run():
             register_annotator(res.model, target.genes, target.classes, example, lineage, MODEL, "champion")
-    init_ray(cfg)
-    try:
-        yield {"cfg": cfg, "work": work, "pristine": pristine, "entries": entries, "demo": demo}
-    finally:
-        shutdown_ray()
+    return {"cfg": cfg, "work": work, "pristine": pristine, "entries": entries, "demo": demo}
 
 
 @pytest.fixture
@@ -304,7 +297,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path):
+def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path, cli):
     import anndata as ad
 
     from scpretrain_dist.serve.annotate import annotate_h5ad, load_annotator
@@ -346,34 +339,33 @@ def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path):
     assert out.uns["scpretrain_annotation"]["model_uri"] == f"models:/{MODEL}/2"
 
 
-def run_cli(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", *args, "--work-dir", str(env["work"])],
-                          capture_output=True, text=True, timeout=300)
+def run_cli(cli, env, *args):
+    return cli.run(*args, "--work-dir", env["work"])
 
 
-def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path):
+def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path, cli):
     import anndata as ad
 
     src = env["demo"] / "demo_01.h5ad"
     digest = sha256(src)
     out = tmp_path / "annotated.h5ad"
-    r = run_cli(env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(src), "--out", str(out),
+    r = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(src), "--out", str(out),
                 "--workers", "0", "--block-size", "100")
     assert r.returncode == 0, r.stderr
     assert "240 cells" in r.stdout and "obs.scpretrain_label" in r.stdout
     assert sha256(src) == digest
     a = ad.read_h5ad(out)
     assert a.obs["scpretrain_label"].notna().all() and "X_scpretrain" not in a.obsm
-    r = run_cli(env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(out), "--workers", "0")
+    r = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(out), "--workers", "0")
     assert r.returncode == 2 and "already has" in r.stderr and "--overwrite" in r.stderr
 
 
-def test_cli_markers_of_a_registered_model(env, tmp_path):
+def test_cli_markers_of_a_registered_model(env, tmp_path, cli):
     import anndata as ad
 
     src = env["demo"] / "demo_01.h5ad"
     out = tmp_path / "markers.json"
-    r = run_cli(env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(src), "--top", "5", "--json", str(out))
+    r = run_cli(cli, env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(src), "--top", "5", "--json", str(out))
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())["markers"]
     genes = {g.upper() for g in ad.read_h5ad(src, backed="r").var_names}
@@ -385,11 +377,11 @@ def test_cli_markers_of_a_registered_model(env, tmp_path):
     # too few of the model's genes: a clear error, exit 2
     small = ad.read_h5ad(src)[:, :3].copy()
     small.write_h5ad(tmp_path / "three_genes.h5ad")
-    r = run_cli(env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(tmp_path / "three_genes.h5ad"))
+    r = run_cli(cli, env, "markers", "--model", f"models:/{MODEL}/1", "--h5ad", str(tmp_path / "three_genes.h5ad"))
     assert r.returncode == 2 and "of the model's" in r.stderr
 
 
-def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store, tmp_path):
+def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store, tmp_path, cli):
     import anndata as ad
     import pyarrow as pa
     import scipy.sparse as sp
@@ -444,17 +436,17 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store,
         annotate_store(cfg, f"models:/{MODEL}/1", store.uri, datasets=["demo_00"], **quiet)
     assert_unchanged(snapshot(store), before)
 
-    r = run_cli(env, "annotate", "--model", "models:/no-such-model@champion", "--store-uri", store.uri)
+    r = run_cli(cli, env, "annotate", "--model", "models:/no-such-model@champion", "--store-uri", store.uri)
     assert r.returncode == 2 and "not in the registry" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_registered_versions_carry_signature_example_and_lineage(env):
+def test_registered_versions_carry_signature_example_and_lineage(env, cli):
     import mlflow
 
     info = mlflow.models.get_model_info(f"models:/{MODEL}/1")
     assert info.signature is not None and info.signature.params is not None
     assert info.saved_input_example_info is not None
-    r = run_cli(env, "models", "list")
+    r = run_cli(cli, env, "models", "list")
     assert r.returncode == 0, r.stderr
     assert f"models:/{MODEL}/2  aliases=['champion']" in r.stdout
     assert "fine-tuned on demo_00" in r.stdout and "signature: yes; input example: yes" in r.stdout

@@ -9,7 +9,6 @@ succeed and say so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import stat
@@ -21,24 +20,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scpretrain_dist.cli import main
-
 pytestmark = pytest.mark.slow
 MODEL = "corpus"
-
-
-def tree_digest(path: Path) -> str:
-    """Content, names and permission bits of every file below ``path`` (or of the file)."""
-    h = hashlib.sha256()
-    path = Path(path)
-    if not path.exists():
-        return "absent"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        h.update(oct(stat.S_IMODE(f.stat().st_mode)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def write_h5ad(path: Path, X, genes, labels=None, var=None, obs_names=None, dtype=np.float32) -> Path:
@@ -381,59 +364,54 @@ CASES: dict[str, Case] = {
 }
 
 
-def _snapshot(env, extra: list[Path]) -> dict[str, str]:
+def _snapshot(env, extra: list[Path], digest) -> dict[str, str]:
     work = env["work"]
-    return {"atlas": tree_digest(work / "atlas.soma"), "registry": tree_digest(work / "mlflow.db"),
-            "artifacts": tree_digest(work / "mlartifacts"),
+    return {"atlas": digest(work / "atlas.soma"), "registry": digest(work / "mlflow.db"),
+            "artifacts": digest(work / "mlartifacts"),
             # Ray's temp link and our own logs aside: a refused command leaves no other trace
             "work dir entries": ",".join(sorted(p.name for p in work.iterdir() if p.name not in ("ray", "logs"))),
-            **{str(p): tree_digest(p) for p in extra}}
+            **{str(p): digest(p) for p in extra}}
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def run(cli, argv: list[str]) -> tuple[int, str, str]:
+    r = cli.run(*argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_clearly_and_changes_nothing(name, env, tmp_path, capsys):
+def test_bad_input_is_refused_clearly_and_changes_nothing(name, env, tmp_path, cli):
     case = CASES[name]
     args, made = case.make(env, tmp_path)
     argv = [a.replace("{work}", str(env["work"])) for a in args]
-    before = _snapshot(env, made)
-    code, out, err = run(argv, capsys)
+    before = _snapshot(env, made, cli.digest)
+    code, out, err = run(cli, argv)
     assert code == case.code, f"{name}: exit {code}\nstdout: {out[-2000:]}\nstderr: {err[-3000:]}"
     assert "Traceback" not in err, err
     for words in case.says:
         assert words in err, f"{name}: {words!r} not in: {err}"
-    after = _snapshot(env, made)
+    after = _snapshot(env, made, cli.digest)
     assert after == before, f"{name} changed {[k for k in before if before[k] != after.get(k)]}"
     if name == "block_size_negative":  # no progress folder left to refuse the next valid run
         assert not list(tmp_path.glob("*.annotate-progress"))
 
 
 # ---------------------------------------------------------------- right but surprising: accepted, and said
-def test_surprising_inputs_are_ingested_with_a_warning(env, tmp_path, capsys):
+def test_surprising_inputs_are_ingested_with_a_warning(env, tmp_path, cli):
     genes, counts = env["genes"], env["counts"].copy()
     counts[:3] = 0  # three cells without counts
     mouse = [g.title() for g in genes]  # mouse-style symbols meet the human ones by upper case
     repeated = [*mouse[:-1], mouse[0].upper()]  # one symbol twice, once upper-cased
     path = write_h5ad(tmp_path / "mouse_style.h5ad", sp.csr_matrix(counts), repeated, obs_names=["c"] * 40)
     work = tmp_path / "work"
-    digest = tree_digest(path)
-    code, out, err = run(["ingest", str(path), "--work-dir", str(work)], capsys)
+    digest = cli.digest(path)
+    code, out, err = run(cli, ["ingest", str(path), "--work-dir", str(work)])
     assert code == 0, err
     said = out + err
     assert "3 of 40 cells have no counts" in said
     assert "1 gene symbols repeat" in said
     assert "no obs['cell_type']" in said and "unlabelled" in said
     assert "cell names repeat" in said
-    assert tree_digest(path) == digest
+    assert cli.digest(path) == digest
     from scpretrain_dist.store import AtlasStore
 
     store = AtlasStore(work / "atlas.soma")
@@ -441,74 +419,74 @@ def test_surprising_inputs_are_ingested_with_a_warning(env, tmp_path, capsys):
     assert rec.n_cells == 40 and rec.n_genes == len(genes) - 1 and not rec.labelled
 
 
-def test_annotate_writes_a_copy_and_keeps_a_read_only_input(env, tmp_path, capsys):
+def test_annotate_writes_a_copy_and_keeps_a_read_only_input(env, tmp_path, cli):
     import anndata as ad
 
     files = _h5ad_for_annotate("read_only")(env, tmp_path)
     query = files["query"]
-    before = tree_digest(query)
-    code, out, err = run([*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(query)], capsys)
+    before = cli.digest(query)
+    code, out, err = run(cli, [*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(query)])
     assert code == 0, err
     copy = tmp_path / "query_read_only.annotated.h5ad"
     assert str(copy) in out
-    assert tree_digest(query) == before and stat.S_IMODE(query.stat().st_mode) == 0o444
+    assert cli.digest(query) == before and stat.S_IMODE(query.stat().st_mode) == 0o444
     annotated = ad.read_h5ad(copy)
     assert annotated.obs["scpretrain_label"].notna().all()
     assert not list(tmp_path.glob("*.annotate-progress"))
 
 
-def test_a_cell_without_model_genes_is_unassigned(env, tmp_path, capsys):
+def test_a_cell_without_model_genes_is_unassigned(env, tmp_path, cli):
     import anndata as ad
 
     counts = env["counts"].copy()
     counts[2] = 0  # no value at all
     path = write_h5ad(tmp_path / "with_empty.h5ad", counts, env["genes"])
     code, out, err = run([*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(path),
-                          "--out", str(tmp_path / "o.h5ad")], capsys)
+                          "--out", str(tmp_path / "o.h5ad")], cli)
     assert code == 0, err
     obs = ad.read_h5ad(tmp_path / "o.h5ad").obs
     assert obs["scpretrain_label"].iloc[2] == "Unassigned" and obs["scpretrain_confidence"].iloc[2] == 0
     assert (obs["scpretrain_label"].drop(obs.index[2]) != "Unassigned").all()
 
 
-def test_a_stale_progress_folder_never_blocks_a_valid_run(env, tmp_path, capsys):
+def test_a_stale_progress_folder_never_blocks_a_valid_run(cli, env, tmp_path):
     files = _h5ad_for_annotate("plain")(env, tmp_path)
     query = files["query"]
     stale = tmp_path / "query_plain.annotated.h5ad.annotate-progress"
     stale.mkdir()
     (stale / "manifest.json").write_text(json.dumps({"model_uri": "models:/other/9", "n_cells": 3}))
-    code, out, err = run([*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(query)], capsys)
+    code, out, err = run(cli, [*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(query)])
     assert code == 0, err
     assert "starting over" in out and not stale.exists()
 
 
-def test_failures_while_running_exit_1_with_their_message(env, tmp_path, capsys, monkeypatch):
+def test_failures_while_running_exit_1_with_their_message(env, tmp_path, cli, monkeypatch):
     from scpretrain_dist import pipeline
 
     def broken(*a, **k):
         raise RuntimeError("disk on fire\nmore detail\nthe real cause")
 
     monkeypatch.setattr(pipeline, "pretrain", broken)
-    code, out, err = run(["pretrain", "--work-dir", str(env["work"])], capsys)
+    code, out, err = run(cli, ["pretrain", "--work-dir", str(env["work"])])
     assert code == 1 and "RuntimeError: disk on fire ... the real cause" in err and "--verbose" in err
     assert "Traceback" not in err
-    code, out, err = run(["pretrain", "--work-dir", str(env["work"]), "--verbose"], capsys)
+    code, out, err = run(cli, ["pretrain", "--work-dir", str(env["work"]), "--verbose"])
     assert code == 1 and "Traceback" in err
 
 
-def test_work_dir_with_quotes_spaces_and_unicode_is_used_as_given(env, tmp_path, capsys):
+def test_work_dir_with_quotes_spaces_and_unicode_is_used_as_given(env, tmp_path, cli):
     odd = tmp_path / 'my "atlas" dïr ✓'
-    code, out, err = run(["ingest", str(env["good"]), "--work-dir", str(odd)], capsys)
+    code, out, err = run(cli, ["ingest", str(env["good"]), "--work-dir", str(odd)])
     assert code == 0, err
     assert (odd / "atlas.soma").is_dir()
     assert [p.name for p in tmp_path.iterdir()] == [odd.name]  # nothing built anywhere else
     # a tab, which TileDB cannot address: refused before anything is made
-    code, out, err = run(["ingest", str(env["good"]), "--work-dir", str(tmp_path / "a\tb")], capsys)
+    code, out, err = run(cli, ["ingest", str(env["good"]), "--work-dir", str(tmp_path / "a\tb")])
     assert code == 2 and "control character" in err and "'\\t'" in err
     assert [p.name for p in tmp_path.iterdir()] == [odd.name]
 
 
-def test_too_small_targets_and_low_overlap(env, tmp_path, capsys):
+def test_too_small_targets_and_low_overlap(env, tmp_path, cli):
     """A 3-cell, single-type dataset is a fine ingest but no fine-tuning target; a dataset sharing
     a third of its genes with the atlas is accepted with a warning."""
     work = tmp_path / "work"
@@ -517,19 +495,19 @@ def test_too_small_targets_and_low_overlap(env, tmp_path, capsys):
     tiny = write_h5ad(tmp_path / "tiny3.h5ad", sp.csr_matrix(counts[:3]), genes, labels=["T"] * 3)
     third = [*genes[:40], *(f"NEWGENE{i}" for i in range(80))]
     partial = write_h5ad(tmp_path / "partial.h5ad", sp.csr_matrix(counts), third, labels=["a", "b"] * 20)
-    code, out, err = run(["ingest", str(tiny), str(partial), "--work-dir", str(work)], capsys)
+    code, out, err = run(cli, ["ingest", str(tiny), str(partial), "--work-dir", str(work)])
     assert code == 0, err
     assert "dataset partial" in out and "shares only 40 of its 120 genes" in out
-    atlas = tree_digest(work / "atlas.soma")
+    atlas = cli.digest(work / "atlas.soma")
     for argv in (["finetune", "--target", "tiny3"], ["evaluate", "--targets", "tiny3"]):
-        code, out, err = run([*argv, "--work-dir", str(work)], capsys)
+        code, out, err = run(cli, [*argv, "--work-dir", str(work)])
         assert code == 2 and "target 'tiny3' has 3 labelled cells" in err and "at least 10" in err, err
-    assert tree_digest(work / "atlas.soma") == atlas
+    assert cli.digest(work / "atlas.soma") == atlas
     assert not (work / "mlflow.db").exists()  # refused before any MLflow run
     # genes of a deliberate naming of their own (refused by default: ingest_no_gene_overlap), accepted
     # when the catalog says so
     write_h5ad(tmp_path / "anon.h5ad", sp.csr_matrix(counts), [f"anon_{i}" for i in range(len(genes))])
     catalog = tmp_path / "anon.toml"
     catalog.write_text('[[dataset]]\nname = "anon"\npath = "anon.h5ad"\nown_genes = true\n')
-    code, out, err = run(["ingest", "--catalog", str(catalog), "--work-dir", str(work)], capsys)
+    code, out, err = run(cli, ["ingest", "--catalog", str(catalog), "--work-dir", str(work)])
     assert code == 0 and "own_genes = true" in out, err

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -369,12 +367,8 @@ def test_dataloader_workers_are_refused(atlas):
         next(iter(loader))
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", *args], capture_output=True, text=True,
-                          cwd=cwd)
-
-
-def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas):
+def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for args, match in [
         (["demo-data", "--cells", "0"], "expected an integer >= 1"),
         (["demo-data", "--cells", "3", "--datasets", "4"], "at least one cell per dataset"),
@@ -384,14 +378,15 @@ def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas):
         (["export", "zarr", str(tmp_path / "z.zarr"), "--store-uri", str(tmp_path / "none.soma")], "no atlas"),
         (["bench", "loader", "--store-uri", atlas.uri, "--batch-size", "0", "--loaders", "ours"], "batch-size"),
     ]:
-        out = _cli(*args, "--work-dir", str(tmp_path / "w"), cwd=tmp_path)
+        out = cli.run(*args, "--work-dir", str(tmp_path / "w"))
         assert out.returncode == 2, (args, out.stderr)
         assert match in out.stderr, (args, out.stderr)
 
 
-def test_cli_demo_data_writes_a_zarr_atlas(tmp_path):
-    out = _cli("demo-data", "--cells", "500", "--datasets", "3", "--genes", "300", "--format", "zarr",
-               "--store-uri", str(tmp_path / "a.zarr"), "--set", "demo.markers_per_type=10", cwd=tmp_path)
+def test_cli_demo_data_writes_a_zarr_atlas(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = cli.run("demo-data", "--cells", "500", "--datasets", "3", "--genes", "300", "--format", "zarr",
+                  "--store-uri", str(tmp_path / "a.zarr"), "--set", "demo.markers_per_type=10")
     assert out.returncode == 0, out.stderr
     z = ZarrSource(ZarrLocator(str(tmp_path / "a.zarr")))
     assert sum(r.n_cells for r in z.datasets()) == 500 and z.n_genes == 300
@@ -399,10 +394,10 @@ def test_cli_demo_data_writes_a_zarr_atlas(tmp_path):
     assert X.shape == (500, 300) and X.nnz > 0
 
 
-def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas):
-    out = _cli("bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,ours_dense", "--batches", "5",
+def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas, cli):
+    out = cli.process("bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,ours_dense", "--batches", "5",
                "--warmup", "1", "--repeats", "1", "--batch-size", "32", "--set", "stream.chunk_cells=16",
-               "--set", "stream.buffer_cells=256", "--json", str(tmp_path / "b.json"), cwd=tmp_path)
+               "--set", "stream.buffer_cells=256", "--json", str(tmp_path / "b.json"), cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["benchmark"] == "loader" and res["ours"] > 0
@@ -411,10 +406,10 @@ def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas):
 
 
 
-def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atlas):
-    out = _cli("bench", "kmeans", "--store", atlas.uri, "--encoder", "random", "--peers", "faiss",
+def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atlas, cli):
+    out = cli.process("bench", "kmeans", "--store", atlas.uri, "--encoder", "random", "--peers", "faiss",
                "--set", "pseudolabel.niter=5", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "k.json"),
-               cwd=tmp_path)
+               cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "k.json").read_text())
     later = res["ours_detail"]["later_refresh"]

@@ -18,19 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def streamed_atlas(tmp_path_factory):
-    from scpretrain_dist.runtime import init_ray, shutdown_ray
-
+def streamed_atlas(tmp_path_factory, ray_session):
     work = tmp_path_factory.mktemp("ldr")
     demo = DemoDataConfig(n_cells=2400, n_datasets=3, n_genes=500, n_types=4, markers_per_type=15, seed=2)
     write_demo_store(demo, work / "atlas.soma", log=lambda m: None)
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8",
                                              'pseudolabel.phase1_space="pca"'])
-    init_ray(cfg)
-    try:
-        yield cfg, AtlasStore(work / "atlas.soma")
-    finally:
-        shutdown_ray()
+    return cfg, AtlasStore(work / "atlas.soma")
 
 
 def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atlas):

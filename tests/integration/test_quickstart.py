@@ -4,8 +4,6 @@ MLflow on sqlite in a temp dir. One pipeline run serves every check in this modu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def scpretrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", *args],
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"scpretrain {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, cli):
     # a work dir as users have them: long (120 characters, past where Ray's sockets once broke),
     # with a space and non-ASCII letters
     base = str(tmp_path_factory.mktemp("qs") / "wörk dïr ")
     work = Path(base + "x" * (120 - len(base)))
     assert len(str(work)) == 120
-    proc = scpretrain("quickstart", "--work-dir", str(work))
+    proc = cli.process("quickstart", "--work-dir", str(work))
     return work, proc
 
 
@@ -111,7 +101,7 @@ def test_mlflow_runs_nested_with_metrics_and_registry(run):
     assert mv.tags["encoder_run"] == pre
 
 
-def test_registered_model_annotates_target(run):
+def test_registered_model_annotates_target(run, cli):
     work, _ = run
     import anndata as ad
     import mlflow
@@ -126,41 +116,46 @@ def test_registered_model_annotates_target(run):
     acc = float(np.mean(pred["cell_type"].to_numpy() == adata.obs["cell_type"].to_numpy()))
     assert acc > 0.8
     assert pred["confidence"].between(0, 1).all()
-    listing = scpretrain("models", "list", "--work-dir", str(work)).stdout
+    r = cli.run("models", "list", "--work-dir", str(work))
+    assert r.returncode == 0, r.stderr
+    listing = r.stdout
     assert "models:/scpretrain-annotator/1" in listing and "champion" in listing
 
 
-def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path):
+def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path, cli):
     work, _ = run
     from scpretrain_dist.store import AtlasStore
 
     store = AtlasStore(work / "atlas.soma")
     before = [r.name for r in store.datasets()], store.genes().tolist()
-    out = scpretrain("ingest", str(work / "demo_data"), "--work-dir", str(work)).stdout
+    r = cli.run("ingest", str(work / "demo_data"), "--work-dir", str(work))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     assert "already in the atlas" in out and "0 added" in out
     bad = tmp_path / "broken.h5ad"
     bad.write_bytes(b"this is not an HDF5 file")
-    proc = scpretrain("ingest", str(bad), "--work-dir", str(work), check=False)
+    proc = cli.run("ingest", str(bad), "--work-dir", str(work))
     assert proc.returncode == 2
     assert "broken" in proc.stderr and "not an HDF5 file" in proc.stderr
     assert ([r.name for r in store.datasets()], store.genes().tolist()) == before
 
 
-def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_path):
+def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_path, cli, ray_session):
     work, _ = run
     common = ["--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set", 'pretrain.exclude_datasets=["demo_03"]']
-    bad = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_00",
-                     *common, check=False)
+    bad = cli.run("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_00",
+                     *common)
     assert bad.returncode == 2 and "both reference and query" in bad.stderr
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"demo_00": {"type_A": "A"}}))
-    bad = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_03",
-                     "--label-mapping", str(mapping), *common, check=False)
+    bad = cli.run("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_03",
+                     "--label-mapping", str(mapping), *common)
     assert bad.returncode == 2 and "does not cover labels" in bad.stderr
     assert not (work / "report_transfer").exists()
-    proc = scpretrain("evaluate", "--protocol", "transfer", "--references", "demo_00", "demo_01",
+    proc = cli.run("evaluate", "--protocol", "transfer", "--references", "demo_00", "demo_01",
                       "--queries", "demo_03", "--methods", "scpretrain", "no_pretrain", "logreg", "emb_svm",
                       "scpretrain_ssl", *common)
+    assert proc.returncode == 0, proc.stderr
     assert "reusing cached encoder" in proc.stdout  # the quickstart's: demo_03 was left out of it too
     report = json.loads((work / "report_transfer" / "report.json").read_text())
     acc = {r["method"]: r["accuracy"] for r in report["rows"]}
@@ -173,15 +168,16 @@ def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_pat
     assert len(split["test"]) == 500
 
 
-def test_lodo_protocol_from_the_cli_reuses_the_encoder(run):
+def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
     work, _ = run
-    proc = scpretrain("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),
+    proc = cli.run("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),
                       "--methods", "scpretrain", "logreg", "--budgets", "50", "300",
                       "--set", "finetune.seeds=[0]", "--set", "evaluate.cluster=false")
+    assert proc.returncode == 0, proc.stderr
     assert "reusing cached encoder" in proc.stdout
     report = json.loads((work / "report_lodo" / "report.json").read_text())
     assert {(r["method"], r["budget"]) for r in report["rows"]} == {
         ("scpretrain", 50), ("scpretrain", 300), ("logreg", 50), ("logreg", 300)}
     assert "demo_03" not in report["context"]["folds"].split("<-")[1]
-    bad = scpretrain("evaluate", "--protocol", "lodo", "--group", "nosuchgroup", "--work-dir", str(work), check=False)
+    bad = cli.run("evaluate", "--protocol", "lodo", "--group", "nosuchgroup", "--work-dir", str(work))
     assert bad.returncode == 2 and "no dataset of group 'nosuchgroup'" in bad.stderr

@@ -22,10 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_atlas(tmp_path_factory):
-    """A 3-dataset demo atlas and a local Ray whose files live in the test's temp dir."""
-    from scpretrain_dist.runtime import init_ray, shutdown_ray
-
+def ray_atlas(tmp_path_factory, ray_session):
+    """A 3-dataset demo atlas, on the session's Ray."""
     work = tmp_path_factory.mktemp("scale")
     demo = DemoDataConfig(n_datasets=3, cells_per_dataset=300, n_genes=400, n_types=4,
                           markers_per_type=15, seed=1)
@@ -33,11 +31,7 @@ def ray_atlas(tmp_path_factory):
     store = AtlasStore.create(work / "atlas.soma")
     store.ingest(load_catalog(work / "demo" / "catalog.toml"), log=lambda m: None)
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8"])
-    init_ray(cfg)
-    try:
-        yield cfg, store
-    finally:
-        shutdown_ray()
+    return cfg, store
 
 
 @pytest.mark.parametrize("space", ["pca", "embedding"])

@@ -113,3 +113,18 @@ def test_the_checks_see_an_import_inside_a_function(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    import ray\n    from mlflow import x\n")
     assert [m for m, _ in _imports(f)] == ["ray", "mlflow"]
+
+
+# where each framework may be called from: every MLflow call in tracking/ (serve/ defines the
+# pyfunc flavour and runs MLflow's scoring server); Ray where something is distributed
+FRAMEWORK_HOMES = {
+    "mlflow": {"tracking/mlflow_runs.py", "tracking/registry.py", "serve/pyfunc.py", "serve/server.py"},
+    "ray": {"runtime.py", "pseudolabel/pool.py", "train/pretrain.py", "serve/annotate.py", "bench/kmeans.py"},
+}
+
+
+@pytest.mark.parametrize("framework", sorted(FRAMEWORK_HOMES))
+def test_frameworks_are_called_from_their_homes_only(framework):
+    found = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             for mod, _ in _imports(p) if mod.split(".")[0] == framework}
+    assert found <= FRAMEWORK_HOMES[framework], sorted(found - FRAMEWORK_HOMES[framework])

@@ -1,0 +1,71 @@
+"""Shared fixtures of the integration tests: one local Ray for the whole session, one way to run
+the CLI (in this process, or as a user does in a fresh one), and one snapshot of files on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """A local Ray started once for every in-process test that needs one. Logical CPUs beyond the
+    two cores (8) and fractional CPUs per worker and actor, so training workers, K-means actors and
+    annotation actors never starve each other; commands run in this process leave it running."""
+    from scpretrain_dist import recipes
+    from scpretrain_dist.runtime import init_ray, shutdown_ray
+
+    init_ray(recipes.configure("tiny", work_dir=str(tmp_path_factory.mktemp("ray")), ray={"num_cpus": 8}))
+    yield
+    shutdown_ray()
+
+
+def tree_digest(path: Path) -> str:
+    """Content, names and permission bits of every file below ``path`` (or of the file): equal
+    digests mean nothing there was written, added, removed or re-permissioned."""
+    h = hashlib.sha256()
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        h.update(oct(stat.S_IMODE(f.stat().st_mode)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(*args: str) -> SimpleNamespace:
+    """``scpretrain ARGS`` in this process (no interpreter start-up): returncode, stdout, stderr."""
+    from scpretrain_dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) -> subprocess.CompletedProcess:
+    """``scpretrain ARGS`` in a fresh process, as a user runs it (its own Ray, its own MLflow)."""
+    proc = subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scpretrain {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The helpers above, as a fixture (tests never import conftest directly)."""
+    return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest)
