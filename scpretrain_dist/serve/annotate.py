@@ -564,7 +564,7 @@ def annotate_h5ad(
         probe = annotator.gene_map(genes, merge_repeats=True)
         # the value type, once for the file, from the model's genes in its first cells
         first = sp.csr_matrix(adata.X[: min(n_cells, 2_000)])
-        values = first.data[probe.lut[first.indices] >= 0]
+        values = first.data[probe.row[first.indices] >= 0]
         _check_values(values)
         from scpretrain_dist.catalog.values import detect_value_type
 

@@ -389,6 +389,7 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store,
     from scpretrain_dist.catalog.entries import DatasetEntry
     from scpretrain_dist.serve.annotate import AnnotateError, annotate_h5ad, annotate_store
     from scpretrain_dist.store.soma import StoreError
+    from scpretrain_dist.tracking.registry import RegistryError
 
     cfg = env["cfg"]
     quiet = dict(progress=False, log=lambda m: None, workers=0)
@@ -400,10 +401,10 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store,
     store.ingest([DatasetEntry(name="odd", path=str(odd))], log=lambda m: None)
     before = snapshot(store)
 
-    with pytest.raises(AnnotateError, match="not in the registry") as e:
+    with pytest.raises(RegistryError, match="not in the registry") as e:
         annotate_store(cfg, "models:/no-such-model@champion", store.uri, **quiet)
     assert "models:/annot" in str(e.value)  # lists what is there
-    with pytest.raises(AnnotateError, match="NAME@ALIAS"):
+    with pytest.raises(RegistryError, match="NAME@ALIAS"):
         annotate_store(cfg, "runs:/abc/annotator", store.uri, **quiet)
     with pytest.raises(StoreError, match="not in the atlas") as e:
         annotate_store(cfg, f"models:/{MODEL}/1", store.uri, datasets=["demo_00", "nope"], **quiet)

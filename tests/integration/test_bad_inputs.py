@@ -441,8 +441,8 @@ def test_a_cell_without_model_genes_is_unassigned(env, tmp_path, cli):
     counts = env["counts"].copy()
     counts[2] = 0  # no value at all
     path = write_h5ad(tmp_path / "with_empty.h5ad", counts, env["genes"])
-    code, out, err = run([*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(path),
-                          "--out", str(tmp_path / "o.h5ad")], cli)
+    code, out, err = run(cli, [*[a.replace("{work}", str(env["work"])) for a in ANNOTATE], "--h5ad", str(path),
+                               "--out", str(tmp_path / "o.h5ad")])
     assert code == 0, err
     obs = ad.read_h5ad(tmp_path / "o.h5ad").obs
     assert obs["scpretrain_label"].iloc[2] == "Unassigned" and obs["scpretrain_confidence"].iloc[2] == 0

@@ -233,7 +233,10 @@ def test_the_actor_pool_needs_a_cluster_and_a_large_job_unless_workers_are_given
     from scpretrain_dist.config import RunConfig
     from scpretrain_dist.serve.annotate import _choose_workers
 
+    import ray
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever else runs in this process
     cfg = RunConfig()
     big = cfg.annotate.ray_min_cells
     said = []
