@@ -77,6 +77,11 @@ def init_ray(cfg: RunConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=console.verbose(), configure_logging=False)
         return
+    # a local Ray: the controller checks on its workers every half second (2 s by default, a
+    # wait paid at every start and end of an iteration's training), and no preemption watcher
+    # (an extra process polling for spot-instance notices no local machine gets)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(

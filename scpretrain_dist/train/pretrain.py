@@ -197,7 +197,9 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
             (tmp / META_FILE).write_text(json.dumps({"iteration": w.iteration, "datasets": list(w.datasets), "labels_path": w.labels_path,
                                                     "locator": asdict(w.locator), "metrics": metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if epoch == n_epochs - 1:  # one report per iteration (each is a round with the controller):
+            # the epochs' metrics travel in epoch_history, and live progress through ``w.progress``
+            ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def _final_metrics(w: WorkerConfig, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
