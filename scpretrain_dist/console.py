@@ -91,6 +91,8 @@ class Session:
             warnings.filterwarnings("ignore", module="mlflow")
             warnings.filterwarnings("ignore", category=UserWarning, message=".*type hint.*")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        if not verbose:  # MLflow's records then go through ours (to the file), not its own handler
+            os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
     def log_to(self, work_dir: str | Path) -> None:
         """Keep the full log under ``work_dir`` (once it exists)."""

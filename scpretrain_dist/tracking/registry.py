@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scpretrain_dist.config import UserError
+from scpretrain_dist.console import detail
 
 
 class RegistryError(UserError):
@@ -99,13 +100,25 @@ def download_pyfunc_artifacts(ref: ModelRef, dst: str | Path) -> dict[str, Path]
 def log_pyfunc_model(python_model, artifacts: dict[str, str], signature, example, code_paths: list[str],
                      pip_requirements: list[str], lineage: dict, registered_model: str, alias: str) -> tuple[str, int]:
     """Log a pyfunc model in the active run, register it, point ``alias`` at the new version and
-    tag the version with its ``lineage``. Returns (model name, version)."""
+    tag the version with its ``lineage``. Returns (model name, version). What MLflow prints and
+    warns on the way (its advice on type hints and pickling, "registered model ...") goes to the
+    log file."""
+    import contextlib
+    import io
+    import warnings
+
     import mlflow
 
-    info = mlflow.pyfunc.log_model(name="annotator", python_model=python_model, artifacts=artifacts,
-                                   code_paths=code_paths, signature=signature, input_example=example,
-                                   pip_requirements=pip_requirements)
-    version = mlflow.register_model(info.model_uri, registered_model)
+    said = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(said):
+        warnings.simplefilter("always")
+        info = mlflow.pyfunc.log_model(name="annotator", python_model=python_model, artifacts=artifacts,
+                                       code_paths=code_paths, signature=signature, input_example=example,
+                                       pip_requirements=pip_requirements)
+        version = mlflow.register_model(info.model_uri, registered_model)
+    for line in [*(str(w.message) for w in caught), *said.getvalue().splitlines()]:
+        if line.strip():
+            detail(f"mlflow: {line.strip()}")
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(registered_model, alias, version.version)
     for k, v in lineage.items():

@@ -152,7 +152,6 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
     else:
         model = ray.train.torch.prepare_model(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
-    run_log = RunLog(w.mlflow_run_id if rank == 0 else None, w.tracking_uri)  # rank 0 only
     n_epochs = p.epochs
     history = []  # per epoch: (seconds, loss, cells per second per worker)
     n_steps = 0
@@ -184,12 +183,9 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
                 metrics["gradient_sync_seconds"] = sync.seconds
                 metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
             metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
-        step = w.iteration * n_epochs + epoch
-        if w.progress is not None and rank == 0:
+        if w.progress is not None and rank == 0:  # the driver logs it to MLflow and shows it
             w.progress.put_nowait({k: metrics[k] for k in ("iteration", "epoch", "loss", "pseudo_label_accuracy",
                                                            "cells_per_second_per_worker")} | {"world": world})
-        for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
-            run_log.metric(f"pretrain_{key}", metrics[key], step=step)
         checkpoint = None
         if epoch == n_epochs - 1 and rank == 0:
             tmp = Path(tempfile.mkdtemp(prefix="scp-ckpt-"))
@@ -252,11 +248,11 @@ class WorkerConfig:
     n_genes: int
     iteration: int = 0
     init_encoder: str | None = None
-    mlflow_run_id: str | None = None
+    mlflow_run_id: str | None = None  # the run the driver logs each epoch's metrics to
     tracking_uri: str = ""
     final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
     check_replicas: bool = False  # the largest difference between the replicas' parameters
-    progress: object = None  # a ray.util.queue.Queue rank 0 puts each epoch's metrics on (the driver's bar)
+    progress: object = None  # a ray.util.queue.Queue rank 0 puts each epoch's metrics on, for the driver
 
 
 def loop_config(
@@ -271,29 +267,39 @@ def loop_config(
 
 
 def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=None) -> tuple[str, list[dict]]:
-    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir.
-    ``bar``: a progress bar advanced by one per epoch as rank 0 reports it."""
-    if bar is None:
-        return _fit(cfg, loop_config, name)
+    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir and
+    its final metrics. Each epoch's metrics come back from rank 0 as the epoch ends (a Ray
+    queue): logged to ``loop_config.mlflow_run_id`` from here (workers never import MLflow) and
+    shown on ``bar``, advanced by one per epoch."""
     import threading
 
     from ray.util.queue import Empty, Queue
 
+    run_log = RunLog(loop_config.mlflow_run_id, loop_config.tracking_uri)
+    if bar is None and run_log.run_id is None:
+        return _fit(cfg, loop_config, name)
     queue = Queue(actor_options={"num_cpus": 0})
     done = threading.Event()
+    epochs = loop_config.pretrain.epochs
 
-    def follow() -> None:
-        while not done.is_set():
-            try:
-                m = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue's actor went away with the run: nothing more to show
-                return
+    def show(m: dict) -> None:
+        step = m["iteration"] * epochs + m["epoch"]
+        for key in ("loss", "pseudo_label_accuracy", "cells_per_second_per_worker"):
+            run_log.metric(f"pretrain_{key}", m[key], step=step)
+        if bar is not None:
             bar.update(1)
             bar.set_postfix(iteration=m["iteration"], loss=f"{m['loss']:.3f}",
                             accuracy=f"{m['pseudo_label_accuracy']:.3f}",
                             cells_s=f"{m['cells_per_second_per_worker'] * m['world']:,.0f}")
+
+    def follow() -> None:
+        while not done.is_set():
+            try:
+                show(queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # the queue's actor went away with the run: nothing more to show
+                return
 
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
@@ -302,6 +308,11 @@ def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=Non
     finally:
         done.set()
         watcher.join(timeout=5)
+        while True:  # what came in after the watcher's last look
+            try:
+                show(queue.get_nowait())
+            except Exception:
+                break
         queue.shutdown()
 
 

@@ -230,10 +230,10 @@ def test_sparse_request_format_refuses_bad_rows(annotator, rows, words):
 def test_the_actor_pool_needs_a_cluster_and_a_large_job_unless_workers_are_given(monkeypatch):
     import dataclasses
 
+    import ray
+
     from scpretrain_dist.config import RunConfig
     from scpretrain_dist.serve.annotate import _choose_workers
-
-    import ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever else runs in this process

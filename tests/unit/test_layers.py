@@ -22,7 +22,7 @@ ALLOWED = {
     "demo": {"config", "catalog", "store"},
     "pseudolabel": {"config", "store", "data", "model", "runtime"},
     "model": set(),
-    "tracking": {"config"},
+    "tracking": {"config", "console"},
     "train": {"console", "config", "store", "data", "pseudolabel", "model", "runtime", "tracking"},
     "evaluate": {"console", "config", "store", "data", "model", "train"},
     "serve": {"console", "config", "catalog", "store", "data", "model", "runtime", "tracking"},
