@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +67,44 @@ def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) ->
     return proc
 
 
+# The quickstart as a user runs it (a fresh process, its own Ray and MLflow) takes about two
+# minutes, mostly waiting on process start-ups; it starts in the background as soon as the tests
+# are collected, while the other modules run, and test_quickstart.py waits for it.
+_QUICKSTART: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.nodeid.split("::")[0].endswith("integration/test_quickstart.py") for item in items):
+        base = tempfile.mkdtemp(prefix="scp-qs-") + "/wörk dïr "
+        work = Path(base + "x" * max(0, 120 - len(base)))  # 120 characters, a space, non-ASCII letters
+        out, err = open(f"{base}.stdout", "w+"), open(f"{base}.stderr", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work)],
+                                stdout=out, stderr=err, text=True)
+        _QUICKSTART.update(work=work, proc=proc, out=out, err=err, root=Path(base).parent)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _QUICKSTART:
+        if _QUICKSTART["proc"].poll() is None:
+            _QUICKSTART["proc"].kill()
+        shutil.rmtree(_QUICKSTART["root"], ignore_errors=True)
+
+
+def quickstart_run(timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
+    """The background quickstart's work dir and its finished process (stdout, stderr)."""
+    if not _QUICKSTART:
+        raise RuntimeError("the quickstart was not started: its module was not collected")
+    proc = _QUICKSTART["proc"]
+    proc.wait(timeout=timeout)
+    _QUICKSTART["out"].seek(0)
+    _QUICKSTART["err"].seek(0)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, _QUICKSTART["out"].read(), _QUICKSTART["err"].read())
+    if done.returncode != 0:
+        raise AssertionError(f"the quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return _QUICKSTART["work"], done
+
+
 @pytest.fixture(scope="session")
 def cli():
     """The helpers above, as a fixture (tests never import conftest directly)."""
-    return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest)
+    return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest, quickstart=quickstart_run)

@@ -363,8 +363,12 @@ def test_dataloader_workers_are_refused(atlas):
     with pytest.raises(ConfigError, match="built for batch size 16 and seed 0"):
         next(iter(ds.batches(8, 0, 0)))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    with pytest.raises(Exception, match="num_workers=0 or 1"):
-        next(iter(loader))
+    batches = iter(loader)
+    try:
+        with pytest.raises(Exception, match="num_workers=0 or 1"):
+            next(batches)
+    finally:
+        batches._shutdown_workers()  # the other worker, at once (left to the collector, 10 s)
 
 
 def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas, cli, monkeypatch):
