@@ -2,14 +2,17 @@
 
 Exit codes: 0 done; 2 a usage error (an argument, setting, file, store, model or request that
 cannot be used; the message says which and what to do); 1 a failure while running; 130
-interrupted. ``--verbose`` prints the traceback of either.
+interrupted; 143 terminated (SIGTERM). ``--verbose`` prints the traceback of either.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from scpretrain_dist import console, recipes
@@ -290,6 +293,38 @@ def cmd_bench(args) -> None:
     emit(mod.run(args), args.json)
 
 
+# commands that run as a Ray job (the others serve, list or submit from where they are typed)
+_JOB_COMMANDS = ("demo-data", "ingest", "export", "pretrain", "finetune", "evaluate", "quickstart", "annotate",
+                 "markers", "bench")
+
+
+def cmd_submit(args) -> None:
+    from scpretrain_dist.runtime import submit_job
+
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not command or command[0] not in _JOB_COMMANDS:
+        raise ConfigError(f"give the command the job runs after --, one of: {', '.join(_JOB_COMMANDS)} "
+                          f"(got {' '.join(command) or 'nothing'})")
+    if any(a == "--work-dir" or a.startswith("--work-dir=") for a in command):
+        raise ConfigError("give --work-dir to submit (before --), not to the job's command")
+    if not Path(args.work_dir).is_absolute():
+        raise ConfigError(f"--work-dir {args.work_dir!r} must be an absolute path on storage every node of the "
+                          "cluster mounts (the job's MLflow store, checkpoints and report go there)")
+    try:  # the job's command and its settings, checked here before anything is submitted
+        job = build_parser().parse_args([*command, "--work-dir", args.work_dir])
+    except SystemExit:
+        raise ConfigError(f"the job's command `scpretrain {' '.join(command)}` is not valid (see the message above)") from None
+    if hasattr(job, "recipe") and (not job.config or Path(job.config).exists()):  # a file only the cluster has: checked there
+        recipes.configure(job.recipe, job.config, job.set, args.work_dir)
+    address = args.address or os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError("give the cluster's job address with --address http://HEAD:8265 or RAY_ADDRESS"
+                          + (f" (got {address!r})" if address else ""))
+    code = submit_job(address, args.work_dir, command, wait=not args.no_wait, working_dir=args.working_dir)
+    if code:
+        raise RuntimeError("the job did not succeed (its log is above)")
+
+
 def _bench_parsers(sub) -> None:
     import importlib
 
@@ -381,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of .h5ad files or a catalog TOML instead of demo data")
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("submit", help="run a command as a Ray job on a cluster: scpretrain submit --work-dir /shared/w "
+                                      "-- pretrain --recipe atlas_8gpu")
+    p.add_argument("--address", help="the cluster's job address, http://HEAD:8265 (default $RAY_ADDRESS)")
+    p.add_argument("--work-dir", required=True, help="absolute, on storage every node mounts: the job's MLflow "
+                                                     "store, checkpoints and report")
+    p.add_argument("--working-dir", help="a folder uploaded with the job (this checkout, when the cluster's image "
+                                         "does not have the package)")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the job's log")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="print the full traceback of an error")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- then the command and its options")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("serve", help="serve a registered model over HTTP (MLflow scoring server)")
     _common(p)
     p.add_argument("--model", default="models:/scpretrain-annotator@champion")
@@ -430,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"scpretrain {args.command}"
     console.start(args.command, verbose)
     code = 0
+    previous = _interrupt_on_sigterm()
     try:
         args.func(args)
     except UserError as e:
@@ -437,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         console.detail(f"usage error: {e}")
         print(f"{where}: error: {e}", file=sys.stderr)
         code = 2
+    except Terminated:
+        print(f"{where}: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        code = 143
     except KeyboardInterrupt:
         print(f"{where}: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
@@ -453,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
         code = 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         log = console.finish()
     if log is not None and (code != 0 or args.command in _LONG_COMMANDS):
         print(f"full log: {log}", file=sys.stderr if code else sys.stdout)
@@ -460,6 +513,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _LONG_COMMANDS = {"quickstart", "pretrain", "finetune", "evaluate", "ingest", "annotate", "bench"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a pod's eviction, ``kill``): unwinds like Ctrl-C, so that MLflow
+    runs end KILLED and progress already written stays."""
+
+
+def _interrupt_on_sigterm():
+    """Install the handler; return the one it replaced (None off the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _traceback(verbose: bool) -> None:

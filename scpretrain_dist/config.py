@@ -37,6 +37,8 @@ HEAD_LAYOUTS = ("auto", "block", "padded")
 LOADERS = ("memory", "stream")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 STORE_BACKENDS = ("soma", "zarr")
+# Ray's placement-group strategies for the training workers
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 FOLD_SCHEMES = ("grouped", "per_target")  # or a number of folds
 KMEANS_ENGINES = ("auto", "blas", "faiss", "torch")
 
@@ -180,6 +182,13 @@ class PretrainConfig(_Checked):
     num_workers: int = setting(2, ge=1)
     cpus_per_worker: float = setting(0.5, gt=0)
     use_gpu: bool = False
+    # Where the training workers go on a cluster: "PACK" fills a node first, "SPREAD" puts them
+    # on different nodes where it can ("STRICT_*": must, or the run waits). With
+    # resources_per_worker (custom Ray resources, e.g. {"memory" = 8e9, "a100" = 1}) each worker
+    # also asks for those, on top of cpus_per_worker and one GPU with use_gpu. Neither changes
+    # what is computed, so neither is in the encoder's cache key.
+    placement: str = setting("PACK", choices=PLACEMENTS)
+    resources_per_worker: dict = field(default_factory=dict)
     seed: int = setting(0, ge=0)
     # Datasets left out of pretraining (the held-out targets of leave-one-dataset-out).
     exclude_datasets: tuple[str, ...] = ()
@@ -206,6 +215,17 @@ class PretrainConfig(_Checked):
     # training from its start, at most this many times per iteration; past that the run stops,
     # and rerunning the command resumes it after its last finished step.
     max_failures: int = setting(2, ge=0)
+
+    def check(self) -> None:
+        if not isinstance(self.resources_per_worker, dict):
+            raise ConfigError(f"pretrain.resources_per_worker = {self.resources_per_worker!r}: expected a table of "
+                              'resource names and amounts, e.g. {memory = 8e9, a100 = 1}')
+        for name, amount in self.resources_per_worker.items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(f"pretrain.resources_per_worker: set {name} with pretrain."
+                                  f"{'cpus_per_worker' if name == 'CPU' else 'use_gpu'} instead")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
+                raise ConfigError(f"pretrain.resources_per_worker.{name} = {amount!r}: must be a number >= 0")
 
 
 @dataclass(frozen=True)

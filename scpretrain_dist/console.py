@@ -83,8 +83,7 @@ class Session:
         self._root_level = root.level
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
         root.addHandler(self.console)
-        for name in _QUIET:
-            logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+        self.quiet_libraries()
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         if not verbose:
@@ -93,6 +92,11 @@ class Session:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if not verbose:  # MLflow's records then go through ours (to the file), not its own handler
             os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+
+    def quiet_libraries(self) -> None:
+        """Libraries' own records: errors only on the console (all of them with --verbose)."""
+        for name in _QUIET:
+            logging.getLogger(name).setLevel(logging.DEBUG if self.verbose else logging.ERROR)
 
     def log_to(self, work_dir: str | Path) -> None:
         """Keep the full log under ``work_dir`` (once it exists)."""
@@ -128,6 +132,12 @@ def start(command: str, verbose: bool) -> Session:
 def log_to(work_dir: str | Path) -> None:
     if _SESSION is not None:
         _SESSION.log_to(work_dir)
+
+
+def quiet_libraries() -> None:
+    """Again, after importing a library that sets its loggers' levels itself (Ray does)."""
+    if _SESSION is not None:
+        _SESSION.quiet_libraries()
 
 
 def verbose() -> bool:

@@ -96,7 +96,7 @@ def write_demo_atlas(out_dir: str | Path, cfg: DemoDataConfig) -> list[Path]:
         if species == "mouse":
             names = np.array([s.title() for s in names])
         obs = pd.DataFrame(
-            {"cell_type": type_names[sim["labels"]], "dataset": name},
+            {"cell_type": pd.Categorical(type_names[sim["labels"]]), "dataset": pd.Categorical([name] * cfg.cells_per_dataset)},
             index=[f"{name}_cell{i:05d}" for i in range(cfg.cells_per_dataset)],
         )
         adata = ad.AnnData(X=sim["counts"], obs=obs, var=pd.DataFrame(index=names))

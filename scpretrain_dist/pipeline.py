@@ -61,7 +61,8 @@ def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str]
 
 
 # settings of how a run copes, not of what it computes: left out of the encoder's cache key
-RUN_ONLY_SETTINGS = {"pretrain": ("max_failures",), "pseudolabel": ("actor_restarts",)}
+RUN_ONLY_SETTINGS = {"pretrain": ("max_failures", "cpus_per_worker", "placement", "resources_per_worker"),
+                     "pseudolabel": ("actor_restarts",)}
 # settings added after encoders were cached: left out of the key at these values (what every
 # earlier encoder was trained with), so those caches stay valid; any other value is in the key
 KEY_NEUTRAL_DEFAULTS = {"pretrain": {"gradient_sync_dtype": "float32", "encoder_sharding": "genes"}}

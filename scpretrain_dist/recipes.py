@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from scpretrain_dist.config import (
     ConfigError,
@@ -84,9 +85,25 @@ def configure(name: str, file: str | None = None, overrides: list[str] | tuple[s
     as values, never pasted into TOML, so any path or name survives)."""
     cfg = resolve(get(name), file, list(overrides))
     updates: dict = {k: v for k, v in sections.items() if v}
+    for section, key, value in from_environment(cfg):
+        updates.setdefault(section, {}).setdefault(key, value)
     if work_dir:
         updates["work_dir"] = str(work_dir)
     return merge(cfg, updates) if updates else cfg
+
+
+def from_environment(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """Settings MLflow and Ray users set in the environment, where no recipe, file or override
+    set them: ``MLFLOW_TRACKING_URI`` (the tracking server and registry) and ``RAY_ADDRESS`` (the
+    cluster to join; an ``http://`` address is the job-submission endpoint, not a cluster)."""
+    out = []
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri and not cfg.tracking.tracking_uri:
+        out.append(("tracking", "tracking_uri", uri))
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and not cfg.ray.address and not address.startswith(("http://", "https://")):
+        out.append(("ray", "address", address))
+    return out
 
 
 def get(name: str) -> RunConfig:

@@ -9,6 +9,7 @@ import os
 import resource
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ _SOCKET_PATH_MAX = 107
 # allocate and free then fragment across up to 8 heaps per core, and a streaming reader's peak
 # RSS drifted by hundreds of MiB with the length of the run (not the atlas). Processes this
 # package starts (local Ray workers, benchmark children) get this; set it in a cluster job's
-# environment too (deploy/submit_pretrain.sh does). It must be set before the process starts.
+# environment too (`scpretrain submit` does, runtime.JOB_ENV). It must be set before the process starts.
 READER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
@@ -70,6 +71,7 @@ def init_ray(cfg: RunConfig) -> None:
     process (a caller's, a test session's) is used as it is."""
     import ray
 
+    console.quiet_libraries()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -84,6 +86,11 @@ def init_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    # a RAY_ADDRESS of http:// is where `ray job submit` goes, not a cluster to join (any other
+    # is in cfg.ray.address, recipes.from_environment): ray.init would read it and refuse to size
+    # a local Ray
+    if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+        del os.environ["RAY_ADDRESS"]
     ray.init(
         num_cpus=num_cpus,
         _temp_dir=str(temp),
@@ -162,3 +169,67 @@ def on_actors(actors: list, items: Iterable, call: Callable, per_actor: int = 1,
         load[i] -= 1
         yield i, item, done
         fill(i)
+
+
+# ---------------------------------------------------------------------------- Ray jobs
+# what a submitted job's processes get: the reader's allocator setting and Ray Train's v2 API
+JOB_ENV = READER_ENV | {"RAY_TRAIN_V2_ENABLED": "1"}
+# passed on from the submitting shell when set there
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "MLFLOW_S3_ENDPOINT_URL")
+
+
+def job_entrypoint(command: list[str], work_dir: str) -> str:
+    """The shell line a Ray job runs: ``scpretrain <command> --work-dir <work_dir>``."""
+    import shlex
+
+    return shlex.join(["scpretrain", *command, "--work-dir", work_dir])
+
+
+def submit_job(address: str, work_dir: str, command: list[str], wait: bool = True,
+               working_dir: str | None = None, log=console.say) -> int:
+    """Submit ``scpretrain <command>`` as a Ray job to the cluster at ``address`` (its dashboard,
+    ``http://HEAD:8265``) with ``work_dir`` (absolute, on storage every node mounts) as its work
+    dir; print where its runs, checkpoints and report go; with ``wait`` follow its log to the end.
+    Returns the exit code: 0 succeeded, 1 failed or stopped (the job keeps running when not
+    waiting, or when the wait is interrupted)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runtime_env: dict = {"env_vars": JOB_ENV | {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
+    if working_dir:  # a checkout: its code, without environments, work dirs and benchmark output
+        runtime_env |= {"working_dir": working_dir,
+                        "excludes": [".git", ".venv*", "runs", "scpretrain_work", "bench_out", "*.h5ad"]}
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # unreachable, refused, or a token the cluster does not accept
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(e).strip().splitlines()[-1]} (is its "
+                          "dashboard on that address, and do RAY_AUTH_MODE and the token match the cluster's? "
+                          "see deploy/README.md)") from None
+    entrypoint = job_entrypoint(command, work_dir)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir}/mlflow.db"
+    log(f"submitted {job_id} to {address}: {entrypoint}")
+    log(f"  MLflow runs and registry: {tracking}")
+    log(f"  checkpoints: {work_dir}/ray_results    pseudo-labels, results: {work_dir}/pretrain")
+    log(f"  report: {work_dir}/report    logs: ray job logs {job_id} --address {address}")
+    if not wait:
+        log(f"follow it with: ray job logs -f {job_id} --address {address}")
+        return 0
+    shown = 0
+    try:
+        while True:
+            status = client.get_job_status(job_id)
+            text = client.get_job_logs(job_id)
+            if len(text) > shown:
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        log(f"stopped following; the job keeps running (ray job stop {job_id} --address {address} ends it)")
+        raise
+    info = client.get_job_info(job_id)
+    log(f"job {job_id}: {status.value}" + (f" ({info.message})" if status != JobStatus.SUCCEEDED and info.message else ""))
+    return 0 if status == JobStatus.SUCCEEDED else 1

@@ -9,6 +9,8 @@ the one normalisation every stage uses.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,33 +500,37 @@ def _empty_rows(Xm) -> np.ndarray:
     return np.asarray(Xm.sum(1)).ravel() == 0  # normalised values are >= 0
 
 
-class AnnotatorPyfunc(_Base):
-    """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
+# MLflow advises type hints on predict() when the class is made (for its own input checks), past
+# any warning filter; this model checks its input itself (Annotator.predict)
+with contextlib.redirect_stderr(io.StringIO()):
 
-    def load_context(self, context):
-        self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
+    class AnnotatorPyfunc(_Base):
+        """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
 
-    def predict(self, context, model_input, params=None):
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        def load_context(self, context):
+            self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
 
-        params = dict(params or {})
-        # a Parquet request carries its parameters in the table's metadata (sparse_request_parquet);
-        # MLflow fills the schema's defaults in, so those give way to them
-        attrs = getattr(model_input, "attrs", {}).get(PARQUET_PARAMS)
-        if attrs is not None:
-            if not isinstance(attrs, dict):
-                raise MlflowException(f"the Parquet metadata {PARQUET_PARAMS!r} must be a mapping of parameters",
-                                      error_code=INVALID_PARAMETER_VALUE)
-            if not params.get("genes"):
-                params.update(attrs)
-        try:
-            return self.annotator.predict(
-                model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
-                genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
-            )
-        except InputError as e:
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        def predict(self, context, model_input, params=None):
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            params = dict(params or {})
+            # a Parquet request carries its parameters in the table's metadata (sparse_request_parquet);
+            # MLflow fills the schema's defaults in, so those give way to them
+            attrs = getattr(model_input, "attrs", {}).get(PARQUET_PARAMS)
+            if attrs is not None:
+                if not isinstance(attrs, dict):
+                    raise MlflowException(f"the Parquet metadata {PARQUET_PARAMS!r} must be a mapping of parameters",
+                                          error_code=INVALID_PARAMETER_VALUE)
+                if not params.get("genes"):
+                    params.update(attrs)
+            try:
+                return self.annotator.predict(
+                    model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
+                    genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
+                )
+            except InputError as e:
+                raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def signature():

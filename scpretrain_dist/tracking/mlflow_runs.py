@@ -4,6 +4,8 @@ stages log. Only the driver (or rank 0) calls these."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,24 +50,75 @@ def log_config(cfg: RunConfig) -> None:
     mlflow.log_text(cfg.to_json(), "config.json")
 
 
+# tags of every run: where its process runs, so that a later run can tell a run whose process
+# was killed (kill -9, a lost node) from one still running
+HOST_TAG, PID_TAG, PREDECESSOR_TAG = "scpretrain.host", "scpretrain.pid", "scpretrain.predecessor"
+
+
 @contextmanager
 def stage_run(name: str, cfg: RunConfig, timings: dict | None = None):
     """An MLflow run for a stage, nested under the active run if there is one; its wall time is
-    logged as ``stage_seconds`` (and put in ``timings[name]``)."""
+    logged as ``stage_seconds`` (and put in ``timings[name]``). It ends FINISHED, FAILED on an
+    error, KILLED on an interrupt or SIGTERM (the CLI turns that into an interrupt). A top-level
+    run first ends, as KILLED, this host's runs left RUNNING by processes that are gone, and
+    names the newest unfinished run of the same name as its predecessor (the run it resumes)."""
     import mlflow
 
-    setup(cfg)
+    experiment_id = setup(cfg)
     t0 = time.perf_counter()
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, nested=nested) as run:
-        mlflow.set_tag("stage", name)
+    predecessor = None if nested else _end_orphaned_runs(experiment_id, name)
+    run = mlflow.start_run(run_name=name, nested=nested,
+                           tags={"stage": name, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+                           | ({PREDECESSOR_TAG: predecessor} if predecessor else {}))
+    try:
         if not nested:
             log_config(cfg)
         yield run
         seconds = time.perf_counter() - t0
         mlflow.log_metric("stage_seconds", seconds)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
     if timings is not None:
         timings[name] = seconds
+
+
+def _end_orphaned_runs(experiment_id: str, name: str) -> str | None:
+    """End as KILLED the RUNNING runs of this experiment started on this host by processes that
+    no longer exist; return the id of the newest unfinished (KILLED/FAILED) top-level run named
+    ``name``, if it is newer than its last finished one."""
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    for r in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        pid = r.data.tags.get(PID_TAG)
+        if r.data.tags.get(HOST_TAG) == host and pid and pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(r.info.run_id, "scpretrain.ended", "its process was gone when a later run started")
+            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    last = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for r in last:
+        if "mlflow.parentRunId" in r.data.tags:
+            continue
+        return r.info.run_id if r.info.status in ("KILLED", "FAILED") else None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
 
 
 def active_run_id() -> str | None:

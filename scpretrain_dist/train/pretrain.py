@@ -329,7 +329,8 @@ def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, lis
         scaling_config=ScalingConfig(
             num_workers=p.num_workers,
             use_gpu=p.use_gpu,
-            resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}),
+            resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}) | p.resources_per_worker,
+            placement_strategy=p.placement,
         ),
         # a restarted worker group trains the iteration again from its start: the loop reads no
         # checkpoint back (one is written only at the iteration's end)

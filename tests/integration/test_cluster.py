@@ -1,0 +1,366 @@
+"""A Ray cluster as users run one, on loopback: a head (127.0.0.1) and a second node (127.0.0.2)
+started with `ray start`, token authentication on, their own temp folders and free ports; jobs
+go in with `scpretrain submit` (Ray's job API) and track into an MLflow server. Only the
+processes these fixtures started are stopped (by process group, then by their temp folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TINY = ["--recipe", "tiny", "--set", "pretrain.iterations=2", "--set", "pretrain.epochs=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports(*names: str) -> list[str]:
+    return [a for n in names for a in (f"--{n}", str(_free_port()))]
+
+
+class Cluster:
+    """The processes of a loopback cluster and how to reach it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.token = secrets.token_hex(32)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
+                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+        self.procs: list[subprocess.Popen] = []
+        self.temps: list[Path] = []
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs = ""
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str], num_cpus: int) -> None:
+        temp = Path(tempfile.mkdtemp(prefix="scpc-", dir="/tmp"))  # short: Ray's socket paths
+        self.temps.append(temp)
+        log = open(self.root / f"{name}.log", "w")
+        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
+               "--num-cpus", str(num_cpus), *args,
+               *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port",
+                       "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port")]
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def start(self) -> None:
+        self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(self.dashboard_port), "--resources", '{"head": 1}',
+                             *_ports("ray-client-server-port")], num_cpus=3)
+        self.gcs = self._wait_for_head()
+        self._start("node2", ["--address", self.gcs, "--node-ip-address", "127.0.0.2",
+                              "--resources", '{"node2": 1}'], num_cpus=3)
+        self.wait_for_nodes(2)
+
+    def _wait_for_head(self, timeout: float = 90) -> str:
+        end = time.time() + timeout
+        while time.time() < end:
+            text = (self.root / "head.log").read_text()
+            for line in text.splitlines():
+                if "ray start --address='" in line:
+                    return line.split("ray start --address='")[1].split("'")[0]
+            if self.procs[0].poll() is not None:
+                raise RuntimeError(f"the head did not start:\n{text[-3000:]}")
+            time.sleep(0.5)
+        raise RuntimeError("the head did not start in time:\n" + (self.root / "head.log").read_text()[-3000:])
+
+    def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """A `ray` command against this cluster, with its token."""
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=120, check=check)
+
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        args = ["list", kind, "--address", self.gcs, "--detail", "--format", "json", "--limit", "10000"]
+        for f in filters:
+            args += ["--filter", f]
+        out = self.ray(*args).stdout
+        return [] if out.startswith("No resource in the cluster") else json.loads(out)
+
+    def wait_for_nodes(self, n: int, timeout: float = 90) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if len(self.state("nodes", "state=ALIVE")) >= n:
+                    return
+            except (subprocess.CalledProcessError, json.JSONDecodeError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"fewer than {n} nodes joined:\n" + (self.root / "node2.log").read_text()[-3000:])
+
+    def scpretrain(self, *args: str, extra_env: dict | None = None, timeout: int = 600, check: bool = True,
+                   background: bool = False):
+        cmd = [str(BIN / "scpretrain"), *map(str, args)]
+        env = self.env | (extra_env or {})
+        if background:
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"scpretrain {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n"
+                                 f"{proc.stderr[-4000:]}")
+        return proc
+
+    def stop(self) -> None:
+        for p in self.procs:  # `ray start --block` stops its node's processes on SIGTERM
+            if p.poll() is None:
+                with _quiet():
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with _quiet():
+                    os.killpg(p.pid, signal.SIGKILL)
+        time.sleep(1)
+        for pid in _pids_using(self.temps):  # workers that outlived their raylet
+            with _quiet():
+                os.kill(pid, signal.SIGKILL)
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] in (ProcessLookupError, PermissionError)
+
+
+def _pids_using(temps: list[Path]) -> list[int]:
+    """Processes whose command line names one of these temp folders (ours: made by mkdtemp)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(str(t) in cmdline for t in temps):
+            out.append(int(proc.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, cluster):
+    """`mlflow server` on 127.0.0.1 with a sqlite backend and an artifact folder."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+    yield {"uri": uri, "db": root / "mlflow.db"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def _train_workers(cluster: Cluster, before: set | None = None) -> list[dict]:
+    """The training workers the cluster ran (dead ones included), less those in ``before``."""
+    actors = cluster.state("actors", "class_name=RayTrainWorker")
+    return [a for a in actors if a["actor_id"] not in (before or set())]
+
+
+def _nodes_per_group(workers: list[dict]) -> dict[str, set[str]]:
+    """Placement group (one per iteration's worker group) -> the nodes its workers ran on."""
+    groups: dict[str, set[str]] = {}
+    for w in workers:
+        groups.setdefault(w.get("placement_group_id") or "?", set()).add(w["node_id"])
+    return groups
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can see."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            out[int(proc.name)] = (ppid, cmd)
+    return out
+
+
+def _cluster_process(cluster: Cluster, *needles: str) -> int | None:
+    """A process of this cluster (a descendant of its `ray start`) whose command line holds every
+    needle; None when there is none yet."""
+    procs = _processes()
+    ours = {p.pid for p in cluster.procs}
+    for pid, (ppid, cmd) in procs.items():
+        seen, up = set(), ppid
+        while up not in ours and up in procs and up not in seen and up > 1:
+            seen.add(up)
+            up = procs[up][0]
+        if up in ours and all(n in cmd for n in needles):
+            return pid
+    return None
+
+
+def _wait_for(what: str, check, timeout: float = 300, every: float = 0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _progress(work: Path) -> dict | None:
+    files = list((work / "pretrain").glob("*/progress.json")) if (work / "pretrain").exists() else []
+    try:
+        return json.loads(files[0].read_text()) if files else None
+    except (OSError, json.JSONDecodeError):  # being replaced
+        return None
+
+
+def _encoder(work: Path) -> tuple[dict, dict]:
+    from scpretrain_dist.train.pretrain import load_encoder
+
+    [result] = (work / "pretrain").glob("*/result.json")
+    res = json.loads(result.read_text())
+    return res, load_encoder(res["encoder_path"])
+
+
+@pytest.fixture(scope="module")
+def spread_run(cluster, mlflow_server, tmp_path_factory):
+    """The tiny pipeline submitted as a job with SPREAD placement, tracking into the server."""
+    work = tmp_path_factory.mktemp("spread") / "shared work"
+    before = {a["actor_id"] for a in _train_workers(cluster)}
+    t0 = time.time()
+    proc = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", work, "--",
+                              "quickstart", *TINY, "--set", "pretrain.placement=SPREAD",
+                              extra_env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
+    print(f"submitted quickstart (SPREAD): {time.time() - t0:.1f} s")
+    return work, proc, _train_workers(cluster, before)
+
+
+# ---------------------------------------------------------------------------- the tests
+def test_submitted_pipeline_spreads_its_workers_and_tracks_into_the_server(spread_run, mlflow_server):
+    work, proc, workers = spread_run
+    out = proc.stdout
+    assert "SUCCEEDED" in out and f"MLflow runs and registry: {mlflow_server['uri']}" in out
+    assert f"checkpoints: {work}/ray_results" in out
+    # everything the job made is in the shared work dir, none of it in Ray's copy of the code
+    assert (work / "report" / "report.json").exists() and any((work / "ray_results").iterdir())
+    assert not (work / "mlflow.db").exists()
+    # SPREAD: the two training workers of each iteration (one placement group) ran on the two nodes
+    groups = _nodes_per_group(workers)
+    assert groups and all(len(nodes) == 2 for nodes in groups.values()), groups
+    # the runs and the registered model are in the server's store, finished
+    db = sqlite3.connect(mlflow_server["db"])
+    runs = dict(db.execute("select name, status from runs").fetchall())
+    assert {"quickstart", "pretrain", "finetune-evaluate"} <= set(runs) and set(runs.values()) == {"FINISHED"}
+    assert db.execute("select count(*) from model_versions where name='scpretrain-annotator'").fetchone()[0] >= 1
+
+
+def test_killed_worker_actor_and_driver_end_where_an_undisturbed_run_does(cluster, spread_run, tmp_path):
+    """The same job (PACK, the default placement) disturbed three times: SIGKILL to a training
+    worker during the first iteration's training, to a K-means actor as the re-clustering after
+    it starts, and to the job's driver during the second iteration; the resubmitted job resumes
+    after the first iteration and ends with the encoder of the undisturbed SPREAD run (placement
+    is not in the cache key: same key, same encoder)."""
+    work = tmp_path / "disturbed"
+    before = {a["actor_id"] for a in _train_workers(cluster)}
+    args = ["submit", "--address", cluster.dashboard, "--work-dir", work, "--", "quickstart", *TINY]
+    cluster.scpretrain(*args[:5], "--no-wait", *args[5:])
+    t0 = time.time()
+    worker = _wait_for("a training worker", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
+    time.sleep(1.0)  # inside its training
+    os.kill(worker, signal.SIGKILL)
+    killed = {"worker": time.time() - t0}
+    _wait_for("the first iteration's end", lambda: (_progress(work) or {}).get("iteration") == 0, every=0.05)
+    actor = _wait_for("a K-means actor", lambda: _cluster_process(cluster, "ray::KMeansWorker"))
+    os.kill(actor, signal.SIGKILL)
+    killed["kmeans_actor"] = time.time() - t0
+    _wait_for("the re-clustering's end", lambda: (_progress(work) or {}).get("labels_path"), every=0.05)
+    # the driver: the Python process of the entrypoint (not the shell Ray runs it in)
+    driver = _wait_for("the job's driver", lambda: _cluster_process(cluster, "bin/scpretrain quickstart", str(work)))
+    time.sleep(1.0)  # into the second iteration
+    os.kill(driver, signal.SIGKILL)
+    killed["driver"] = time.time() - t0
+    print("killed at (s after submitting):", killed)
+    assert not list((work / "pretrain").glob("*/result.json")), "the driver was killed after the run ended"
+    groups = _nodes_per_group(_train_workers(cluster, before))
+    assert groups and all(len(nodes) == 1 for nodes in groups.values()), f"PACK spread a worker group: {groups}"
+
+    rerun = cluster.scpretrain(*args)  # waits for the job: exit 0 only if it succeeded
+    assert "SUCCEEDED" in rerun.stdout
+    ours, theirs = _encoder(work), _encoder(spread_run[0])
+    assert ours[0]["resumed_after_iteration"] == 0 and ours[0]["iterations_run"] == 2
+    assert ours[1].keys() == theirs[1].keys()
+    for name, value in theirs[1].items():
+        np.testing.assert_allclose(ours[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # the killed driver's runs were ended KILLED by the rerun, which names its predecessor
+    db = sqlite3.connect(work / "mlflow.db")
+    runs = db.execute("select run_uuid, name, status, start_time from runs order by start_time").fetchall()
+    first = [r for r in runs if r[1] == "quickstart"]
+    assert [r[2] for r in first] == ["KILLED", "FINISHED"], runs
+    killed_job = [r for r in runs if first[0][3] <= r[3] < first[1][3]]
+    assert "RUNNING" not in {r[2] for r in killed_job} and ("pretrain", "KILLED") in {r[1:3] for r in killed_job}, runs
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (first[1][0],)).fetchall())
+    assert tags["scpretrain.predecessor"] == first[0][0]
+
+
+def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path):
+    jobs_before = cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails")
+    cases = [
+        (["--work-dir", "relative/dir", "--", "pretrain"], "must be an absolute path"),
+        (["--work-dir", str(tmp_path), "--", "serve"], "give the command the job runs"),
+        (["--work-dir", str(tmp_path), "--", "pretrain", "--bogus"], "is not valid"),
+        (["--work-dir", str(tmp_path), "--", "pretrain", "--work-dir", "/x"], "give --work-dir to submit"),
+        (["--work-dir", str(tmp_path), "--", "pretrain", "--set", "pretrain.epochs=-1"], "pretrain.epochs"),
+    ]
+    for args, message in cases:
+        proc = cluster.scpretrain("submit", "--address", cluster.dashboard, *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    wrong = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", tmp_path, "--", "pretrain",
+                               extra_env={"RAY_AUTH_TOKEN": "0" * 64}, check=False)
+    assert wrong.returncode == 2 and "token" in wrong.stderr, wrong.stderr
+    assert cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails") == jobs_before
