@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -76,6 +78,23 @@ def init_ray(cfg: RunConfig) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    with _signal_handlers_kept():
+        _init(ray, cfg)
+
+
+@contextmanager
+def _signal_handlers_kept():
+    """ray.init puts its own SIGTERM handler (an exit) over the caller's: a caller's handler (the
+    CLI's, which unwinds like Ctrl-C so MLflow runs end KILLED) is put back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray, cfg: RunConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=console.verbose(), configure_logging=False)
         return

@@ -77,7 +77,7 @@ def stage_run(name: str, cfg: RunConfig, timings: dict | None = None):
         yield run
         seconds = time.perf_counter() - t0
         mlflow.log_metric("stage_seconds", seconds)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI's interrupt, or Ray's exit)
         mlflow.end_run("KILLED")
         raise
     except BaseException:

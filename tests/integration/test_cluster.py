@@ -364,3 +364,24 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path
                                extra_env={"RAY_AUTH_TOKEN": "0" * 64}, check=False)
     assert wrong.returncode == 2 and "token" in wrong.stderr, wrong.stderr
     assert cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails") == jobs_before
+
+
+def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: its MLflow runs end KILLED, none stays RUNNING."""
+    import re
+
+    work = tmp_path / "stopped"
+    out = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", work, "--no-wait", "--",
+                             "quickstart", *TINY).stdout
+    job_id = re.search(r"submitted (\S+) to", out).group(1)
+    _wait_for("the pretraining", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
+    cluster.ray("job", "stop", job_id, "--address", cluster.dashboard)
+    def status() -> str:
+        proc = cluster.ray("job", "status", job_id, "--address", cluster.dashboard, check=False)
+        return proc.stdout + proc.stderr  # Ray's CLI writes its messages to either
+
+    _wait_for("the job to stop", lambda: "was stopped" in status(), timeout=120, every=1)
+    db = sqlite3.connect(work / "mlflow.db")
+    runs = dict(db.execute("select name, status from runs").fetchall())
+    assert runs["quickstart"] == "KILLED" and runs["pretrain"] == "KILLED", runs
+    assert "RUNNING" not in runs.values(), runs

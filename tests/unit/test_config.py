@@ -215,6 +215,9 @@ def test_encoder_cache_key_tracks_what_changes_the_encoder():
     # how a run copes with failures changes nothing it computes
     assert pretrain_key(config.resolve(base, overrides=["pretrain.max_failures=0", "pseudolabel.actor_restarts=5"]),
                         ["a", "b"]) == key
+    # nor where the workers run, or with which resources
+    assert pretrain_key(config.resolve(base, overrides=["pretrain.placement=SPREAD", "pretrain.cpus_per_worker=2",
+                                                        "pretrain.resources_per_worker={a100 = 1}"]), ["a", "b"]) == key
     # the gradient exchange's dtype: in the key only when it is not the float32 every earlier encoder had
     assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="float32"']), ["a", "b"]) == key
     assert pretrain_key(config.resolve(base, overrides=['pretrain.gradient_sync_dtype="bfloat16"']), ["a", "b"]) != key
@@ -224,3 +227,32 @@ def test_encoder_cache_key_tracks_what_changes_the_encoder():
     for space, changes in ((expression, False), (pca, True)):
         other = config.resolve(space, overrides=["pseudolabel.pca_genes=123"])
         assert (pretrain_key(other, ["a", "b"]) != pretrain_key(space, ["a", "b"])) is changes
+
+
+def test_placement_settings_are_checked_where_declared():
+    cfg = config.resolve(recipes.get("tiny"), overrides=["pretrain.placement=SPREAD",
+                                                         "pretrain.resources_per_worker={memory = 8e9, a100 = 1}"])
+    assert cfg.pretrain.placement == "SPREAD" and cfg.pretrain.resources_per_worker == {"memory": 8e9, "a100": 1}
+    for override, message in (("pretrain.placement=spread", "use one of PACK, SPREAD"),
+                              ("pretrain.resources_per_worker={CPU = 2}", "pretrain.cpus_per_worker instead"),
+                              ("pretrain.resources_per_worker={GPU = 1}", "pretrain.use_gpu instead"),
+                              ("pretrain.resources_per_worker={a100 = -1}", "must be a number >= 0"),
+                              ('pretrain.resources_per_worker={a100 = "x"}', "must be a number >= 0"),
+                              ("pretrain.resources_per_worker=3", "expected a table")):
+        with pytest.raises(ConfigError, match=message):
+            config.resolve(recipes.get("tiny"), overrides=[override])
+
+
+def test_mlflow_and_ray_users_environment_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    cfg = recipes.configure("tiny", work_dir=str(tmp_path))
+    assert cfg.tracking_uri == "http://mlflow.example:5000" and cfg.ray.address == "10.0.0.1:6379"
+    # a setting given explicitly wins over the environment
+    cfg = recipes.configure("tiny", overrides=['tracking.tracking_uri="sqlite:///x.db"', 'ray.address="auto"'])
+    assert cfg.tracking_uri == "sqlite:///x.db" and cfg.ray.address == "auto"
+    # an http:// RAY_ADDRESS is where jobs are submitted, not a cluster to join
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    cfg = recipes.configure("tiny", work_dir=str(tmp_path))
+    assert cfg.ray.address == "" and cfg.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
