@@ -113,6 +113,17 @@ class StoreConfig(_Checked):
     uri: str = ""
     backend: str = setting("soma", choices=STORE_BACKENDS)
 
+    def check(self) -> None:
+        # zarr atlases (demo-data --format zarr, export zarr) feed the streaming loader's
+        # benchmark only, through its --store-uri: every stage reads and writes a SOMA atlas
+        if self.backend == "zarr" or self.uri.rstrip("/").endswith(".zarr"):
+            what = 'backend = "zarr"' if self.backend == "zarr" else f"uri {self.uri!r}"
+            raise ConfigError(
+                f"store {what}: ingest, "
+                "pretraining, evaluation and annotation read and write a TileDB-SOMA atlas only; give store.uri "
+                "a folder that is not .zarr (a zarr copy made by `scpretrain export zarr` is read by "
+                "`scpretrain bench loader --store-uri`)")
+
 
 @dataclass(frozen=True)
 class PseudoLabelConfig(_Checked):

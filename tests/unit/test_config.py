@@ -256,3 +256,9 @@ def test_mlflow_and_ray_users_environment_is_honoured(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     cfg = recipes.configure("tiny", work_dir=str(tmp_path))
     assert cfg.ray.address == "" and cfg.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+
+
+@pytest.mark.parametrize("override", ["store.backend=zarr", 'store.uri="/data/atlas.zarr"', 'store.uri="/data/atlas.zarr/"'])
+def test_a_zarr_store_for_the_pipeline_is_refused_with_what_reads_zarr(override):
+    with pytest.raises(ConfigError, match="TileDB-SOMA atlas only.*bench loader --store-uri"):
+        config.resolve(recipes.get("tiny"), overrides=[override])
