@@ -199,6 +199,46 @@ def mlflow_server(tmp_path_factory, cluster):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of the system's packages on 127.0.0.1 (run as the `postgres` user when
+    this is root, which PostgreSQL refuses to run as); skipped with the reason where it cannot."""
+    import importlib.util
+    import pwd
+    import shutil
+
+    tools = {t: shutil.which(t) for t in ("initdb", "postgres", "pg_isready", "createdb")}
+    if not all(tools.values()):
+        pytest.skip(f"PostgreSQL is not installed here (missing {[t for t, w in tools.items() if not w]})")
+    if importlib.util.find_spec("psycopg2") is None:
+        pytest.skip("psycopg2 is not installed (pip install psycopg2-binary, in the dev extra)")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="scp-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        try:
+            pg = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL as")
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*as_user, tools["initdb"], "-D", str(root / "data"), "-A", "trust", "-U", "scp"],
+                   check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen([*as_user, tools["postgres"], "-D", str(root / "data"), "-p", str(port), "-k", str(root),
+                             "-c", "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for("PostgreSQL", lambda: subprocess.run([tools["pg_isready"], "-h", "127.0.0.1", "-p", str(port)],
+                                                      capture_output=True).returncode == 0, timeout=60, every=0.5)
+        subprocess.run([tools["createdb"], "-h", "127.0.0.1", "-p", str(port), "-U", "scp", "mlflow"], check=True,
+                       capture_output=True, timeout=60)
+        yield f"postgresql+psycopg2://scp@127.0.0.1:{port}/mlflow"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _train_workers(cluster: Cluster, before: set | None = None) -> list[dict]:
     """The training workers the cluster ran (dead ones included), less those in ``before``."""
     actors = cluster.state("actors", "class_name=RayTrainWorker")
@@ -301,14 +341,16 @@ def test_submitted_pipeline_spreads_its_workers_and_tracks_into_the_server(sprea
 
 
 def test_killed_worker_actor_and_driver_end_where_an_undisturbed_run_does(cluster, spread_run, tmp_path):
-    """The same job (PACK, the default placement) disturbed three times: SIGKILL to a training
+    """The same pretraining (PACK, the default placement; the SPREAD run's atlas) disturbed three
+    times as a job of its own: SIGKILL to a training
     worker during the first iteration's training, to a K-means actor as the re-clustering after
     it starts, and to the job's driver during the second iteration; the resubmitted job resumes
     after the first iteration and ends with the encoder of the undisturbed SPREAD run (placement
     is not in the cache key: same key, same encoder)."""
     work = tmp_path / "disturbed"
     before = {a["actor_id"] for a in _train_workers(cluster)}
-    args = ["submit", "--address", cluster.dashboard, "--work-dir", work, "--", "quickstart", *TINY]
+    args = ["submit", "--address", cluster.dashboard, "--work-dir", work, "--", "pretrain", *TINY,
+            "--exclude", "demo_03", "--set", f'store.uri="{spread_run[0] / "atlas.soma"}"']
     cluster.scpretrain(*args[:5], "--no-wait", *args[5:])
     t0 = time.time()
     worker = _wait_for("a training worker", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
@@ -321,7 +363,7 @@ def test_killed_worker_actor_and_driver_end_where_an_undisturbed_run_does(cluste
     killed["kmeans_actor"] = time.time() - t0
     _wait_for("the re-clustering's end", lambda: (_progress(work) or {}).get("labels_path"), every=0.05)
     # the driver: the Python process of the entrypoint (not the shell Ray runs it in)
-    driver = _wait_for("the job's driver", lambda: _cluster_process(cluster, "bin/scpretrain quickstart", str(work)))
+    driver = _wait_for("the job's driver", lambda: _cluster_process(cluster, "bin/scpretrain pretrain", str(work)))
     time.sleep(1.0)  # into the second iteration
     os.kill(driver, signal.SIGKILL)
     killed["driver"] = time.time() - t0
@@ -337,15 +379,13 @@ def test_killed_worker_actor_and_driver_end_where_an_undisturbed_run_does(cluste
     assert ours[1].keys() == theirs[1].keys()
     for name, value in theirs[1].items():
         np.testing.assert_allclose(ours[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-    # the killed driver's runs were ended KILLED by the rerun, which names its predecessor
+    # the killed driver's run was ended KILLED by the rerun, which names it as its predecessor
     db = sqlite3.connect(work / "mlflow.db")
-    runs = db.execute("select run_uuid, name, status, start_time from runs order by start_time").fetchall()
-    first = [r for r in runs if r[1] == "quickstart"]
-    assert [r[2] for r in first] == ["KILLED", "FINISHED"], runs
-    killed_job = [r for r in runs if first[0][3] <= r[3] < first[1][3]]
-    assert "RUNNING" not in {r[2] for r in killed_job} and ("pretrain", "KILLED") in {r[1:3] for r in killed_job}, runs
-    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (first[1][0],)).fetchall())
-    assert tags["scpretrain.predecessor"] == first[0][0]
+    runs = db.execute("select run_uuid, status from runs where name = 'pretrain' order by start_time").fetchall()
+    assert [r[1] for r in runs] == ["KILLED", "FINISHED"], runs
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (runs[1][0],)).fetchall())
+    assert tags["scpretrain.predecessor"] == runs[0][0] and "scpretrain.ended" in dict(
+        db.execute("select key, value from tags where run_uuid = ?", (runs[0][0],)).fetchall())
 
 
 def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path):
@@ -366,13 +406,18 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path
     assert cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails") == jobs_before
 
 
-def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, tmp_path):
-    """`ray job stop` sends the driver SIGTERM: its MLflow runs end KILLED, none stays RUNNING."""
+def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: its MLflow run, tracked on PostgreSQL, ends
+    KILLED, not RUNNING."""
     import re
+
+    import mlflow
 
     work = tmp_path / "stopped"
     out = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", work, "--no-wait", "--",
-                             "quickstart", *TINY).stdout
+                             "pretrain", *TINY, "--exclude", "demo_03",
+                             "--set", f'store.uri="{spread_run[0] / "atlas.soma"}"',
+                             extra_env={"MLFLOW_TRACKING_URI": postgres}).stdout
     job_id = re.search(r"submitted (\S+) to", out).group(1)
     _wait_for("the pretraining", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
     cluster.ray("job", "stop", job_id, "--address", cluster.dashboard)
@@ -381,7 +426,7 @@ def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, tmp_path):
         return proc.stdout + proc.stderr  # Ray's CLI writes its messages to either
 
     _wait_for("the job to stop", lambda: "was stopped" in status(), timeout=120, every=1)
-    db = sqlite3.connect(work / "mlflow.db")
-    runs = dict(db.execute("select name, status from runs").fetchall())
-    assert runs["quickstart"] == "KILLED" and runs["pretrain"] == "KILLED", runs
-    assert "RUNNING" not in runs.values(), runs
+    assert not (work / "mlflow.db").exists()
+    runs = mlflow.MlflowClient(tracking_uri=postgres).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=postgres).search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("pretrain", "KILLED")], runs
