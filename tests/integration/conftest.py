@@ -7,10 +7,13 @@ import contextlib
 import hashlib
 import io
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,7 +107,31 @@ def quickstart_run(timeout: int = 900) -> tuple[Path, subprocess.CompletedProces
     return _QUICKSTART["work"], done
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, output, timeout: float = 120) -> None:
+    """Until ``url`` answers; if ``proc`` (the server) exits first or time runs out, fail with
+    its ``output()``."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server for {url} exited:\n{output()[-3000:]}") from None
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{output()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def cli():
     """The helpers above, as a fixture (tests never import conftest directly)."""
-    return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest, quickstart=quickstart_run)
+    return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest, quickstart=quickstart_run,
+                           free_port=free_port, wait_for_http=wait_for_http)

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,28 +25,22 @@ BIN = Path(sys.executable).parent
 TINY = ["--recipe", "tiny", "--set", "pretrain.iterations=2", "--set", "pretrain.epochs=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports(*names: str) -> list[str]:
-    return [a for n in names for a in (f"--{n}", str(_free_port()))]
+def _ports(free_port, *names: str) -> list[str]:
+    return [a for n in names for a in (f"--{n}", str(free_port()))]
 
 
 class Cluster:
     """The processes of a loopback cluster and how to reach it."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, free_port):
+        self.root, self.free_port = root, free_port
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
                      "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
         self.procs: list[subprocess.Popen] = []
         self.temps: list[Path] = []
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.gcs = ""
 
     @property
@@ -60,7 +53,7 @@ class Cluster:
         log = open(self.root / f"{name}.log", "w")
         cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
                "--num-cpus", str(num_cpus), *args,
-               *_ports("node-manager-port", "object-manager-port", "runtime-env-agent-port",
+               *_ports(self.free_port, "node-manager-port", "object-manager-port", "runtime-env-agent-port",
                        "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port")]
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
@@ -69,7 +62,7 @@ class Cluster:
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port), "--resources", '{"head": 1}',
-                             *_ports("ray-client-server-port")], num_cpus=3)
+                             *_ports(self.free_port, "ray-client-server-port")], num_cpus=3)
         self.gcs = self._wait_for_head()
         self._start("node2", ["--address", self.gcs, "--node-ip-address", "127.0.0.2",
                               "--resources", '{"node2": 1}'], num_cpus=3)
@@ -163,8 +156,8 @@ def _pids_using(temps: list[Path]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+def cluster(tmp_path_factory, cli):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), cli.free_port)
     try:
         c.start()
         yield c
@@ -173,34 +166,24 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, cluster):
+def mlflow_server(tmp_path_factory, cluster, cli):
     """`mlflow server` on 127.0.0.1 with a sqlite backend and an artifact folder."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = cli.free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
         env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    end = time.time() + 120
-    while time.time() < end:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
-            time.sleep(0.5)
+    cli.wait_for_http(f"{uri}/health", proc, (root / "server.log").read_text)
     yield {"uri": uri, "db": root / "mlflow.db"}
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
+def postgres(tmp_path_factory, cli):
     """A PostgreSQL server of the system's packages on 127.0.0.1 (run as the `postgres` user when
     this is root, which PostgreSQL refuses to run as); skipped with the reason where it cannot."""
     import importlib.util
@@ -221,7 +204,7 @@ def postgres(tmp_path_factory):
             pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL as")
         os.chown(root, pg.pw_uid, pg.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = cli.free_port()
     subprocess.run([*as_user, tools["initdb"], "-D", str(root / "data"), "-A", "trust", "-U", "scp"],
                    check=True, capture_output=True, timeout=120)
     proc = subprocess.Popen([*as_user, tools["postgres"], "-D", str(root / "data"), "-p", str(port), "-k", str(root),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -20,12 +18,6 @@ from scpretrain_dist.model.networks import CellTypeClassifier
 
 pytestmark = pytest.mark.slow
 GENES = [f"GENE{i}" for i in range(60)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, payload, content_type: str = "application/json") -> tuple[int, dict]:
@@ -44,7 +36,7 @@ def frame(df: pd.DataFrame) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, cli):
     import mlflow
 
     from scpretrain_dist.serve.pyfunc import register_annotator
@@ -59,24 +51,13 @@ def server(tmp_path_factory):
     with mlflow.start_run():
         register_annotator(model, np.array(GENES), np.array(["B", "T", "NK"]), counts.head(2),
                       {"finetune_dataset": "synthetic"}, "annot", "champion")
-    port = free_port()
+    port = cli.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "scpretrain_dist.cli", "serve", "--model", "models:/annot@champion",
          "--port", str(port), "--work-dir", str(work)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read()) from None
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError("scoring server did not come up in 120 s")
+    cli.wait_for_http(f"http://127.0.0.1:{port}/ping", proc, proc.stdout.read)
     loaded = mlflow.pyfunc.load_model("models:/annot@champion")
     yield port, loaded, counts
     proc.terminate()
