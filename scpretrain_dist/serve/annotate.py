@@ -13,7 +13,6 @@ itself is replaced (atomically) only once every block is done. A rerun skips fin
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
-from scpretrain_dist.store.files import save_npz_whole, write_json_whole
+from scpretrain_dist.store.files import Busy, exclusive, save_npz_whole, write_json_whole
 from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
 from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
 
@@ -272,17 +271,12 @@ def _store_lock(uri: str):
     if "://" in uri:
         yield
         return
-    lock_path = Path(uri).with_name(Path(uri).name + ".annotate.lock")
-    with open(lock_path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AnnotateError(f"another `scpretrain annotate` is writing to {uri} (lock {lock_path}); "
-                                "wait for it to finish") from None
-        try:
+    try:
+        with exclusive(Path(uri).with_name(Path(uri).name + ".annotate.lock")):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except Busy as e:
+        raise AnnotateError(f"another `scpretrain annotate` ({e.holder}) is writing to {uri} (lock {e.lock_path}); "
+                            "wait for it to finish") from None
 
 
 def _embedding_uri(store: AtlasStore, ref: ModelRef) -> str:

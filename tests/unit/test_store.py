@@ -408,3 +408,26 @@ def test_interrupted_ingest_is_invisible_and_leaves_no_stale_cells(
     raw_first, _ = store.read_dataset("first")
     np.testing.assert_array_equal(raw_first.toarray()[:, _columns(store, [f"G{i}" for i in range(10)])], X_first)
     assert raw_first.nnz == np.count_nonzero(X_first)
+
+
+def test_exclusive_refuses_a_second_holder_and_frees_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from scpretrain_dist.store.files import Busy, exclusive
+
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from scpretrain_dist.store.files import exclusive\n"
+         f"with exclusive({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match=f"held by pid {holder.pid} on "):
+            with exclusive(lock):
+                pass
+    finally:
+        holder.kill()  # as a crash would: nothing is left to clear
+        holder.wait()
+    with exclusive(lock):
+        pass
