@@ -165,19 +165,34 @@ def cluster(tmp_path_factory, cli):
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, cluster, cli):
-    """`mlflow server` on 127.0.0.1 with a sqlite backend and an artifact folder."""
-    root = tmp_path_factory.mktemp("mlflow")
+def _mlflow_server(root: Path, backend: str, cluster: Cluster, cli) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1 over ``backend``, its artifacts under ``root``."""
     port = cli.free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", backend, "--artifacts-destination", str(root / "artifacts")],
         env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     cli.wait_for_http(f"{uri}/health", proc, (root / "server.log").read_text)
+    return uri, proc
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, cluster, cli):
+    """An MLflow server with a sqlite backend."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri, proc = _mlflow_server(root, f"sqlite:///{root}/mlflow.db", cluster, cli)
     yield {"uri": uri, "db": root / "mlflow.db"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def postgres_mlflow_server(tmp_path_factory, cluster, cli, postgres):
+    """An MLflow server with a PostgreSQL backend."""
+    uri, proc = _mlflow_server(tmp_path_factory.mktemp("mlflow-pg"), postgres, cluster, cli)
+    yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
 
@@ -389,9 +404,9 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path
     assert cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails") == jobs_before
 
 
-def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres, tmp_path):
-    """`ray job stop` sends the driver SIGTERM: its MLflow run, tracked on PostgreSQL, ends
-    KILLED, not RUNNING."""
+def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres, postgres_mlflow_server, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: its MLflow run, tracked by a server on
+    PostgreSQL, ends KILLED, not RUNNING."""
     import re
 
     import mlflow
@@ -400,7 +415,7 @@ def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres
     out = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", work, "--no-wait", "--",
                              "pretrain", *TINY, "--exclude", "demo_03",
                              "--set", f'store.uri="{spread_run[0] / "atlas.soma"}"',
-                             extra_env={"MLFLOW_TRACKING_URI": postgres}).stdout
+                             extra_env={"MLFLOW_TRACKING_URI": postgres_mlflow_server}).stdout
     job_id = re.search(r"submitted (\S+) to", out).group(1)
     _wait_for("the pretraining", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
     cluster.ray("job", "stop", job_id, "--address", cluster.dashboard)
@@ -410,6 +425,8 @@ def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres
 
     _wait_for("the job to stop", lambda: "was stopped" in status(), timeout=120, every=1)
     assert not (work / "mlflow.db").exists()
-    runs = mlflow.MlflowClient(tracking_uri=postgres).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=postgres).search_experiments()])
+    client = mlflow.MlflowClient(tracking_uri=postgres_mlflow_server)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    in_db = mlflow.MlflowClient(tracking_uri=postgres).search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in in_db] == [(r.info.run_id, r.info.status) for r in runs]  # in PostgreSQL
     assert [(r.info.run_name, r.info.status) for r in runs] == [("pretrain", "KILLED")], runs
