@@ -183,8 +183,8 @@ def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
 
 
 # work-dir lengths where <work-dir>/ray/session_.../sockets/... once passed the 107-byte limit
-# (43-56 characters), the edges of that band, and the shortest and longest paths users have
-@pytest.mark.parametrize("length", [20, 43, 46, 50, 56, 80])
+# (43-56 characters), inside that band and at its end, and the shortest path users have
+@pytest.mark.parametrize("length", [20, 46, 56])
 def test_a_local_ray_starts_and_runs_a_task_from_a_work_dir_of_any_length(length, tmp_path_factory):
     """What the quickstart's Ray commands do first, in a fresh process (its own local Ray): the
     full pipeline runs from a 120-character work dir above; the socket rule for every length
