@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from scpretrain_dist import console, recipes
-from scpretrain_dist.config import ConfigError, RunConfig, UserError
+from scpretrain_dist.config import JOB_ADDRESS_PREFIXES, ConfigError, RunConfig, UserError
 
 
 def _config(args, **sections) -> RunConfig:
@@ -314,13 +314,16 @@ def cmd_submit(args) -> None:
         job = build_parser().parse_args([*command, "--work-dir", args.work_dir])
     except SystemExit:
         raise ConfigError(f"the job's command `scpretrain {' '.join(command)}` is not valid (see the message above)") from None
-    if hasattr(job, "recipe") and (not job.config or Path(job.config).exists()):  # a file only the cluster has: checked there
-        recipes.configure(job.recipe, job.config, job.set, args.work_dir)
+    # its settings too (a settings file only the cluster has is checked there): the tracking URI
+    # printed is the one the job resolves (the forwarded MLFLOW_TRACKING_URI, a --set, or the work dir's)
+    file = getattr(job, "config", None)
+    cfg = recipes.configure(getattr(job, "recipe", "tiny"), file if file and Path(file).exists() else None,
+                            getattr(job, "set", ()), args.work_dir)
     address = args.address or os.environ.get("RAY_ADDRESS", "")
-    if not address.startswith(("http://", "https://")):
+    if not address.startswith(JOB_ADDRESS_PREFIXES):
         raise ConfigError("give the cluster's job address with --address http://HEAD:8265 or RAY_ADDRESS"
                           + (f" (got {address!r})" if address else ""))
-    code = submit_job(address, args.work_dir, command, wait=not args.no_wait, working_dir=args.working_dir)
+    code = submit_job(address, cfg, command, wait=not args.no_wait, working_dir=args.working_dir)
     if code:
         raise RuntimeError("the job did not succeed (its log is above)")
 

@@ -37,6 +37,9 @@ HEAD_LAYOUTS = ("auto", "block", "padded")
 LOADERS = ("memory", "stream")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 STORE_BACKENDS = ("soma", "zarr")
+# a Ray address of this form is a cluster's job-submission endpoint (its dashboard), not a
+# cluster for ray.init to join
+JOB_ADDRESS_PREFIXES = ("http://", "https://")
 # Ray's placement-group strategies for the training workers
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 FOLD_SCHEMES = ("grouped", "per_target")  # or a number of folds

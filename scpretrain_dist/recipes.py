@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from scpretrain_dist.config import (
+    JOB_ADDRESS_PREFIXES,
     ConfigError,
     DemoDataConfig,
     EvaluateConfig,
@@ -101,7 +102,7 @@ def from_environment(cfg: RunConfig) -> list[tuple[str, str, str]]:
     if uri and not cfg.tracking.tracking_uri:
         out.append(("tracking", "tracking_uri", uri))
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address and not cfg.ray.address and not address.startswith(("http://", "https://")):
+    if address and not cfg.ray.address and not address.startswith(JOB_ADDRESS_PREFIXES):
         out.append(("ray", "address", address))
     return out
 

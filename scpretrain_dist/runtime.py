@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scpretrain_dist import console
-from scpretrain_dist.config import ConfigError, RunConfig
+from scpretrain_dist.config import JOB_ADDRESS_PREFIXES, ConfigError, RunConfig
 
 # Ray puts its Unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/<name> (about 65
 # characters below <temp>), and a socket path may hold at most 107 bytes: the temp folder is kept
@@ -108,7 +108,7 @@ def _init(ray, cfg: RunConfig) -> None:
     # a RAY_ADDRESS of http:// is where `ray job submit` goes, not a cluster to join (any other
     # is in cfg.ray.address, recipes.from_environment): ray.init would read it and refuse to size
     # a local Ray
-    if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+    if os.environ.get("RAY_ADDRESS", "").startswith(JOB_ADDRESS_PREFIXES):
         del os.environ["RAY_ADDRESS"]
     ray.init(
         num_cpus=num_cpus,
@@ -206,11 +206,12 @@ def job_entrypoint(command: list[str], work_dir: str) -> str:
     return shlex.join(["scpretrain", *command, "--work-dir", work_dir])
 
 
-def submit_job(address: str, work_dir: str, command: list[str], wait: bool = True,
+def submit_job(address: str, cfg: RunConfig, command: list[str], wait: bool = True,
                working_dir: str | None = None, log=console.say) -> int:
     """Submit ``scpretrain <command>`` as a Ray job to the cluster at ``address`` (its dashboard,
-    ``http://HEAD:8265``) with ``work_dir`` (absolute, on storage every node mounts) as its work
-    dir; print where its runs, checkpoints and report go; with ``wait`` follow its log to the end.
+    ``http://HEAD:8265``) with ``cfg.work_dir`` (absolute, on storage every node mounts) as its
+    work dir; print where its runs (``cfg``'s tracking URI, as the job resolves it), checkpoints
+    and report go; with ``wait`` follow its log to the end.
     Returns the exit code: 0 succeeded, 1 failed or stopped (the job keeps running when not
     waiting, or when the wait is interrupted)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -225,11 +226,11 @@ def submit_job(address: str, work_dir: str, command: list[str], wait: bool = Tru
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(e).strip().splitlines()[-1]} (is its "
                           "dashboard on that address, and do RAY_AUTH_MODE and the token match the cluster's? "
                           "see deploy/README.md)") from None
+    work_dir = cfg.work_dir
     entrypoint = job_entrypoint(command, work_dir)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir}/mlflow.db"
     log(f"submitted {job_id} to {address}: {entrypoint}")
-    log(f"  MLflow runs and registry: {tracking}")
+    log(f"  MLflow runs and registry: {cfg.tracking_uri}")
     log(f"  checkpoints: {work_dir}/ray_results    pseudo-labels, results: {work_dir}/pretrain")
     log(f"  report: {work_dir}/report    logs: ray job logs {job_id} --address {address}")
     if not wait:

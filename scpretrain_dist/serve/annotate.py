@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
-from scpretrain_dist.store.files import Busy, exclusive, save_npz_whole, write_json_whole
+from scpretrain_dist.store.files import exclusive, save_npz_whole, write_json_whole
 from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
 from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
 
@@ -271,12 +271,9 @@ def _store_lock(uri: str):
     if "://" in uri:
         yield
         return
-    try:
-        with exclusive(Path(uri).with_name(Path(uri).name + ".annotate.lock")):
-            yield
-    except Busy as e:
-        raise AnnotateError(f"another `scpretrain annotate` ({e.holder}) is writing to {uri} (lock {e.lock_path}); "
-                            "wait for it to finish") from None
+    with exclusive(Path(uri).with_name(Path(uri).name + ".annotate.lock"), refuse=lambda e: AnnotateError(
+            f"another `scpretrain annotate` ({e.holder}) is writing to {uri} (lock {e.lock_path}); wait for it to finish")):
+        yield
 
 
 def _embedding_uri(store: AtlasStore, ref: ModelRef) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -53,9 +53,10 @@ class Busy(RuntimeError):
 
 
 @contextmanager
-def exclusive(lock_path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (created if absent) for the block, or raise
-    :class:`Busy` at once. The lock goes with its process, so a killed one leaves nothing to clear."""
+def exclusive(lock_path: str | Path, refuse: Callable[[Busy], Exception] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if absent) for the block, or raise at once
+    :class:`Busy` (or what ``refuse`` makes of it: the caller's own error). The lock goes with its
+    process, so a killed one leaves nothing to clear."""
     import socket
 
     lock_path = Path(lock_path)
@@ -65,7 +66,8 @@ def exclusive(lock_path: str | Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            raise Busy(lock_path, fh.read().strip()) from None
+            busy = Busy(lock_path, fh.read().strip())
+            raise (refuse(busy) if refuse else busy) from None
         try:
             fh.seek(0)
             fh.truncate()

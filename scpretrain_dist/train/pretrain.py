@@ -21,7 +21,7 @@ from scpretrain_dist.pseudolabel.pool import (
     agreement,
     refresh_pseudo_labels,
 )
-from scpretrain_dist.store.files import Busy, exclusive, write_json_whole
+from scpretrain_dist.store.files import exclusive, write_json_whole
 from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 from scpretrain_dist.tracking.mlflow_runs import RunLog
 
@@ -364,25 +364,22 @@ def pretrain(
     n_genes = len(AtlasStore(locator.uri, locator.timestamp_ms).genes())
     out_dir = Path(cfg.work_dir) / "pretrain" / tag
     # one run per folder: two would write each other's progress and pseudo-labels
-    try:
-        with exclusive(out_dir / ".lock"):
-            if not resume:
-                (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
-            client = RunLog(mlflow_run_id, cfg.tracking_uri)
-            t0 = time.perf_counter()
-            # CPU actors stay up between refreshes (start-up paid once); GPU actors are released
-            # so that training can have the GPUs
-            pool = None if cfg.pseudolabel.use_gpu else KMeansPool(locator, cfg.pseudolabel)
-            try:
-                return _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlflow_run_id, log,
-                                   t_start, t0)
-            finally:
-                if pool is not None:
-                    pool.close()
-    except Busy as e:
-        raise ConfigError(f"another run ({e.holder}) is pretraining these datasets with these settings in "
-                          f"{out_dir}; wait for it to finish (rerunning then reuses or resumes it), or give "
-                          "another --work-dir") from None
+    with exclusive(out_dir / ".lock", refuse=lambda e: ConfigError(
+            f"another run ({e.holder}) is pretraining these datasets with these settings in {out_dir}; wait for it "
+            "to finish (rerunning then reuses or resumes it), or give another --work-dir")):
+        if not resume:
+            (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        client = RunLog(mlflow_run_id, cfg.tracking_uri)
+        t0 = time.perf_counter()
+        # CPU actors stay up between refreshes (start-up paid once); GPU actors are released so
+        # that training can have the GPUs
+        pool = None if cfg.pseudolabel.use_gpu else KMeansPool(locator, cfg.pseudolabel)
+        try:
+            return _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlflow_run_id, log,
+                               t_start, t0)
+        finally:
+            if pool is not None:
+                pool.close()
 
 
 def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlflow_run_id, log, t_start, t0):

@@ -5,6 +5,7 @@ processes these fixtures started are stopped (by process group, then by their te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -118,41 +119,23 @@ class Cluster:
     def stop(self) -> None:
         for p in self.procs:  # `ray start --block` stops its node's processes on SIGTERM
             if p.poll() is None:
-                with _quiet():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                with _quiet():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
         time.sleep(1)
         for pid in _pids_using(self.temps):  # workers that outlived their raylet
-            with _quiet():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] in (ProcessLookupError, PermissionError)
 
 
 def _pids_using(temps: list[Path]) -> list[int]:
     """Processes whose command line names one of these temp folders (ours: made by mkdtemp)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if any(str(t) in cmdline for t in temps):
-            out.append(int(proc.name))
-    return out
+    return [pid for pid, (_, cmd) in _processes().items() if any(str(t) in cmd for t in temps)]
 
 
 @pytest.fixture(scope="module")
