@@ -89,8 +89,7 @@ def _demo_store(cfg: RunConfig, args) -> None:
 
 
 def cmd_export(args) -> None:
-    from scpretrain_dist.store.soma import AtlasStore
-    from scpretrain_dist.store.zarr_csr import export_zarr
+    from scpretrain_dist.store.atlas import copy_atlas, open_atlas
 
     cfg = _config(args)
     uri = args.store_uri or cfg.store_uri
@@ -98,8 +97,8 @@ def cmd_export(args) -> None:
         raise ConfigError(f"no atlas at {uri}; give --store-uri or --work-dir of an existing atlas")
     if Path(args.out).exists():
         raise ConfigError(f"{args.out} already exists; export into a new path")
-    locator = AtlasStore(uri).locator.pinned()
-    rep = export_zarr(locator, args.out, datasets=args.datasets or None)
+    source = open_atlas(uri, cfg.store.backend)
+    rep = copy_atlas(source.locator.pinned().atlas(), args.out, datasets=args.datasets or None, log=lambda _m: None)
     print(f"exported {len(rep.added)} datasets of {uri} to {args.out}")
 
 
@@ -117,12 +116,12 @@ def cmd_ingest(args) -> None:
 def cmd_pretrain(args) -> None:
     from scpretrain_dist.pipeline import pretrain, pretraining_datasets
     from scpretrain_dist.runtime import ray_scope
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import atlas_for
     from scpretrain_dist.tracking.mlflow_runs import stage_run
 
     cfg = _config(args)
     exclude = tuple(args.exclude or cfg.pretrain.exclude_datasets)
-    pretraining_datasets(AtlasStore(cfg.store_uri), exclude, cfg.pseudolabel.min_k)  # checked before any run starts
+    pretraining_datasets(atlas_for(cfg), exclude, cfg.pseudolabel.min_k)  # checked before any run starts
     with ray_scope(), stage_run("pretrain", cfg):
         result, _ = pretrain(cfg, exclude=exclude, reuse=not args.no_cache)
     print(f"encoder: {result.encoder_path}")
@@ -135,12 +134,12 @@ def cmd_finetune(args) -> None:
         installed_methods,
         stage_run,
     )
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import atlas_for
     from scpretrain_dist.train.pretrain import load_result
 
     cfg = installed_methods(_config(args))
     result = load_result(args.pretrain_result) if args.pretrain_result else None
-    check_targets(AtlasStore(cfg.store_uri), args.target, result)  # before any run starts
+    check_targets(atlas_for(cfg), args.target, result)  # before any run starts
     with stage_run("finetune-evaluate", cfg) as run:
         encoder_run = _encoder_run(Path(args.pretrain_result).resolve()) if result else None
         finetune_and_evaluate(cfg, args.target, result, encoder_run, args.out or Path(cfg.work_dir) / "report",
@@ -167,7 +166,7 @@ def cmd_evaluate(args) -> None:
         stage_run,
     )
     from scpretrain_dist.runtime import ray_scope
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import atlas_for
 
     evaluate: dict = {}
     if args.group:  # --group names the targets; it replaces targets listed in the work dir's config
@@ -181,7 +180,7 @@ def cmd_evaluate(args) -> None:
     cfg = _config(args, evaluate=evaluate)
     if not Path(cfg.store_uri).exists():
         raise ConfigError(f"no atlas at {cfg.store_uri}; run `scpretrain ingest ... --work-dir {cfg.work_dir}` first")
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     out = args.out or Path(cfg.work_dir) / f"report_{args.protocol}"
     cfg = installed_methods(cfg)
     # every input checked before any MLflow run, K-means or training starts
@@ -369,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["soma", "zarr"], help="with --cells: store format (default soma)")
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("export", help="copy the SOMA atlas into another format (zarr CSR)")
+    p = sub.add_parser("export", help="copy the atlas (either backend) into a new zarr one")
     _common(p)
     p.add_argument("format", choices=["zarr"])
     p.add_argument("out", help="path of the new store")

@@ -36,7 +36,7 @@ ENCODER_SHARDINGS = ("genes", "none")
 HEAD_LAYOUTS = ("auto", "block", "padded")
 LOADERS = ("memory", "stream")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
-STORE_BACKENDS = ("soma", "zarr")
+STORE_BACKENDS = ("auto", "soma", "zarr")
 # a Ray address of this form is a cluster's job-submission endpoint (its dashboard), not a
 # cluster for ray.init to join
 JOB_ADDRESS_PREFIXES = ("http://", "https://")
@@ -110,22 +110,13 @@ class DemoDataConfig(_Checked):
 
 @dataclass(frozen=True)
 class StoreConfig(_Checked):
-    """Where the atlas lives. ``uri`` empty means ``<work_dir>/atlas.soma``."""
+    """Where the atlas lives and in which backend. ``uri`` empty means ``<work_dir>/atlas.soma``
+    (``atlas.zarr`` for the zarr backend); ``auto`` picks zarr for a ``.zarr`` path or an existing
+    zarr atlas, else TileDB-SOMA."""
 
     SECTION: ClassVar[str] = "store"
     uri: str = ""
-    backend: str = setting("soma", choices=STORE_BACKENDS)
-
-    def check(self) -> None:
-        # zarr atlases (demo-data --format zarr, export zarr) feed the streaming loader's
-        # benchmark only, through its --store-uri: every stage reads and writes a SOMA atlas
-        if self.backend == "zarr" or self.uri.rstrip("/").endswith(".zarr"):
-            what = 'backend = "zarr"' if self.backend == "zarr" else f"uri {self.uri!r}"
-            raise ConfigError(
-                f"store {what}: ingest, "
-                "pretraining, evaluation and annotation read and write a TileDB-SOMA atlas only; give store.uri "
-                "a folder that is not .zarr (a zarr copy made by `scpretrain export zarr` is read by "
-                "`scpretrain bench loader --store-uri`)")
+    backend: str = setting("auto", choices=STORE_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -410,7 +401,7 @@ class RunConfig(_Checked):
     @property
     def store_uri(self) -> str:
         """Absolute: Ray workers and actors run in other working directories."""
-        uri = self.store.uri or str(Path(self.work_dir) / "atlas.soma")
+        uri = self.store.uri or str(Path(self.work_dir) / ("atlas.zarr" if self.store.backend == "zarr" else "atlas.soma"))
         return uri if "://" in uri else str(Path(uri).resolve())
 
     @property

@@ -300,7 +300,7 @@ def demo_datasets(plan: AtlasPlan, block_cells: int = 4 * CHUNK_CELLS):
     dataset 3, i.e. row 1234 % CHUNK_CELLS of ``simulate_chunk(plan, dataset_model(plan, 3),
     1234 // CHUNK_CELLS)``.
     """
-    from scpretrain_dist.store.soma import StreamedDataset
+    from scpretrain_dist.store.atlas import StreamedDataset
 
     cfg = plan.cfg
     type_names = plan.type_names()
@@ -335,12 +335,8 @@ def write_demo_store(cfg: DemoDataConfig, uri: str | Path, fmt: str = "soma", lo
     genes, datasets = demo_datasets(plan)
     log(f"demo-data: {plan.n_cells} cells in {len(datasets)} datasets "
         f"({int(plan.sizes.min())} to {int(plan.sizes.max())} cells), {cfg.n_genes} genes -> {uri}")
-    if fmt == "soma":
-        from scpretrain_dist.store.soma import AtlasStore
+    if fmt not in ("soma", "zarr"):
+        raise ConfigError(f"unknown store format {fmt!r}; use 'soma' or 'zarr'")
+    from scpretrain_dist.store.atlas import open_atlas
 
-        return AtlasStore.open_or_create(uri).append_streamed(genes, datasets, log=log)
-    if fmt == "zarr":
-        from scpretrain_dist.store.zarr_csr import write_zarr_atlas
-
-        return write_zarr_atlas(uri, genes, datasets, log=log)
-    raise ConfigError(f"unknown store format {fmt!r}; use 'soma' or 'zarr'")
+    return open_atlas(uri, fmt).append_streamed(genes, datasets, log=log)

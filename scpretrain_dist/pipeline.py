@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scpretrain_dist.catalog.inputs import UNKNOWN_LABEL
 from scpretrain_dist.config import ConfigError, EvaluateConfig, RunConfig
 from scpretrain_dist.console import detail, say
 from scpretrain_dist.pseudolabel.kmeans import CPU_DEFAULT_ENGINE
-from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
+from scpretrain_dist.store.atlas import Atlas, StoreError, atlas_for
 from scpretrain_dist.tracking.mlflow_runs import (
     active_run_id,
     log_artifacts,
@@ -38,10 +39,10 @@ def ingest(cfg: RunConfig, inputs: list[str], catalog: str | None = None, root: 
     from scpretrain_dist.catalog.entries import entries_from_paths, load_catalog
 
     entries = load_catalog(catalog, root) if catalog else entries_from_paths(inputs)
-    return AtlasStore(cfg.store_uri).ingest(entries, log=log)
+    return atlas_for(cfg).ingest(entries, log=log)
 
 
-def pretraining_datasets(store: AtlasStore, exclude: tuple[str, ...] | list[str], min_cells: int = 1) -> list[str]:
+def pretraining_datasets(store: Atlas, exclude: tuple[str, ...] | list[str], min_cells: int = 1) -> list[str]:
     """The atlas datasets pretraining uses: all but ``exclude``; each must hold at least
     ``min_cells`` cells (K-means needs as many cells as its smallest k)."""
     records = store.datasets()
@@ -104,7 +105,7 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=say, reuse: bool
     from scpretrain_dist.train.pretrain import load_result
     from scpretrain_dist.train.pretrain import pretrain as run_pretrain
 
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     datasets = pretraining_datasets(store, exclude, cfg.pseudolabel.min_k)
     version = store.locator.pinned().timestamp_ms
     key = pretrain_key(cfg, datasets)
@@ -128,7 +129,7 @@ def pretrain(cfg: RunConfig, exclude: tuple[str, ...] = (), log=say, reuse: bool
     return result, run_id
 
 
-def load_encoder_for(store: AtlasStore, pretrain_result):
+def load_encoder_for(store: Atlas, pretrain_result):
     """The pretrained encoder with the atlas gene space and the genes its datasets measured."""
     from scpretrain_dist.evaluate.protocols import Encoder
     from scpretrain_dist.train.pretrain import load_encoder
@@ -146,7 +147,7 @@ def load_encoder_for(store: AtlasStore, pretrain_result):
 MIN_TARGET_CELLS = 10
 
 
-def check_targets(store: AtlasStore, targets: list[str], pretrain_result=None) -> None:
+def check_targets(store: Atlas, targets: list[str], pretrain_result=None) -> None:
     """Every target is a labelled atlas dataset pretraining never saw, with enough labelled cells
     (and types) to be split, fine-tuned on and tested. Reads obs only: cheap, before any work."""
     records = {r.name: r for r in store.datasets()}
@@ -173,7 +174,7 @@ def _check_labelled(what: str, labels: np.ndarray) -> None:
                          "at least 2")
 
 
-def check_transfer(cfg: RunConfig, store: AtlasStore, references: list[str], queries: list[str],
+def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries: list[str],
                    mapping_path: str | None) -> dict | None:
     """Everything the transfer protocol needs, checked before any pretraining: references and
     queries in the atlas and distinct, the label mapping readable and covering every label of
@@ -222,7 +223,7 @@ class Evaluation:
         self.rows, self.splits, self.clustering = [], [], []
         self.views, self.first_model, self.folds, self.confusion = {}, None, [], {}
 
-    def add_targets(self, cfg: RunConfig, store: AtlasStore, targets: list[str], pretrain_result, encoder_run_id, log=say):
+    def add_targets(self, cfg: RunConfig, store: Atlas, targets: list[str], pretrain_result, encoder_run_id, log=say):
         from scpretrain_dist.evaluate.protocols import cluster_target, evaluate_target, load_target
 
         check_targets(store, targets, pretrain_result)
@@ -245,7 +246,7 @@ class Evaluation:
                 seed = min(models)
                 self.first_model = (data, models[seed], seed, pretrain_result, encoder_run_id, t)
 
-    def finish(self, cfg: RunConfig, store: AtlasStore, report_dir, context: dict, register: bool, log=say) -> list[dict]:
+    def finish(self, cfg: RunConfig, store: Atlas, report_dir, context: dict, register: bool, log=say) -> list[dict]:
         from scpretrain_dist.evaluate.figures import write_figures
         from scpretrain_dist.evaluate.report import format_table, summary, write_report
 
@@ -266,7 +267,7 @@ class Evaluation:
             log("figures: " + ", ".join(Path(f).name for f in figures))
         return self.rows
 
-    def _register(self, cfg: RunConfig, store: AtlasStore, log=say) -> None:
+    def _register(self, cfg: RunConfig, store: Atlas, log=say) -> None:
         import pandas as pd
 
         from scpretrain_dist.serve.pyfunc import register_annotator
@@ -305,7 +306,7 @@ def finetune_and_evaluate(
     encoder (or none); write the report and figures; register the first target's scPretrain
     model with the configured alias."""
     cfg = installed_methods(cfg, log)
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     ev = Evaluation()
     ev.add_targets(cfg, store, targets, pretrain_result, encoder_run_id, log=log)
     return ev.finish(cfg, store, report_dir, _context(cfg, ev, "fine-tune on each target's own cells"), register, log)
@@ -331,7 +332,7 @@ def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:
     }
 
 
-def resolve_targets(cfg: RunConfig, store: AtlasStore, targets: list[str] | None = None, log=say) -> list[str]:
+def resolve_targets(cfg: RunConfig, store: Atlas, targets: list[str] | None = None, log=say) -> list[str]:
     """Explicit targets, else the configured ones, else the labelled datasets of the configured
     group; unlabelled datasets are skipped (they still take part in pretraining)."""
     records = {r.name: r for r in store.datasets()}
@@ -395,7 +396,7 @@ def installed_methods(cfg: RunConfig, log=say) -> RunConfig:
     return replace(cfg, evaluate=replace(cfg.evaluate, methods=tuple(m for m in methods if m not in missing)))
 
 
-def check_lodo(cfg: RunConfig, store: AtlasStore, targets: list[str]) -> list[list[str]]:
+def check_lodo(cfg: RunConfig, store: Atlas, targets: list[str]) -> list[list[str]]:
     """The folds of a leave-datasets-out evaluation, each checked before any pretraining: its
     targets usable, and what pretraining keeps without them usable."""
     check_targets(store, targets)
@@ -410,7 +411,7 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=say) -> li
     """Leave-datasets-out: per fold, pretrain on every dataset outside it (cached encoders are
     reused), fine-tune and test on each of its targets; one report over every fold."""
     cfg = installed_methods(cfg, log)
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     folds = check_lodo(cfg, store, targets)
     ev = Evaluation()
     for fold in folds:
@@ -432,7 +433,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
 
     cfg = installed_methods(cfg, log)
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     mapping = check_transfer(cfg, store, references, queries, mapping_path)
     exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
     ev = Evaluation()
@@ -461,14 +462,14 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     return ev.finish(cfg, store, report_dir, context, register=True, log=log)
 
 
-def _example_rows(store: AtlasStore, name: str, genes: np.ndarray):
+def _example_rows(store: Atlas, name: str, genes: np.ndarray):
     from scpretrain_dist.evaluate.protocols import load_target
 
     t = load_target(store, name, genes)
     return t.X[:3]
 
 
-def choose_targets(cfg: RunConfig, store: AtlasStore) -> list[str]:
+def choose_targets(cfg: RunConfig, store: Atlas) -> list[str]:
     records = store.datasets()
     names = {r.name for r in records}
     wanted = [t for t in cfg.evaluate.targets if t in names]
@@ -506,7 +507,7 @@ def quickstart(cfg: RunConfig, data: str | None = None, log=say) -> dict:
             with stage_run("ingest", cfg, timings):
                 report = ingest(cfg, [], catalog=inputs[0]) if inputs[0].endswith(".toml") else ingest(cfg, inputs)
                 log_metrics({"datasets_added": len(report.added), "atlas_genes": report.n_genes_after})
-            store = AtlasStore(cfg.store_uri)
+            store = atlas_for(cfg)
             targets = choose_targets(cfg, store)
             with stage_run("pretrain", cfg, timings):
                 result, run_id = pretrain(cfg, exclude=tuple(targets), log=log)

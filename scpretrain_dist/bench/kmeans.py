@@ -71,7 +71,7 @@ def run(args) -> dict:
     from scpretrain_dist.pseudolabel.kmeans import cpu_gemm
     from scpretrain_dist.pseudolabel.pool import KMeansPool
     from scpretrain_dist.runtime import init_ray, peak_rss_mib, shutdown_ray
-    from scpretrain_dist.store.soma import AtlasStore, StoreError
+    from scpretrain_dist.store.atlas import StoreError, atlas_for
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
     cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
@@ -84,7 +84,7 @@ def run(args) -> dict:
         raise ConfigError(f"--peers {bad} unknown; choose from {', '.join(PEERS)}")
     if args.encoder and args.encoder != "random" and not Path(args.encoder).exists():
         raise ConfigError(f"--encoder {args.encoder} does not exist (give an encoder.pt, or 'random')")
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     records = {r.name: r for r in store.datasets()}
     datasets = args.datasets or list(records)
     unknown = sorted(set(datasets) - set(records))
@@ -483,7 +483,7 @@ def _nmi(labels: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict:
     other two say whether a lower NMI means less pure clusters or only more balanced ones."""
     from sklearn.metrics import normalized_mutual_info_score
 
-    from scpretrain_dist.store.soma import UNKNOWN_LABEL
+    from scpretrain_dist.catalog.inputs import UNKNOWN_LABEL
 
     per, purity, balance = {}, {}, {}
     for d, y in truth.items():

@@ -98,9 +98,9 @@ def _median_run(trials: list[dict]) -> dict:
 
 def _uniform_entropy(uri: str, batch_size: int, n_batches: int = 2000, seed: int = 0) -> float:
     """Mean within-batch entropy of dataset-of-origin for a uniform random permutation."""
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import open_atlas
 
-    sizes = np.array([r.n_cells for r in AtlasStore(uri).datasets()])
+    sizes = np.array([r.n_cells for r in open_atlas(uri).datasets()])
     origin = np.repeat(np.arange(len(sizes)), sizes)
     perm = np.random.default_rng(seed).permutation(origin)
     n = min(n_batches, len(perm) // batch_size)
@@ -197,9 +197,9 @@ def run(args) -> dict:
 
 def _ours_batches(spec: dict, world: int = 1, cache_bytes: int = 0):
     from scpretrain_dist.data.loader import StreamingCells
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import open_atlas
 
-    store = AtlasStore(spec["uri"])
+    store = open_atlas(spec["uri"])
     names = [r.name for r in store.datasets()]
     ds = StreamingCells(store.locator, names, spec["batch_size"], spec["seed"], rank=0, world=world,
                         chunk_cells=spec["chunk_cells"], buffer_cells=spec["buffer_cells"],
@@ -237,10 +237,10 @@ def _cpu_seconds() -> float:
 def child_main(spec: dict) -> dict:
     import torch
 
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import open_atlas
 
     torch.set_num_threads(1)
-    store = AtlasStore(spec["uri"])
+    store = open_atlas(spec["uri"])
     records = store.datasets()
     n_genes = len(store.genes())
     starts = np.array([r.joinid_start for r in records])

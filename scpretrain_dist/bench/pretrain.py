@@ -38,7 +38,7 @@ def run(args) -> dict:
     from scpretrain_dist.config import merge
     from scpretrain_dist.pseudolabel.pool import KMeansPool
     from scpretrain_dist.runtime import init_ray, shutdown_ray
-    from scpretrain_dist.store.soma import AtlasStore, StoreError
+    from scpretrain_dist.store.atlas import StoreError, atlas_for
     from scpretrain_dist.train.pretrain import _fit_iteration, loop_config
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
@@ -46,7 +46,7 @@ def run(args) -> dict:
     if args.store:
         cfg = merge(cfg, {"store": {"uri": str(Path(args.store).resolve())}})
     cfg = merge(cfg, {"pretrain": {"epochs": args.epochs}, "pseudolabel": {"phase1_space": "pca"}})
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     names = [r.name for r in store.datasets()]
     datasets = args.datasets or names
     unknown = sorted(set(datasets) - set(names))
@@ -204,11 +204,11 @@ def plain_loop(store_uri: str, datasets: list[str], labels_path: str, pretrain: 
     from scpretrain_dist.data.normalize import normalized_rows
     from scpretrain_dist.pseudolabel.pool import PseudoLabels
     from scpretrain_dist.runtime import peak_rss_mib
-    from scpretrain_dist.store.soma import AtlasStore
+    from scpretrain_dist.store.atlas import open_atlas
 
     torch.set_num_threads(1)
     torch.manual_seed(pretrain["seed"])
-    store = AtlasStore(store_uri)
+    store = open_atlas(store_uri)
     labels = PseudoLabels.load(labels_path)
     data = {d: normalized_rows(store, store.dataset(d).joinids, store.dataset(d).value_type)
             for d in datasets}  # normalised CSR, cells x atlas genes

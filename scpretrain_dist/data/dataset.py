@@ -14,7 +14,7 @@ import torch
 from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions
 from scpretrain_dist.model.networks import SparseBatch
-from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
+from scpretrain_dist.store.atlas import Locator
 
 
 class PseudoLabelled(Protocol):
@@ -24,10 +24,10 @@ class PseudoLabelled(Protocol):
     labels: Mapping[str, np.ndarray]
 
 
-def _run_cells(locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabelled):
+def _run_cells(locator: Locator, datasets: list[str], pseudo_labels: PseudoLabelled):
     """The run's store and, per cell of ``datasets`` in order: joinid, dataset index,
     pseudo-labels and value type."""
-    store = AtlasStore(locator.uri, locator.timestamp_ms)
+    store = locator.atlas()
     records = {r.name: r for r in store.datasets()}
     joinids = np.concatenate([records[d].joinids for d in datasets])
     didx = np.concatenate([np.full(records[d].n_cells, i) for i, d in enumerate(datasets)])
@@ -50,7 +50,7 @@ class CellShard:
     @classmethod
     def load(
         cls,
-        locator: AtlasLocator,
+        locator: Locator,
         datasets: list[str],
         pseudo_labels: PseudoLabelled,
         rank: int,
@@ -103,7 +103,7 @@ class GeneShardedCells:
     rank: int
 
     @classmethod
-    def load(cls, locator: AtlasLocator, datasets: list[str], pseudo_labels: PseudoLabelled, rank: int,
+    def load(cls, locator: Locator, datasets: list[str], pseudo_labels: PseudoLabelled, rank: int,
              world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
         store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order

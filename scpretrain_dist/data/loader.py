@@ -34,7 +34,7 @@ from scpretrain_dist.data.distributed import rank_and_world
 from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
 from scpretrain_dist.model.networks import SparseBatch
-from scpretrain_dist.store.soma import AtlasLocator, StoreError
+from scpretrain_dist.store.atlas import StoreError
 from scpretrain_dist.store.sources import csr_nbytes
 
 DEFAULT_CHUNK_CELLS = 512
@@ -157,7 +157,7 @@ class StreamingCells(torch.utils.data.IterableDataset):
                 "as much as a full one in the averaged gradient; keep drop_last=True"
             )
         self.rank, self.world, self.drop_last = int(rank), int(world), bool(drop_last)
-        if isinstance(locator, AtlasLocator) and locator.timestamp_ms is None:
+        if locator.timestamp_ms is None:
             locator = locator.pinned()  # every epoch and every reader sees one version
         self.locator = locator
         if not datasets:

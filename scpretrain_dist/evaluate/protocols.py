@@ -35,7 +35,7 @@ from scpretrain_dist.evaluate.methods import (
 )
 from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
 from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
-from scpretrain_dist.store.soma import UNKNOWN_LABEL, AtlasStore, StoreError
+from scpretrain_dist.store.atlas import UNKNOWN_LABEL, Atlas, StoreError
 from scpretrain_dist.train.finetune import gene_index, training_prior
 
 MIN_SHARED_GENES = 50  # genes a reference and its query must share for a transfer
@@ -103,7 +103,7 @@ def harmonise(name: str, labels: np.ndarray, mapping: dict | None) -> np.ndarray
 
 # ---------------------------------------------------------------- loading
 def load_target(
-    store: AtlasStore,
+    store: Atlas,
     name: str,
     genes: np.ndarray | None = None,
     mapping: dict | None = None,
@@ -251,7 +251,7 @@ def cluster_target(target: TargetData, encoder: Encoder | None, seed: int = 0, n
 
 
 # ---------------------------------------------------------------- the annotation track
-def shared_genes(store: AtlasStore, datasets: list[str]) -> np.ndarray:
+def shared_genes(store: Atlas, datasets: list[str]) -> np.ndarray:
     """Atlas genes measured in every one of ``datasets``."""
     mask = np.ones(len(store.genes()), dtype=bool)
     for d in datasets:
@@ -261,7 +261,7 @@ def shared_genes(store: AtlasStore, datasets: list[str]) -> np.ndarray:
 
 def evaluate_transfer(
     cfg: RunConfig,
-    store: AtlasStore,
+    store: Atlas,
     references: list[str],
     query: str,
     mapping: dict | None,

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist.config import PHASE1_SPACES
 from scpretrain_dist.data.normalize import normalized_rows
-from scpretrain_dist.store.soma import AtlasStore
+from scpretrain_dist.store.atlas import Atlas
 
 SPACES = (*PHASE1_SPACES, "embedding")  # the first phase's spaces, then the encoder's
 
@@ -147,7 +147,7 @@ def fit_pca(X: sp.csr_matrix, dims: int, seed: int, n_genes: int = 2000, n_iter:
     return projection, A @ components.astype(np.float32)
 
 
-def read_cells(store: AtlasStore, dataset: str, lo: int, hi: int, space: str) -> sp.csr_matrix:
+def read_cells(store: Atlas, dataset: str, lo: int, hi: int, space: str) -> sp.csr_matrix:
     """Cells ``lo:hi`` of a dataset (in joinid order) as CSR. For the expression spaces, over the
     dataset's own genes: genes it never measured are zero in all its cells, so dropping them
     leaves every distance unchanged and shrinks the problem."""

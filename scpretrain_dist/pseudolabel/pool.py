@@ -36,8 +36,8 @@ from scpretrain_dist.pseudolabel.kmeans import (
     plusplus_inits,
     run_lloyd,
 )
+from scpretrain_dist.store.atlas import Atlas, Locator
 from scpretrain_dist.store.files import save_npz_whole
-from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 from scpretrain_dist.store.sources import csr_nbytes
 
 __all__ = ["KMeansPool", "KMeansWorker", "PseudoLabels", "agreement", "cluster_dataset", "cluster_sharded", "embed",
@@ -74,7 +74,7 @@ Encoder = dict[str, np.ndarray] | str | None  # arrays, or the path of an encode
 
 
 def cluster_dataset(
-    store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str, encoder: dict | None = None,
+    store: Atlas, dataset: str, cfg: PseudoLabelConfig, space: str, encoder: dict | None = None,
     X: sp.csr_matrix | None = None,
 ) -> tuple[np.ndarray, list[int], dict]:
     """All partitions of one dataset in this process: (labels (n, P), ks, stats). ``X``: its
@@ -114,8 +114,8 @@ class KMeansWorker:
     iterations driven by :func:`cluster_sharded`. Wrapped as a Ray actor by
     :func:`refresh_pseudo_labels`; every method is plain compute on what the actor read."""
 
-    def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig):
-        self.store = AtlasStore(locator.uri, locator.timestamp_ms)
+    def __init__(self, locator: Locator, cfg: PseudoLabelConfig):
+        self.store = locator.atlas()
         self.cfg = cfg
         self._encoders: dict[str, dict] = {}
         self._shards: dict[str, dict] = {}
@@ -236,7 +236,7 @@ class KMeansWorker:
         return labels, dist.sum(0, dtype=np.float64)
 
 
-def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str,
+def cluster_sharded(actors: list, store: Atlas, dataset: str, cfg: PseudoLabelConfig, space: str,
                     encoder: Encoder) -> tuple[np.ndarray, list[int], dict]:
     """One large dataset over every actor: each featurises its slice; the driver gathers the
     k-means++ sample (and fits the PCA on it), then runs Lloyd by reducing the actors' sums.
@@ -255,7 +255,7 @@ def cluster_sharded(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLa
             attempt += 1
 
 
-def _cluster_sharded_once(actors: list, store: AtlasStore, dataset: str, cfg: PseudoLabelConfig, space: str,
+def _cluster_sharded_once(actors: list, store: Atlas, dataset: str, cfg: PseudoLabelConfig, space: str,
                           encoder: Encoder) -> tuple[np.ndarray, list[int], dict]:
     import ray
 
@@ -310,7 +310,7 @@ class KMeansPool:
     """A pool of K-means actors reused across refreshes (their start-up and imports are paid
     once). Use as a context manager, or call :meth:`close`; Ray must be up."""
 
-    def __init__(self, locator: AtlasLocator, cfg: PseudoLabelConfig, n_actors: int | None = None):
+    def __init__(self, locator: Locator, cfg: PseudoLabelConfig, n_actors: int | None = None):
         from scpretrain_dist.runtime import restartable
 
         self.locator, self.cfg = locator, cfg
@@ -334,7 +334,7 @@ class KMeansPool:
         import ray
 
         cfg = self.cfg
-        store = AtlasStore(self.locator.uri, self.locator.timestamp_ms)
+        store = self.locator.atlas()
         sizes = {r.name: r.n_cells for r in store.datasets()}
         missing = sorted(set(datasets) - set(sizes))
         if missing:
@@ -387,14 +387,14 @@ class KMeansPool:
 
 
 def refresh_pseudo_labels(
-    locator: AtlasLocator,
+    locator: Locator,
     datasets: list[str],
     cfg: PseudoLabelConfig,
     version: int,
     encoder: Encoder = None,
 ) -> PseudoLabels:
     """One refresh on a pool started for it (see :meth:`KMeansPool.refresh`)."""
-    sizes = {r.name: r.n_cells for r in AtlasStore(locator.uri, locator.timestamp_ms).datasets()}
+    sizes = {r.name: r.n_cells for r in locator.atlas().datasets()}
     any_sharded = any(sizes.get(d, 0) > cfg.shard_threshold_cells for d in datasets)
     n_actors = cfg.num_actors if any_sharded else min(cfg.num_actors, max(1, len(datasets)))
     with KMeansPool(locator, cfg, n_actors) as pool:

@@ -1,14 +1,13 @@
-"""Batch annotation of whole datasets with a registered model: the SOMA atlas (obs columns named
-after the model version) or an ``.h5ad`` file (scanpy-style ``obs``/``obsm`` entries).
+"""Batch annotation of whole datasets with a registered model: the atlas (obs columns named after
+the model version, in either backend) or an ``.h5ad`` file (scanpy-style ``obs``/``obsm`` entries).
 
 Blocks of cells stream through a pool of Ray actors. Each actor loads the model once, by its
 registry URI, and reads its blocks itself from a locator (the store URI pinned to a version, or
 a file path), so only predictions travel back; the driver is the only writer.
 
-Resuming: in the atlas a block is finished when its label column is filled (a block is one
-TileDB write of whole obs rows, made after its embedding), so the data is its own progress
-record; for an ``.h5ad`` finished blocks are files in a folder beside the output, and the file
-itself is replaced (atomically) only once every block is done. A rerun skips finished blocks.
+Resuming: in the atlas a block is finished when its label column is filled (written after its
+embedding and confidence), so the data is its own progress record; for an ``.h5ad`` finished
+blocks are files in a folder beside the output, and the file itself is replaced (atomically) only once every block is done. A rerun skips finished blocks.
 """
 
 from __future__ import annotations
@@ -25,20 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
+from scpretrain_dist.store.atlas import ANNOTATIONS_KEY, Atlas, Locator, StoreError, open_atlas
 from scpretrain_dist.store.files import exclusive, save_npz_whole, write_json_whole
-from scpretrain_dist.store.soma import MEASUREMENT, AtlasLocator, AtlasStore, StoreError
 from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
 with warnings.catch_warnings(record=True):
     from scpretrain_dist.serve.pyfunc import UNASSIGNED, Annotator, InputError, _check_values
 
-ANNOTATIONS_KEY = "scpretrain.annotations"
 H5AD_LABEL = "scpretrain_label"
 H5AD_CONFIDENCE = "scpretrain_confidence"
 H5AD_EMBEDDING = "X_scpretrain"
@@ -65,7 +62,7 @@ def load_annotator(ref: ModelRef) -> Annotator:
 class StoreSource:
     """One atlas dataset, by locator: actors open the store themselves."""
 
-    locator: AtlasLocator
+    locator: Locator
     dataset: str
     joinid_start: int
     value_type: str
@@ -115,7 +112,7 @@ class BlockReader:
         if isinstance(src, StoreSource):
             key = (src.locator, src.dataset)
             if key not in self._datasets:
-                store = AtlasStore(src.locator.uri, src.locator.timestamp_ms)
+                store = src.locator.atlas()
                 cols = np.flatnonzero(store.dataset_gene_mask(src.dataset))
                 self._datasets[key] = (store, cols, store.genes()[cols])
             store, cols, genes = self._datasets[key]
@@ -258,16 +255,10 @@ class AnnotateReport:
 
 
 # ---------------------------------------------------------------------------- the atlas
-def store_annotations(store: AtlasStore) -> dict:
-    """Which model versions annotated which datasets (the record kept in the store)."""
-    with store.locator.open() as exp:
-        return json.loads(exp.metadata.get(ANNOTATIONS_KEY, "{}"))
-
-
 @contextmanager
 def _store_lock(uri: str):
-    """One annotation writer per store: blocks are whole-row rewrites of obs, so two runs
-    writing at once could lose each other's columns. Local stores only (a file beside it)."""
+    """One annotation writer per store: two runs writing at once could lose each other's
+    blocks or record. Local stores only (a file beside it)."""
     if "://" in uri:
         yield
         return
@@ -276,42 +267,11 @@ def _store_lock(uri: str):
         yield
 
 
-def _embedding_uri(store: AtlasStore, ref: ModelRef) -> str:
-    return f"{store.uri}/ms/{MEASUREMENT}/obsm/{ref.prefix}"
-
-
-def _finished_cells(store: AtlasStore, ref: ModelRef, lo: int, n: int, embedding: bool) -> np.ndarray:
-    """Boolean per cell of joinids [lo, lo+n): label written (and embedding, when asked)."""
-    import tiledbsoma as soma
-
-    done = np.zeros(n, dtype=bool)
-    if ref.label_column not in store.obs_schema().names:
-        return done
-    with soma.DataFrame.open(f"{store.uri}/obs") as obs:
-        tbl = obs.read(coords=(slice(lo, lo + n - 1),), column_names=["soma_joinid", ref.label_column]).concat()
-    ids = tbl["soma_joinid"].to_numpy()
-    done[ids - lo] = tbl[ref.label_column].is_valid().to_numpy(zero_copy_only=False)
-    if embedding:
-        have = np.zeros(n, dtype=bool)
-        uri = _embedding_uri(store, ref)
-        if Path(uri).exists() or "://" in uri:
-            try:
-                with soma.SparseNDArray.open(uri) as A:
-                    t = A.read(coords=(slice(lo, lo + n - 1), slice(0, 0))).tables().concat()
-                have[t["soma_dim_0"].to_numpy() - lo] = True
-            except Exception:  # no array yet
-                pass
-        done &= have
-    return done
-
-
-def _prepare_store_columns(store: AtlasStore, ref: ModelRef, embedding: bool, dim: int, n_cells: int) -> None:
-    """Add this version's obs columns (and embedding array) unless it already owns them;
-    refuse when another model's record holds these names."""
-    import tiledbsoma as soma
-
-    record = store_annotations(store).get(ref.prefix)
-    names = set(store.obs_schema().names)
+def _prepare_store_columns(store: Atlas, ref: ModelRef, embedding: bool, dim: int, n_cells: int) -> None:
+    """Add this version's obs columns (and embedding) unless it already owns them; refuse when
+    another model's record holds these names."""
+    record = store.annotations().get(ref.prefix)
+    names = set(store.obs_columns())
     mine = {ref.label_column, ref.confidence_column}
     if record is not None and (record.get("model") != ref.name or int(record.get("version", -1)) != ref.version):
         raise AnnotateError(
@@ -321,65 +281,29 @@ def _prepare_store_columns(store: AtlasStore, ref: ModelRef, embedding: bool, di
     if record is None and names & mine:
         raise AnnotateError(f"obs of {store.uri} already has column(s) {sorted(names & mine)} that no annotation "
                             "record accounts for; refusing to overwrite them")
-    if not mine <= names:
-        store.add_obs_columns({ref.label_column: pa.large_string(), ref.confidence_column: pa.float32()})
+    store.add_annotation_columns(ref.label_column, ref.confidence_column, ref.prefix if embedding else None,
+                                 n_cells, dim)
+
+
+def _write_record(store: Atlas, ref: ModelRef, embedding: bool, updates: dict[str, dict]) -> None:
+    allrec = store.annotations()
+    rec = allrec.setdefault(ref.prefix, {
+        "model": ref.name, "version": ref.version, "model_uri": ref.uri, "run_id": ref.run_id,
+        "tracking_uri": ref.tracking_uri,
+        "columns": {"label": ref.label_column, "confidence": ref.confidence_column}, "datasets": {},
+    })
     if embedding:
-        with soma.Experiment.open(store.uri, "w") as exp:
-            rna = exp.ms[MEASUREMENT]
-            obsm = rna["obsm"] if "obsm" in rna else rna.add_new_collection("obsm")
-            if ref.prefix not in obsm:
-                obsm.add_new_sparse_ndarray(ref.prefix, type=pa.float32(), shape=(max(n_cells, 1), dim))
-            elif obsm[ref.prefix].shape[0] < n_cells:
-                obsm[ref.prefix].resize((n_cells, dim))
+        rec["embedding"] = store.embedding_path(ref.prefix)
+    for name, info in updates.items():
+        rec["datasets"][name] = {**rec["datasets"].get(name, {}), **info}
+    store.write_meta(ANNOTATIONS_KEY, json.dumps(allrec))
 
 
-def _write_record(store: AtlasStore, ref: ModelRef, embedding: bool, updates: dict[str, dict]) -> None:
-    import tiledbsoma as soma
-
-    with soma.Experiment.open(store.uri, "w") as exp:
-        allrec = json.loads(exp.metadata.get(ANNOTATIONS_KEY, "{}"))
-        rec = allrec.setdefault(ref.prefix, {
-            "model": ref.name, "version": ref.version, "model_uri": ref.uri, "run_id": ref.run_id,
-            "tracking_uri": ref.tracking_uri,
-            "columns": {"label": ref.label_column, "confidence": ref.confidence_column}, "datasets": {},
-        })
-        if embedding:
-            rec["embedding"] = f"ms/{MEASUREMENT}/obsm/{ref.prefix}"
-        for name, info in updates.items():
-            rec["datasets"][name] = {**rec["datasets"].get(name, {}), **info}
-        exp.metadata[ANNOTATIONS_KEY] = json.dumps(allrec)
-
-
-def _write_store_block(store: AtlasStore, ref: ModelRef, res: BlockResult, names: Callable) -> None:
-    """Embedding first, then the block's whole obs rows (TileDB writes need every attribute),
-    in one write: the filled label column is the block's commit marker."""
-    import tiledbsoma as soma
-
+def _write_store_block(store: Atlas, ref: ModelRef, res: BlockResult, names: Callable) -> None:
     src = res.block.source
-    lo = src.joinid_start + res.block.start
-    n = res.block.n_cells
-    ids = np.arange(lo, lo + n, dtype=np.int64)
-    if res.embedding is not None:
-        dim = res.embedding.shape[1]
-        with soma.SparseNDArray.open(_embedding_uri(store, ref), "w") as A:
-            A.write(pa.Table.from_pydict({
-                "soma_dim_0": np.repeat(ids, dim),
-                "soma_dim_1": np.tile(np.arange(dim, dtype=np.int64), n),
-                "soma_data": res.embedding.astype(np.float32).ravel(),
-            }))
-    with soma.DataFrame.open(f"{store.uri}/obs") as obs:
-        tbl = obs.read(coords=(slice(lo, lo + n - 1),)).concat()
-    if tbl.num_rows != n:
-        raise StoreError(f"obs of {store.uri} holds {tbl.num_rows} rows for joinids {lo}..{lo + n - 1}, expected {n}")
-    order = np.argsort(tbl["soma_joinid"].to_numpy())
-    tbl = tbl.take(pa.array(order))
-    pos = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
-    labels = pa.array(names(res.codes[pos]).tolist(), pa.large_string())
-    conf = pa.array(res.confidence[pos].astype(np.float32), pa.float32())
-    tbl = tbl.set_column(tbl.schema.get_field_index(ref.label_column), ref.label_column, labels)
-    tbl = tbl.set_column(tbl.schema.get_field_index(ref.confidence_column), ref.confidence_column, conf)
-    with soma.DataFrame.open(f"{store.uri}/obs", "w") as obs:
-        obs.write(tbl)
+    store.write_annotations(src.joinid_start + res.block.start, ref.label_column, names(res.codes),
+                            ref.confidence_column, res.confidence, ref.prefix if res.embedding is not None else None,
+                            res.embedding)
 
 
 def annotate_store(
@@ -401,7 +325,7 @@ def annotate_store(
     if block_size < 1:
         raise AnnotateError(f"block size must be positive, got {block_size}")
     ref = resolve_model(model_uri, cfg.tracking_uri)
-    store = AtlasStore(str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri)
+    store = open_atlas(str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri, cfg.store.backend)
     records = {r.name: r for r in store.datasets()}
     names = list(datasets) if datasets else list(records)
     unknown = [d for d in names if d not in records]
@@ -420,7 +344,7 @@ def annotate_store(
     locator = store.locator.pinned()
     with _store_lock(store.uri):
         _prepare_store_columns(store, ref, embedding, dim, n_atlas)
-        prior = store_annotations(store).get(ref.prefix, {}).get("datasets", {})
+        prior = store.annotations().get(ref.prefix, {}).get("datasets", {})
         blocks, pending, done_cells = [], [], 0
         sizes = {}
         for d in names:
@@ -430,7 +354,8 @@ def annotate_store(
                 bs = int(prior[d]["block_size"])
                 log(f"annotate: resuming {d} with its block size {bs}")
             sizes[d] = bs
-            finished = _finished_cells(store, ref, rec.joinid_start, rec.n_cells, embedding)
+            finished = store.annotated(ref.label_column, ref.prefix if embedding else None, rec.joinid_start,
+                                       rec.n_cells)
             done_cells += int(finished.sum())
             for b in make_blocks(StoreSource(locator, d, rec.joinid_start, rec.value_type), rec.n_cells, bs):
                 blocks.append(b)
@@ -445,7 +370,7 @@ def annotate_store(
         total = sum(records[d].n_cells for d in names)
         log(f"annotate: {ref.uri} ({model_uri}) -> {store.uri}: {len(names)} dataset(s), {total} cells, "
             f"{len(pending)} of {len(blocks)} blocks to do; columns {ref.label_column}, {ref.confidence_column}"
-            + (f", embedding ms/{MEASUREMENT}/obsm/{ref.prefix}" if embedding else ""))
+            + (f", embedding {store.embedding_path(ref.prefix)}" if embedding else ""))
         computed = 0
         bar = _progress(total, done_cells, "annotate", progress)
         try:
@@ -466,7 +391,7 @@ def annotate_store(
             bar.close()
     cols = {"label": f"obs.{ref.label_column}", "confidence": f"obs.{ref.confidence_column}"}
     if embedding:
-        cols["embedding"] = f"ms/{MEASUREMENT}/obsm/{ref.prefix}"
+        cols["embedding"] = store.embedding_path(ref.prefix)
     return AnnotateReport(ref.uri, store.uri, cols, total, len(blocks), computed, len(blocks) - len(pending),
                           sum(b.n_cells for b in pending), time.perf_counter() - t0, names, overlaps)
 

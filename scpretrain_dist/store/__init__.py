@@ -1,5 +1,13 @@
-"""The atlas store: a TileDB-SOMA experiment behind a picklable locator."""
+"""The atlas store: TileDB-SOMA and zarr backends behind one protocol (``atlas.Atlas``), each
+reached from a picklable locator."""
 
-from scpretrain_dist.store.soma import AtlasLocator, AtlasStore, DatasetRecord, StoreError
+from scpretrain_dist.store.atlas import (
+    Atlas,
+    DatasetRecord,
+    Locator,
+    StoreError,
+    atlas_for,
+    open_atlas,
+)
 
-__all__ = ["AtlasLocator", "AtlasStore", "DatasetRecord", "StoreError"]
+__all__ = ["Atlas", "DatasetRecord", "Locator", "StoreError", "atlas_for", "open_atlas"]

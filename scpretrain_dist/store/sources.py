@@ -16,15 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import scipy.sparse as sp
 
-from scpretrain_dist.store.soma import (
-    LAYER,
-    MEASUREMENT,
-    STREAM_READ_CONFIG,
-    AtlasLocator,
-    AtlasStore,
-    DatasetRecord,
-    StoreError,
-)
+from scpretrain_dist.store.atlas import DatasetRecord, StoreError
+from scpretrain_dist.store.soma import LAYER, MEASUREMENT, STREAM_READ_CONFIG, SomaLocator, _n_genes
 
 
 @runtime_checkable
@@ -176,17 +169,16 @@ class SomaSource:
     """A SOMA atlas read run by run: one slice query per run of consecutive cells, ``threads``
     queries in flight (TileDB releases the GIL, and a query's fixed cost then overlaps another's)."""
 
-    def __init__(self, locator: AtlasLocator, threads: int = 2):
+    def __init__(self, locator: SomaLocator, threads: int = 2):
         self.locator = locator
         self.threads = max(1, int(threads))
         self._pool = None
         self._nnz_per_cell = 0.0  # of the last read: sizes the next one's arrays
-        self._store = AtlasStore(locator.uri, locator.timestamp_ms)
-        self._records = self._store.datasets()
+        self._records = locator.atlas().datasets()
         self._exp = None
         self._X = None
         with locator.open() as exp:
-            self._n_genes = AtlasStore._n_genes(exp)
+            self._n_genes = _n_genes(exp)
 
     @property
     def n_genes(self) -> int:
@@ -247,11 +239,14 @@ def _in_order(pool, fn, items: list, window: int) -> Iterator:
 
 
 def open_source(locator) -> CellSource:
-    """The source a locator points to: an ``AtlasLocator`` (SOMA) or a ``ZarrLocator``."""
-    if isinstance(locator, AtlasLocator):
+    """The source a locator points to: a SOMA atlas read by threaded slice queries, a zarr
+    atlas by the atlas itself."""
+    if isinstance(locator, SomaLocator):
         return SomaSource(locator)
-    from scpretrain_dist.store.zarr_csr import ZarrLocator, ZarrSource
+    from scpretrain_dist.store.zarr_csr import ZarrLocator
 
     if isinstance(locator, ZarrLocator):
-        return ZarrSource(locator)
-    raise StoreError(f"no cell source for {locator!r}; pass an AtlasLocator or a ZarrLocator")
+        atlas = locator.atlas()
+        atlas.datasets()  # refuses anything but an atlas, here rather than at the first read
+        return atlas
+    raise StoreError(f"no cell source for {locator!r}; pass a SomaLocator or a ZarrLocator")

@@ -1,270 +1,271 @@
-"""The atlas as a zarr CSR store: the second backend of the streaming loader.
+"""The atlas as a zarr group of CSR arrays: the second backend, for every stage.
 
 Layout (zarr v3 group):
     X/data, X/indices, X/indptr   float32 values, int32 gene ids, int64 row pointers (CSR)
-    obs/obs_id, obs/cell_type     strings, one per cell
+    obs/obs_id, obs/cell_type     strings, one per cell; annotation columns beside them
+    obsm/<name>                   embeddings written by ``annotate`` (cells x dim, float32)
     attrs                         ``scpretrain.genes`` (the atlas gene symbols),
-                                  ``scpretrain.genes.<dataset>`` (packed gene masks) and
-                                  ``scpretrain.datasets`` (the registry, written last: the commit
-                                  marker, as in the SOMA store)
+                                  ``scpretrain.genes.<dataset>`` (packed gene masks),
+                                  ``scpretrain.versions`` (per commit: time in ms, datasets,
+                                  genes) and ``scpretrain.datasets`` (the registry)
 
-Rows past the committed cells (a write that failed) are invisible and cut off by the next write.
-Written by ``scpretrain demo-data --format zarr`` or exported from a SOMA atlas (``export_zarr``).
+Every commit writes the registry, the gene list and the version list in one update of the
+group's metadata (zarr writes it atomically), after the data. Rows past the committed cells (a
+write that failed) are invisible and cut off by the next write. A locator pinned to a version
+sees the datasets and genes committed by then, so a run reads the same cells from start to end.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from scpretrain_dist.store.soma import (
+from scpretrain_dist.store.atlas import (
     GENES_KEY,
     REGISTRY_KEY,
-    UNKNOWN_LABEL,
-    AtlasLocator,
-    AtlasStore,
+    Atlas,
     DatasetRecord,
-    IngestReport,
     StoreError,
     StreamedDataset,
-    _pack_mask,
-    _pipelined,
-    _unpack_mask,
+    pack_mask,
+    pipelined,
 )
-from scpretrain_dist.store.sources import runs, stack_runs
 
 FORMAT_KEY = "scpretrain.format"
 FORMAT = "csr/1"
 GENE_LIST_KEY = "scpretrain.genes"
+VERSIONS_KEY = "scpretrain.versions"
 NNZ_CHUNK = 1 << 20
 CELL_CHUNK = 1 << 16
+_OBS_FIXED = ("obs_id", "cell_type")
 
 
 @dataclass(frozen=True)
 class ZarrLocator:
-    """Picklable pointer to a zarr CSR atlas (a directory)."""
+    """Picklable pointer to a zarr atlas (a directory), pinned to a commit time."""
 
     uri: str
+    timestamp_ms: int | None = None
+
+    def pinned(self) -> ZarrLocator:
+        """The same atlas, pinned to its last commit."""
+        if self.timestamp_ms is not None:
+            return self
+        versions = ZarrAtlas(self)._group().attrs.get(VERSIONS_KEY, [])
+        return ZarrLocator(self.uri, int(versions[-1][0]) if versions else 0)
+
+    def atlas(self) -> ZarrAtlas:
+        return ZarrAtlas(self)
 
 
-def _open_group(uri: str, mode: str):
-    import zarr
-
-    try:
-        return zarr.open_group(uri, mode=mode)
-    except FileNotFoundError:
-        raise StoreError(f"no zarr atlas at {uri}; write one with `scpretrain demo-data --format zarr` "
-                         "or `scpretrain export zarr`") from None
-
-
-def _check_format(group, uri: str) -> None:
-    if group.attrs.get(FORMAT_KEY) != FORMAT:
-        raise StoreError(f"{uri} is not a zarr CSR atlas of this package (no {FORMAT_KEY}={FORMAT!r} attribute)")
-
-
-class ZarrSource:
-    """A zarr CSR atlas read run by run: one slice of data and of indices per run of cells."""
+class ZarrAtlas(Atlas):
+    """A zarr atlas; also the streaming loader's cell source (``n_genes``, ``read_rows`` of
+    sorted joinids by runs, ``close``)."""
 
     def __init__(self, locator: ZarrLocator):
         self.locator = locator
-        if not Path(locator.uri).exists():
-            raise StoreError(f"no zarr atlas at {locator.uri}")
-        g = _open_group(locator.uri, "r")
-        _check_format(g, locator.uri)
-        self._records = [DatasetRecord(**r) for r in json.loads(g.attrs.get(REGISTRY_KEY, "[]"))]
-        self._genes = list(g.attrs.get(GENE_LIST_KEY, []))
-        self._data, self._indices, self._indptr = g["X/data"], g["X/indices"], g["X/indptr"]
+        self._g = None
+        self._arrays: dict = {}
+
+    # ------------------------------------------------------------------ opening
+    def _exists(self) -> bool:
+        path = Path(self.uri)
+        return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+    def _group(self, mode: str = "r"):
+        import zarr
+
+        if mode == "r" and self._g is not None:
+            return self._g
+        path = Path(self.uri)
+        if not path.exists():
+            raise StoreError(f"no atlas at {self.uri}; run `scpretrain ingest` first (or give the right "
+                             "--work-dir / store.uri)")
+        if not path.is_dir():
+            raise StoreError(f"{self.uri} is a file, not an atlas; give a folder path for the atlas (store.uri)")
+        try:
+            g = zarr.open_group(self.uri, mode=mode)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise StoreError(f"{self.uri} is not a zarr atlas ({str(e).splitlines()[0][:200]}); give the atlas "
+                             "folder `scpretrain ingest` made, or a path that does not exist yet") from None
+        if g.attrs.get(FORMAT_KEY) != FORMAT:
+            raise StoreError(f"{self.uri} is a zarr group but not an scpretrain atlas (no {FORMAT_KEY}={FORMAT!r} "
+                             "attribute); ingest into a new path")
+        if mode == "r":
+            self._g = g
+        return g
+
+    def _array(self, name: str):
+        if name not in self._arrays:
+            self._arrays[name] = self._group()[name]
+        return self._arrays[name]
+
+    def _create(self) -> None:
+        import zarr
+
+        path = Path(self.uri)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = zarr.open_group(self.uri, mode="w-")
+        g.create_array("X/data", shape=(0,), chunks=(NNZ_CHUNK,), dtype="float32")
+        g.create_array("X/indices", shape=(0,), chunks=(NNZ_CHUNK,), dtype="int32")
+        g.create_array("X/indptr", shape=(1,), chunks=(CELL_CHUNK,), dtype="int64", fill_value=0)
+        for name in _OBS_FIXED:
+            g.create_array(f"obs/{name}", shape=(0,), chunks=(CELL_CHUNK,), dtype=str)
+        g.attrs.update({FORMAT_KEY: FORMAT, GENE_LIST_KEY: [], VERSIONS_KEY: [], REGISTRY_KEY: "[]"})
+
+    def _version(self) -> tuple[int, int] | None:
+        """(datasets, genes) committed at the locator's time; None: the latest."""
+        if self.locator.timestamp_ms is None:
+            return None
+        seen = [v for v in self._group().attrs.get(VERSIONS_KEY, []) if int(v[0]) <= self.locator.timestamp_ms]
+        return (int(seen[-1][1]), int(seen[-1][2])) if seen else (0, 0)
+
+    # ------------------------------------------------------------------ registry
+    def datasets(self) -> list[DatasetRecord]:
+        records = [DatasetRecord(**r) for r in json.loads(self._group().attrs.get(REGISTRY_KEY, "[]"))]
+        version = self._version()
+        return records if version is None else records[: version[0]]
+
+    def genes(self) -> np.ndarray:
+        genes = list(self._group().attrs.get(GENE_LIST_KEY, []))
+        version = self._version()
+        return np.array(genes if version is None else genes[: version[1]], dtype=object)
 
     @property
     def n_genes(self) -> int:
-        return len(self._genes)
+        return len(self.genes())
 
-    def genes(self) -> np.ndarray:
-        return np.array(self._genes, dtype=object)
+    def _gene_mask_text(self, name: str) -> str | None:
+        if name not in {r.name for r in self.datasets()}:
+            return None
+        return self._group().attrs.get(GENES_KEY + name)
 
-    def datasets(self) -> list[DatasetRecord]:
-        return list(self._records)
+    def read_meta(self, key: str) -> str | None:
+        return self._group("r+").attrs.get(key)  # fresh: another process may have written it
 
-    def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
+    def write_meta(self, key: str, value: str) -> None:
+        self._group("r+").attrs.update({key: value})
+
+    # ------------------------------------------------------------------ reading
+    def _read_sorted(self, joinids: np.ndarray) -> sp.csr_matrix:
+        from scpretrain_dist.store.sources import runs, stack_runs
+
         starts, stops = runs(joinids)
+        n_genes = self.n_genes
         if starts.size == 0:
-            return sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+            return sp.csr_matrix((0, n_genes), dtype=np.float32)
+        data, indices, indptr = self._array("X/data"), self._array("X/indices"), self._array("X/indptr")
         # every row pointer the runs need, in one read: run k owns ptr[at[k] : at[k] + len_k + 1]
         lengths = stops - starts
         at = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
         pos = np.repeat(starts - at, lengths + 1) + np.arange(int((lengths + 1).sum()))
-        ptr = self._indptr.get_coordinate_selection(pos)
+        ptr = indptr.get_coordinate_selection(pos)
 
         def parts():  # read run by run while the result fills
             for a, b, k in zip(starts.tolist(), stops.tolist(), at.tolist()):
                 run_ptr = ptr[k : k + b - a + 1]
                 lo, hi = int(run_ptr[0]), int(run_ptr[-1])
-                yield run_ptr - lo, self._indices[lo:hi], self._data[lo:hi]
+                yield run_ptr - lo, indices[lo:hi], data[lo:hi]
 
         nnz = int(sum(ptr[k + b - a] - ptr[k] for a, b, k in zip(starts.tolist(), stops.tolist(), at.tolist())))
-        return stack_runs(parts(), self.n_genes, nnz_hint=nnz)
+        return stack_runs(parts(), n_genes, nnz_hint=nnz)
+
+    def _read_obs(self, lo: int, hi: int) -> pd.DataFrame:
+        return pd.DataFrame({name: np.asarray(self._array(f"obs/{name}")[lo:hi], dtype=object) for name in _OBS_FIXED})
 
     def close(self) -> None:
-        pass
+        self._g, self._arrays = None, {}
 
-
-class _ZarrWriter:
-    """Appends datasets to a zarr CSR atlas; the registry attribute is the commit marker."""
-
-    def __init__(self, uri: str, genes: list[str]):
-        import zarr
-
-        self.uri = uri
-        if Path(uri).exists():
-            g = zarr.open_group(uri, mode="r+")
-            _check_format(g, uri)
-        else:
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            g = zarr.open_group(uri, mode="w")
-            g.create_array("X/data", shape=(0,), chunks=(NNZ_CHUNK,), dtype="float32")
-            g.create_array("X/indices", shape=(0,), chunks=(NNZ_CHUNK,), dtype="int32")
-            g.create_array("X/indptr", shape=(1,), chunks=(CELL_CHUNK,), dtype="int64", fill_value=0)
-            g.create_array("obs/obs_id", shape=(0,), chunks=(CELL_CHUNK,), dtype=str)
-            g.create_array("obs/cell_type", shape=(0,), chunks=(CELL_CHUNK,), dtype=str)
-            g.attrs.update({FORMAT_KEY: FORMAT, GENE_LIST_KEY: [], REGISTRY_KEY: "[]"})
-        self.group = g
-        self.records = [DatasetRecord(**r) for r in json.loads(g.attrs.get(REGISTRY_KEY, "[]"))]
-        current = list(g.attrs.get(GENE_LIST_KEY, []))
-        if genes[: len(current)] != current:
-            raise StoreError(f"the zarr atlas {uri} has another gene space ({len(current)} genes) than "
-                             "the one being written; write to a new store")
-        self.genes = genes
+    # ------------------------------------------------------------------ appending
+    def _write(self, genes: list[str], n_genes_before: int, parts: list[tuple[StreamedDataset, Iterator]],
+               records: Callable[[], list[DatasetRecord]]) -> None:
+        g = self._group("r+")
+        committed = [DatasetRecord(**r) for r in json.loads(g.attrs.get(REGISTRY_KEY, "[]"))]
+        n_cells = sum(r.n_cells for r in committed)
+        nnz = int(g["X/indptr"][n_cells])
         # cut what a failed write left past the committed cells
-        self.n_cells = sum(r.n_cells for r in self.records)
-        self.nnz = int(g["X/indptr"][self.n_cells])
-        for name, size in (("X/data", self.nnz), ("X/indices", self.nnz), ("X/indptr", self.n_cells + 1),
-                           ("obs/obs_id", self.n_cells), ("obs/cell_type", self.n_cells)):
+        for name, size in (("X/data", nnz), ("X/indices", nnz), ("X/indptr", n_cells + 1),
+                           *((f"obs/{c}", n_cells) for c in _OBS_FIXED)):
             if g[name].shape[0] != size:
                 g[name].resize((size,))
+        X_data, X_indices, X_indptr = g["X/data"], g["X/indices"], g["X/indptr"]
+        obs = {c: g[f"obs/{c}"] for c in _OBS_FIXED}
+        offset = [nnz]
 
-    def append_block(self, obs_ids: np.ndarray, labels: np.ndarray, X: sp.csr_matrix) -> None:
-        g = self.group
-        X = sp.csr_matrix(X, dtype=np.float32)
-        X.sum_duplicates()
-        g["X/data"].append(X.data)
-        g["X/indices"].append(X.indices.astype(np.int32, copy=False))
-        g["X/indptr"].append(X.indptr[1:].astype(np.int64) + self.nnz)
-        g["obs/obs_id"].append(np.asarray(obs_ids, dtype=object).astype(str))
-        g["obs/cell_type"].append(np.asarray(labels, dtype=object).astype(str))
-        self.nnz += X.nnz
-        self.n_cells += X.shape[0]
+        def write(block) -> None:
+            _lo, obs_ids, labels, values = block
+            X_data.append(values.data)
+            X_indices.append(values.indices.astype(np.int32, copy=False))
+            X_indptr.append(values.indptr[1:].astype(np.int64) + offset[0])
+            obs["obs_id"].append(obs_ids.astype(str))
+            obs["cell_type"].append(labels.astype(str))
+            offset[0] += values.nnz
 
-    def commit(self, records: list[DatasetRecord], masks: dict[str, np.ndarray]) -> None:
-        attrs = {GENES_KEY + name: _pack_mask(m) for name, m in masks.items()}
-        attrs[GENE_LIST_KEY] = list(self.genes)
-        attrs[REGISTRY_KEY] = json.dumps([asdict(r) for r in records])  # the commit marker, last
-        self.group.attrs.update(attrs)
+        masks = {}
+        for d, blocks in parts:
+            pipelined(blocks, write)
+            masks[GENES_KEY + d.name] = pack_mask(d.gene_mask)
+        done = records()
+        versions = list(g.attrs.get(VERSIONS_KEY, []))
+        now = max(time.time_ns() // 1_000_000, int(versions[-1][0]) + 1 if versions else 0)
+        versions.append([now, len(done), len(genes)])
+        # one metadata write: masks, genes, versions and the registry (the commit) together
+        g.attrs.update({**masks, GENE_LIST_KEY: list(genes), VERSIONS_KEY: versions,
+                        REGISTRY_KEY: json.dumps([asdict(r) for r in done])})
+        self.close()
 
+    # ------------------------------------------------------------------ annotation columns
+    def obs_columns(self) -> list[str]:
+        obs = self._group("r+")["obs"]
+        return ["soma_joinid", "obs_id", "dataset_id", "cell_type",
+                *sorted(k for k in obs.array_keys() if k not in _OBS_FIXED)]
 
-def write_zarr_atlas(uri: str | Path, genes, datasets: list[StreamedDataset], log=print) -> IngestReport:
-    """Append streamed datasets to a zarr CSR atlas (created if absent); same rules as
-    ``AtlasStore.append_streamed``: same content is skipped, other content under a known name refused."""
-    uri = str(uri)
-    genes = [str(g) for g in genes]
-    w = _ZarrWriter(uri, genes)
-    existing = {r.name: r for r in w.records}
-    n_genes_before = len(w.group.attrs.get(GENE_LIST_KEY, []))
-    added, skipped, messages = [], [], []
-    records, masks = list(w.records), {}
-    for d in datasets:
-        if d.name in existing:
-            if d.sha256 and d.sha256 == existing[d.name].sha256:
-                skipped.append(d.name)
-                messages.append(f"dataset {d.name} is already in the atlas (same content); nothing to do")
-                log(messages[-1])
-                continue
-            raise StoreError(f"dataset {d.name} is already in the zarr atlas {uri} with other content")
-        t0 = time.perf_counter()
-        start = w.n_cells
-        types: set[str] = set()
+    def embedding_path(self, name: str) -> str:
+        return f"obsm/{name}"
 
-        def blocks(d=d, types=types) -> Iterator:
-            for obs_ids, labels, X in d.blocks():
-                if X.shape[1] != len(genes) or X.shape[0] != len(obs_ids) or X.shape[0] != len(labels):
-                    raise StoreError(f"dataset {d.name}: a block does not match its cells or the genes")
-                types.update(np.unique(np.asarray(labels, dtype=str)).tolist())
-                yield obs_ids, labels, X
+    def add_annotation_columns(self, label: str, confidence: str, embedding: str | None, n_cells: int,
+                               dim: int) -> None:
+        g = self._group("r+")
+        wanted = [(f"obs/{label}", (n_cells,), str, ""), (f"obs/{confidence}", (n_cells,), "float32", np.nan)]
+        if embedding:
+            wanted.append((self.embedding_path(embedding), (n_cells, dim), "float32", np.nan))
+        for name, shape, dtype, fill in wanted:
+            if name not in g:
+                chunks = (CELL_CHUNK,) if len(shape) == 1 else (max(1, CELL_CHUNK // max(dim, 1)), dim)
+                g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+            elif g[name].shape[0] < n_cells:  # cells ingested since the last annotation
+                g[name].resize((n_cells, *shape[1:]))
 
-        _pipelined(blocks(), lambda b: w.append_block(*b))
-        if w.n_cells - start != d.n_cells:
-            raise StoreError(f"dataset {d.name} yielded {w.n_cells - start} cells, not the {d.n_cells} announced")
-        n_types = len(types - {UNKNOWN_LABEL, "nan", ""})
-        records.append(DatasetRecord(
-            name=d.name, joinid_start=start, n_cells=d.n_cells, n_genes=int(d.gene_mask.sum()),
-            value_type=d.value_type, species=d.species, tissue=d.tissue, technology=d.technology,
-            label_key=d.label_key, n_types=n_types, source=d.source, sha256=d.sha256,
-            ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"), group=d.group,
-        ))
-        masks[d.name] = d.gene_mask
-        added.append(d.name)
-        messages.append(f"wrote {d.name}: {d.n_cells} cells, {int(d.gene_mask.sum())} genes "
-                        f"({time.perf_counter() - t0:.1f}s)")
-        log(messages[-1])
-    if added:
-        w.commit(records, masks)
-    return IngestReport(added, skipped, n_genes_before, len(genes), messages)
+    def annotated(self, label: str, embedding: str | None, lo: int, n: int) -> np.ndarray:
+        g = self._group("r+")
+        done = np.zeros(n, dtype=bool)
+        if f"obs/{label}" not in g:
+            return done
+        have = np.asarray(g[f"obs/{label}"][lo : lo + n], dtype=object)
+        done[: len(have)] = have != ""
+        if embedding:
+            name = self.embedding_path(embedding)
+            vec = np.zeros(n, dtype=bool)
+            if name in g:
+                rows = g[name][lo : lo + n]
+                vec[: len(rows)] = ~np.isnan(rows).any(axis=1)
+            done &= vec
+        return done
 
-
-def export_zarr(
-    locator: AtlasLocator, out_uri: str | Path, datasets: list[str] | None = None,
-    block_cells: int = 32768, log=print,
-) -> IngestReport:
-    """Copy datasets of a SOMA atlas (all by default) into a zarr CSR atlas, block by block.
-
-    Values are copied as stored (raw counts stay counts); each dataset keeps its value type,
-    gene mask and registry entry. Cells are renumbered contiguously in the zarr store.
-    """
-    from scpretrain_dist.store.sources import SomaSource
-
-    store = AtlasStore(locator.uri, locator.timestamp_ms)
-    records = {r.name: r for r in store.datasets()}
-    names = list(records) if datasets is None else list(datasets)
-    missing = [n for n in names if n not in records]
-    if missing:
-        raise StoreError(f"cannot export {missing}: not in the atlas {locator.uri} (it holds {', '.join(records)})")
-    genes = store.genes()
-    source = SomaSource(locator)
-
-    def blocks(rec: DatasetRecord):
-        def gen():
-            with locator.open() as exp:
-                for lo in range(rec.joinid_start, rec.joinid_start + rec.n_cells, block_cells):
-                    hi = min(lo + block_cells, rec.joinid_start + rec.n_cells)
-                    obs = exp.obs.read(coords=(slice(lo, hi - 1),), column_names=["soma_joinid", "obs_id", "cell_type"])
-                    obs = obs.concat().to_pandas().sort_values("soma_joinid")
-                    X = source.read_rows(np.arange(lo, hi, dtype=np.int64))
-                    yield obs["obs_id"].to_numpy(dtype=object), obs["cell_type"].to_numpy(dtype=object), X
-        return gen
-
-    streamed = [
-        StreamedDataset(
-            name=r.name, n_cells=r.n_cells, gene_mask=store.dataset_gene_mask(r.name), blocks=blocks(r),
-            value_type=r.value_type, species=r.species, tissue=r.tissue, technology=r.technology,
-            label_key=r.label_key, source=r.source, sha256=r.sha256, group=r.group,
-        )
-        for r in (records[n] for n in names)
-    ]
-    try:
-        return write_zarr_atlas(out_uri, genes, streamed, log=log)
-    finally:
-        source.close()
-
-
-def zarr_gene_mask(locator: ZarrLocator, name: str) -> np.ndarray:
-    g = _open_group(locator.uri, "r")
-    n = len(g.attrs.get(GENE_LIST_KEY, []))
-    text = g.attrs.get(GENES_KEY + name)
-    if text is None:
-        raise StoreError(f"dataset {name!r} is not in the zarr atlas {locator.uri}")
-    return _unpack_mask(text, n)
+    def write_annotations(self, lo: int, label: str, labels: np.ndarray, confidence: str, values: np.ndarray,
+                          embedding: str | None, vectors: np.ndarray | None) -> None:
+        g = self._group("r+")
+        hi = lo + len(labels)
+        if embedding and vectors is not None:
+            g[self.embedding_path(embedding)][lo:hi] = vectors.astype(np.float32)
+        g[f"obs/{confidence}"][lo:hi] = np.asarray(values, dtype=np.float32)
+        g[f"obs/{label}"][lo:hi] = np.asarray(labels, dtype=object).astype(str)  # the commit, last

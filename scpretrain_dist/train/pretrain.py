@@ -21,8 +21,8 @@ from scpretrain_dist.pseudolabel.pool import (
     agreement,
     refresh_pseudo_labels,
 )
+from scpretrain_dist.store.atlas import Locator, atlas_for
 from scpretrain_dist.store.files import exclusive, write_json_whole
-from scpretrain_dist.store.soma import AtlasLocator, AtlasStore
 from scpretrain_dist.tracking.mlflow_runs import RunLog
 
 ENCODER_FILE = "encoder.pt"
@@ -242,7 +242,7 @@ class WorkerConfig:
     pretrain: PretrainConfig
     model: ModelConfig
     stream: StreamConfig
-    locator: AtlasLocator
+    locator: Locator
     datasets: tuple[str, ...]
     labels_path: str
     n_genes: int
@@ -256,7 +256,7 @@ class WorkerConfig:
 
 
 def loop_config(
-    cfg: RunConfig, locator: AtlasLocator, datasets: list[str], labels_path: str | Path, n_genes: int,
+    cfg: RunConfig, locator: Locator, datasets: list[str], labels_path: str | Path, n_genes: int,
     iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None,
     final_eval: bool = False, check_replicas: bool = False,
 ) -> WorkerConfig:
@@ -359,9 +359,9 @@ def pretrain(
     t_start = time.perf_counter()
     if not datasets:
         raise ValueError("pretraining needs at least one dataset")
-    store = AtlasStore(cfg.store_uri)
+    store = atlas_for(cfg)
     locator = store.locator.pinned()  # every worker and actor reads this same version
-    n_genes = len(AtlasStore(locator.uri, locator.timestamp_ms).genes())
+    n_genes = len(locator.atlas().genes())
     out_dir = Path(cfg.work_dir) / "pretrain" / tag
     # one run per folder: two would write each other's progress and pseudo-labels
     with exclusive(out_dir / ".lock", refuse=lambda e: ConfigError(

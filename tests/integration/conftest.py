@@ -72,39 +72,51 @@ def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) ->
 
 # The quickstart as a user runs it (a fresh process, its own Ray and MLflow) takes about two
 # minutes, mostly waiting on process start-ups; it starts in the background as soon as the tests
-# are collected, while the other modules run, and test_quickstart.py waits for it.
-_QUICKSTART: dict = {}
+# are collected, while the other modules run, and test_quickstart.py waits for it. A second one
+# on the zarr backend (same settings, its own work dir) checks that both backends give the same
+# results.
+_QUICKSTARTS: dict = {}
+
+
+def _start_quickstart(name: str, prefix: str, *args: str) -> None:
+    root = Path(tempfile.mkdtemp(prefix=prefix))  # removed at the end of the session, and only it
+    if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
+        stem = str(root / "wörk dïr ")
+        work = Path(stem + "x" * max(0, 120 - len(stem)))
+    else:
+        work = root / "work"
+    out, err = open(root / "stdout", "w+"), open(root / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work), *args],
+                            stdout=out, stderr=err, text=True)
+    _QUICKSTARTS[name] = dict(work=work, proc=proc, out=out, err=err, root=root)
 
 
 def pytest_collection_modifyitems(session, config, items):
     if any(item.nodeid.split("::")[0].endswith("integration/test_quickstart.py") for item in items):
-        base = tempfile.mkdtemp(prefix="scp-qs-") + "/wörk dïr "
-        work = Path(base + "x" * max(0, 120 - len(base)))  # 120 characters, a space, non-ASCII letters
-        out, err = open(f"{base}.stdout", "w+"), open(f"{base}.stderr", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work)],
-                                stdout=out, stderr=err, text=True)
-        _QUICKSTART.update(work=work, proc=proc, out=out, err=err, root=Path(base).parent)
+        _start_quickstart("soma", "scp-qs-")
+        _start_quickstart("zarr", "scp-qz-", "--set", "store.backend=zarr")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _QUICKSTART:
-        if _QUICKSTART["proc"].poll() is None:
-            _QUICKSTART["proc"].kill()
-        shutil.rmtree(_QUICKSTART["root"], ignore_errors=True)
+    for run in _QUICKSTARTS.values():
+        if run["proc"].poll() is None:
+            run["proc"].kill()
+        shutil.rmtree(run["root"], ignore_errors=True)
 
 
-def quickstart_run(timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
+def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
     """The background quickstart's work dir and its finished process (stdout, stderr)."""
-    if not _QUICKSTART:
+    if backend not in _QUICKSTARTS:
         raise RuntimeError("the quickstart was not started: its module was not collected")
-    proc = _QUICKSTART["proc"]
-    proc.wait(timeout=timeout)
-    _QUICKSTART["out"].seek(0)
-    _QUICKSTART["err"].seek(0)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, _QUICKSTART["out"].read(), _QUICKSTART["err"].read())
+    run = _QUICKSTARTS[backend]
+    run["proc"].wait(timeout=timeout)
+    run["out"].seek(0)
+    run["err"].seek(0)
+    done = subprocess.CompletedProcess(run["proc"].args, run["proc"].returncode, run["out"].read(), run["err"].read())
     if done.returncode != 0:
-        raise AssertionError(f"the quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return _QUICKSTART["work"], done
+        raise AssertionError(f"the {backend} quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-5000:]}")
+    return run["work"], done
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ def env(tmp_path_factory, ray_session):
     from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
     from scpretrain_dist.serve.pyfunc import register_annotator
-    from scpretrain_dist.store import AtlasStore
+    from scpretrain_dist.store import open_atlas
     from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.finetune import finetune
 
@@ -49,7 +49,7 @@ def env(tmp_path_factory, ray_session):
     write_demo_atlas(demo, DEMO)
     entries = load_catalog(demo / "catalog.toml")
     pristine = work / "pristine.soma"
-    store = AtlasStore.create(pristine)
+    store = open_atlas(pristine)
     store.ingest(entries[:2], log=lambda m: None)
     target = load_target(store, "demo_00")
     setup(cfg)
@@ -67,10 +67,10 @@ def env(tmp_path_factory, ray_session):
 
 @pytest.fixture
 def store(env, tmp_path):
-    from scpretrain_dist.store import AtlasStore
+    from scpretrain_dist.store import open_atlas
 
     shutil.copytree(env["pristine"], tmp_path / "atlas.soma")
-    return AtlasStore(tmp_path / "atlas.soma")
+    return open_atlas(tmp_path / "atlas.soma")
 
 
 def read_obs(store) -> pd.DataFrame:
@@ -120,7 +120,7 @@ def col(version: int, what: str) -> str:
 def test_store_annotation_on_ray_pool_matches_served_predictions(env, store):
     import tiledbsoma as soma
 
-    from scpretrain_dist.serve.annotate import annotate_store, store_annotations
+    from scpretrain_dist.serve.annotate import annotate_store
 
     before = snapshot(store)
     rep = annotate_store(env["cfg"], f"models:/{MODEL}@champion", store.uri, embedding=True, block_size=100,
@@ -146,7 +146,7 @@ def test_store_annotation_on_ray_pool_matches_served_predictions(env, store):
         np.testing.assert_allclose(emb[ref.index], ref[[f"emb_{i}" for i in range(200)]], rtol=1e-4, atol=1e-5)
     own = obs[obs["dataset_id"] == "demo_00"]
     assert (own[col(2, "label")] == own["cell_type"]).mean() > 0.8, "the model has learnt its dataset"
-    record = store_annotations(store)[f"scpretrain__{MODEL}__v2"]
+    record = store.annotations()[f"scpretrain__{MODEL}__v2"]
     assert record["model"] == MODEL and record["version"] == 2
     assert {d: r["status"] for d, r in record["datasets"].items()} == {"demo_00": "complete", "demo_01": "complete"}
     pd.testing.assert_frame_equal(snapshot(store)["X"], before["X"])
@@ -383,12 +383,11 @@ def test_cli_markers_of_a_registered_model(env, tmp_path, cli):
 
 def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store, tmp_path, cli):
     import anndata as ad
-    import pyarrow as pa
     import scipy.sparse as sp
 
     from scpretrain_dist.catalog.entries import DatasetEntry
     from scpretrain_dist.serve.annotate import AnnotateError, annotate_h5ad, annotate_store
-    from scpretrain_dist.store.soma import StoreError
+    from scpretrain_dist.store import StoreError
     from scpretrain_dist.tracking.registry import RegistryError
 
     cfg = env["cfg"]
@@ -431,7 +430,7 @@ def test_bad_inputs_give_clear_errors_and_leave_everything_unchanged(env, store,
     assert sha256(late) == digest
 
     # columns of this version's name that no annotation record accounts for: refused, untouched
-    store.add_obs_columns({col(1, "label"): pa.large_string()})
+    store.add_annotation_columns(col(1, "label"), col(1, "confidence"), None, 1, 0)
     before = snapshot(store)
     with pytest.raises(AnnotateError, match="refusing to overwrite"):
         annotate_store(cfg, f"models:/{MODEL}/1", store.uri, datasets=["demo_00"], **quiet)

@@ -49,7 +49,7 @@ def env(tmp_path_factory):
     from scpretrain_dist.demo import write_demo_atlas
     from scpretrain_dist.evaluate.protocols import load_target
     from scpretrain_dist.serve.pyfunc import register_annotator
-    from scpretrain_dist.store import AtlasStore
+    from scpretrain_dist.store import open_atlas
     from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.finetune import finetune
 
@@ -58,7 +58,7 @@ def env(tmp_path_factory):
     demo = work.parent / "demo"
     write_demo_atlas(demo, DemoDataConfig(n_datasets=3, cells_per_dataset=120, n_genes=120, n_types=3,
                                           markers_per_type=10, seed=5))
-    store = AtlasStore(cfg.store_uri)
+    store = open_atlas(cfg.store_uri)
     store.ingest(load_catalog(demo / "catalog.toml"), log=lambda m: None)
     target = load_target(store, "demo_00")
     setup(cfg)
@@ -412,9 +412,9 @@ def test_surprising_inputs_are_ingested_with_a_warning(env, tmp_path, cli):
     assert "no obs['cell_type']" in said and "unlabelled" in said
     assert "cell names repeat" in said
     assert cli.digest(path) == digest
-    from scpretrain_dist.store import AtlasStore
+    from scpretrain_dist.store import open_atlas
 
-    store = AtlasStore(work / "atlas.soma")
+    store = open_atlas(work / "atlas.soma")
     (rec,) = store.datasets()
     assert rec.n_cells == 40 and rec.n_genes == len(genes) - 1 and not rec.labelled
 

@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 TINY = ["--recipe", "tiny", "--set", "pretrain.iterations=2", "--set", "pretrain.epochs=4"]
+# the fine-tuning and evaluation of the submitted quickstart, cut to two methods at one budget
+# (what the job checks is where its runs, model and report go, not the evaluation)
+SMALL_EVALUATION = ["--set", 'evaluate.methods=["scpretrain","logreg"]', "--set", "evaluate.budgets=[100]",
+                    "--set", "evaluate.cluster=false"]
 
 
 def _ports(free_port, *names: str) -> list[str]:
@@ -123,7 +127,7 @@ class Cluster:
                     os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
@@ -161,14 +165,26 @@ def _mlflow_server(root: Path, backend: str, cluster: Cluster, cli) -> tuple[str
     return uri, proc
 
 
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5) -> None:
+    """A server this module started, by its process group: ``sig``, then SIGKILL after ``grace``
+    seconds (the tests are over; nothing of it is read afterwards)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, cluster, cli):
     """An MLflow server with a sqlite backend."""
     root = tmp_path_factory.mktemp("mlflow")
     uri, proc = _mlflow_server(root, f"sqlite:///{root}/mlflow.db", cluster, cli)
     yield {"uri": uri, "db": root / "mlflow.db"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +192,7 @@ def postgres_mlflow_server(tmp_path_factory, cluster, cli, postgres):
     """An MLflow server with a PostgreSQL backend."""
     uri, proc = _mlflow_server(tmp_path_factory.mktemp("mlflow-pg"), postgres, cluster, cli)
     yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +230,7 @@ def postgres(tmp_path_factory, cli):
                        capture_output=True, timeout=60)
         yield f"postgresql+psycopg2://scp@127.0.0.1:{port}/mlflow"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        _stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown (SIGTERM waits for every client)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -296,7 +310,7 @@ def spread_run(cluster, mlflow_server, tmp_path_factory):
     before = {a["actor_id"] for a in _train_workers(cluster)}
     t0 = time.time()
     proc = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", work, "--",
-                              "quickstart", *TINY, "--set", "pretrain.placement=SPREAD",
+                              "quickstart", *TINY, "--set", "pretrain.placement=SPREAD", *SMALL_EVALUATION,
                               extra_env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
     print(f"submitted quickstart (SPREAD): {time.time() - t0:.1f} s")
     return work, proc, _train_workers(cluster, before)

@@ -23,8 +23,9 @@ from scpretrain_dist.demo import (
     simulate_chunk,
     write_demo_store,
 )
-from scpretrain_dist.store.soma import AtlasStore, StoreError, StreamedDataset
-from scpretrain_dist.store.zarr_csr import ZarrLocator, ZarrSource, export_zarr
+from scpretrain_dist.store import StoreError, open_atlas
+from scpretrain_dist.store.atlas import StreamedDataset, copy_atlas
+from scpretrain_dist.store.zarr_csr import ZarrLocator
 
 CFG = DemoDataConfig(n_cells=3000, n_datasets=5, n_genes=400, n_types=4, markers_per_type=10, seed=1)
 
@@ -39,7 +40,7 @@ def atlas(tmp_path_factory):
     uri = root / "atlas.soma"
     report = write_demo_store(CFG, uri, log=_quiet)
     assert len(report.added) == CFG.n_datasets
-    return AtlasStore(uri)
+    return open_atlas(uri)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_a_failed_streamed_append_leaves_the_store_as_it_was(tmp_path):
     uri = tmp_path / "atlas.soma"
     small = replace(CFG, n_cells=600, n_datasets=2)
     write_demo_store(small, uri, log=_quiet)
-    store = AtlasStore(uri)
+    store = open_atlas(uri)
     records_before = store.datasets()
     genes = store.genes()
     good = demo_datasets(plan_atlas(replace(small, seed=9)))[1][0]
@@ -260,12 +261,12 @@ def test_labels_travel_with_their_cells(atlas):
 
 def test_zarr_gives_the_same_batches_as_soma(atlas, zarr_atlas, tmp_path):
     exported = ZarrLocator(str(tmp_path / "exported.zarr"))
-    export_zarr(atlas.locator.pinned(), exported.uri, log=_quiet)
+    copy_atlas(atlas.locator.pinned().atlas(), exported.uri, log=_quiet)
     names = ["demo_01", "demo_03", "demo_04"]
     kw = dict(rank=1, world=2, chunk_cells=24, buffer_cells=480)
     soma_ds = StreamingCells(atlas.locator, names, 40, 5, **kw)
     for loc in (zarr_atlas, exported):
-        z = ZarrSource(loc)
+        z = loc.atlas()
         assert [(r.name, r.n_cells, r.n_genes) for r in z.datasets()] == [
             (r.name, r.n_cells, r.n_genes) for r in atlas.datasets()]
         assert list(z.genes()) == list(atlas.genes())
@@ -354,7 +355,7 @@ def test_loader_refuses_arguments_that_break_its_guarantees(atlas, kwargs, match
 def test_unknown_datasets_and_stores_are_named(atlas, tmp_path):
     with pytest.raises(StoreError, match="not in the atlas.*demo_00"):
         StreamingCells(atlas.locator, ["nope"], 16, 0, rank=0, world=1)
-    with pytest.raises(StoreError, match="no zarr atlas"):
+    with pytest.raises(StoreError, match="no atlas at .*missing.zarr"):
         StreamingCells(ZarrLocator(str(tmp_path / "missing.zarr")), ["demo_00"], 16, 0, rank=0, world=1)
 
 
@@ -392,7 +393,7 @@ def test_cli_demo_data_writes_a_zarr_atlas(tmp_path, cli, monkeypatch):
     out = cli.run("demo-data", "--cells", "500", "--datasets", "3", "--genes", "300", "--format", "zarr",
                   "--store-uri", str(tmp_path / "a.zarr"), "--set", "demo.markers_per_type=10")
     assert out.returncode == 0, out.stderr
-    z = ZarrSource(ZarrLocator(str(tmp_path / "a.zarr")))
+    z = ZarrLocator(str(tmp_path / "a.zarr")).atlas()
     assert sum(r.n_cells for r in z.datasets()) == 500 and z.n_genes == 300
     X = z.read_rows(np.arange(500))
     assert X.shape == (500, 300) and X.nnz > 0

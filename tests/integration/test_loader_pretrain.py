@@ -12,7 +12,7 @@ import pytest
 from scpretrain_dist import recipes
 from scpretrain_dist.config import DemoDataConfig, resolve
 from scpretrain_dist.demo import write_demo_store
-from scpretrain_dist.store import AtlasStore
+from scpretrain_dist.store import open_atlas
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def streamed_atlas(tmp_path_factory, ray_session):
     write_demo_store(demo, work / "atlas.soma", log=lambda m: None)
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8",
                                              'pseudolabel.phase1_space="pca"'])
-    return cfg, AtlasStore(work / "atlas.soma")
+    return cfg, open_atlas(work / "atlas.soma")
 
 
 def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atlas):

@@ -9,7 +9,7 @@ from scpretrain_dist import recipes
 from scpretrain_dist.catalog import entries_from_paths
 from scpretrain_dist.config import resolve
 from scpretrain_dist.data.normalize import normalized_rows
-from scpretrain_dist.store import AtlasStore
+from scpretrain_dist.store import open_atlas
 
 pytestmark = pytest.mark.realdata
 NAMES = ["pbmc_symphony_3pv1", "pbmc_symphony_5p", "mouse_fetal_liver_gse87795", "pancreas_baron_human_cider",
@@ -18,7 +18,7 @@ NAMES = ["pbmc_symphony_3pv1", "pbmc_symphony_5p", "mouse_fetal_liver_gse87795",
 
 @pytest.fixture(scope="module")
 def store(shared_data, tmp_path_factory):
-    st = AtlasStore.create(tmp_path_factory.mktemp("real") / "atlas.soma")
+    st = open_atlas(tmp_path_factory.mktemp("real") / "atlas.soma")
     st.ingest(entries_from_paths([shared_data / f"{n}.h5ad" for n in NAMES]), log=lambda m: None)
     return st
 

@@ -16,7 +16,7 @@ from scpretrain_dist import recipes
 from scpretrain_dist.catalog import load_catalog
 from scpretrain_dist.config import DemoDataConfig, resolve
 from scpretrain_dist.demo import write_demo_atlas
-from scpretrain_dist.store import AtlasStore
+from scpretrain_dist.store import open_atlas
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def ray_atlas(tmp_path_factory, ray_session):
     demo = DemoDataConfig(n_datasets=3, cells_per_dataset=300, n_genes=400, n_types=4,
                           markers_per_type=15, seed=1)
     write_demo_atlas(work / "demo", demo)
-    store = AtlasStore.create(work / "atlas.soma")
+    store = open_atlas(work / "atlas.soma")
     store.ingest(load_catalog(work / "demo" / "catalog.toml"), log=lambda m: None)
     cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8"])
     return cfg, store
@@ -68,7 +68,7 @@ def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path
         from scpretrain_dist.pseudolabel.features import read_encoder
 
         enc = read_encoder(encoder)
-    local, ks, _ = cluster_dataset(AtlasStore(locator.uri, locator.timestamp_ms), datasets[0],
+    local, ks, _ = cluster_dataset(locator.atlas(), datasets[0],
                                    dataclasses.replace(whole_cfg, init_sample_cells=250), space, enc)
     np.testing.assert_array_equal(local, whole.labels[datasets[0]])
 

@@ -20,7 +20,7 @@ import torch
 from scpretrain_dist.catalog import load_catalog
 from scpretrain_dist.config import DemoDataConfig
 from scpretrain_dist.demo import write_demo_atlas
-from scpretrain_dist.store import AtlasStore
+from scpretrain_dist.store import Atlas, open_atlas
 
 SMALL_DEMO = DemoDataConfig(
     n_datasets=3,
@@ -64,7 +64,7 @@ def log1p_cp10k(counts) -> np.ndarray:
     return np.log1p(counts * scale)
 
 
-def store_snapshot(store: AtlasStore) -> dict:
+def store_snapshot(store: Atlas) -> dict:
     """Everything a reader could see: the registry, gene space, masks and the whole X layer."""
     import tiledbsoma as soma
 
@@ -150,9 +150,9 @@ def demo_entries(demo_dir):
 
 
 @pytest.fixture
-def demo_store(tmp_path, demo_entries) -> AtlasStore:
+def demo_store(tmp_path, demo_entries) -> Atlas:
     """A fresh store with the three demo datasets ingested."""
-    store = AtlasStore.create(tmp_path / "atlas.soma")
+    store = open_atlas(tmp_path / "atlas.soma")
     store.ingest(demo_entries, log=lambda m: None)
     return store
 

@@ -258,7 +258,19 @@ def test_mlflow_and_ray_users_environment_is_honoured(monkeypatch, tmp_path):
     assert cfg.ray.address == "" and cfg.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
 
 
-@pytest.mark.parametrize("override", ["store.backend=zarr", 'store.uri="/data/atlas.zarr"', 'store.uri="/data/atlas.zarr/"'])
-def test_a_zarr_store_for_the_pipeline_is_refused_with_what_reads_zarr(override):
-    with pytest.raises(ConfigError, match="TileDB-SOMA atlas only.*bench loader --store-uri"):
-        config.resolve(recipes.get("tiny"), overrides=[override])
+@pytest.mark.parametrize(("overrides", "uri", "backend"), [
+    ([], "atlas.soma", "soma"),
+    (["store.backend=zarr"], "atlas.zarr", "zarr"),
+    (['store.uri="/data/atlas.zarr"'], "/data/atlas.zarr", "zarr"),
+    (['store.uri="/data/atlas.zarr/"'], "/data/atlas.zarr", "zarr"),
+    (['store.uri="/data/cells"', "store.backend=zarr"], "/data/cells", "zarr"),
+    (['store.uri="/data/atlas.zarr"', "store.backend=soma"], "/data/atlas.zarr", "soma"),
+])
+def test_the_store_backend_comes_from_the_setting_or_the_uri(overrides, uri, backend, tmp_path):
+    from scpretrain_dist.store.atlas import backend_of
+
+    cfg = config.resolve(recipes.get("tiny"), overrides=[f'work_dir="{tmp_path}"', *overrides])
+    assert cfg.store_uri.rstrip("/").endswith(uri)
+    assert backend_of(cfg.store_uri, cfg.store.backend) == backend
+    with pytest.raises(ConfigError, match="store.backend.*one of"):
+        config.resolve(recipes.get("tiny"), overrides=["store.backend=hdf5"])

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from scpretrain_dist import recipes
+from scpretrain_dist.catalog.inputs import UNKNOWN_LABEL
 from scpretrain_dist.config import ConfigError, resolve
 from scpretrain_dist.evaluate import methods as methods_mod
 from scpretrain_dist.evaluate.methods import (
@@ -24,7 +25,7 @@ from scpretrain_dist.evaluate.metrics import clustering_metrics, paired_wilcoxon
 from scpretrain_dist.evaluate.protocols import harmonise, load_mapping
 from scpretrain_dist.evaluate.report import budget_curve, paired_tests, summary, write_report
 from scpretrain_dist.evaluate.splits import budget_subset, split_cells
-from scpretrain_dist.store.soma import UNKNOWN_LABEL, StoreError
+from scpretrain_dist.store import StoreError
 from scpretrain_dist.train.finetune import epoch_batches
 
 

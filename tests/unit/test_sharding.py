@@ -10,7 +10,7 @@ from scpretrain_dist.data.dataset import CellShard, GeneShardedCells
 from scpretrain_dist.data.normalize import normalized_rows
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions, steps_per_epoch
 from scpretrain_dist.pseudolabel.pool import PseudoLabels
-from scpretrain_dist.store import AtlasStore
+from scpretrain_dist.store import open_atlas
 
 CASES = [
     (1, 1), (1, 4), (3, 8), (7, 8), (8, 8), (9, 8), (10, 3), (12, 4), (13, 4),
@@ -123,7 +123,7 @@ def test_cell_shard_from_the_store(demo_store):
     all_ids = np.concatenate([s.joinids for s in shards])
     assert set(all_ids.tolist()) == set(range(n_total))
     joinid_to_ds = np.concatenate([np.full(r.n_cells, i) for i, r in enumerate(records)])
-    store = AtlasStore(demo_store.uri)
+    store = open_atlas(demo_store.uri)
     for shard in shards:
         np.testing.assert_array_equal(shard.dataset_idx, joinid_to_ds[shard.joinids])
         local = shard.joinids - np.array([records[d].joinid_start for d in shard.dataset_idx])
