@@ -65,35 +65,38 @@ def log1p_cp10k(counts) -> np.ndarray:
 
 
 def store_snapshot(store: Atlas) -> dict:
-    """Everything a reader could see: the registry, gene space, masks and the whole X layer."""
+    """Everything on disk a reader could see, of either backend: the registry, gene space,
+    metadata, obs and every stored value."""
+    out = {"records": store.datasets(), "genes": list(store.genes())}
+    if store.uri.endswith(".zarr"):
+        import zarr
+
+        g = zarr.open_group(store.uri, mode="r")
+        out["metadata"] = dict(g.attrs)
+        out["arrays"] = {name: np.asarray(a[...]) for name, a in g.members(max_depth=None) if isinstance(a, zarr.Array)}
+        return out
     import tiledbsoma as soma
 
-    records = store.datasets()
     with soma.Experiment.open(store.uri) as exp:
         X = exp.ms["RNA"].X["counts"]
         tbl = X.read().tables().concat()
-        meta = {k: v for k, v in exp.metadata.items() if str(k).startswith("scpretrain.")}
+        out["metadata"] = {k: v for k, v in exp.metadata.items() if str(k).startswith("scpretrain.")}
         obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid").reset_index(drop=True)
     order = np.lexsort((tbl["soma_dim_1"].to_numpy(), tbl["soma_dim_0"].to_numpy()))
-    return {
-        "records": records,
-        "genes": list(store.genes()),
-        "metadata": meta,
-        "obs": obs,
-        "rows": tbl["soma_dim_0"].to_numpy()[order],
-        "cols": tbl["soma_dim_1"].to_numpy()[order],
-        "data": tbl["soma_data"].to_numpy()[order],
-    }
+    out["arrays"] = {"obs": obs, **{k: tbl[k].to_numpy()[order] for k in ("soma_dim_0", "soma_dim_1", "soma_data")}}
+    return out
 
 
 def assert_same_snapshot(a: dict, b: dict) -> None:
     assert a["records"] == b["records"]
     assert a["genes"] == b["genes"]
     assert a["metadata"] == b["metadata"]
-    pd.testing.assert_frame_equal(a["obs"], b["obs"])
-    np.testing.assert_array_equal(a["rows"], b["rows"])
-    np.testing.assert_array_equal(a["cols"], b["cols"])
-    np.testing.assert_array_equal(a["data"], b["data"])
+    assert a["arrays"].keys() == b["arrays"].keys()
+    for k, v in a["arrays"].items():
+        if isinstance(v, pd.DataFrame):
+            pd.testing.assert_frame_equal(v, b["arrays"][k])
+        else:
+            np.testing.assert_array_equal(v, b["arrays"][k], err_msg=k)
 
 
 @contextmanager

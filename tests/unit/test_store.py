@@ -1,4 +1,5 @@
-"""The SOMA atlas store: ingest, gene-space alignment, normalisation and failure atomicity."""
+"""The atlas store on both backends (TileDB-SOMA and zarr): ingest, gene-space alignment,
+normalisation, failure atomicity and pinned versions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import tiledbsoma
 
 from scpretrain_dist.catalog import DatasetEntry
 from scpretrain_dist.config import UserError
@@ -16,6 +16,19 @@ from scpretrain_dist.store import StoreError, open_atlas
 
 def _quiet(_msg):
     pass
+
+
+@pytest.fixture(params=["soma", "zarr"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def demo_store(tmp_path, demo_entries, backend):
+    """The three demo datasets ingested into a fresh atlas of each backend."""
+    store = open_atlas(tmp_path / f"atlas.{backend}")
+    store.ingest(demo_entries, log=_quiet)
+    return store
 
 
 def _file_matrix(helpers, path):
@@ -99,11 +112,14 @@ def test_read_rows_keeps_request_order_and_repeats(demo_store):
     np.testing.assert_array_equal(rows, full.toarray()[[5, 0, 5, 17]])
 
 
-def test_a_run_read_in_many_small_tables_equals_the_run_read_in_one(demo_store, helpers):
+def test_a_run_read_in_many_small_tables_equals_the_run_read_in_one(tmp_path, demo_entries, helpers):
     """A whole-dataset read arrives as several Arrow tables (cells split between two of them);
     the pieces are counted and copied table by table into one CSR."""
     from scpretrain_dist.store.soma import LAYER, MEASUREMENT
     from scpretrain_dist.store.sources import read_run
+
+    demo_store = open_atlas(tmp_path / "atlas.soma")  # SOMA's read buffers
+    demo_store.ingest(demo_entries, log=_quiet)
 
     rec = demo_store.dataset("demo_01")
     a, b = int(rec.joinids[0]), int(rec.joinids[-1]) + 1
@@ -169,13 +185,13 @@ def test_changed_file_under_the_same_name_is_refused(demo_store, demo_entries, h
     helpers.assert_same_snapshot(before, helpers.store_snapshot(demo_store))
 
 
-def test_duplicate_names_in_one_ingest_are_refused(tmp_path, helpers):
+def test_duplicate_names_in_one_ingest_are_refused(tmp_path, helpers, backend):
     path = tmp_path / "a.h5ad"
     _counts_file(helpers, path)
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     with pytest.raises(StoreError, match="dup"):
         store.ingest([DatasetEntry("dup", str(path)), DatasetEntry("dup", str(path))], log=_quiet)
-    assert not (tmp_path / "s.soma").exists()  # refused before the atlas came into being
+    assert not (tmp_path / f"s.{backend}").exists()  # refused before the atlas came into being
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -271,7 +287,7 @@ TRANSFORMS = {
 
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
 def test_processed_dataset_is_detected_and_reads_back_like_counts(
-    transform, tmp_path, helpers, demo_entries
+    transform, tmp_path, helpers, demo_entries, backend
 ):
     fn, expected_type = TRANSFORMS[transform]
     counts, genes, adata = _file_matrix(helpers, demo_entries[0].path)
@@ -285,7 +301,7 @@ def test_processed_dataset_is_detected_and_reads_back_like_counts(
         labels=adata.obs["cell_type"].astype(str),
         obs_names=adata.obs_names,
     )
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([demo_entries[0], DatasetEntry("processed", str(path))], log=_quiet)
     assert store.dataset(demo_entries[0].name).value_type == "counts"
     assert store.dataset("processed").value_type == expected_type
@@ -301,19 +317,19 @@ def test_processed_dataset_is_detected_and_reads_back_like_counts(
     np.testing.assert_allclose(mixed[:3], mixed[3:], rtol=1e-4, atol=1e-4)
 
 
-def test_declared_value_type_overrides_detection(tmp_path, helpers):
+def test_declared_value_type_overrides_detection(tmp_path, helpers, backend):
     path = tmp_path / "a.h5ad"
     X = np.log1p(_counts_file(helpers, path) * 1e5)  # natural-log values above log1p(1e6): detected as log2
     helpers.write_h5ad(path, sp.csr_matrix(X), [f"GENE{i}" for i in range(12)])
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([DatasetEntry("a", str(path), value_type="lognorm")], log=_quiet)
     assert store.dataset("a").value_type == "lognorm"
 
 
-def test_genes_colliding_after_upper_casing_are_summed(tmp_path, helpers):
+def test_genes_colliding_after_upper_casing_are_summed(tmp_path, helpers, backend):
     X = np.array([[1, 2, 3], [4, 0, 6]], np.float32)
     path = helpers.write_h5ad(tmp_path / "dup.h5ad", X, ["Actb", "ACTB", "Gapdh"])
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([DatasetEntry("dup", str(path))], log=_quiet)
     assert sorted(store.genes()) == ["ACTB", "GAPDH"]
     raw, _ = store.read_dataset("dup")
@@ -321,20 +337,20 @@ def test_genes_colliding_after_upper_casing_are_summed(tmp_path, helpers):
     np.testing.assert_array_equal(raw.toarray()[:, cols], [[3, 3], [4, 6]])
 
 
-def test_missing_labels_are_stored_as_unknown(tmp_path, helpers):
+def test_missing_labels_are_stored_as_unknown(tmp_path, helpers, backend):
     X = np.ones((4, 3), np.float32)
     labels = pd.Categorical(["a", None, "b", np.nan])
     path = helpers.write_h5ad(tmp_path / "lab.h5ad", X, ["A", "B", "C"], labels=labels)
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([DatasetEntry("lab", str(path))], log=_quiet)
     assert store.dataset("lab").n_types == 2
     assert store.read_obs("lab")["cell_type"].tolist() == ["a", "unknown", "b", "unknown"]
 
 
-def test_unlabelled_dataset(tmp_path, helpers):
+def test_unlabelled_dataset(tmp_path, helpers, backend):
     path = tmp_path / "u.h5ad"
     _counts_file(helpers, path, labels=False)
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([DatasetEntry("u", str(path))], log=_quiet)
     rec = store.dataset("u")
     assert rec.n_types == 0 and not rec.labelled
@@ -344,23 +360,24 @@ def test_unlabelled_dataset(tmp_path, helpers):
 # ---------------------------------------------------------------------------- interrupted ingest
 
 
-def _interrupt_x_write(monkeypatch, obs_seen: list):
-    """Make the X write land on disk and then fail, as a crash right after it would."""
-    original = tiledbsoma.SparseNDArray.write
+def _crash_after_the_data(monkeypatch, written: list):
+    """Let a backend write every block of the dataset, then fail before its commit (the gene
+    masks and the registry), as a crash right after the data landed would."""
+    from scpretrain_dist.store import soma, zarr_csr
 
-    def write_then_crash(self, values, *args, **kwargs):
-        # obs was written before X: the new cells' obs rows are already there
-        with tiledbsoma.Experiment.open(str(self.uri).rsplit("/ms/", 1)[0]) as exp:
-            obs_seen.append(len(exp.obs.read().concat()))
-        original(self, values, *args, **kwargs)
-        raise RuntimeError("simulated crash during the X write")
+    original = soma.pipelined
 
-    monkeypatch.setattr(tiledbsoma.SparseNDArray, "write", write_then_crash)
+    def write_then_crash(items, consume, depth=1):
+        original(items, lambda block: (consume(block), written.append(block[3].shape[0])), depth)
+        raise RuntimeError("simulated crash after the data was written")
+
+    for module in (soma, zarr_csr):
+        monkeypatch.setattr(module, "pipelined", write_then_crash)
 
 
 @pytest.mark.parametrize("retry", ["same_file", "other_file"])
 def test_interrupted_ingest_is_invisible_and_leaves_no_stale_cells(
-    retry, tmp_path, helpers, monkeypatch
+    retry, tmp_path, helpers, monkeypatch, backend
 ):
     first = tmp_path / "first.h5ad"
     interrupted = tmp_path / "interrupted.h5ad"
@@ -368,17 +385,17 @@ def test_interrupted_ingest_is_invisible_and_leaves_no_stale_cells(
     X_first = _counts_file(helpers, first, n_cells=20, genes=[f"G{i}" for i in range(10)], seed=1)
     X_int = _counts_file(helpers, interrupted, n_cells=30, genes=[f"G{i}" for i in range(5, 25)], seed=2)
     X_other = _counts_file(helpers, other, n_cells=25, genes=[f"G{i}" for i in range(4)], seed=3)
-    store = open_atlas(tmp_path / "s.soma")
+    store = open_atlas(tmp_path / f"s.{backend}")
     store.ingest([DatasetEntry("first", str(first))], log=_quiet)
     records_before = store.datasets()
     genes_before = list(store.genes())
 
-    obs_seen: list[int] = []
+    written: list[int] = []
     with monkeypatch.context() as m:
-        _interrupt_x_write(m, obs_seen)
+        _crash_after_the_data(m, written)
         with pytest.raises(RuntimeError, match="simulated crash"):
             store.ingest([DatasetEntry("interrupted", str(interrupted))], log=_quiet)
-    assert obs_seen and obs_seen[0] == 20 + 30, "the crash came after obs was written"
+    assert sum(written) == 30, "the crash came after every cell was written"
     assert store.datasets() == records_before
     assert list(store.genes()) == genes_before
     with pytest.raises(StoreError):
@@ -426,3 +443,62 @@ def test_exclusive_refuses_a_second_holder_and_frees_with_its_process(tmp_path):
         holder.wait()
     with exclusive(lock):
         pass
+
+
+# ---------------------------------------------------------------------------- both backends
+
+
+def test_a_pinned_locator_sees_the_atlas_as_it_was(tmp_path, helpers, backend):
+    first, second = tmp_path / "first.h5ad", tmp_path / "second.h5ad"
+    _counts_file(helpers, first, genes=[f"G{i}" for i in range(8)], seed=1)
+    _counts_file(helpers, second, genes=[f"G{i}" for i in range(4, 14)], seed=2)
+    store = open_atlas(tmp_path / f"s.{backend}")
+    store.ingest([DatasetEntry("first", str(first))], log=_quiet)
+    pinned = store.locator.pinned()
+    before = pinned.atlas().read_rows(store.dataset("first").joinids).toarray()
+    store.ingest([DatasetEntry("second", str(second))], log=_quiet)
+    old, new = pinned.atlas(), store.locator.pinned().atlas()
+    assert [r.name for r in old.datasets()] == ["first"] and len(old.genes()) == 8
+    assert [r.name for r in new.datasets()] == ["first", "second"] and len(new.genes()) == 14
+    np.testing.assert_array_equal(old.read_rows(old.dataset("first").joinids).toarray(), before)
+    assert pinned.pinned() == pinned  # pinning a pinned locator keeps its version
+
+
+def test_the_backend_is_found_from_the_uri_or_an_atlas_already_there(tmp_path, helpers):
+    from scpretrain_dist.store.soma import SomaAtlas
+    from scpretrain_dist.store.zarr_csr import ZarrAtlas
+
+    path = tmp_path / "a.h5ad"
+    _counts_file(helpers, path)
+    assert isinstance(open_atlas(tmp_path / "new.zarr"), ZarrAtlas)
+    assert isinstance(open_atlas(tmp_path / "new"), SomaAtlas)
+    open_atlas(tmp_path / "cells", "zarr").ingest([DatasetEntry("a", str(path))], log=_quiet)
+    found = open_atlas(tmp_path / "cells")  # auto: a zarr atlas is there
+    assert isinstance(found, ZarrAtlas) and [r.name for r in found.datasets()] == ["a"]
+    open_atlas(tmp_path / "s.soma").ingest([DatasetEntry("a", str(path))], log=_quiet)
+    with pytest.raises(StoreError, match="not a zarr atlas"):
+        open_atlas(tmp_path / "s.soma", "zarr").datasets()
+    with pytest.raises(StoreError, match="not a SOMA experiment"):
+        open_atlas(tmp_path / "cells", "soma").datasets()
+
+
+def test_annotation_columns_commit_by_their_label(demo_store):
+    rec = demo_store.dataset("demo_01")
+    n_cells = sum(r.n_cells for r in demo_store.datasets())
+    demo_store.add_annotation_columns("m__label", "m__confidence", "m", n_cells, 3)
+    assert {"m__label", "m__confidence"} <= set(demo_store.obs_columns())
+    lo = rec.joinid_start
+    assert not demo_store.annotated("m__label", "m", lo, rec.n_cells).any()
+    labels = np.array(["a", "b"] * 5, dtype=object)
+    demo_store.write_annotations(lo + 4, "m__label", labels, "m__confidence", np.linspace(0, 1, 10), "m",
+                                 np.ones((10, 3), np.float32))
+    done = demo_store.annotated("m__label", "m", lo, rec.n_cells)
+    assert done[4:14].all() and done.sum() == 10
+    # labels without the embedding (a block whose embedding was not asked): not done with it
+    demo_store.write_annotations(lo + 20, "m__label", labels, "m__confidence", np.zeros(10), None, None)
+    assert demo_store.annotated("m__label", None, lo, rec.n_cells).sum() == 20
+    assert demo_store.annotated("m__label", "m", lo, rec.n_cells).sum() == 10
+    # the cells' own columns and values are untouched
+    assert demo_store.read_obs("demo_01")["obs_id"].str.startswith("demo_01").all()
+    demo_store.write_meta("scpretrain.annotations", '{"m": {"model": "x"}}')
+    assert demo_store.annotations() == {"m": {"model": "x"}}
