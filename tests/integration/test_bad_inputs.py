@@ -182,6 +182,18 @@ def _store_not_soma(env, d):
     return ["ingest", str(env["good"]), "--work-dir", "{work}", "--set", f'store.uri="{d / "notsoma"}"'], [d / "notsoma"]
 
 
+def _store_not_zarr(env, d):
+    (d / "notes.zarr").mkdir()
+    (d / "notes.zarr" / "README").write_text("my notes")
+    return ["ingest", str(env["good"]), "--work-dir", "{work}", "--set", f'store.uri="{d / "notes.zarr"}"'], [d / "notes.zarr"]
+
+
+def _soma_atlas_read_as_zarr(env, d):
+    # the work dir's SOMA atlas, named as a zarr one
+    return (["pretrain", "--work-dir", "{work}", "--set", "store.backend=zarr",
+             "--set", 'store.uri="{work}/atlas.soma"'], [])
+
+
 def _store_is_file(env, d):
     (d / "atlas_file").write_text("x")
     return (["evaluate", "--targets", "demo_00", "--work-dir", "{work}", "--set", f'store.uri="{d / "atlas_file"}"'],
@@ -282,6 +294,10 @@ CASES: dict[str, Case] = {
     # ---- stores
     "store_not_soma": Case(_store_not_soma, says=("notsoma", "not a SOMA experiment")),
     "store_is_a_file": Case(_store_is_file, says=("atlas_file",)),
+    "store_not_zarr": Case(_store_not_zarr, says=("notes.zarr", "not a zarr atlas")),
+    "store_soma_read_as_zarr": Case(_soma_atlas_read_as_zarr, says=("atlas.soma", "not a zarr atlas")),
+    "store_backend_unknown": Case(_args("pretrain", "--set", 'store.backend="hdf5"', "--work-dir", "{work}"),
+                                  says=("store.backend", "hdf5", "zarr")),
     # ---- settings and numbers on the command line
     "budgets_negative": Case(_args("evaluate", "--budgets", "-5", "--work-dir", "{work}"), says=("--budgets", "-5")),
     "budgets_zero": Case(_args("evaluate", "--budgets", "0", "--work-dir", "{work}"), says=("--budgets", ">= 1")),

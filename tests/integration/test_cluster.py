@@ -125,9 +125,10 @@ class Cluster:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGTERM)
+        end = time.time() + 3  # the tests are over: a short grace, then SIGKILL
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, end - time.time()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
@@ -165,7 +166,7 @@ def _mlflow_server(root: Path, backend: str, cluster: Cluster, cli) -> tuple[str
     return uri, proc
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5) -> None:
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 3) -> None:
     """A server this module started, by its process group: ``sig``, then SIGKILL after ``grace``
     seconds (the tests are over; nothing of it is read afterwards)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
