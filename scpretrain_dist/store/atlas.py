@@ -331,6 +331,20 @@ class Atlas(ABC):
         return json.loads(self.read_meta(ANNOTATIONS_KEY) or "{}")
 
     # ------------------------------------------------------------------ writing
+    def _present(self, name: str, sha256: str, existing: dict[str, DatasetRecord], skipped: list, messages: list,
+                 log) -> bool:
+        """Whether dataset ``name`` is in the atlas already with this content (then it is skipped,
+        and said); under the same name with other content it is refused."""
+        if name not in existing:
+            return False
+        if sha256 and sha256 == existing[name].sha256:
+            skipped.append(name)
+            messages.append(f"dataset {name} is already in the atlas (same content); nothing to do")
+            log(messages[-1])
+            return True
+        raise StoreError(f"dataset {name} is already in the atlas {self.uri} with other content (from "
+                         f"{existing[name].source}); give the new data another name, or write to a new store")
+
     def ingest(self, entries: list[DatasetEntry], log=print) -> IngestReport:
         """Append ``.h5ad`` datasets, creating the atlas if nothing is at its path yet. All are
         read and validated before anything is written (or created); a dataset already present
@@ -346,16 +360,8 @@ class Atlas(ABC):
         by_content = {r.sha256: r.name for r in existing.values() if r.sha256}
         for entry in entries:
             digest = file_sha256(entry.path) if Path(entry.path).is_file() else ""
-            if entry.name in existing:
-                if digest == existing[entry.name].sha256:
-                    skipped.append(entry.name)
-                    messages.append(f"dataset {entry.name} is already in the atlas (same file); nothing to do")
-                    log(messages[-1])
-                    continue
-                raise StoreError(
-                    f"dataset {entry.name} is already in the atlas with different content "
-                    f"(from {existing[entry.name].source}); give the new file another name"
-                )
+            if self._present(entry.name, digest, existing, skipped, messages, log):
+                continue
             if digest and digest in by_content:
                 raise StoreError(
                     f"dataset {entry.name} ({entry.path}) has the same content as dataset {by_content[digest]!r}, "
@@ -400,16 +406,8 @@ class Atlas(ABC):
             raise StoreError("the gene symbols being appended are not unique")
         todo, skipped, messages = [], [], []
         for d in datasets:
-            if d.name in existing:
-                if d.sha256 and d.sha256 == existing[d.name].sha256:
-                    skipped.append(d.name)
-                    messages.append(f"dataset {d.name} is already in the atlas (same content); nothing to do")
-                    log(messages[-1])
-                    continue
-                raise StoreError(
-                    f"dataset {d.name} is already in the atlas {self.uri} with other content "
-                    f"(from {existing[d.name].source}); write to a new store or choose other names"
-                )
+            if self._present(d.name, d.sha256, existing, skipped, messages, log):
+                continue
             if d.gene_mask.shape != (len(genes),):
                 raise StoreError(f"dataset {d.name}: its gene mask does not cover the {len(genes)} atlas genes")
             todo.append(d)
