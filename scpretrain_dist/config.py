@@ -36,7 +36,7 @@ ENCODER_SHARDINGS = ("genes", "none")
 HEAD_LAYOUTS = ("auto", "block", "padded")
 LOADERS = ("memory", "stream")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
-STORE_BACKENDS = ("auto", "soma", "zarr")
+STORE_BACKENDS = ("auto", "soma", "zarr", "experiment")
 # a Ray address of this form is a cluster's job-submission endpoint (its dashboard), not a
 # cluster for ray.init to join
 JOB_ADDRESS_PREFIXES = ("http://", "https://")
@@ -117,6 +117,15 @@ class StoreConfig(_Checked):
     SECTION: ClassVar[str] = "store"
     uri: str = ""
     backend: str = setting("auto", choices=STORE_BACKENDS)
+    # backend "experiment": any SOMA experiment (the CELLxGENE Census, tiledbsoma.io.from_h5ad's)
+    # read in place, its columns named here; its index is cached under <work_dir>/atlas-index
+    dataset_column: str = "dataset_id"
+    label_column: str = "cell_type"
+    gene_column: str = "feature_name"
+    measurement: str = "RNA"
+    layer: str = "raw"
+    value_filter: str = ""  # an obs filter, e.g. "is_primary_data == True and tissue_general == 'blood'"
+    value_type: str = setting("auto", choices=("auto", "counts", "lognorm", "log2norm"))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
-from scpretrain_dist.store.atlas import ANNOTATIONS_KEY, Atlas, Locator, StoreError, open_atlas
+from scpretrain_dist.store.atlas import ANNOTATIONS_KEY, Atlas, Locator, StoreError, atlas_for
 from scpretrain_dist.store.files import exclusive, save_npz_whole, write_json_whole
 from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
 
@@ -256,14 +256,16 @@ class AnnotateReport:
 
 # ---------------------------------------------------------------------------- the atlas
 @contextmanager
-def _store_lock(uri: str):
+def _store_lock(store: Atlas):
     """One annotation writer per store: two runs writing at once could lose each other's
-    blocks or record. Local stores only (a file beside it)."""
-    if "://" in uri:
+    blocks or record. Local stores only (a file beside it, or beside its annotations)."""
+    lock = store.annotation_lock()
+    if lock is None:
         yield
         return
-    with exclusive(Path(uri).with_name(Path(uri).name + ".annotate.lock"), refuse=lambda e: AnnotateError(
-            f"another `scpretrain annotate` ({e.holder}) is writing to {uri} (lock {e.lock_path}); wait for it to finish")):
+    with exclusive(lock, refuse=lambda e: AnnotateError(
+            f"another `scpretrain annotate` ({e.holder}) is writing to {store.uri} (lock {e.lock_path}); wait for it "
+            "to finish")):
         yield
 
 
@@ -325,7 +327,7 @@ def annotate_store(
     if block_size < 1:
         raise AnnotateError(f"block size must be positive, got {block_size}")
     ref = resolve_model(model_uri, cfg.tracking_uri)
-    store = open_atlas(str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri, cfg.store.backend)
+    store = atlas_for(cfg, str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri)
     records = {r.name: r for r in store.datasets()}
     names = list(datasets) if datasets else list(records)
     unknown = [d for d in names if d not in records]
@@ -342,7 +344,7 @@ def annotate_store(
     n_atlas = sum(r.n_cells for r in records.values())
     dim = annotator.embedding_dim
     locator = store.locator.pinned()
-    with _store_lock(store.uri):
+    with _store_lock(store):
         _prepare_store_columns(store, ref, embedding, dim, n_atlas)
         prior = store.annotations().get(ref.prefix, {}).get("datasets", {})
         blocks, pending, done_cells = [], [], 0

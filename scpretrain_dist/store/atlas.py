@@ -326,6 +326,10 @@ class Atlas(ABC):
         rec = self.dataset(name)
         return self.read_rows(rec.joinids), self.read_obs(name)
 
+    def annotation_lock(self) -> Path | None:
+        """The file one annotation writer holds (beside a local atlas); None for remote URIs."""
+        return None if "://" in self.uri else Path(self.uri).with_name(Path(self.uri).name + ".annotate.lock")
+
     def annotations(self) -> dict:
         """Which model versions annotated which datasets (the record kept in the atlas)."""
         return json.loads(self.read_meta(ANNOTATIONS_KEY) or "{}")
@@ -474,9 +478,18 @@ def open_atlas(uri: str | Path, backend: str = "auto", timestamp_ms: int | None 
     return SomaLocator(uri, timestamp_ms).atlas()
 
 
-def atlas_for(cfg: RunConfig) -> Atlas:
-    """The run's atlas: ``store.uri`` (or the work dir's) of ``store.backend``."""
-    return open_atlas(cfg.store_uri, cfg.store.backend)
+def atlas_for(cfg: RunConfig, uri: str | Path | None = None) -> Atlas:
+    """The run's atlas: ``uri`` (default ``store.uri``, or the work dir's) of ``store.backend``;
+    an experiment read in place with the ``store`` column mapping."""
+    uri = str(uri or cfg.store_uri)
+    if cfg.store.backend == "experiment":
+        from scpretrain_dist.store.experiment import ExperimentLocator, ExperimentMapping
+
+        s = cfg.store
+        mapping = ExperimentMapping(s.dataset_column, s.label_column, s.gene_column, s.measurement, s.layer,
+                                    s.value_filter, s.value_type)
+        return ExperimentLocator(uri, None, mapping, str(Path(cfg.work_dir).resolve() / "atlas-index")).atlas()
+    return open_atlas(uri, cfg.store.backend)
 
 
 def copy_atlas(source: Atlas, out_uri: str | Path, datasets: list[str] | None = None, backend: str = "zarr",

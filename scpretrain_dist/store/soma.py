@@ -287,21 +287,8 @@ class SomaAtlas(Atlas):
         return tbl.to_pandas().sort_values("soma_joinid").drop(columns="soma_joinid").reset_index(drop=True)
 
     def _read_sorted(self, joinids: np.ndarray) -> sp.csr_matrix:
-        from scpretrain_dist.store.sources import read_run, runs, stack_runs
-
-        starts, stops = runs(joinids)
         with self.locator.open(WHOLE_READ_CONFIG) as exp:
-            n_genes = _n_genes(exp)
-            X = exp.ms[MEASUREMENT].X[LAYER]
-            if len(starts) <= MAX_SLICE_READS:  # whole datasets, blocks: a slice query per run
-                mat = stack_runs((read_run(X, a, b) for a, b in zip(starts.tolist(), stops.tolist())), n_genes)
-            else:  # scattered cells: one point query
-                tbl = X.read(coords=(joinids,)).tables().concat()
-                rows = np.searchsorted(joinids, tbl["soma_dim_0"].to_numpy())
-                data = tbl["soma_data"].to_numpy().astype(np.float32)
-                mat = sp.csr_matrix((data, (rows, tbl["soma_dim_1"].to_numpy())), shape=(len(joinids), n_genes))
-                mat.sum_duplicates()
-        return mat
+            return read_rows_by_joinid(exp.ms[MEASUREMENT].X[LAYER], joinids, _n_genes(exp))
 
     # ------------------------------------------------------------------ annotation columns
     def obs_columns(self) -> list[str]:
@@ -379,6 +366,22 @@ class SomaAtlas(Atlas):
                              pa.array(np.asarray(values, dtype=np.float32)[pos], pa.float32()))
         with soma.DataFrame.open(f"{self.uri}/obs", "w") as obs:
             obs.write(tbl)
+
+
+def read_rows_by_joinid(X, joinids: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Rows of sorted unique ``joinids`` of a SOMA sparse array as float32 CSR: a slice query per
+    run of consecutive cells (whole datasets, blocks), one point query for scattered cells."""
+    from scpretrain_dist.store.sources import read_run, runs, stack_runs
+
+    starts, stops = runs(joinids)
+    if len(starts) <= MAX_SLICE_READS:
+        return stack_runs((read_run(X, a, b) for a, b in zip(starts.tolist(), stops.tolist())), n_genes)
+    tbl = X.read(coords=(joinids,)).tables().concat()
+    rows = np.searchsorted(joinids, tbl["soma_dim_0"].to_numpy())
+    data = tbl["soma_data"].to_numpy().astype(np.float32)
+    mat = sp.csr_matrix((data, (rows, tbl["soma_dim_1"].to_numpy())), shape=(len(joinids), n_genes))
+    mat.sum_duplicates()
+    return mat
 
 
 def _n_genes(exp) -> int:

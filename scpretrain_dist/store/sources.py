@@ -239,14 +239,12 @@ def _in_order(pool, fn, items: list, window: int) -> Iterator:
 
 
 def open_source(locator) -> CellSource:
-    """The source a locator points to: a SOMA atlas read by threaded slice queries, a zarr
-    atlas by the atlas itself."""
+    """The source a locator points to: an atlas of our SOMA layout read by threaded slice
+    queries; a zarr atlas or an experiment read in place by the atlas itself."""
     if isinstance(locator, SomaLocator):
         return SomaSource(locator)
-    from scpretrain_dist.store.zarr_csr import ZarrLocator
-
-    if isinstance(locator, ZarrLocator):
-        atlas = locator.atlas()
-        atlas.datasets()  # refuses anything but an atlas, here rather than at the first read
-        return atlas
-    raise StoreError(f"no cell source for {locator!r}; pass a SomaLocator or a ZarrLocator")
+    atlas = locator.atlas() if hasattr(locator, "atlas") else None
+    if atlas is None or not isinstance(atlas, CellSource):
+        raise StoreError(f"no cell source for {locator!r}; pass the locator of an atlas")
+    atlas.datasets()  # refuses anything but an atlas, here rather than at the first read
+    return atlas
