@@ -112,6 +112,12 @@ def test_a_census_schema_experiment_is_pretrained_on_and_annotated_in_place(cens
         own = np.array([cols[g.upper()] for g in files[name].var_names])
         np.testing.assert_array_equal(X[:, own].toarray(), np.asarray(files[name].X.todense()))
     assert (atlas.read_obs("demo_03")["cell_type"].to_numpy() == files["demo_03"].obs["cell_type"].astype(str)).all()
+    # the streaming loader reads it too: every filtered cell once per epoch
+    from scpretrain_dist.data.loader import StreamingCells
+
+    ds = StreamingCells(atlas.locator, ["demo_00", "demo_01"], 40, 0, rank=0, world=1, chunk_cells=20, buffer_cells=400)
+    seen = np.concatenate([b.joinids for b in ds.epoch_batches(0)])
+    assert sorted(seen.tolist()) == list(range(800))
 
     r = cli.run("finetune", "--target", "demo_03", "--pretrain-result", result, *store, *small)
     assert r.returncode == 0, r.stderr
