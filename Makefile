@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORK ?= scpretrain_work
 
-.PHONY: venv bench-venv quickstart test lint clean
+.PHONY: venv bench-venv annbatch-venv quickstart test lint clean
 
 $(BIN)/scpretrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ $(BENCH_VENV)/bin/scpretrain: pyproject.toml
 	touch $@
 
 bench-venv: $(BENCH_VENV)/bin/scpretrain
+
+# annbatch (a loader peer) needs Python >= 3.12: a venv of its own, without torch; `bench loader
+# --loaders annbatch` runs it through bench/annbatch_child.py
+PYTHON312 ?= $(shell command -v python3.12 || ls ~/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -1)
+ANNBATCH_VENV := .venv-annbatch
+$(ANNBATCH_VENV)/bin/python:
+	$(PYTHON312) -m venv $(ANNBATCH_VENV)
+	$(ANNBATCH_VENV)/bin/python -m pip install -q "annbatch[zarrs]==0.3.1"
+
+annbatch-venv: $(ANNBATCH_VENV)/bin/python
 
 quickstart: venv
 	$(BIN)/scpretrain quickstart --work-dir $(WORK)

@@ -9,7 +9,14 @@ atlas gene space; ``--batches`` batches are timed after ``--warmup`` batches. Ro
 * ``tiledbsoma-ml``: ``ExperimentDataset`` (dense float32 batches of raw values, its defaults:
   shuffle chunks of 64 cells, IO batches of 65,536 cells);
 * ``ours_cached`` (``--cached-world W``): rank 0 of W with the shard cache on; the first
-  epoch fills it, then epochs from memory are timed (per rank).
+  epoch fills it, then epochs from memory are timed (per rank);
+* ``annbatch``: its ``Loader`` over its recommended layout (a pre-shuffled sharded zarr
+  ``DatasetCollection`` made from the same cells, zarrs codec pipeline), CSR batches of raw
+  values, its default chunk size and preload; in annbatch's own venv (Python >= 3.12,
+  ``make annbatch-venv``), by ``bench/annbatch_child.py``;
+* ``scdataset``: ``scDataset`` over the same cells as one backed ``.h5ad`` (its AnnData path),
+  ``BlockShuffling`` with its defaults (blocks of 8 cells, fetches of 16 batches), CSR batches of
+  raw values (the bench extra).
 
 Each loader runs in its own process, so its peak RSS is its own. Shuffle quality: the mean
 entropy of dataset-of-origin within a batch divided by the same for batches of a uniform random
@@ -35,6 +42,7 @@ from scpretrain_dist.config import ConfigError
 from scpretrain_dist.runtime import peak_rss_mib
 
 PEER = "tiledbsoma-ml"
+LOADERS = ("ours", "ours_dense", "peer", "peer_trim_off", "annbatch", "scdataset")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,9 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=1000, help="batches timed per loader (default 1000)")
     p.add_argument("--warmup", type=int, default=20, help="batches before the timing starts (default 20)")
     p.add_argument("--loaders", default="ours,ours_dense,peer",
-                   help="comma-separated: ours, ours_dense, peer, peer_trim_off (the peer with TileDB's "
-                   "malloc_trim off, as ours reads) (default: ours, ours_dense, peer)")
+                   help="comma-separated: ours, ours_dense, peer (tiledbsoma-ml), peer_trim_off (it with TileDB's "
+                   "malloc_trim off, as ours reads), annbatch, scdataset (default: ours, ours_dense, peer)")
     p.add_argument("--peer-workers", type=int, default=0, help="DataLoader workers of the peer (default 0)")
+    p.add_argument("--annbatch-python", default=".venv-annbatch/bin/python",
+                   help="the Python of annbatch's venv (make annbatch-venv; default .venv-annbatch/bin/python)")
     p.add_argument("--cached-world", type=int, default=0,
                    help="also time ours from the shard cache on rank 0 of this world size (0: skip)")
     p.add_argument("--repeats", type=int, default=3,
@@ -78,6 +88,8 @@ def _demo_atlas(work_dir: Path, cells: int, datasets: int, genes: int, seed: int
 
 
 def _child(spec: dict) -> dict:
+    if spec["loader"] == "annbatch":
+        return _annbatch("load", spec)
     cmd = [sys.executable, "-m", "scpretrain_dist.bench.loader", "--child", json.dumps(spec)]
     from scpretrain_dist.runtime import READER_ENV
 
@@ -86,6 +98,57 @@ def _child(spec: dict) -> dict:
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"loader {spec['loader']} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def _annbatch(step: str, spec: dict) -> dict:
+    script = Path(__file__).with_name("annbatch_child.py")
+    out = subprocess.run([spec["python"], str(script), step, json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"annbatch {step} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _peer_layouts(uri: str, loaders: list[str], annbatch_python: str, seed: int) -> dict:
+    """The same cells in each peer's own layout, made once beside the atlas: one ``.h5ad`` (raw
+    values, the atlas gene space, ``obs.dataset_id``; scDataset reads it backed) and annbatch's
+    collection made from that file. Build times, peak RSS and sizes go in the result."""
+    if not {"annbatch", "scdataset"} & set(loaders):
+        return {}
+    from scpretrain_dist.store.atlas import open_atlas
+
+    atlas = open_atlas(uri)
+    names = [r.name for r in atlas.datasets()]
+    h5ad = Path(f"{uri.rstrip('/')}.h5ad")
+    built: dict = {}
+    if not h5ad.exists():
+        import anndata as ad
+        import pandas as pd
+        import scipy.sparse as sp
+
+        t0 = time.perf_counter()
+        records = atlas.datasets()
+        X = sp.vstack([atlas.read_rows(r.joinids) for r in records]).tocsr()
+        obs = pd.DataFrame({"dataset_id": np.repeat([r.name for r in records], [r.n_cells for r in records])},
+                           index=[str(i) for i in range(X.shape[0])])
+        tmp = h5ad.with_name(h5ad.name + ".tmp")
+        ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[str(g) for g in atlas.genes()])).write_h5ad(tmp)
+        tmp.rename(h5ad)
+        built["h5ad"] = {"seconds": round(time.perf_counter() - t0, 1)}
+    built.setdefault("h5ad", {})["mib"] = round(h5ad.stat().st_size / 2**20, 1)
+    out = {"h5ad": str(h5ad), "datasets": names}
+    if "annbatch" in loaders:
+        collection = Path(f"{uri.rstrip('/')}.annbatch.zarr")
+        if not collection.exists():
+            tmp = collection.with_name(collection.name + ".tmp")
+            built["annbatch"] = _annbatch("layout", {"python": annbatch_python, "h5ad": str(h5ad), "out": str(tmp),
+                                                     "seed": seed})
+            tmp.rename(collection)
+        built.setdefault("annbatch", {})["mib"] = round(sum(f.stat().st_size for f in collection.rglob("*")
+                                                            if f.is_file()) / 2**20, 1)
+        out["collection"] = str(collection)
+    out["built"] = built
+    return out
 
 
 def _median_run(trials: list[dict]) -> dict:
@@ -117,9 +180,15 @@ def run(args) -> dict:
 
     cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
-    unknown = set(loaders) - {"ours", "ours_dense", "peer", "peer_trim_off"}
+    unknown = set(loaders) - set(LOADERS)
     if unknown or not loaders:
-        raise ConfigError(f"--loaders takes ours, ours_dense, peer, peer_trim_off; got {args.loaders!r}")
+        raise ConfigError(f"--loaders takes {', '.join(LOADERS)}; got {args.loaders!r}")
+    if "annbatch" in loaders and not Path(args.annbatch_python).is_file():
+        raise ConfigError(f"--annbatch-python {args.annbatch_python} does not exist; annbatch needs Python >= 3.12 in "
+                          "a venv of its own: `make annbatch-venv` (or leave annbatch out of --loaders)")
+    if "scdataset" in loaders and importlib.util.find_spec("scdataset") is None:
+        raise ConfigError("scdataset is not installed in this environment; it is in the bench extra (`make bench-venv`), "
+                          "or leave it out of --loaders")
     for name in ("batch_size", "batches", "cells", "datasets", "genes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -145,6 +214,11 @@ def run(args) -> dict:
             "seed": cfg.pretrain.seed, "chunk_cells": stream.chunk_cells, "buffer_cells": stream.buffer_cells,
             "prefetch_buffers": stream.prefetch_buffers}
     specs = {name: dict(base, loader=name, peer_workers=args.peer_workers) for name in loaders}
+    layouts = _peer_layouts(uri, loaders, args.annbatch_python, cfg.pretrain.seed)
+    for name in ("annbatch", "scdataset"):
+        if name in specs:
+            specs[name] |= {k: v for k, v in layouts.items() if k in ("h5ad", "collection", "datasets")}
+            specs[name]["python"] = args.annbatch_python
     if args.cached_world:
         specs["ours_cached"] = dict(base, loader="ours_cached", world=args.cached_world,
                                     cache_bytes=stream.cache_bytes or (8 << 30))
@@ -170,6 +244,7 @@ def run(args) -> dict:
     peers = {PEER: cps["peer"]} if "peer" in cps else {}
     if "peer_trim_off" in cps:
         peers[f"{PEER} (malloc_trim off)"] = cps["peer_trim_off"]
+    peers |= {name: cps[name] for name in ("annbatch", "scdataset") if name in cps}
     extra = {
         "cells_per_s": cps,
         "ratio_dense_vs_peer": (cps["ours_dense"] / cps["peer"]) if {"ours_dense", "peer"} <= cps.keys() else None,
@@ -183,6 +258,7 @@ def run(args) -> dict:
         "rss_by_atlas_size": rss_by_size,
         "store": {"uri": uri, **runs[next(iter(runs))]["store"]},
         "build": build,
+        "peer_layouts": layouts.get("built", {}),
         "settings": {k: base[k] for k in ("batch_size", "batches", "warmup", "chunk_cells", "buffer_cells",
                                            "prefetch_buffers")} | {"peer_workers": args.peer_workers,
                                                                    "cached_world": args.cached_world,
@@ -307,6 +383,22 @@ def child_main(spec: dict) -> dict:
                 epoch += 1
 
         seconds, cells, ent, cpu = _time(batches(), lambda x: x.sum(), warm, n)
+    elif kind == "scdataset":
+        import anndata as ad
+        from scdataset import BlockShuffling, scDataset
+
+        adata = ad.read_h5ad(spec["h5ad"], backed="r")
+        codes = adata.obs["dataset_id"].astype(str).map({n: i for i, n in enumerate(spec["datasets"])}).to_numpy()
+        peer = scDataset(adata, BlockShuffling(), batch_size=bs, seed=spec["seed"],
+                         fetch_callback=lambda coll, idx: (coll.X[idx], codes[idx]),
+                         batch_callback=lambda fetched, b: (fetched[0][b], fetched[1][b]))
+
+        def batches():
+            while True:
+                for X, origin in peer:
+                    yield X, origin, len(spec["datasets"])
+
+        seconds, cells, ent, cpu = _time(batches(), lambda x: x.data.sum(), warm, n)
     else:
         raise ValueError(f"unknown loader {kind!r}")
     import resource

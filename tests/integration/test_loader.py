@@ -382,6 +382,9 @@ def test_cli_demo_data_and_export_errors_exit_2(tmp_path, atlas, cli, monkeypatc
         (["export", "zarr", str(tmp_path), "--store-uri", atlas.uri], "already exists"),
         (["export", "zarr", str(tmp_path / "z.zarr"), "--store-uri", str(tmp_path / "none.soma")], "no atlas"),
         (["bench", "loader", "--store-uri", atlas.uri, "--batch-size", "0", "--loaders", "ours"], "batch-size"),
+        (["bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,annbatch", "--annbatch-python",
+          str(tmp_path / "none" / "python")], "make annbatch-venv"),
+        (["bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,petastorm"], "annbatch, scdataset"),
     ]:
         out = cli.run(*args, "--work-dir", str(tmp_path / "w"))
         assert out.returncode == 2, (args, out.stderr)
