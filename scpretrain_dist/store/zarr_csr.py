@@ -59,7 +59,7 @@ class ZarrLocator:
         if self.timestamp_ms is not None:
             return self
         versions = ZarrAtlas(self)._group().attrs.get(VERSIONS_KEY, [])
-        return ZarrLocator(self.uri, int(versions[-1][0]) if versions else 0)
+        return ZarrLocator(self.uri, int(versions[-1][0])) if versions else self  # an empty atlas: nothing to pin
 
     def atlas(self) -> ZarrAtlas:
         return ZarrAtlas(self)
@@ -124,9 +124,10 @@ class ZarrAtlas(Atlas):
 
     def _version(self) -> tuple[int, int] | None:
         """(datasets, genes) committed at the locator's time; None: the latest."""
-        if self.locator.timestamp_ms is None:
+        versions = self._group().attrs.get(VERSIONS_KEY, [])
+        if self.locator.timestamp_ms is None or not versions:
             return None
-        seen = [v for v in self._group().attrs.get(VERSIONS_KEY, []) if int(v[0]) <= self.locator.timestamp_ms]
+        seen = [v for v in versions if int(v[0]) <= self.locator.timestamp_ms]
         return (int(seen[-1][1]), int(seen[-1][2])) if seen else (0, 0)
 
     # ------------------------------------------------------------------ registry
