@@ -92,7 +92,7 @@ def pretrain_key(cfg: RunConfig, datasets: list[str]) -> str:
     what = {"datasets": sorted(datasets), "pretrain": settings("pretrain") | {"exclude_datasets": []},
             "pseudolabel": pseudolabel, "model": asdict(cfg.model), "store": cfg.store_uri}
     if cfg.store.backend == "experiment":  # the mapping and filter choose the cells
-        what["store_mapping"] = {k: v for k, v in asdict(cfg.store).items() if k != "uri"}
+        what["store_mapping"] = {k: v for k, v in asdict(cfg.store).items() if k not in ("uri", "backend")}
     if cfg.pretrain.loader == "stream":  # chunks, buffers and the cache set the order cells come in
         what["stream"] = asdict(cfg.stream) | {"prefetch_buffers": 0}  # read-ahead changes nothing
     blob = json.dumps(what, sort_keys=True, default=str)

@@ -483,12 +483,9 @@ def atlas_for(cfg: RunConfig, uri: str | Path | None = None) -> Atlas:
     an experiment read in place with the ``store`` column mapping."""
     uri = str(uri or cfg.store_uri)
     if cfg.store.backend == "experiment":
-        from scpretrain_dist.store.experiment import ExperimentLocator, ExperimentMapping
+        from scpretrain_dist.store.experiment import ExperimentLocator
 
-        s = cfg.store
-        mapping = ExperimentMapping(s.dataset_column, s.label_column, s.gene_column, s.measurement, s.layer,
-                                    s.value_filter, s.value_type)
-        return ExperimentLocator(uri, None, mapping, str(Path(cfg.work_dir).resolve() / "atlas-index")).atlas()
+        return ExperimentLocator(uri, None, cfg.store, str(Path(cfg.work_dir).resolve() / "atlas-index")).atlas()
     return open_atlas(uri, cfg.store.backend)
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scpretrain_dist.catalog.values import detect_value_type
+from scpretrain_dist.config import StoreConfig
 from scpretrain_dist.store.atlas import UNKNOWN_LABEL, Atlas, DatasetRecord, StoreError, pack_mask
 from scpretrain_dist.store.files import replaced_whole, write_json_whole
 
@@ -33,26 +34,15 @@ VALUE_TYPE_SAMPLE = 2000  # cells per dataset whose values decide its value type
 
 
 @dataclass(frozen=True)
-class ExperimentMapping:
-    """Which columns of the experiment are what the pipeline needs."""
-
-    dataset_column: str = "dataset_id"
-    label_column: str = "cell_type"
-    gene_column: str = "feature_name"
-    measurement: str = "RNA"
-    layer: str = "raw"
-    value_filter: str = ""
-    value_type: str = "auto"  # or counts / lognorm / log2norm for every dataset
-
-
-@dataclass(frozen=True)
 class ExperimentLocator:
     """Picklable pointer to an experiment read in place, pinned to its timestamp, with its
-    column mapping and the folder its index is cached in."""
+    column mapping (the ``store`` settings: ``dataset_column``, ``label_column``,
+    ``gene_column``, ``measurement``, ``layer``, ``value_filter``, ``value_type``) and the folder
+    its index is cached in."""
 
     uri: str
     timestamp_ms: int | None
-    mapping: ExperimentMapping
+    mapping: StoreConfig
     index_dir: str
 
     def open(self):
@@ -76,8 +66,13 @@ class ExperimentLocator:
     def key(self) -> str:
         """Names the index of this experiment under this mapping; the index holds the version
         it was made from, which every run on it then reads (remove the folder to index anew)."""
-        blob = json.dumps({"uri": self.uri, "mapping": asdict(self.mapping), "v": INDEX_VERSION}, sort_keys=True)
+        blob = json.dumps({"uri": self.uri, "mapping": _mapping(self.mapping), "v": INDEX_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _mapping(store: StoreConfig) -> dict:
+    """The settings that choose and name the cells (not where the atlas is, nor its backend)."""
+    return {k: v for k, v in asdict(store).items() if k not in ("uri", "backend")}
 
 
 def _presence_masks(exp, locator: ExperimentLocator, names: list[str], n_genes: int) -> dict[str, np.ndarray] | None:
@@ -203,7 +198,7 @@ class ExperimentAtlas(Atlas):
         with replaced_whole(self._dir / "index.npz") as fh:
             np.savez(fh, joinids=obs["soma_joinid"].to_numpy(dtype=np.int64), masks=np.array(masks))
         write_json_whole(self._dir / "index.json", {"uri": self.uri, "timestamp_ms": version.timestamp_ms,
-                                                    "mapping": asdict(self.locator.mapping), "genes": genes.tolist(),
+                                                    "mapping": _mapping(self.locator.mapping), "genes": genes.tolist(),
                                                     "records": [asdict(r) for r in records]})
 
     # ------------------------------------------------------------------ the protocol
@@ -367,8 +362,3 @@ class ExperimentAtlas(Atlas):
             df.write(pa.table({"soma_joinid": sj, "label": pa.array(np.asarray(labels, dtype=object).tolist(),
                                                                       pa.large_string()),
                                "confidence": pa.array(np.asarray(values, dtype=np.float32), pa.float32())}))
-
-
-def experiment_atlas(uri: str, mapping: ExperimentMapping, index_dir: str | Path) -> ExperimentAtlas:
-    return ExperimentLocator(str(uri), None, mapping, str(index_dir)).atlas()
-
