@@ -147,7 +147,7 @@ def test_a_census_schema_experiment_is_pretrained_on_and_annotated_in_place(cens
     assert cli.digest(exp_uri.parent.parent) == before
 
     # what cannot be done in place is refused before any work, naming the fix
-    r = cli.run("ingest", exp_uri.parents[3] / "demo" / "demo_00.h5ad", *store)
+    r = cli.run("ingest", exp_uri.parents[2] / "demo" / "demo_00.h5ad", *store)
     assert r.returncode == 2 and "never written" in r.stderr and "store.backend" in r.stderr
     bad = cli.run("pretrain", "--work-dir", tmp_path / "w2", "--set", "store.backend=experiment",
                   "--set", f'store.uri="{exp_uri}"', "--set", 'store.label_column="celltype"')
