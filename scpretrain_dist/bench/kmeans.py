@@ -101,7 +101,7 @@ def run(args) -> dict:
     locator = store.locator.pinned()
     encoder = str(Path(args.encoder).resolve()) if args.encoder and args.encoder != "random" else None
     if args.encoder == "random":
-        encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", len(store.genes()),
+        encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", store.n_genes,
                                   cfg.model.embedding_dim, pcfg.seed)
     init_ray(cfg)
     try:

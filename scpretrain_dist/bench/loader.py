@@ -318,7 +318,7 @@ def child_main(spec: dict) -> dict:
     torch.set_num_threads(1)
     store = open_atlas(spec["uri"])
     records = store.datasets()
-    n_genes = len(store.genes())
+    n_genes = store.n_genes
     starts = np.array([r.joinid_start for r in records])
     order = np.argsort(starts)
     info = {"n_cells": int(sum(r.n_cells for r in records)), "n_datasets": len(records), "n_genes": n_genes}

@@ -54,7 +54,7 @@ def run(args) -> dict:
         raise StoreError(f"datasets {unknown} are not in the atlas {cfg.store_uri}")
     workers = [int(w) for w in str(args.workers).split(",") if w]
     locator = store.locator.pinned()
-    n_genes = len(store.genes())
+    n_genes = store.n_genes
     out_dir = Path(cfg.work_dir) / "bench_pretrain"
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}

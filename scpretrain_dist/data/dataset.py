@@ -107,7 +107,7 @@ class GeneShardedCells:
              world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
         store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order
-        owned = np.arange(len(store.genes())) % world == rank
+        owned = np.arange(store.n_genes) % world == rank
         blocks = [
             _columns(normalized_rows(store, joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]), owned)
             for i in range(0, len(order), block_cells)

@@ -253,7 +253,7 @@ def cluster_target(target: TargetData, encoder: Encoder | None, seed: int = 0, n
 # ---------------------------------------------------------------- the annotation track
 def shared_genes(store: Atlas, datasets: list[str]) -> np.ndarray:
     """Atlas genes measured in every one of ``datasets``."""
-    mask = np.ones(len(store.genes()), dtype=bool)
+    mask = np.ones(store.n_genes, dtype=bool)
     for d in datasets:
         mask &= store.dataset_gene_mask(d)
     return store.genes()[mask]

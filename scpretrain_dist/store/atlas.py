@@ -252,9 +252,10 @@ class Atlas(ABC):
         """obs_id and cell_type of cells [lo, hi)."""
 
     @abstractmethod
-    def _write(self, genes: list[str], n_genes_before: int, parts: list[tuple[StreamedDataset, Iterator]],
-               records: Callable[[], list[DatasetRecord]]) -> None:
-        """Grow the gene space to ``genes``; per dataset write its blocks (``(joinid of the first
+    def _write(self, genes: list[str], n_genes_before: int, n_cells_before: int,
+               parts: list[tuple[StreamedDataset, Iterator]], records: Callable[[], list[DatasetRecord]]) -> None:
+        """Grow the gene space to ``genes`` (from ``n_genes_before``) and the cells from the
+        ``n_cells_before`` committed ones; per dataset write its blocks (``(joinid of the first
         cell, obs_ids, labels, CSR)``, checked; the iterator ends once all are) and its gene mask;
         then commit ``records()`` (every dataset, old and new) as the registry, last."""
 
@@ -289,6 +290,11 @@ class Atlas(ABC):
         """Where the embedding ``name`` lives inside the atlas (what users open)."""
 
     # ------------------------------------------------------------------ reading
+    @property
+    def n_genes(self) -> int:
+        """Genes in the atlas gene space (a backend may know it without reading the symbols)."""
+        return len(self.genes())
+
     def dataset(self, name: str) -> DatasetRecord:
         records = {r.name: r for r in self.datasets()}
         if name not in records:
@@ -302,7 +308,7 @@ class Atlas(ABC):
         text = self._gene_mask_text(name)
         if text is None:
             raise StoreError(f"dataset {name!r} is not in the atlas {self.uri}")
-        return unpack_mask(text, len(self.genes()))
+        return unpack_mask(text, self.n_genes)
 
     def read_rows(self, joinids: np.ndarray) -> sp.csr_matrix:
         """Cells (by joinid, in the given order; one asked twice comes twice) x atlas genes, the
@@ -421,7 +427,8 @@ class Atlas(ABC):
             self._create()
         n_genes = len(genes)
         records = list(existing.values())
-        starts = np.cumsum([sum(r.n_cells for r in records)] + [d.n_cells for d in todo])
+        n_cells_before = sum(r.n_cells for r in records)
+        starts = np.cumsum([n_cells_before] + [d.n_cells for d in todo])
 
         def checked(d: StreamedDataset, start: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, sp.csr_matrix]]:
             """``d``'s blocks, each checked and canonical (sorted, unique genes per cell), with
@@ -452,7 +459,8 @@ class Atlas(ABC):
                             f"{rec.n_types} cell types ({time.perf_counter() - t0:.1f}s)")
             log(messages[-1])
 
-        self._write(genes, len(current), [(d, checked(d, int(s))) for d, s in zip(todo, starts)], lambda: records)
+        self._write(genes, len(current), n_cells_before, [(d, checked(d, int(s))) for d, s in zip(todo, starts)],
+                    lambda: records)
         return IngestReport([d.name for d in todo], skipped, len(current), n_genes, messages)
 
 

@@ -166,13 +166,13 @@ class ExperimentAtlas(Atlas):
                 raise StoreError(f"var[{m.gene_column!r}] of {self.uri} names genes more than once after upper-casing "
                                  f"(e.g. {', '.join(sorted(set(genes[dup.to_numpy()]))[:3])}); give a column of unique "
                                  "symbols (store.gene_column)")
+            obs[m.dataset_column] = obs[m.dataset_column].astype(str)
             obs = obs.sort_values([m.dataset_column, "soma_joinid"], kind="stable")
-            names = [str(n) for n in pd.unique(obs[m.dataset_column].astype(str))]
+            names = [str(n) for n in pd.unique(obs[m.dataset_column])]
             presence = _presence_masks(exp, version, names, n_genes)
             X = ms.X[m.layer]
             records, masks, start = [], [], 0
-            for name in names:
-                rows = obs[obs[m.dataset_column].astype(str) == name]
+            for name, rows in obs.groupby(m.dataset_column, sort=False):  # one pass, in the sorted order
                 joinids = rows["soma_joinid"].to_numpy(dtype=np.int64)
                 if presence is not None:
                     mask = presence[name]
@@ -208,7 +208,7 @@ class ExperimentAtlas(Atlas):
     def _create(self) -> None:
         raise StoreError(f"{self.uri} is read in place (store.backend = \"experiment\"); it is never written")
 
-    def _write(self, genes, n_genes_before, parts, records) -> None:
+    def _write(self, genes, n_genes_before, n_cells_before, parts, records) -> None:
         raise self._read_only()
 
     def ingest(self, entries, log=print):
@@ -227,10 +227,6 @@ class ExperimentAtlas(Atlas):
 
     def genes(self) -> np.ndarray:
         return np.array(self._load()["genes"], dtype=object)
-
-    @property
-    def n_genes(self) -> int:
-        return len(self._load()["genes"])
 
     def _gene_mask_text(self, name: str) -> str | None:
         index = self._load()

@@ -193,6 +193,11 @@ class SomaAtlas(Atlas):
         df = tbl.to_pandas().sort_values("soma_joinid")
         return df["gene_symbol"].to_numpy(dtype=object)
 
+    @property
+    def n_genes(self) -> int:
+        with self.locator.open() as exp:
+            return _n_genes(exp)
+
     def _gene_mask_text(self, name: str) -> str | None:
         with self.locator.open() as exp:
             return exp.metadata.get(GENES_KEY + name)
@@ -208,12 +213,11 @@ class SomaAtlas(Atlas):
             exp.metadata[key] = value
 
     # ------------------------------------------------------------------ appending
-    def _write(self, genes: list[str], n_genes_before: int, parts: list[tuple[StreamedDataset, Iterator]],
-               records: Callable[[], list[DatasetRecord]]) -> None:
+    def _write(self, genes: list[str], n_genes_before: int, n_cells_before: int,
+               parts: list[tuple[StreamedDataset, Iterator]], records: Callable[[], list[DatasetRecord]]) -> None:
         import tiledbsoma as soma
 
         n_genes = len(genes)
-        n_cells_before = sum(r.n_cells for r in self.datasets())
         n_cells = n_cells_before + sum(d.n_cells for d, _ in parts)
         # grow the domains first (a resize becomes visible only to a newly opened handle)
         with soma.Experiment.open(self.uri, "w") as exp:

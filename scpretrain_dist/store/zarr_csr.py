@@ -141,10 +141,6 @@ class ZarrAtlas(Atlas):
         version = self._version()
         return np.array(genes if version is None else genes[: version[1]], dtype=object)
 
-    @property
-    def n_genes(self) -> int:
-        return len(self.genes())
-
     def _gene_mask_text(self, name: str) -> str | None:
         if name not in {r.name for r in self.datasets()}:
             return None
@@ -187,11 +183,10 @@ class ZarrAtlas(Atlas):
         self._g, self._arrays = None, {}
 
     # ------------------------------------------------------------------ appending
-    def _write(self, genes: list[str], n_genes_before: int, parts: list[tuple[StreamedDataset, Iterator]],
-               records: Callable[[], list[DatasetRecord]]) -> None:
+    def _write(self, genes: list[str], n_genes_before: int, n_cells_before: int,
+               parts: list[tuple[StreamedDataset, Iterator]], records: Callable[[], list[DatasetRecord]]) -> None:
         g = self._group("r+")
-        committed = [DatasetRecord(**r) for r in json.loads(g.attrs.get(REGISTRY_KEY, "[]"))]
-        n_cells = sum(r.n_cells for r in committed)
+        n_cells = n_cells_before
         nnz = int(g["X/indptr"][n_cells])
         # cut what a failed write left past the committed cells
         for name, size in (("X/data", nnz), ("X/indices", nnz), ("X/indptr", n_cells + 1),

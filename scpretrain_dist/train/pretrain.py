@@ -361,7 +361,7 @@ def pretrain(
         raise ValueError("pretraining needs at least one dataset")
     store = atlas_for(cfg)
     locator = store.locator.pinned()  # every worker and actor reads this same version
-    n_genes = len(locator.atlas().genes())
+    n_genes = locator.atlas().n_genes
     out_dir = Path(cfg.work_dir) / "pretrain" / tag
     # one run per folder: two would write each other's progress and pseudo-labels
     with exclusive(out_dir / ".lock", refuse=lambda e: ConfigError(
