@@ -106,6 +106,15 @@ class DemoDataConfig(_Checked):
     # > 0: an atlas of this many cells over n_datasets datasets of uneven (log-normal) sizes,
     # streamed into the store block by block instead of written as .h5ad files
     n_cells: int = setting(0, ge=0)
+    # each dataset's mean reads per cell is drawn log-uniformly from this range (cells vary
+    # around it); about 0.6 distinct genes per read at these depths
+    min_reads: int = setting(500, ge=1)
+    max_reads: int = setting(3000, ge=1)
+
+    def check(self) -> None:
+        if self.min_reads > self.max_reads:
+            raise ConfigError(f"demo.min_reads = {self.min_reads} is above demo.max_reads = {self.max_reads}; "
+                              "give a range low to high")
 
 
 @dataclass(frozen=True)

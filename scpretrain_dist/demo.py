@@ -215,7 +215,7 @@ def dataset_model(plan: AtlasPlan, d: int) -> DatasetModel:
     genes = np.sort(rng.choice(cfg.n_genes, min(n_kept, cfg.n_genes), replace=False))
     gene_scale = rng.normal(0.0, 0.35, cfg.n_genes)  # batch effect per gene
     proportions = rng.dirichlet(np.full(cfg.n_types, 3.0))
-    log_library = rng.uniform(np.log(500), np.log(3000))
+    log_library = rng.uniform(np.log(cfg.min_reads), np.log(cfg.max_reads))
     ambient = rng.uniform(0.02, 0.15)
     dtype = np.uint16 if cfg.n_genes <= np.iinfo(np.uint16).max + 1 else np.int32
     rows = [_profile_table(plan.base + plan.lfc[t] + gene_scale, genes) for t in range(cfg.n_types)]

@@ -1,8 +1,8 @@
 """An existing SOMA experiment as the atlas, read in place: a CELLxGENE Census-schema
 experiment the test builds itself (``tiledbsoma.io.from_anndata`` of the demo atlas with
 Census's obs and var columns, ``X/raw``, the feature-dataset presence matrix and
-``census_info/datasets`` beside it) is pretrained on, fine-tuned on and annotated with an obs
-value filter, and not one of its files changes."""
+``census_info/datasets`` beside it) is pretrained on, fine-tuned on, evaluated (lodo and
+transfer) and annotated with an obs value filter, and not one of its files changes."""
 
 from __future__ import annotations
 
@@ -124,6 +124,23 @@ def test_a_census_schema_experiment_is_pretrained_on_and_annotated_in_place(cens
     rows = json.loads((work / "report" / "report.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {"scpretrain", "logreg"}
     assert min(row["accuracy"] for row in rows) > 0.8
+
+    # both evaluation protocols on it, reusing the encoder pretrained without demo_03
+    r = cli.run("evaluate", "--protocol", "lodo", "--targets", "demo_03", *store, *small)
+    assert r.returncode == 0, r.stderr
+    assert "reusing cached encoder" in r.stdout
+    lodo = json.loads((work / "report_lodo" / "report.json").read_text())
+    assert {row["method"] for row in lodo["rows"]} == {"scpretrain", "logreg"}
+    assert min(row["accuracy"] for row in lodo["rows"]) > 0.8
+    r = cli.run("evaluate", "--protocol", "transfer", "--references", "demo_01", "--queries", "demo_03", *store,
+                *small, "--set", 'pretrain.exclude_datasets=["demo_03"]')
+    assert r.returncode == 0, r.stderr
+    assert "reusing cached encoder" in r.stdout
+    transfer = json.loads((work / "report_transfer" / "report.json").read_text())
+    assert {row["method"] for row in transfer["rows"]} >= {"scpretrain", "logreg"}
+    assert min(row["accuracy"] for row in transfer["rows"] if row["method"] in ("scpretrain", "logreg")) > 0.8
+    (split,) = transfer["splits"]
+    assert len(split["test"]) == files["demo_03"].n_obs and all(c.startswith("demo_01") for c in split["train"])
 
     r = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", exp_uri, *store,
                 "--datasets", "demo_03", "--workers", "0", "--embedding")
