@@ -135,6 +135,11 @@ class StoreConfig(_Checked):
     layer: str = "raw"
     value_filter: str = ""  # an obs filter, e.g. "is_primary_data == True and tissue_general == 'blood'"
     value_type: str = setting("auto", choices=("auto", "counts", "lognorm", "log2norm"))
+    # where `annotate` puts an experiment's annotations: "sidecar" (a SOMA DataFrame per model
+    # version beside the index, the experiment untouched) or "experiment" (two obs columns per
+    # model version added to the experiment itself and the embedding under obsm: needs write
+    # access; no other column's values change)
+    annotations: str = setting("sidecar", choices=("sidecar", "experiment"))
 
 
 @dataclass(frozen=True)

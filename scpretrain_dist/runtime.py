@@ -123,8 +123,14 @@ def _init(ray, cfg: RunConfig) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, MiB: Linux's VmHWM, the high-water mark of
+    the memory of this program since it started. Not ``ru_maxrss``: Linux carries that across
+    exec, so a child started from a large parent reports the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def restartable(cls, restarts: int, **options):

@@ -172,13 +172,15 @@ def _train_ours(cfg, ref, ref_name, split, log) -> tuple[str, dict]:
     return f"models:/{name}/{version}", {"heldout_accuracy": acc, "finetune_seconds": seconds}
 
 
-def _train_celltypist(ct, ref_ln, split, max_iter, log):
+def _train_celltypist(ct, ref_ln, split, max_iter, log, feature_selection: bool = False):
+    """CellTypist on the reference's train + validation cells; ``feature_selection``: its
+    two-pass training on the top 300 genes per type (its tutorial's custom models)."""
     t0 = time.perf_counter()
     train = ref_ln[np.sort(np.concatenate([split.train, split.val]))].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = ct.train(train, labels="cell_type", use_SGD=True, max_iter=max_iter, n_jobs=1,
-                         check_expression=False, feature_selection=False)
+                         check_expression=False, feature_selection=feature_selection)
         pred = ct.annotate(ref_ln[split.test].copy(), model=model, majority_voting=False)
     acc = float((pred.predicted_labels["predicted_labels"].astype(str).to_numpy()
                  == ref_ln.obs["cell_type"].astype(str).to_numpy()[split.test]).mean())

@@ -150,9 +150,9 @@ class KMeansWorker:
 
     def peak_rss_mib(self) -> float:
         """This actor's peak resident set size so far, MiB."""
-        import resource
+        from scpretrain_dist.runtime import peak_rss_mib
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mib()
 
     def _encoder(self, encoder: Encoder) -> dict | None:
         if isinstance(encoder, str):

@@ -9,7 +9,9 @@ numbering, each dataset's measured genes (the Census's ``feature_dataset_presenc
 there is one, else the genes with a non-zero value, computed once) and value type are an index
 cached in a folder beside the run (``<work_dir>/atlas-index``), never in the experiment. A run pins the experiment's
 timestamp. Annotations go to a sidecar SOMA DataFrame per model version (keyed by the
-experiment's ``soma_joinid``) and embeddings to a sparse array beside it, under the index.
+experiment's ``soma_joinid``) and embeddings to a sparse array beside it, under the index; with
+``store.annotations = "experiment"`` they are written into the experiment's own obs and obsm
+instead (the one write this backend makes there, asked for by the user).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class ExperimentLocator:
 
 def _mapping(store: StoreConfig) -> dict:
     """The settings that choose and name the cells (not where the atlas is, nor its backend)."""
-    return {k: v for k, v in asdict(store).items() if k not in ("uri", "backend")}
+    return {k: v for k, v in asdict(store).items() if k not in ("uri", "backend", "annotations")}
 
 
 def _presence_masks(exp, locator: ExperimentLocator, names: list[str], n_genes: int) -> dict[str, np.ndarray] | None:
@@ -292,7 +294,16 @@ class ExperimentAtlas(Atlas):
     def _frame(self, label: str) -> str:
         return str(self._sidecar / label.rsplit("__", 1)[0])
 
+    @property
+    def _write_back(self) -> bool:
+        return self.locator.mapping.annotations == "experiment"
+
     def obs_columns(self) -> list[str]:
+        if self._write_back:
+            import tiledbsoma as soma
+
+            with soma.Experiment.open(self.locator.uri) as exp:  # now, not at the pinned version
+                return list(exp.obs.schema.names)
         cols = ["soma_joinid", "obs_id", "dataset_id", "cell_type"]
         if self._sidecar.exists():
             for d in sorted(self._sidecar.iterdir()):
@@ -301,14 +312,26 @@ class ExperimentAtlas(Atlas):
         return cols
 
     def embedding_path(self, name: str) -> str:
+        if self._write_back:
+            return f"{self.locator.uri}/ms/{self.locator.mapping.measurement}/obsm/{name}"
         return str(self._sidecar / name / "embedding")
+
+    def _n_rows(self) -> int:
+        return int(self._load()["joinids"].max()) + 1
 
     def add_annotation_columns(self, label: str, confidence: str, embedding: str | None, n_cells: int,
                                dim: int) -> None:
         import tiledbsoma as soma
 
+        if self._write_back:
+            from scpretrain_dist.store.soma import add_obs_annotation_columns
+
+            self._check_writable()
+            add_obs_annotation_columns(self.locator.uri, self.locator.mapping.measurement, label, confidence,
+                                       embedding, self._n_rows() if n_cells else 1, dim)
+            return
         root = Path(self._frame(label))
-        n = int(self._load()["joinids"].max()) + 1 if n_cells else 1
+        n = self._n_rows() if n_cells else 1
         if not (root / "obs").exists():
             root.mkdir(parents=True, exist_ok=True)
             soma.DataFrame.create(str(root / "obs"), schema=pa.schema(
@@ -317,35 +340,35 @@ class ExperimentAtlas(Atlas):
         if embedding and not (root / "embedding").exists():
             soma.SparseNDArray.create(str(root / "embedding"), type=pa.float32(), shape=(n, max(dim, 1))).close()
 
+    def _check_writable(self) -> None:
+        import os
+
+        uri = self.locator.uri
+        obs = Path(uri) / "obs"
+        if "://" not in uri and not (os.access(uri, os.W_OK) and os.access(obs, os.W_OK)):
+            raise StoreError(f"store.annotations = \"experiment\" writes into {uri}, which this user cannot write; "
+                             "ask for write access, or leave store.annotations at \"sidecar\" (the default)")
+
     def annotated(self, label: str, embedding: str | None, lo: int, n: int) -> np.ndarray:
-        import tiledbsoma as soma
+        from scpretrain_dist.store.soma import obs_rows_annotated
 
-        root = Path(self._frame(label))
-        done = np.zeros(n, dtype=bool)
-        if not (root / "obs").exists():
-            return done
         sj = self.soma_joinids(np.arange(lo, lo + n))
-        order = np.argsort(sj)
-
-        def position(ids: np.ndarray) -> np.ndarray:  # soma_joinids -> their cells' places in [lo, lo + n)
-            return order[np.searchsorted(sj[order], ids)]
-
-        with soma.DataFrame.open(str(root / "obs")) as df:
-            tbl = df.read(coords=(sj[order],), column_names=["soma_joinid", "label"]).concat()
-        done[position(tbl["soma_joinid"].to_numpy())] = tbl["label"].is_valid().to_numpy(zero_copy_only=False)
-        if embedding:
-            have = np.zeros(n, dtype=bool)
-            if (root / "embedding").exists():
-                with soma.SparseNDArray.open(str(root / "embedding")) as A:
-                    t = A.read(coords=(sj[order], slice(0, 0))).tables().concat()
-                have[position(t["soma_dim_0"].to_numpy())] = True
-            done &= have
-        return done
+        if self._write_back:
+            return obs_rows_annotated(f"{self.locator.uri}/obs", label, embedding and self.embedding_path(embedding), sj)
+        root = Path(self._frame(label))
+        return obs_rows_annotated(str(root / "obs"), "label", embedding and str(root / "embedding"), sj)
 
     def write_annotations(self, lo: int, label: str, labels: np.ndarray, confidence: str, values: np.ndarray,
                           embedding: str | None, vectors: np.ndarray | None) -> None:
         import tiledbsoma as soma
 
+        if self._write_back:
+            from scpretrain_dist.store.soma import write_obs_annotations
+
+            write_obs_annotations(self.locator.uri, self.locator.mapping.measurement,
+                                  self.soma_joinids(np.arange(lo, lo + len(labels))), label, labels, confidence,
+                                  values, embedding, vectors)
+            return
         root = Path(self._frame(label))
         sj = self.soma_joinids(np.arange(lo, lo + len(labels)))
         if embedding and vectors is not None:

@@ -304,72 +304,111 @@ class SomaAtlas(Atlas):
 
     def add_annotation_columns(self, label: str, confidence: str, embedding: str | None, n_cells: int,
                                dim: int) -> None:
-        import tiledbsoma as soma
-        from tiledbsoma.io._util import get_arrow_str_format
-
-        new = {k: t for k, t in ((label, pa.large_string()), (confidence, pa.float32())) if k not in self.obs_columns()}
-        if new:  # schema evolution, as tiledbsoma.io.update_obs does; existing rows read null
-            with soma.Experiment.open(self.uri, "w") as exp:
-                exp.obs._handle._update_dataframe_schema([], {k: get_arrow_str_format(t) for k, t in new.items()}, {})
-        if embedding:
-            with soma.Experiment.open(self.uri, "w") as exp:
-                rna = exp.ms[MEASUREMENT]
-                obsm = rna["obsm"] if "obsm" in rna else rna.add_new_collection("obsm")
-                if embedding not in obsm:
-                    obsm.add_new_sparse_ndarray(embedding, type=pa.float32(), shape=(max(n_cells, 1), dim))
-                elif obsm[embedding].shape[0] < n_cells:
-                    obsm[embedding].resize((n_cells, dim))
+        add_obs_annotation_columns(self.uri, MEASUREMENT, label, confidence, embedding, n_cells, dim)
 
     def annotated(self, label: str, embedding: str | None, lo: int, n: int) -> np.ndarray:
-        import tiledbsoma as soma
-
-        done = np.zeros(n, dtype=bool)
-        if label not in self.obs_columns():
-            return done
-        with soma.DataFrame.open(f"{self.uri}/obs") as obs:
-            tbl = obs.read(coords=(slice(lo, lo + n - 1),), column_names=["soma_joinid", label]).concat()
-        done[tbl["soma_joinid"].to_numpy() - lo] = tbl[label].is_valid().to_numpy(zero_copy_only=False)
-        if embedding:
-            have = np.zeros(n, dtype=bool)
-            uri = f"{self.uri}/{self.embedding_path(embedding)}"
-            if Path(uri).exists() or "://" in uri:
-                try:
-                    with soma.SparseNDArray.open(uri) as A:
-                        t = A.read(coords=(slice(lo, lo + n - 1), slice(0, 0))).tables().concat()
-                    have[t["soma_dim_0"].to_numpy() - lo] = True
-                except Exception:  # no array yet
-                    pass
-            done &= have
-        return done
+        return obs_rows_annotated(f"{self.uri}/obs", label, embedding and f"{self.uri}/{self.embedding_path(embedding)}",
+                                  np.arange(lo, lo + n, dtype=np.int64))
 
     def write_annotations(self, lo: int, label: str, labels: np.ndarray, confidence: str, values: np.ndarray,
                           embedding: str | None, vectors: np.ndarray | None) -> None:
-        """The embedding first, then the block's whole obs rows (TileDB writes need every
-        attribute) in one write: the filled label column is the block's commit marker."""
-        import tiledbsoma as soma
+        write_obs_annotations(self.uri, MEASUREMENT, np.arange(lo, lo + len(labels), dtype=np.int64), label, labels,
+                              confidence, values, embedding, vectors)
 
-        n = len(labels)
-        ids = np.arange(lo, lo + n, dtype=np.int64)
-        if embedding and vectors is not None:
-            dim = vectors.shape[1]
-            with soma.SparseNDArray.open(f"{self.uri}/{self.embedding_path(embedding)}", "w") as A:
-                A.write(pa.Table.from_pydict({
-                    "soma_dim_0": np.repeat(ids, dim),
-                    "soma_dim_1": np.tile(np.arange(dim, dtype=np.int64), n),
-                    "soma_data": vectors.astype(np.float32).ravel(),
-                }))
-        with soma.DataFrame.open(f"{self.uri}/obs") as obs:
-            tbl = obs.read(coords=(slice(lo, lo + n - 1),)).concat()
-        if tbl.num_rows != n:
-            raise StoreError(f"obs of {self.uri} holds {tbl.num_rows} rows for joinids {lo}..{lo + n - 1}, expected {n}")
-        tbl = tbl.take(pa.array(np.argsort(tbl["soma_joinid"].to_numpy())))
-        pos = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
-        tbl = tbl.set_column(tbl.schema.get_field_index(label), label,
-                             pa.array(np.asarray(labels, dtype=object)[pos].tolist(), pa.large_string()))
-        tbl = tbl.set_column(tbl.schema.get_field_index(confidence), confidence,
-                             pa.array(np.asarray(values, dtype=np.float32)[pos], pa.float32()))
-        with soma.DataFrame.open(f"{self.uri}/obs", "w") as obs:
-            obs.write(tbl)
+
+# ---------------------------------------------------------------------- annotation columns in obs
+# Shared by this backend and an experiment read in place whose annotations are written back.
+
+
+def add_obs_annotation_columns(uri: str, measurement: str, label: str, confidence: str, embedding: str | None,
+                               n_rows: int, dim: int) -> None:
+    """A label and a confidence column in the experiment's obs (schema evolution, as
+    ``tiledbsoma.io.update_obs`` does; existing rows read null) and an embedding array of
+    ``n_rows`` x ``dim`` in ``ms/<measurement>/obsm``."""
+    import tiledbsoma as soma
+    from tiledbsoma.io._util import get_arrow_str_format
+
+    with soma.Experiment.open(uri) as exp:
+        have = set(exp.obs.schema.names)
+    new = {k: t for k, t in ((label, pa.large_string()), (confidence, pa.float32())) if k not in have}
+    if new:
+        with soma.Experiment.open(uri, "w") as exp:
+            exp.obs._handle._update_dataframe_schema([], {k: get_arrow_str_format(t) for k, t in new.items()}, {})
+    if embedding:
+        with soma.Experiment.open(uri, "w") as exp:
+            ms = exp.ms[measurement]
+            obsm = ms["obsm"] if "obsm" in ms else ms.add_new_collection("obsm")
+            if embedding not in obsm:
+                obsm.add_new_sparse_ndarray(embedding, type=pa.float32(), shape=(max(n_rows, 1), dim))
+            elif obsm[embedding].shape[0] < n_rows:
+                obsm[embedding].resize((n_rows, dim))
+
+
+def _coords(joinids: np.ndarray):
+    """TileDB coordinates of sorted joinids: a range where they are contiguous."""
+    if len(joinids) and joinids[-1] - joinids[0] == len(joinids) - 1:
+        return slice(int(joinids[0]), int(joinids[-1]))
+    return joinids
+
+
+def obs_rows_annotated(obs_uri: str, label: str, embedding_uri: str | None, joinids: np.ndarray) -> np.ndarray:
+    """Whether each cell (by soma_joinid) has its ``label`` in the DataFrame at ``obs_uri``, and
+    its row in the embedding array at ``embedding_uri`` where one is asked."""
+    import tiledbsoma as soma
+
+    done = np.zeros(len(joinids), dtype=bool)
+    order = np.argsort(joinids, kind="stable")
+    ids = np.asarray(joinids, dtype=np.int64)[order]
+
+    def position(found: np.ndarray) -> np.ndarray:
+        return order[np.searchsorted(ids, found)]
+
+    if not soma.DataFrame.exists(obs_uri):
+        return done
+    with soma.DataFrame.open(obs_uri) as obs:
+        if label not in obs.schema.names:
+            return done
+        tbl = obs.read(coords=(_coords(ids),), column_names=["soma_joinid", label]).concat()
+    done[position(tbl["soma_joinid"].to_numpy())] = tbl[label].is_valid().to_numpy(zero_copy_only=False)
+    if embedding_uri:
+        have = np.zeros(len(joinids), dtype=bool)
+        if soma.SparseNDArray.exists(embedding_uri):
+            with soma.SparseNDArray.open(embedding_uri) as A:
+                t = A.read(coords=(_coords(ids), slice(0, 0))).tables().concat()
+            have[position(t["soma_dim_0"].to_numpy())] = True
+        done &= have
+    return done
+
+
+def write_obs_annotations(uri: str, measurement: str, joinids: np.ndarray, label: str, labels: np.ndarray,
+                          confidence: str, values: np.ndarray, embedding: str | None,
+                          vectors: np.ndarray | None) -> None:
+    """The embedding first, then the cells' whole obs rows (TileDB writes need every attribute;
+    the other columns are written back with the values just read) in one write: the filled label
+    column is the block's commit marker."""
+    import tiledbsoma as soma
+
+    order = np.argsort(joinids, kind="stable")
+    ids = np.asarray(joinids, dtype=np.int64)[order]
+    if embedding and vectors is not None:
+        dim = vectors.shape[1]
+        with soma.SparseNDArray.open(f"{uri}/ms/{measurement}/obsm/{embedding}", "w") as A:
+            A.write(pa.Table.from_pydict({
+                "soma_dim_0": np.repeat(ids, dim),
+                "soma_dim_1": np.tile(np.arange(dim, dtype=np.int64), len(ids)),
+                "soma_data": vectors[order].astype(np.float32).ravel(),
+            }))
+    with soma.DataFrame.open(f"{uri}/obs") as obs:
+        tbl = obs.read(coords=(_coords(ids),)).concat()
+    if tbl.num_rows != len(ids):
+        raise StoreError(f"obs of {uri} holds {tbl.num_rows} of the {len(ids)} rows to annotate "
+                         f"(soma_joinids {ids[0]}..{ids[-1]})")
+    tbl = tbl.take(pa.array(np.argsort(tbl["soma_joinid"].to_numpy())))
+    labels, values = np.asarray(labels, dtype=object)[order], np.asarray(values, dtype=np.float32)[order]
+    tbl = tbl.set_column(tbl.schema.get_field_index(label), label, pa.array(labels.tolist(), pa.large_string()))
+    tbl = tbl.set_column(tbl.schema.get_field_index(confidence), confidence, pa.array(values, pa.float32()))
+    with soma.DataFrame.open(f"{uri}/obs", "w") as obs:
+        obs.write(tbl)
 
 
 def read_rows_by_joinid(X, joinids: np.ndarray, n_genes: int) -> sp.csr_matrix:

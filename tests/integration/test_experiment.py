@@ -163,6 +163,41 @@ def test_a_census_schema_experiment_is_pretrained_on_and_annotated_in_place(cens
     # nothing of the experiment (or the Census folder around it) was written
     assert cli.digest(exp_uri.parent.parent) == before
 
+    # written back when asked, into an experiment of the user's own (a copy): two obs columns
+    # and the embedding under obsm; every other obs value and X as they were
+    import shutil
+
+    import pandas as pd
+
+    own = tmp_path / "own" / "homo_sapiens"
+    shutil.copytree(exp_uri, own)
+
+    def obs_of(uri):
+        with soma.Experiment.open(str(uri)) as exp:
+            return exp.obs.read().concat().to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+
+    obs_before, x_before = obs_of(own), cli.digest(own / "ms" / "RNA" / "X")
+    back = ["--work-dir", work, "--set", "store.backend=experiment", "--set", f'store.uri="{own}"',
+            "--set", f'store.value_filter="{FILTER}"', "--set", 'store.annotations="experiment"']
+    annotate_own = ["annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", own, *back,
+                    "--datasets", "demo_03", "--workers", "0", "--embedding", "--block-size", "150"]
+    r = cli.run(*annotate_own)
+    assert r.returncode == 0, r.stderr
+    obs_after = obs_of(own)
+    label, conf = f"{prefix}__label", f"{prefix}__confidence"
+    assert list(obs_after.columns) == [*obs_before.columns, label, conf]
+    pd.testing.assert_frame_equal(obs_after[obs_before.columns], obs_before)
+    mine = (obs_after["dataset_id"] == "demo_03").to_numpy()
+    assert obs_after.loc[mine, label].tolist() == ann.loc[obs_after.loc[mine, "soma_joinid"], "label"].tolist()
+    assert obs_after.loc[~mine, label].isna().all() and obs_after.loc[mine, conf].between(0, 1).all()
+    with soma.Experiment.open(str(own)) as exp:
+        emb = exp.ms["RNA"]["obsm"][prefix].read().tables().concat().to_pandas()
+    assert set(emb["soma_dim_0"]) == set(obs_after.loc[mine, "soma_joinid"])
+    assert cli.digest(own / "ms" / "RNA" / "X") == x_before
+    again = cli.run(*annotate_own)
+    assert again.returncode == 0 and " 0 of " in again.stdout + again.stderr
+    assert obs_of(own).equals(obs_after)
+
     # what cannot be done in place is refused before any work, naming the fix
     r = cli.run("ingest", exp_uri.parents[2] / "demo" / "demo_00.h5ad", *store)
     assert r.returncode == 2 and "never written" in r.stderr and "store.backend" in r.stderr

@@ -23,7 +23,15 @@ def test_peak_rss_counts_the_processes_a_step_starts(tmp_path):
     r = measured([sys.executable, "-c", parent], tmp_path / "tree.log")
     assert r["rc"] == 0 and r["stdout"].split() == [str(float(300 << 17)), str(float(50 << 17))]
     assert r["tree_peak_rss_mib"] > 340
-    assert r["children_max_rss_mib"] >= 300
+
+
+def test_a_child_reports_its_own_peak_not_its_parents(tmp_path):
+    # Linux carries ru_maxrss across exec: a small child of a 600 MiB parent would report 600
+    code = "from scpretrain_dist.runtime import peak_rss_mib; print(peak_rss_mib())"
+    parent = (f"import subprocess, sys, numpy as np; a = np.ones(600 << 17); "
+              f"print(subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, text=True).stdout)")
+    r = measured([sys.executable, "-c", parent], tmp_path / "own.log")
+    assert r["rc"] == 0 and float(r["stdout"].split()[0]) < 300
 
 
 def test_a_step_over_the_memory_cap_fails_instead_of_the_machine(tmp_path):
