@@ -184,6 +184,9 @@ def cmd_evaluate(args) -> None:
     out = args.out or Path(cfg.work_dir) / f"report_{args.protocol}"
     cfg = installed_methods(cfg)
     # every input checked before any MLflow run, K-means or training starts
+    if args.hold_out_types and args.protocol != "transfer":
+        raise ConfigError("--hold-out-types removes types from the references of the transfer protocol; "
+                          "add --protocol transfer --references ... --queries ...")
     if args.protocol == "lodo":
         targets = resolve_targets(cfg, store, args.targets)
         check_lodo(cfg, store, targets)
@@ -191,12 +194,12 @@ def cmd_evaluate(args) -> None:
         refs = args.references or list(cfg.evaluate.references)
         queries = args.queries or list(cfg.evaluate.queries)
         mapping = args.label_mapping or cfg.evaluate.label_mapping or None
-        check_transfer(cfg, store, refs, queries, mapping)
+        check_transfer(cfg, store, refs, queries, mapping, args.hold_out_types)
     with ray_scope(), stage_run(f"evaluate-{args.protocol}", cfg):
         if args.protocol == "lodo":
             evaluate_lodo(cfg, targets, out)
         else:
-            evaluate_transfer(cfg, refs, queries, mapping, out)
+            evaluate_transfer(cfg, refs, queries, mapping, out, hold_out=args.hold_out_types)
 
 
 def cmd_quickstart(args) -> None:
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", nargs="+", help="transfer: labelled reference datasets to fine-tune on")
     p.add_argument("--queries", nargs="+", help="transfer: datasets to predict")
     p.add_argument("--label-mapping", help="transfer: JSON {dataset: {label: shared label or null}}")
+    p.add_argument("--hold-out-types", "--hold-out-type", nargs="+", metavar="TYPE",
+                   help="transfer: remove each of these reference types in turn ('all': every one) and score how "
+                        "well the models reject the query's cells of it as unknown")
     p.add_argument("--out", help="report folder (default <work-dir>/report_<protocol>)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -304,6 +304,11 @@ class FinetuneConfig(_Checked):
     ssl_rampup_epochs: int = setting(20, ge=0)
     # input dropout of the augmentations when input_dropout is 0
     ssl_augment_dropout: float = setting(0.1, ge=0, lt=1)
+    # Unknown cells: the annotator calls a cell ``unassigned`` when its calibrated confidence is
+    # below the threshold that rejects this fraction of the validation cells (0: never rejects);
+    # the threshold is stored in the model
+    reject_rate: float = setting(0.01, ge=0, lt=1)
+    unassigned: str = setting("Unassigned", nonempty=True)
     train_frac: float = setting(0.6, gt=0, lt=1)
     val_frac: float = setting(0.1, gt=0, lt=1)
     train_cap: int = setting(1000, ge=1)

@@ -177,11 +177,12 @@ def _check_labelled(what: str, labels: np.ndarray) -> None:
 
 
 def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries: list[str],
-                   mapping_path: str | None) -> dict | None:
+                   mapping_path: str | None, hold_out: list[str] | None = None) -> dict | None:
     """Everything the transfer protocol needs, checked before any pretraining: references and
     queries in the atlas and distinct, the label mapping readable and covering every label of
     theirs, enough labelled reference cells of 2+ types, query cells of types the references
-    know, and enough shared genes. Returns the mapping."""
+    know, and enough shared genes; each ``hold_out`` type (``all``: every reference type) a
+    reference type whose removal leaves 2+ types. Returns the mapping."""
     from scpretrain_dist.evaluate.protocols import (
         MIN_SHARED_GENES,
         harmonise,
@@ -215,7 +216,20 @@ def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries:
         if n < MIN_SHARED_GENES:
             raise StoreError(f"references {references} and query {q!r} share only {n} genes; transfer needs at "
                              f"least {MIN_SHARED_GENES}")
+    types = np.unique(known.astype(str))
+    for t in hold_out_types(hold_out, types):
+        if t not in types:
+            raise StoreError(f"--hold-out-types {t!r} is not a type of the references ({', '.join(types)}); "
+                             "name one of them (after the label mapping) or 'all'")
+        _check_labelled(f"references {', '.join(references)} without {t}", known[known != t])
     return mapping
+
+
+def hold_out_types(requested: list[str] | None, reference_types) -> list[str]:
+    """The types ``--hold-out-types`` names; ``all``: every reference type."""
+    if not requested:
+        return []
+    return [str(t) for t in reference_types] if list(requested) == ["all"] else list(dict.fromkeys(requested))
 
 
 class Evaluation:
@@ -429,14 +443,22 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=say) -> li
 
 
 def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str], mapping_path: str | None,
-                      report_dir, log=say) -> list[dict]:
+                      report_dir, log=say, hold_out: list[str] | None = None) -> list[dict]:
     """Reference -> query: pretrain without the queries (cached encoders reused), fine-tune on
-    the labelled references with harmonised labels, predict each query; one report."""
+    the labelled references with harmonised labels, predict each query; one report.
+    ``hold_out``: cell types (or ``all``) removed from the references one at a time, each query
+    predicted once per type (unknown-cell rejection); no model is registered then."""
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
+    from scpretrain_dist.evaluate.protocols import harmonise
 
     cfg = installed_methods(cfg, log)
     store = atlas_for(cfg)
-    mapping = check_transfer(cfg, store, references, queries, mapping_path)
+    mapping = check_transfer(cfg, store, references, queries, mapping_path, hold_out)
+    types = [None]
+    if hold_out:
+        ref = np.concatenate([harmonise(r, store.read_obs(r)["cell_type"].to_numpy().astype(object), mapping)
+                              for r in references])
+        types = hold_out_types(hold_out, np.unique(ref[ref != UNKNOWN_LABEL].astype(str)))
     exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
     ev = Evaluation()
     for q in queries:
@@ -445,13 +467,14 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
             run_id = run_id or active_run_id()
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)
-            rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=detail)
-            ev.rows += rows
-            ev.splits += splits
-            ev.confusion[q] = out["confusion"]
+            for t in types:
+                rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=detail, hold_out=t)
+                ev.rows += rows
+                ev.splits += splits
+                ev.confusion[out["dataset"]] = out["confusion"]
             ev.folds.append({"targets": [q], "encoder_run": run_id, "pretraining datasets": list(result.datasets),
                              "encoder": result.encoder_path})
-            if ev.first_model is None and out["models"]:
+            if ev.first_model is None and out["models"] and not hold_out:
                 from scpretrain_dist.evaluate.protocols import TargetData
 
                 seed = min(out["models"])
@@ -461,7 +484,9 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     context = _context(cfg, ev, "reference -> query transfer")
     context |= {"references": ", ".join(references), "queries": ", ".join(queries),
                 "label mapping": mapping_path or "none (labels must match verbatim)"}
-    return ev.finish(cfg, store, report_dir, context, register=True, log=log)
+    if hold_out:
+        context["held-out types"] = ", ".join(types)
+    return ev.finish(cfg, store, report_dir, context, register=not hold_out, log=log)
 
 
 def _example_rows(store: Atlas, name: str, genes: np.ndarray):

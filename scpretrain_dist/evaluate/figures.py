@@ -161,5 +161,5 @@ def write_figures(rows: list[dict], views: dict, out_dir: Path, confusion: dict 
     for dataset, by_method in (confusion or {}).items():
         if "scpretrain" in by_method:
             made.append(confusion_matrix(dataset, by_method["scpretrain"], "scpretrain",
-                                         out_dir / f"confusion_{dataset}_scpretrain.png"))
+                                         out_dir / f"confusion_{dataset.replace(' ', '_')}_scpretrain.png"))
     return [str(p) for p in made if p is not None]

@@ -37,6 +37,7 @@ SHIFT_METHODS = NETWORKS + EXPRESSION + tuple(m for m in FEATURE_METHODS if m.en
 # keeps them from constraining the core's dependencies). CellTypist's probabilities are per-class
 # one-vs-rest sigmoids, not a distribution over types, so label-shift EM does not apply to them.
 PEERS = ("celltypist",)
+CELLTYPIST_P_THRES = 0.5  # celltypist.annotate's default p_thres (probability match mode)
 ALL_METHODS = NETWORKS + EXPRESSION + FEATURE_METHODS + SEMI_SUPERVISED + PEERS
 NEEDS_ENCODER = ("scpretrain",) + tuple(m for m in FEATURE_METHODS if m.startswith("emb_")) + SEMI_SUPERVISED
 
@@ -55,6 +56,11 @@ class Fitted:
     extra: dict = field(default_factory=dict)
     model: object = None
     prior: np.ndarray | None = None  # the class prior the probabilities follow (None: the training shares)
+    logits: np.ndarray | None = None  # the networks' test logits (before any temperature)
+    # the method's own rule for an unknown cell: the ``unknown_scores`` confidence below which it
+    # calls a cell unassigned; None: it has none
+    reject_threshold: float | None = None
+    temperature: float = 1.0
 
 
 def check_methods(methods, setting: str = "evaluate.methods") -> None:
@@ -168,7 +174,7 @@ def run_method(
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
                               "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated)}, res.model,
-                      res.prior)
+                      res.prior, logits, res.reject_threshold, res.temperature)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))
@@ -204,7 +210,22 @@ def _celltypist(train: Cells, test: Cells, n_types: int) -> Fitted:
     scores = result.probability_matrix
     proba = np.zeros((test.X.shape[0], n_types))
     proba[:, scores.columns.astype(int)] = scores.to_numpy()
-    return Fitted(proba, {"n_features": int(len(model.features))})
+    # its probability match mode calls a cell Unassigned when no type passes p_thres (0.5)
+    return Fitted(proba, {"n_features": int(len(model.features))}, reject_threshold=CELLTYPIST_P_THRES)
+
+
+def unknown_scores(fit: Fitted) -> dict[str, np.ndarray]:
+    """Per test cell, scores that are high for a type the method knows: ``confidence`` (the
+    largest probability; for the networks the log-odds of the calibrated one, what the annotator
+    rejects on) and, for the networks, ``max_logit`` and ``energy`` (T log sum exp(logits / T))."""
+    from scipy.special import logsumexp
+
+    from scpretrain_dist.model.networks import confidence_log_odds
+
+    if fit.logits is None:
+        return {"confidence": fit.proba.max(1)}
+    z, t = np.asarray(fit.logits, np.float64), fit.temperature
+    return {"confidence": confidence_log_odds(z, t), "max_logit": z.max(1), "energy": t * logsumexp(z / t, axis=1)}
 
 
 def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:

@@ -48,6 +48,29 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     }
 
 
+UNKNOWN_METRICS = ("unknown_auroc", "unknown_rejected", "known_rejected", "known_accuracy", "accepted_accuracy")
+
+
+def unknown_cell_metrics(is_unknown: np.ndarray, score: np.ndarray, correct: np.ndarray,
+                         threshold: float | None = None) -> dict[str, float]:
+    """How well ``score`` (higher: more like a type the reference knows) tells the cells of a type
+    the reference lacks (``is_unknown``) from the known ones: the AUROC of -score at finding
+    unknown cells; and, rejecting cells whose score is below ``threshold``, the fractions of
+    unknown and known cells rejected and the accuracy on all known cells and on the accepted
+    ones (``correct``: the call was right; known cells only). No threshold: NaN for those."""
+    is_unknown, score, correct = np.asarray(is_unknown, bool), np.asarray(score, float), np.asarray(correct, bool)
+    known = ~is_unknown
+    out = {"unknown_auroc": float(roc_auc_score(is_unknown, -score)) if 0 < is_unknown.sum() < len(score) else float("nan"),
+           "known_accuracy": float(correct[known].mean()) if known.any() else float("nan")}
+    if threshold is None:
+        return out | {"unknown_rejected": float("nan"), "known_rejected": float("nan"), "accepted_accuracy": float("nan")}
+    rejected = score < threshold
+    accepted = known & ~rejected
+    return out | {"unknown_rejected": float(rejected[is_unknown].mean()) if is_unknown.any() else float("nan"),
+                  "known_rejected": float(rejected[known].mean()) if known.any() else float("nan"),
+                  "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan")}
+
+
 def clustering_metrics(y_true: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
     """Rand index and adjusted Rand index of a clustering against the true labels."""
     from sklearn.metrics import adjusted_rand_score, rand_score

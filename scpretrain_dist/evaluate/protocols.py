@@ -27,13 +27,19 @@ from scpretrain_dist.evaluate.methods import (
     NETWORKS,
     SHIFT_METHODS,
     Cells,
+    Fitted,
     adapt_to_label_shift,
     check_methods,
     embed,
     run_method,
     runnable_methods,
+    unknown_scores,
 )
-from scpretrain_dist.evaluate.metrics import classification_metrics, clustering_metrics
+from scpretrain_dist.evaluate.metrics import (
+    classification_metrics,
+    clustering_metrics,
+    unknown_cell_metrics,
+)
 from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
 from scpretrain_dist.store.atlas import UNKNOWN_LABEL, Atlas, StoreError
 from scpretrain_dist.train.finetune import gene_index, training_prior
@@ -267,11 +273,17 @@ def evaluate_transfer(
     mapping: dict | None,
     encoder: Encoder | None,
     log=detail,
+    hold_out: str | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """Fine-tune on the labelled reference datasets (90% train, 10% validation per seed;
     training capped at the largest budget), predict every labelled query cell whose
     harmonised label the references know. Genes: those measured in the references and the
-    query, normalised over that shared panel in both."""
+    query, normalised over that shared panel in both.
+
+    ``hold_out``: a cell type removed from the references (an unknown type). The query keeps
+    its cells of that type; the rows' dataset is "<query> without <type>", their metrics are
+    those of the known cells plus :func:`unknown_cell_metrics` of each score of
+    :func:`unknown_scores` (the ``confidence`` one with the method's own rejection rule)."""
     ev, f = cfg.evaluate, cfg.finetune
     genes = shared_genes(store, [*references, query])
     if len(genes) < MIN_SHARED_GENES:
@@ -279,9 +291,19 @@ def evaluate_transfer(
                          f"transfer needs at least {MIN_SHARED_GENES}")
     refs = [load_target(store, r, genes, mapping) for r in references]
     classes = np.unique(np.concatenate([r.classes[r.labels] for r in refs]))
+    if hold_out is not None:
+        classes = classes[classes != hold_out]
     refs = [load_target(store, r, genes, mapping, classes) for r in references]
-    q = load_target(store, query, genes, mapping, classes)
+    q = load_target(store, query, genes, mapping, classes if hold_out is None else np.union1d(classes, [hold_out]))
     dropped = int(store.dataset(query).n_cells - len(q.labels))
+    names = q.classes[q.labels]
+    is_unknown = names == hold_out if hold_out is not None else np.zeros(len(names), bool)
+    y_query = np.where(is_unknown, 0, np.searchsorted(classes, names))  # unknown cells: no code of theirs
+    known = ~is_unknown
+    # the confusion tables name the held-out type as a true label (a row no method can predict)
+    table_classes = classes if hold_out is None else np.append(classes, hold_out)
+    y_table = np.where(is_unknown, len(classes), y_query)
+    dataset = query if hold_out is None else f"{query} without {hold_out}"
     Xr = sp.vstack([r.X for r in refs]).tocsr()
     yr = np.concatenate([r.labels for r in refs])
     ids = np.concatenate([r.obs_ids for r in refs])
@@ -295,8 +317,8 @@ def evaluate_transfer(
         s = split_cells(yr, seed, train_frac=1 - f.val_frac, val_frac=f.val_frac, train_cap=10**9)
         # split_cells puts its test share first; with train_frac = 1 - val_frac there is none
         train_pos = budget_subset(yr, s.train, cap, seed)
-        train, val, test = Cells(Xr[train_pos], yr[train_pos]), Cells(Xr[s.val], yr[s.val]), Cells(q.X, q.labels)
-        splits.append({"dataset": query, "seed": seed, "budget": cap, "references": references,
+        train, val, test = Cells(Xr[train_pos], yr[train_pos]), Cells(Xr[s.val], yr[s.val]), Cells(q.X, y_query)
+        splits.append({"dataset": dataset, "seed": seed, "budget": cap, "references": references,
                        "train": ids[train_pos].tolist(), "val": ids[s.val].tolist(), "test": q.obs_ids.tolist()})
         features: dict = {}
         for method in methods:
@@ -304,24 +326,49 @@ def evaluate_transfer(
             fit = run_method(method, train, val, test, len(classes), seed, cfg,
                              encoder.weights if encoder else None, gidx, features, unlabelled=q.X)
             seconds = time.perf_counter() - t0
+            if hold_out is not None and "ece" in fit.extra:  # calibration of the known cells only
+                from scipy.special import softmax
+
+                from scpretrain_dist.evaluate.metrics import expected_calibration_error as ece
+
+                fit.extra |= {"ece": ece(y_query[known], fit.proba[known]),
+                              "ece_calibrated": ece(y_query[known], softmax(fit.logits[known] / fit.temperature, axis=1))}
             variants = [(method, fit.proba)]
             if ev.label_shift and method in SHIFT_METHODS:
                 prior = fit.prior if fit.prior is not None else training_prior(train.y, len(classes))
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
-                m = classification_metrics(test.y, proba)
+                m = classification_metrics(test.y[known], proba[known])
+                if hold_out is not None:
+                    m |= _unknown_metrics(fit if name == method else Fitted(proba), is_unknown,
+                                          proba.argmax(1) == y_query)
                 if seed == min(f.seeds):
-                    confusion[name] = confusion_table(classes, test.y, proba.argmax(1))
-                rows.append(_row(query, name, seed, cap, m, len(train_pos), len(s.val), len(q.labels), len(classes),
-                                 seconds, {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
-                                           "query_cells_dropped": dropped}))
-                log(f"  {'+'.join(references)} -> {query}: {name:18s} seed {seed}: accuracy {m['accuracy']:.3f} "
-                    f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}")
+                    confusion[name] = confusion_table(table_classes, y_table, proba.argmax(1))
+                rows.append(_row(dataset, name, seed, cap, m, len(train_pos), len(s.val), int(known.sum()),
+                                 len(classes), seconds,
+                                 {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
+                                  "query_cells_dropped": dropped, **({"held_out": hold_out,
+                                                                      "n_unknown": int(is_unknown.sum())}
+                                                                     if hold_out is not None else {})}))
+                log(f"  {'+'.join(references)} -> {dataset}: {name:18s} seed {seed}: accuracy {m['accuracy']:.3f} "
+                    f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}"
+                    + (f" unknown AUROC {m['unknown_auroc']:.3f}" if hold_out is not None else ""))
             if method == "scpretrain":
                 models[seed] = fit.model
             bar.update(1)
     bar.close()
-    return rows, splits, {"models": models, "genes": genes, "classes": classes, "confusion": confusion}
+    return rows, splits, {"models": models, "genes": genes, "classes": classes, "confusion": confusion,
+                          "dataset": dataset}
+
+
+def _unknown_metrics(fit: Fitted, is_unknown: np.ndarray, correct: np.ndarray) -> dict:
+    """unknown_cell_metrics of the confidence (with the method's own rejection threshold) and,
+    for the networks, the AUROC of the other scores (``unknown_auroc_<score>``)."""
+    scores = unknown_scores(fit)
+    m = unknown_cell_metrics(is_unknown, scores.pop("confidence"), correct, fit.reject_threshold)
+    for name, score in scores.items():
+        m[f"unknown_auroc_{name}"] = unknown_cell_metrics(is_unknown, score, correct)["unknown_auroc"]
+    return m
 
 
 def confusion_table(classes: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> dict:

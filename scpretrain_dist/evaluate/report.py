@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from scpretrain_dist.evaluate.methods import PEERS
-from scpretrain_dist.evaluate.metrics import METRICS, paired_wilcoxon
+from scpretrain_dist.evaluate.metrics import METRICS, UNKNOWN_METRICS, paired_wilcoxon
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -74,6 +74,17 @@ def _pair(df: pd.DataFrame, a: str, b: str, metric: str) -> dict:
     return paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy())
 
 
+def unknown_summary(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Per method, the held-out-type metrics averaged over seeds and then over held-out types
+    (and queries), and the columns to show."""
+    df = _frame([r for r in rows if "held_out" in r])
+    cols = [c for c in (*UNKNOWN_METRICS, "unknown_auroc_max_logit", "unknown_auroc_energy") if c in df]
+    per = df.groupby(["dataset", "method"], sort=False)[cols].mean().reset_index()
+    out = per.groupby("method", sort=False)[cols].mean().reset_index()
+    out.insert(1, "held_out_types", per.groupby("method", sort=False).size().to_numpy())
+    return out, ["method", "held_out_types", *cols]
+
+
 def format_table(rows: list[dict]) -> str:
     s = summary(rows)
     header = f"{'dataset':30s} {'method':12s} " + " ".join(f"{m:>11s}" for m in METRICS)
@@ -132,6 +143,15 @@ def write_report(
         text += ["", "## Paired Wilcoxon signed-rank tests over (dataset, seed)", ""]
         text += _md_table(pd.DataFrame(tests), ["a", "b", "metric", "budget", "n", "mean_diff", "wins", "losses", "p_value"],
                           "{:.4f}")
+    if any("held_out" in r for r in rows):
+        text += ["", "## Unknown cells: each type held out of the references in turn", "",
+                 "The query's cells of the held-out type should be rejected; `unknown_auroc`: the AUROC of "
+                 "low confidence at finding them (`_max_logit`, `_energy`: other scores of the networks); "
+                 "`unknown_rejected` / `known_rejected`: the fractions of unknown / known cells each method's "
+                 "own rule rejects (scPretrain: the model's threshold from its validation cells; CellTypist: no "
+                 "type above p_thres 0.5); `known_accuracy` / `accepted_accuracy`: accuracy on every known "
+                 "cell / on the known cells accepted.", ""]
+        text += _md_table(*unknown_summary(rows))
     if clustering:
         cl = pd.DataFrame(clustering).groupby(["dataset", "space"], sort=False)[["rand", "ari"]].mean().reset_index()
         text += ["", "## K-means with k = number of true types (Rand index, ARI)", ""]

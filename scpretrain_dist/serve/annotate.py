@@ -34,7 +34,7 @@ from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifact
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
 with warnings.catch_warnings(record=True):
-    from scpretrain_dist.serve.pyfunc import UNASSIGNED, Annotator, InputError, _check_values
+    from scpretrain_dist.serve.pyfunc import Annotator, InputError, _check_values
 
 H5AD_LABEL = "scpretrain_label"
 H5AD_CONFIDENCE = "scpretrain_confidence"
@@ -553,7 +553,7 @@ def annotate_h5ad(
     info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": model_uri,
             "run_id": ref.run_id, "gene_overlap": overlap, "value_type": value_type,
             "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_h5ad_annotation(path, out, annotator.classes, codes, conf, emb, info, h5py)
+    _write_h5ad_annotation(path, out, annotator.classes, annotator.unassigned, codes, conf, emb, info, h5py)
     shutil.rmtree(progress_dir, ignore_errors=True)
     cols = {"label": f"obs.{H5AD_LABEL}", "confidence": f"obs.{H5AD_CONFIDENCE}"}
     if embedding:
@@ -562,7 +562,8 @@ def annotate_h5ad(
                           sum(b.n_cells for b in pending), time.perf_counter() - t0, [path.stem], {path.stem: overlap})
 
 
-def _write_h5ad_annotation(path: Path, out: Path, classes, codes, conf, emb, info: dict, h5py) -> None:
+def _write_h5ad_annotation(path: Path, out: Path, classes, unassigned: str, codes, conf, emb, info: dict,
+                           h5py) -> None:
     """Copy the file, add the entries to the copy's existing HDF5 groups (nothing else is
     rewritten), then move it over ``out`` in one rename."""
     import pandas as pd
@@ -581,8 +582,8 @@ def _write_h5ad_annotation(path: Path, out: Path, classes, codes, conf, emb, inf
                 if key in order:
                     order.remove(key)
             categories = [str(c) for c in classes]
-            if (codes < 0).any():  # cells with no value over the model's genes
-                categories.append(UNASSIGNED)
+            if (codes < 0).any():  # cells with no model gene, or rejected
+                categories.append(unassigned)
                 codes = np.where(codes < 0, len(classes), codes)
             write_elem(obs, H5AD_LABEL, pd.Categorical.from_codes(codes, categories=categories))
             write_elem(obs, H5AD_CONFIDENCE, conf)

@@ -23,7 +23,7 @@ import torch
 from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value_problem
 from scpretrain_dist.config import UserError
 from scpretrain_dist.data.normalize import normalize_rows
-from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, confidence_log_odds
 
 try:
     import mlflow.pyfunc
@@ -39,7 +39,8 @@ _GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repe
 _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero values
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
 PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
-# the call for a cell with no value over the model's genes: nothing to base a type on
+# the call for a cell with no value over the model's genes (nothing to base a type on) or below
+# the model's rejection threshold; a model stores its own name for it (``finetune.unassigned``)
 UNASSIGNED = "Unassigned"
 
 
@@ -54,6 +55,10 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
     if len(set(upper)) != len(upper):
         raise ValueError("the model's genes repeat once upper-cased; sum those columns before training "
                          "(as ingest does)")
+    unassigned = str(getattr(model, "unassigned", UNASSIGNED))
+    if unassigned in {str(c) for c in classes}:
+        raise ValueError(f"a cell type of the reference is named {unassigned!r}, the name of rejected cells; "
+                         "set finetune.unassigned to another name or map that label")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -62,9 +67,16 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
     meta = {"genes": [str(g).upper() for g in genes], "classes": [str(c) for c in classes],
             "normalisation": "log1p(CP10k)", "min_overlap": min_overlap, "lineage": lineage or {},
             # softmax temperature fitted on the fine-tuning validation cells: calibrated confidence
-            "temperature": float(getattr(model, "temperature", 1.0))}
+            "temperature": float(getattr(model, "temperature", 1.0)),
+            # log-odds of the calibrated confidence below which a cell is ``unassigned`` (an
+            # unknown type; see train.finetune.confidence_log_odds); None: never
+            "reject_threshold": _finite_or_none(getattr(model, "reject_threshold", None)), "unassigned": unassigned}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
 
 
 def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: pd.DataFrame, lineage: dict,
@@ -88,9 +100,9 @@ def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: p
 class Predictions:
     """Per cell: predicted class, its probability, and the 200-d embedding when asked."""
 
-    labels: np.ndarray  # object array of class names (UNASSIGNED for cells with no model gene)
-    codes: np.ndarray  # int, index into ``Annotator.classes``; -1: UNASSIGNED
-    confidence: np.ndarray  # float32 (0 where UNASSIGNED)
+    labels: np.ndarray  # object array of class names, or the model's unassigned name
+    codes: np.ndarray  # int, index into ``Annotator.classes``; -1: unassigned
+    confidence: np.ndarray  # float32: the best type's calibrated probability (0 for a cell with no model gene)
     overlap: float  # fraction of the model's genes found in the input
     n_matched: int
     value_type: str
@@ -122,6 +134,9 @@ class Annotator:
         self.min_overlap = float(meta.get("min_overlap", 0.2))
         self.lineage = meta.get("lineage", {})
         self.temperature = float(meta.get("temperature", 1.0))
+        t = meta.get("reject_threshold")
+        self.reject_threshold = float("-inf") if t is None else float(t)  # on confidence_log_odds
+        self.unassigned = str(meta.get("unassigned", UNASSIGNED))
         enc_w = w["enc_w"].astype(np.float32)
         self.embedding_dim = enc_w.shape[1]
         self.model = CellTypeClassifier(len(self.genes), len(self.classes), self.embedding_dim, w["hid_w"].shape[0])
@@ -131,10 +146,10 @@ class Annotator:
         self.model.eval()
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
-        self._names = np.append(self.classes, UNASSIGNED).astype(object)
+        self._names = np.append(self.classes, self.unassigned).astype(object)
 
     def label_names(self, codes: np.ndarray) -> np.ndarray:
-        """Class names of prediction codes; code -1 is :data:`UNASSIGNED`."""
+        """Class names of prediction codes; code -1 is the model's ``unassigned`` name."""
         return self._names[codes]
 
     def gene_map(self, genes, merge_repeats: bool = False) -> _GeneMap:
@@ -259,14 +274,18 @@ class Annotator:
         Xm, value_type = self._normalised(X, gm, value_type)
         with torch.no_grad():
             pre = self.model.encoder(self._batch(Xm))  # x W + b, the network's own first layer
+            logits = self.model.classify(pre)
             # divided by the temperature fitted at fine-tuning: the softmax is the calibrated confidence
-            p = torch.softmax(self.model.classify(pre) / self.temperature, dim=1).numpy()
+            p = torch.softmax(logits / self.temperature, dim=1).numpy()
             emb = torch.sigmoid(pre).numpy() if return_embedding else None
         codes = p.argmax(1)
         confidence = p.max(1).astype(np.float32)
         empty = _empty_rows(Xm)
-        codes[empty] = -1
         confidence[empty] = 0.0
+        unknown = empty
+        if np.isfinite(self.reject_threshold):  # less confident than the model's threshold: an unknown type
+            unknown = empty | (confidence_log_odds(logits.numpy(), self.temperature) < self.reject_threshold)
+        codes[unknown] = -1
         return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched, value_type, emb)
 
     def marker_genes(self, X, genes, value_type: str = "auto", top: int = 20, block: int = 2048) -> dict:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
-from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, confidence_log_odds
 
 
 def _rows(X, idx=None):
@@ -125,6 +125,7 @@ class FinetuneResult:
     snapshots: list[dict] = field(default_factory=list)  # the best epochs' weights, when averaged
     temperature: float = 1.0  # softmax temperature fitted on the validation cells
     prior: np.ndarray | None = None  # the class prior the probabilities were fitted to (``training_prior``)
+    reject_threshold: float = float("-inf")  # ``confidence_log_odds`` below which a cell is unassigned
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -236,9 +237,14 @@ def finetune(
     # the softmax temperature that makes validation probabilities fit best (calibrated
     # confidence); it never changes a call, and is kept on the model for the annotator
     with torch.no_grad():
-        model.temperature = fit_temperature(model(Xv).numpy(), np.asarray(y_val)) if len(yv) else 1.0
+        val_logits = model(Xv).numpy()
+    model.temperature = fit_temperature(val_logits, np.asarray(y_val)) if len(yv) else 1.0
+    # unknown-cell rejection, chosen on the same validation cells and kept on the model too
+    model.reject_threshold = rejection_threshold(confidence_log_odds(val_logits, model.temperature), cfg.reject_rate)
+    model.unassigned = cfg.unassigned
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
-                          [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting))
+                          [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting),
+                          model.reject_threshold)
 
 
 def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:
@@ -280,6 +286,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     best = minimize_scalar(lambda log_t: -log_softmax(z / np.exp(log_t), axis=1)[rows, y].mean(),
                            bounds=(np.log(1 / 20), np.log(20)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(best.x))
+
+
+def rejection_threshold(val_scores: np.ndarray, rate: float) -> float:
+    """The score below which at most ``rate`` of the validation cells fall (a cell is rejected
+    when its score is strictly below it); -inf (nothing rejected) for rate 0 or no validation
+    cells."""
+    c = np.asarray(val_scores, np.float64)
+    if rate <= 0 or c.size == 0:
+        return float("-inf")
+    return float(np.quantile(c, rate, method="lower"))
 
 
 @torch.no_grad()

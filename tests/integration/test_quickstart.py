@@ -168,6 +168,36 @@ def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_pat
     assert len(split["test"]) == 500
 
 
+def test_each_held_out_type_is_scored_as_unknown_cells(run, cli, ray_session):
+    """--hold-out-types all: every reference type removed in turn; the query's cells of it are
+    found by low confidence, rejected by the model's own threshold, and no model is registered."""
+    work, _ = run
+    common = ["--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set", 'pretrain.exclude_datasets=["demo_03"]',
+              "--protocol", "transfer", "--references", "demo_00", "demo_01", "--queries", "demo_03"]
+    bad = cli.run("evaluate", *common, "--hold-out-types", "type_Z")
+    assert bad.returncode == 2 and "'type_Z' is not a type of the references" in bad.stderr
+    bad = cli.run("evaluate", "--work-dir", str(work), "--hold-out-types", "all")
+    assert bad.returncode == 2 and "--protocol transfer" in bad.stderr
+    out = work / "report_unknown"
+    proc = cli.run("evaluate", *common, "--hold-out-types", "all", "--methods", "scpretrain", "logreg", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing cached encoder" in proc.stdout and "registered models:/" not in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    types = sorted({r["held_out"] for r in rows})
+    assert len(types) >= 3 and {r["dataset"] for r in rows} == {f"demo_03 without {t}" for t in types}
+    mine = [r for r in rows if r["method"] == "scpretrain"]
+    assert len(mine) == len(types)
+    for r in mine:
+        assert r["n_unknown"] > 0 and 0 <= r["known_rejected"] <= r["unknown_rejected"] <= 1
+        assert r["n_types"] == len(types) - 1
+    assert np.mean([r["unknown_auroc"] for r in mine]) > 0.8
+    assert np.mean([r["accepted_accuracy"] for r in mine]) >= np.mean([r["known_accuracy"] for r in mine])
+    assert all(np.isnan(r["unknown_rejected"]) and r["unknown_auroc"] > 0 for r in rows if r["method"] == "logreg")
+    md = (out / "report.md").read_text()
+    assert "## Unknown cells" in md and f"demo_03 without {types[0]}" in md
+
+
 def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
     work, _ = run
     proc = cli.run("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),

@@ -290,3 +290,31 @@ def test_a_confusion_matrix_figure_per_target(tmp_path):
     made = write_figures([], {}, tmp_path, {"q1": {"scpretrain": table, "logreg": table}, "q2": {"logreg": table}})
     assert [p.split("/")[-1] for p in made] == ["confusion_q1_scpretrain.png"]
     assert confusion_matrix("empty", {}, "scpretrain", tmp_path / "e.png") is None
+
+
+def test_unknown_cell_metrics_separate_rank_and_reject():
+    from scpretrain_dist.evaluate.metrics import unknown_cell_metrics
+
+    is_unknown = np.array([True, True, False, False, False, False])
+    score = np.array([0.2, 0.4, 0.3, 0.9, 0.8, 0.7])
+    correct = np.array([False, False, False, True, True, False])
+    m = unknown_cell_metrics(is_unknown, score, correct, threshold=0.5)
+    # unknown cells score below 3 of the 4 known ones, one above: 7 of 8 pairs ranked right
+    assert m["unknown_auroc"] == pytest.approx(7 / 8)
+    assert m["unknown_rejected"] == 1.0 and m["known_rejected"] == 0.25
+    assert m["known_accuracy"] == 0.5 and m["accepted_accuracy"] == pytest.approx(2 / 3)
+    free = unknown_cell_metrics(is_unknown, score, correct)
+    assert free["unknown_auroc"] == m["unknown_auroc"] and np.isnan(free["unknown_rejected"])
+
+
+def test_unknown_scores_of_a_network_and_of_a_peer():
+    from scpretrain_dist.evaluate.methods import Fitted, unknown_scores
+
+    logits = np.array([[4.0, 0.0], [1.0, 1.0]])
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    net = unknown_scores(Fitted(proba, logits=logits, temperature=2.0))
+    assert set(net) == {"confidence", "max_logit", "energy"}
+    # the log-odds of the calibrated confidence: softmax(logits / 2) = [e^2, 1] / (e^2 + 1), [1/2, 1/2]
+    np.testing.assert_allclose(net["confidence"], [2.0, 0.0])
+    np.testing.assert_allclose(net["energy"], 2 * np.log(np.exp(logits / 2).sum(1)))
+    assert set(unknown_scores(Fitted(proba))) == {"confidence"}

@@ -15,7 +15,14 @@ from scpretrain_dist.model import (
     PretrainModel,
     SparseBatch,
 )
-from scpretrain_dist.train.finetune import finetune, gene_index, predict_proba
+from scpretrain_dist.model.networks import confidence_log_odds
+from scpretrain_dist.train.finetune import (
+    finetune,
+    gene_index,
+    predict_logits,
+    predict_proba,
+    rejection_threshold,
+)
 from scpretrain_dist.train.steps import pretrain_step
 
 
@@ -205,6 +212,36 @@ def test_finetune_learns_an_easy_problem():
     assert (hot.argmax(1) == proba.argmax(1)).all()
     # the returned model is the best epoch's
     assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.2])
+def test_finetune_stores_a_threshold_that_rejects_at_most_the_rate_of_validation_cells(rate):
+    X_train, y_train = _separable(150, seed=0)
+    X_val, y_val = _separable(200, seed=1)
+    X_val = X_val + np.random.default_rng(5).normal(0, 1.5, X_val.shape).astype(np.float32)  # some doubtful cells
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=6, patience=3, batch_size=32, reject_rate=rate, unassigned="unknown")
+    res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0)
+    score = confidence_log_odds(predict_logits(res.model, X_val), res.temperature)
+    rejected = (score < res.reject_threshold).mean()
+    assert res.model.reject_threshold == res.reject_threshold and res.model.unassigned == "unknown"
+    if rate == 0:
+        assert res.reject_threshold == -np.inf
+    else:
+        assert rate - 0.01 <= rejected <= rate
+        assert np.isfinite(res.reject_threshold)
+
+
+def test_rejection_threshold_and_confidence_log_odds():
+    c = np.linspace(0.3, 1.0, 1000)
+    t = rejection_threshold(c, 0.05)
+    assert (c < t).sum() == 49  # at most 5%: the 50th smallest is the threshold itself, kept
+    assert rejection_threshold(c, 0.0) == -np.inf and rejection_threshold(np.zeros(0), 0.1) == -np.inf
+    z = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [60.0, 10.0, 0.0], [50.0, 10.0, 0.0]])
+    p = np.exp(2) / (np.exp(2) + 2)
+    np.testing.assert_allclose(confidence_log_odds(z)[:2], [np.log(p / (1 - p)), np.log(0.5)])
+    # confident cells stay ordered where their probabilities have rounded to 1
+    assert confidence_log_odds(z)[2] > confidence_log_odds(z)[3] > 30
+    assert confidence_log_odds(z, temperature=100.0)[0] < confidence_log_odds(z)[0]
 
 
 def test_finetune_breaks_accuracy_ties_by_validation_loss():

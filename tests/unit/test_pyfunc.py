@@ -268,6 +268,40 @@ def test_the_fitted_temperature_travels_with_the_model(model, counts, tmp_path):
     np.testing.assert_allclose(pa["confidence"], expected, rtol=1e-4)
 
 
+def test_cells_below_the_models_threshold_are_unassigned_under_its_name(model, counts, tmp_path):
+    """The rejection threshold and the name of rejected cells travel with the model: cells less
+    confident than it get that name and code -1 but keep their confidence; the others are the
+    plain model's calls. A cell with no model gene is unassigned with confidence 0."""
+    import copy
+
+    from scpretrain_dist.model.networks import confidence_log_odds
+
+    plain = Annotator(*export_annotator(model, GENES, CLASSES, tmp_path / "plain").values())
+    base = plain.predict(counts)
+    with torch.no_grad():
+        score = confidence_log_odds(model(torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))).numpy())
+    cut = float(np.median(score))
+    strict = copy.deepcopy(model)
+    strict.reject_threshold, strict.unassigned = cut, "unknown type"
+    a = Annotator(*export_annotator(strict, GENES, CLASSES, tmp_path / "strict").values())
+    assert (a.reject_threshold, a.unassigned) == (cut, "unknown type") and plain.reject_threshold == -np.inf
+    out = a.predict(counts)
+    low = score < cut
+    assert 0 < low.sum() < len(low)
+    assert (out["cell_type"][low] == "unknown type").all()
+    assert out["cell_type"][~low].tolist() == base["cell_type"][~low].tolist()
+    np.testing.assert_allclose(out["confidence"], base["confidence"], rtol=1e-6)
+    empty = counts.iloc[:2].copy()
+    empty.iloc[1] = 0
+    got = a.predict_matrix(empty.to_numpy(), list(empty.columns))
+    assert got.codes[1] == -1 and got.labels[1] == "unknown type" and got.confidence[1] == 0
+
+
+def test_a_class_named_like_rejected_cells_is_refused(model, tmp_path):
+    with pytest.raises(ValueError, match="finetune.unassigned"):
+        export_annotator(model, GENES, np.array(["alpha", "Unassigned", "gamma"]), tmp_path / "x")
+
+
 def test_saliency_markers_come_from_each_types_own_programme(annotator):
     import scipy.sparse as sp
 
