@@ -33,6 +33,10 @@ class DatasetEntry:
     # its genes are its own (anonymous, or another naming): accepted though it shares none with
     # the atlas (it still pretrains the encoder; nothing transfers through its genes)
     own_genes: bool = False
+    # a mouse dataset's symbols are renamed to their human one-to-one orthologs through this table
+    # ("builtin": Ensembl 105's, shipped with the package; a CSV path with human,mouse columns;
+    # "none": upper-cased symbols only); other species ignore it
+    orthologs: str = "builtin"
     # the entry itself names label_key, so the column must be there; otherwise a dataset without
     # it is ingested as unlabelled (said in the log)
     label_required: bool = False

@@ -86,6 +86,8 @@ def prepare_dataset(entry: DatasetEntry, log=print) -> PreparedDataset:
         log(f"warning: {where}: {empty} of {adata.n_obs} cells have no counts at all; they carry no signal "
             "(filter them, e.g. scanpy.pp.filter_cells(adata, min_counts=1))")
     symbols = _gene_symbols(adata, entry, where)
+    species = entry.species if entry.species != "unknown" else str(adata.uns.get("species", "unknown"))
+    symbols, X = _as_human_orthologs(symbols, X, entry, species, where, log)
     if symbols.has_duplicates:  # sum columns of genes that collide once upper-cased
         codes, uniques = pd.factorize(symbols)
         log(f"warning: {where}: {len(symbols) - len(uniques)} gene symbols repeat (case-insensitive); "
@@ -156,6 +158,29 @@ def _gene_symbols(adata, entry: DatasetEntry, where: str) -> pd.Index:
         raise CatalogError(f"{where}: {source} are Ensembl ids (e.g. {symbols[0]}), but the atlas matches genes by "
                            f"symbol; {hint} (or set own_genes = true to keep them as they are)")
     return symbols
+
+
+def _as_human_orthologs(symbols: pd.Index, X: sp.csr_matrix, entry: DatasetEntry, species: str, where: str,
+                        log) -> tuple[pd.Index, sp.csr_matrix]:
+    """A mouse dataset's symbols as their human orthologs (see catalog/orthologs.py), the genes
+    without one dropped; anything else as it is."""
+    from scpretrain_dist.catalog.orthologs import OrthologError, is_mouse, load_orthologs
+
+    if not is_mouse(species) or entry.orthologs.lower() in ("", "none"):
+        return symbols, X
+    try:
+        table = load_orthologs(entry.orthologs)
+    except OrthologError as e:
+        raise CatalogError(f"{where}: {e}") from None
+    if not table.looks_mouse(symbols):
+        log(f"{where}: species {species}, but its gene symbols are human ones (homologs); kept as they are")
+        return symbols, X
+    human = table.to_human(symbols)
+    keep = np.flatnonzero(human != None)  # noqa: E711 - elementwise over an object array
+    renamed = int((human[keep] != np.asarray(symbols)[keep]).sum())
+    log(f"{where}: {renamed} mouse gene symbols renamed to their human orthologs, {len(symbols) - len(keep)} "
+        f"dropped (named like a human gene that is another mouse gene's ortholog)")
+    return pd.Index(human[keep].astype(str)), X[:, keep].tocsr()
 
 
 def _labels(adata, entry: DatasetEntry, where: str, log) -> tuple[np.ndarray, str]:

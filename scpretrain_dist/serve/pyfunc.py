@@ -166,6 +166,8 @@ class Annotator:
         if not merge_repeats and len(set(cols)) != len(cols):
             raise InputError("the input repeats gene columns (case-insensitive); send each gene once")
         row = np.array([self._index.get(c, -1) for c in cols], dtype=np.int64)
+        if (row < 0).any():
+            row = self._ortholog_rows(cols, row)
         known = row >= 0
         matched = np.unique(row[known])
         hit = _GeneMap(row, np.where(known, row, 0), known.astype(np.float32), np.flatnonzero(known),
@@ -174,6 +176,25 @@ class Annotator:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
         return hit
+
+    def _ortholog_rows(self, cols: list[str], row: np.ndarray) -> np.ndarray:
+        """Input genes the model does not know by name, matched through their one-to-one
+        human/mouse ortholog (catalog/orthologs.py: a mouse query on a human model, or the
+        reverse) where no other input column already holds that model gene."""
+        from scpretrain_dist.catalog.orthologs import load_orthologs
+
+        table = load_orthologs()
+        m2h, h2m = table.mouse_to_human, table.human_to_mouse
+        row = row.copy()
+        taken = set(row[row >= 0].tolist())
+        for j in np.flatnonzero(row < 0):
+            for name in (m2h.get(cols[j]), h2m.get(cols[j])):
+                i = self._index.get(name, -1) if name else -1
+                if i >= 0 and i not in taken:
+                    row[j] = i
+                    taken.add(i)
+                    break
+        return row
 
     def _check_overlap(self, n_matched: int) -> float:
         overlap = n_matched / len(self.genes)
