@@ -173,7 +173,8 @@ def _as_human_orthologs(symbols: pd.Index, X: sp.csr_matrix, entry: DatasetEntry
     except OrthologError as e:
         raise CatalogError(f"{where}: {e}") from None
     if not table.looks_mouse(symbols):
-        log(f"{where}: species {species}, but its gene symbols are human ones (homologs); kept as they are")
+        if table.name_hits(symbols)[1]:  # named like human genes, not merely unlisted
+            log(f"{where}: species {species}, but its gene symbols are human ones (homologs); kept as they are")
         return symbols, X
     human = table.to_human(symbols)
     keep = np.flatnonzero(human != None)  # noqa: E711 - elementwise over an object array

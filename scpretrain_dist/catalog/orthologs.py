@@ -51,8 +51,13 @@ class Orthologs:
         """Whether upper-cased ``symbols`` name mouse genes rather than their human orthologs:
         more of them are mouse names of the table than human names (a mouse dataset may already
         carry human-homolog symbols, which must not be renamed again)."""
+        mouse, human = self.name_hits(symbols)
+        return mouse > human
+
+    def name_hits(self, symbols) -> tuple[int, int]:
+        """How many of ``symbols`` are mouse names of the table, and how many human names."""
         upper = {str(s).upper() for s in symbols}
-        return len(upper & self.mouse_to_human.keys()) > len(upper & self.human)
+        return len(upper & self.mouse_to_human.keys()), len(upper & self.human)
 
     def to_human(self, symbols) -> np.ndarray:
         """Upper-cased mouse ``symbols`` as human ones; None where a symbol is dropped."""

@@ -56,6 +56,10 @@ def test_ingest_renames_a_mouse_datasets_genes_and_their_values_follow(helpers, 
     assert plain.symbols.tolist() == ["TRP53INP2", "CD3E", "ZFP24", "GM12345"]
     human = prepare_dataset(DatasetEntry(name="m", path=str(path), species="human"), log=logs.append)
     assert human.symbols.tolist() == plain.symbols.tolist()
+    logs.clear()  # symbols the table does not list (the demo's): kept, and nothing said
+    path, _ = _mouse_file(helpers, tmp_path / "g.h5ad", ["Gene0001", "Gene0002"])
+    assert prepare_dataset(DatasetEntry(name="g", path=str(path), species="mouse"), log=logs.append).symbols.tolist() \
+        == ["GENE0001", "GENE0002"] and not logs
 
 
 def test_a_mouse_dataset_with_human_homolog_symbols_is_kept_and_a_missing_table_is_named(helpers, tmp_path):
