@@ -3,6 +3,7 @@ embedding vs PCA (Fig. 3), classifiers on embeddings vs PCA (Fig. 4), kappa vs l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,12 @@ def budget_curves(curve: pd.DataFrame, path: Path, metric: str = "kappa") -> Pat
     return path
 
 
+def _file_stem(name: str) -> str:
+    """``name`` as one file name: every character but letters, digits, ``.``, ``-`` and ``_``
+    becomes ``_`` (type names such as ``Megakaryocyte/Platelet`` hold path separators)."""
+    return re.sub(r"[^\w.-]", "_", name, flags=re.ASCII)
+
+
 def confusion_matrix(dataset: str, table: dict[str, dict[str, int]], method: str, path: Path) -> Path | None:
     """True (rows) vs predicted (columns) cells, each row as fractions of its true type, counts
     in the cells."""
@@ -161,5 +168,5 @@ def write_figures(rows: list[dict], views: dict, out_dir: Path, confusion: dict 
     for dataset, by_method in (confusion or {}).items():
         if "scpretrain" in by_method:
             made.append(confusion_matrix(dataset, by_method["scpretrain"], "scpretrain",
-                                         out_dir / f"confusion_{dataset.replace(' ', '_')}_scpretrain.png"))
+                                         out_dir / f"confusion_{_file_stem(dataset)}_scpretrain.png"))
     return [str(p) for p in made if p is not None]

@@ -318,3 +318,12 @@ def test_unknown_scores_of_a_network_and_of_a_peer():
     np.testing.assert_allclose(net["confidence"], [2.0, 0.0])
     np.testing.assert_allclose(net["energy"], 2 * np.log(np.exp(logits / 2).sum(1)))
     assert set(unknown_scores(Fitted(proba))) == {"confidence"}
+
+
+def test_figure_names_of_types_with_path_separators_stay_one_file():
+    from pathlib import Path
+
+    from scpretrain_dist.evaluate.figures import _file_stem
+
+    stem = _file_stem("pbmc_5p without Megakaryocyte/Platelet")
+    assert stem == "pbmc_5p_without_Megakaryocyte_Platelet" and Path(stem).name == stem
