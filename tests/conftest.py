@@ -1,10 +1,40 @@
 import os
-from contextlib import contextmanager
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
 
+# One folder for the whole run, shared by every pytest-xdist worker (they inherit the controller's
+# environment): what one worker starts for all of them (the background quickstarts) lives there.
+RUN_SHARED = "SCPRETRAIN_TEST_RUN_DIR"
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scrna"
+
+
+_OWNED = pytest.StashKey[Path]()  # the shared folder, in the process that made it
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and RUN_SHARED not in os.environ:  # the controller, or a run without -n
+        os.environ[RUN_SHARED] = tempfile.mkdtemp(prefix="scp-tests-")
+        config.stash[_OWNED] = Path(os.environ[RUN_SHARED])
+
+
+def pytest_unconfigure(config):
+    """The run is over: processes left running from the shared folder (a quickstart no test
+    waited for) are killed by their process group, then the folder goes."""
+    root = config.stash.get(_OWNED, None)
+    if root is None:
+        return
+    for pid_file in root.glob("*/pid"):
+        if not (pid_file.parent / "rc").exists():
+            with suppress(ProcessLookupError, PermissionError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ.pop(RUN_SHARED, None)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,6 +177,23 @@ def finetune(
     ``unlabelled``: cells of the query (same genes, no labels) to fine-tune semi-supervised on,
     as scNym does: see :class:`SemiSupervised`.
     """
+    with intra_op_threads(cfg.threads):
+        return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled)
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op threads capped at ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig,
+              seed: int, pretrained: dict | None, unlabelled) -> FinetuneResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = CellTypeClassifier(X_train.shape[1], n_types, model_cfg.embedding_dim, model_cfg.hidden_dim)

@@ -4,14 +4,14 @@ the CLI (in this process, or as a user does in a fresh one), and one snapshot of
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
-import shutil
+import os
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -72,54 +72,66 @@ def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) ->
 
 # The quickstart as a user runs it (a fresh process, its own Ray and MLflow) takes about two
 # minutes, mostly waiting on process start-ups; it starts in the background as soon as the tests
-# are collected, while the other modules run, and test_quickstart.py waits for it. A second one
-# on the zarr backend (its own work dir) checks that both backends give the same results.
-_QUICKSTARTS: dict = {}
+# are collected, while the other modules run, and the tests that read it wait for it. Under
+# pytest-xdist every worker collects every test: the first to take the lock starts it, in the
+# run's shared folder, and any worker can wait for it there (its exit code lands in a file). A
+# second one on the zarr backend (its own work dir) checks that both backends give the same results.
+QUICKSTARTS = {
+    "soma": (),
+    # the same pretraining; its fine-tuning cut to two of the methods (their rows must equal the
+    # SOMA run's), without the clustering scores and figures
+    "zarr": ("--set", "store.backend=zarr", "--set", 'evaluate.methods=["scpretrain","logreg"]',
+             "--set", "evaluate.cluster=false", "--set", "evaluate.figures=false"),
+}
+_RUN_IN_BACKGROUND = 'cd "$SCP_RUN" && "$@" >stdout 2>stderr; echo $? >rc.tmp && mv rc.tmp rc'
 
 
-def _start_quickstart(name: str, prefix: str, *args: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix=prefix))  # removed at the end of the session, and only it
-    if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
-        stem = str(root / "wörk dïr ")
-        work = Path(stem + "x" * max(0, 120 - len(stem)))
-    else:
-        work = root / "work"
-    out, err = open(root / "stdout", "w+"), open(root / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work), *args],
-                            stdout=out, stderr=err, text=True)
-    _QUICKSTARTS[name] = dict(work=work, proc=proc, out=out, err=err, root=root)
+def _quickstart_folder(name: str) -> Path:
+    return Path(os.environ["SCPRETRAIN_TEST_RUN_DIR"]) / f"quickstart-{name}"  # made by tests/conftest.py
+
+
+def _start_quickstart(name: str) -> None:
+    """Start quickstart ``name`` unless a process of this run (any worker) already has."""
+    folder = _quickstart_folder(name)
+    with open(folder.parent / "quickstarts.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.exists():
+            return
+        folder.mkdir()
+        if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
+            stem = str(folder / "wörk dïr ")
+            work = Path(stem + "x" * max(0, 120 - len(stem)))
+        else:
+            work = folder / "work"
+        cmd = [sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work), *QUICKSTARTS[name]]
+        proc = subprocess.Popen(["/bin/sh", "-c", _RUN_IN_BACKGROUND, "sh", *cmd], env=os.environ | {"SCP_RUN": str(folder)},
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        (folder / "pid").write_text(str(proc.pid))
+        (folder / "workdir").write_text(str(work))
 
 
 def pytest_collection_modifyitems(session, config, items):
     if any(item.nodeid.split("::")[0].endswith("integration/test_quickstart.py") for item in items):
-        _start_quickstart("soma", "scp-qs-")
-        # the same pretraining; its fine-tuning cut to two of the methods (their rows must equal
-        # the SOMA run's), without the clustering scores and figures
-        _start_quickstart("zarr", "scp-qz-", "--set", "store.backend=zarr", "--set",
-                          'evaluate.methods=["scpretrain","logreg"]', "--set", "evaluate.cluster=false",
-                          "--set", "evaluate.figures=false")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    for run in _QUICKSTARTS.values():
-        if run["proc"].poll() is None:
-            run["proc"].kill()
-        shutil.rmtree(run["root"], ignore_errors=True)
+        for name in QUICKSTARTS:
+            _start_quickstart(name)
 
 
 def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
     """The background quickstart's work dir and its finished process (stdout, stderr)."""
-    if backend not in _QUICKSTARTS:
+    folder = _quickstart_folder(backend)
+    if not (folder / "pid").exists():
         raise RuntimeError("the quickstart was not started: its module was not collected")
-    run = _QUICKSTARTS[backend]
-    run["proc"].wait(timeout=timeout)
-    run["out"].seek(0)
-    run["err"].seek(0)
-    done = subprocess.CompletedProcess(run["proc"].args, run["proc"].returncode, run["out"].read(), run["err"].read())
+    end = time.time() + timeout
+    while not (folder / "rc").exists():
+        if time.time() > end:
+            raise AssertionError(f"the {backend} quickstart did not finish in {timeout} s")
+        time.sleep(0.5)
+    done = subprocess.CompletedProcess(["quickstart", backend], int((folder / "rc").read_text()),
+                                       (folder / "stdout").read_text(), (folder / "stderr").read_text())
     if done.returncode != 0:
         raise AssertionError(f"the {backend} quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                              f"{done.stderr[-5000:]}")
-    return run["work"], done
+    return Path((folder / "workdir").read_text()), done
 
 
 def free_port() -> int:

@@ -1,0 +1,34 @@
+"""A local Ray started from work dirs of any length, in a fresh process (its own Ray), as each
+command of the pipeline starts one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+# work-dir lengths where <work-dir>/ray/session_.../sockets/... once passed the 107-byte limit
+# (43-56 characters), inside that band and at its end, and the shortest path users have
+@pytest.mark.parametrize("length", [20, 46, 56])
+def test_a_local_ray_starts_and_runs_a_task_from_a_work_dir_of_any_length(length, tmp_path_factory):
+    """What the quickstart's Ray commands do first, in a fresh process (its own local Ray): the
+    full pipeline runs from a 120-character work dir in test_quickstart.py; the socket rule for every length
+    from 20 to 120 is swept in tests/unit/test_runtime.py."""
+    base = tmp_path_factory.mktemp("len")
+    if len(str(base / "wörk ")) >= length:
+        base = Path("/tmp")
+    stem = str(base / "wörk ")
+    work = stem + "x" * (length - len(stem))
+    if len(work) != length:
+        pytest.skip(f"no work dir of {length} characters can be made here")
+    code = ("import ray, sys\nfrom scpretrain_dist import recipes\nfrom scpretrain_dist.runtime import init_ray\n"
+            "init_ray(recipes.configure('tiny', work_dir=sys.argv[1], ray={'num_cpus': 2}))\n"
+            "print(ray.get(ray.remote(lambda: 'ran').remote()))\nray.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", code, work], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ran"), proc.stderr[-3000:]
+    assert (Path(work) / "ray").is_symlink()
