@@ -42,11 +42,12 @@ annbatch-venv: $(ANNBATCH_VENV)/bin/python
 quickstart: venv
 	$(BIN)/scpretrain quickstart --work-dir $(WORK)
 
-# Three pytest workers, a test module each at a time: most integration tests wait on process
-# start-ups and Ray, so three keep the two cores busy (TEST_WORKERS=0: one process).
+# Three pytest workers, a test module each at a time, the longest first (tests/integration/
+# conftest.py): most integration tests wait on process start-ups and Ray, so three keep the two
+# cores busy (TEST_WORKERS=0: one process).
 TEST_WORKERS ?= 3
 test: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check scpretrain_dist tests

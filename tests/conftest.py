@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# Test workers, background pipelines and Ray workers share two cores: every process computes on
+# one thread (torch, BLAS, faiss), as Ray's own workers do. Several processes' threads spinning
+# while they wait for each other made some tests ten times slower. Set before anything imports
+# numpy or torch; subprocesses inherit it.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 # One folder for the whole run, shared by every pytest-xdist worker (they inherit the controller's
 # environment): what one worker starts for all of them (the background quickstarts) lives there.
 RUN_SHARED = "SCPRETRAIN_TEST_RUN_DIR"

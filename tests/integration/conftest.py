@@ -110,10 +110,21 @@ def _start_quickstart(name: str) -> None:
         (folder / "workdir").write_text(str(work))
 
 
+# Modules that run longest, or wait longest (on the quickstarts), go to the pytest-xdist workers
+# first (`--dist loadfile --no-loadscope-reorder`; each worker starts with two modules, so a short
+# one pairs with each long one); the rest follow in the order collected.
+LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_ray_paths.py", "test_serve.py",
+              "test_loader_pretrain.py", "test_annotate.py", "test_experiment.py", "test_loader.py")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    if any(item.nodeid.split("::")[0].endswith("integration/test_quickstart.py") for item in items):
+    files = [item.nodeid.split("::")[0] for item in items]
+    if any(f.endswith("integration/test_quickstart.py") for f in files):
         for name in QUICKSTARTS:
             _start_quickstart(name)
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    position = {id(item): rank.get(Path(f).name, len(rank)) for item, f in zip(items, files)}
+    items.sort(key=lambda item: position[id(item)])  # stable: a module's tests keep their order
 
 
 def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
