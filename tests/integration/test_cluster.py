@@ -42,7 +42,9 @@ class Cluster:
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
-                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+                     # as deploy/mlflow_server.sh: no server-side job runners (MLflow's GenAI jobs)
+                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.procs: list[subprocess.Popen] = []
         self.temps: list[Path] = []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
