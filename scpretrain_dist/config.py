@@ -304,6 +304,25 @@ class FinetuneConfig(_Checked):
     ssl_rampup_epochs: int = setting(20, ge=0)
     # input dropout of the augmentations when input_dropout is 0
     ssl_augment_dropout: float = setting(0.1, ge=0, lt=1)
+    # the reference term keeps ``class_weight`` (false: unweighted, as scNym)
+    ssl_class_weight: bool = True
+    # the guesses are aligned to the query's type mix (estimated by EM on the supervised model's
+    # calibrated calls) with this exponent on (query mix / training prior): 1 full, 0 none
+    ssl_align_strength: float = setting(0.5, ge=0, le=1)
+    # guesses below this confidence add no consistency loss (0: all count)
+    ssl_min_confidence: float = setting(0.9, ge=0, lt=1)
+    # The guard (no query labels): the supervised model, same cells and seed, replaces the
+    # semi-supervised one when the latter loses more than ``ssl_guard_val_drop`` reference
+    # validation accuracy, keeps less than ``ssl_guard_retention`` of the query cells of some type
+    # (with at least ``ssl_guard_min_cells`` of them) that the supervised model calls with
+    # calibrated confidence >= ``ssl_guard_confidence``, or agrees on fewer than
+    # ``ssl_guard_agreement`` of all those cells
+    ssl_guard: bool = True
+    ssl_guard_val_drop: float = setting(0.02, ge=0, le=1)
+    ssl_guard_confidence: float = setting(0.9, ge=0, le=1)
+    ssl_guard_retention: float = setting(0.5, ge=0, le=1)
+    ssl_guard_min_cells: int = setting(5, ge=1)
+    ssl_guard_agreement: float = setting(0.9, ge=0, le=1)
     # Unknown cells: the annotator calls a cell ``unassigned`` when its calibrated confidence is
     # below the threshold that rejects this fraction of the validation cells (0: never rejects);
     # the threshold is stored in the model
