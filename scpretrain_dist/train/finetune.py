@@ -187,7 +187,7 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
     the query's type mix estimated by EM (``adapt_to_label_shift``), where given: a type it puts
     at fewer than ``ssl_guard_min_cells`` cells is no population to keep (the supervised model's
     calls of it are the reference's bias that the semi-supervised model is there to undo)."""
-    name = (lambda t: str(classes[t])) if classes is not None else str
+    name = (lambda t: str(classes[t])) if classes is not None else (lambda t: f"type {t}")
     sup_calls = supervised_proba.argmax(1)
     confident = supervised_proba.max(1) >= cfg.ssl_guard_confidence
     n = int(confident.sum())
