@@ -366,11 +366,6 @@ def check_query(cfg: RunConfig, store: Atlas, query: str, targets: list[str], pr
     if query in targets:
         raise StoreError(f"--query {query!r} is also a --target; the query is the unlabelled data the model is "
                          "meant for, a different dataset")
-    if pretrain_result is None:
-        raise ConfigError("--query fine-tunes the pretrained network semi-supervised (scpretrain_ssl); give "
-                          "--pretrain-result too")
-    if "scpretrain_ssl" not in cfg.evaluate.methods:
-        raise ConfigError("--query needs the scpretrain_ssl method, which evaluate.methods leaves out; add it")
     if records[query].n_cells == 0:
         raise StoreError(f"--query {query!r} has no cells")
     for t in targets:
@@ -378,6 +373,11 @@ def check_query(cfg: RunConfig, store: Atlas, query: str, targets: list[str], pr
         if n < MIN_SHARED_GENES:
             raise StoreError(f"--query {query!r} shares {n} genes with target {t!r}; semi-supervised fine-tuning "
                              f"needs at least {MIN_SHARED_GENES} (is it the same species, with gene symbols?)")
+    if pretrain_result is None:
+        raise ConfigError("--query fine-tunes the pretrained network semi-supervised (scpretrain_ssl); give "
+                          "--pretrain-result too")
+    if "scpretrain_ssl" not in cfg.evaluate.methods:
+        raise ConfigError("--query needs the scpretrain_ssl method, which evaluate.methods leaves out; add it")
 
 
 def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:

@@ -125,3 +125,31 @@ def test_a_healthy_semi_supervised_model_is_kept(monkeypatch, caplog):
     assert res.model is not sup.model
     assert (predict_logits(res.model, Xq).argmax(1) == yq).mean() > 0.9
     assert not any("fell back" in r.getMessage() for r in caplog.records)
+
+
+def _files(tmp_path) -> list[str]:
+    """Every file under the work dir but the command logs."""
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "logs" not in p.parts)
+
+
+def test_finetune_query_is_refused_before_any_work(tmp_path, helpers, capsys):
+    from scpretrain_dist.cli import main
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 20)
+    counts = rng.poisson(2.0, (40, 60)).astype(np.float32)
+    helpers.write_h5ad(tmp_path / "target.h5ad", counts, [f"GENE{i}" for i in range(60)], labels)
+    # a panel sharing 20 genes with the target: fewer than semi-supervised fine-tuning needs
+    helpers.write_h5ad(tmp_path / "other.h5ad", counts, [f"GENE{i}" for i in range(20)] + [f"OTHER{i}" for i in range(40)])
+    helpers.write_h5ad(tmp_path / "near.h5ad", counts, [f"GENE{i}" for i in range(60)])
+    work = tmp_path / "w"
+    assert main(["ingest", str(tmp_path / "target.h5ad"), str(tmp_path / "other.h5ad"), str(tmp_path / "near.h5ad"),
+                 "--work-dir", str(work)]) == 0
+    before = _files(work)
+    capsys.readouterr()
+    for query, said in (("other", "shares 20 genes with target 'target'"), ("missing", "is not in the atlas; ingest it"),
+                        ("target", "is also a --target"), ("near", "give --pretrain-result")):
+        assert main(["finetune", "--target", "target", "--query", query, "--work-dir", str(work)]) == 2
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert _files(work) == before  # no report, no MLflow run, the atlas untouched
