@@ -291,7 +291,7 @@ class FinetuneConfig(_Checked):
     input_dropout: float = setting(0.0, ge=0, lt=1)
     # cross-entropy weight of each class, from its share of the training cells: "none" (the
     # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1;
-    # supervised fine-tuning only (the semi-supervised objective stays unweighted)
+    # (the semi-supervised objective weighs each reference cell by it too: ``ssl_class_weight``)
     class_weight: str = setting("none", choices=CLASS_WEIGHTS)
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
@@ -304,10 +304,13 @@ class FinetuneConfig(_Checked):
     ssl_rampup_epochs: int = setting(20, ge=0)
     # input dropout of the augmentations when input_dropout is 0
     ssl_augment_dropout: float = setting(0.1, ge=0, lt=1)
-    # the reference term keeps ``class_weight`` (false: unweighted, as scNym)
+    # each reference cell of the semi-supervised objective weighs as its type does in
+    # ``class_weight`` (false: unweighted, as scNym; unweighted, pbmc3k's rare dendritic cells
+    # lost their query cells to monocytes)
     ssl_class_weight: bool = True
     # the guesses are aligned to the query's type mix (estimated by EM on the supervised model's
-    # calibrated calls) with this exponent on (query mix / training prior): 1 full, 0 none
+    # calibrated calls) with this exponent on (query mix / training prior): 1 full, 0 none (the
+    # half-way 0.5: full alignment followed EM's under-count of a query's CD8 T cells)
     ssl_align_strength: float = setting(0.5, ge=0, le=1)
     # guesses below this confidence add no consistency loss (0: all count)
     ssl_min_confidence: float = setting(0.9, ge=0, lt=1)
