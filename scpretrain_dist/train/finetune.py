@@ -68,13 +68,13 @@ class SemiSupervised:
       encoder reversed, pushing the embedding to hide which dataset a cell came from.
     Both unsupervised weights ramp up (sigmoid schedule) over ``ssl_rampup_epochs``.
 
-    Against collapse onto the common types (a rare query population, e.g. dendritic cells,
-    pulled onto monocytes): the reference term keeps the supervised model's class weights, and
-    the guesses are re-weighted from the prior those weights fit (``training_prior``) to the
-    query's own type mix, estimated by EM on the query each epoch (distribution alignment,
-    Berthelot et al. 2020, with Saerens et al. 2002's estimate as the target); guesses less
-    confident than ``ssl_min_confidence`` add no consistency loss (scNym's pseudo-label
-    confidence threshold)."""
+    Against collapse (unweighted, a small query population, e.g. dendritic cells, was pulled onto
+    monocytes): each reference cell weighs as its type does in supervised fine-tuning
+    (``class_weight``); the guesses are moved from the prior the network was fitted to
+    (``prior``) towards ``query_prior``, the query's type mix estimated by EM on the supervised
+    model's calls, by the factor (query_prior / prior) ** ``ssl_align_strength`` (distribution
+    alignment, Berthelot et al. 2020, softened); guesses less confident than
+    ``ssl_min_confidence`` add no consistency loss (scNym's pseudo-label confidence threshold)."""
 
     def __init__(self, model: CellTypeClassifier, unlabelled, n_types: int, cfg: FinetuneConfig, rng,
                  weight: torch.Tensor | None = None, prior: np.ndarray | None = None,
