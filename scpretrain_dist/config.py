@@ -318,14 +318,16 @@ class FinetuneConfig(_Checked):
     # semi-supervised one when the latter loses more than ``ssl_guard_val_drop`` reference
     # validation accuracy, keeps less than ``ssl_guard_retention`` of the query cells of some type
     # (with at least ``ssl_guard_min_cells`` of them) that the supervised model calls with
-    # calibrated confidence >= ``ssl_guard_confidence``, or agrees on fewer than
-    # ``ssl_guard_agreement`` of all those cells
+    # calibrated confidence >= ``ssl_guard_confidence``, agrees on fewer than
+    # ``ssl_guard_agreement`` of all those cells, or its calls' type mix is further from the
+    # query's EM-estimated mix than the supervised calls' by more than ``ssl_guard_mix_shift``
     ssl_guard: bool = True
     ssl_guard_val_drop: float = setting(0.02, ge=0, le=1)
     ssl_guard_confidence: float = setting(0.9, ge=0, le=1)
     ssl_guard_retention: float = setting(0.5, ge=0, le=1)
     ssl_guard_min_cells: int = setting(5, ge=1)
     ssl_guard_agreement: float = setting(0.9, ge=0, le=1)
+    ssl_guard_mix_shift: float = setting(0.05, ge=0, le=1)
     # Unknown cells: the annotator calls a cell ``unassigned`` when its calibrated confidence is
     # below the threshold that rejects this fraction of the validation cells (0: never rejects);
     # the threshold is stored in the model

@@ -149,13 +149,18 @@ class GuardVerdict:
     agreement: float  # share of those the semi-supervised model calls the same (nan: none)
     worst_type: int  # the type whose confident cells it keeps least (-1: none counted)
     worst_retention: float  # the share of that type's confident cells it keeps (nan: none counted)
+    # total variation distance of each model's mix of calls from the query's EM-estimated mix
+    mix_distance_supervised: float = float("nan")
+    mix_distance_semi: float = float("nan")
 
     def row(self) -> dict:
         """The verdict as report columns."""
         return {"ssl_fallback": self.fallback, "ssl_guard": self.reason,
                 "ssl_val_accuracy_supervised": self.val_accuracy_supervised,
                 "ssl_val_accuracy_semi": self.val_accuracy_semi, "ssl_confident_cells": self.confident_cells,
-                "ssl_agreement": self.agreement, "ssl_worst_retention": self.worst_retention}
+                "ssl_agreement": self.agreement, "ssl_worst_retention": self.worst_retention,
+                "ssl_mix_distance_supervised": self.mix_distance_supervised,
+                "ssl_mix_distance_semi": self.mix_distance_semi}
 
 
 @dataclass
@@ -181,8 +186,12 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
     ``ssl_guard_val_drop`` accuracy on the reference's validation cells, or (2) moved most of a
     population away: among the query cells the supervised model calls confidently (calibrated
     probability >= ``ssl_guard_confidence``), a type with at least ``ssl_guard_min_cells`` of
-    them of which it keeps less than ``ssl_guard_retention``, or (3) it agrees with fewer than
-    ``ssl_guard_agreement`` of all those cells. ``supervised_proba``: the supervised model's
+    them of which it keeps less than ``ssl_guard_retention``, (3) it agrees with fewer than
+    ``ssl_guard_agreement`` of all those cells, or (4) its mix of calls strays further from the
+    query's EM-estimated type mix than the supervised model's does, by more than
+    ``ssl_guard_mix_shift`` (total variation: the share of cells that would have to change type;
+    adapting to the query should bring the calls nearer its mix, not move a population on its
+    own). ``supervised_proba``: the supervised model's
     calibrated query probabilities; ``semi_calls``: the semi-supervised calls; ``query_prior``:
     the query's type mix estimated by EM (``adapt_to_label_shift``), where given: a type it puts
     at fewer than ``ssl_guard_min_cells`` cells is no population to keep (the supervised model's
@@ -201,6 +210,12 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
         keep = float((semi_calls[mine] == t).mean())
         if worst < 0 or keep < worst_keep:
             worst, worst_keep = int(t), keep
+    d_sup = d_semi = float("nan")
+    if query_prior is not None:
+        k = supervised_proba.shape[1]
+        target = np.asarray(query_prior, np.float64)
+        d_sup = 0.5 * float(np.abs(np.bincount(sup_calls, minlength=k) / len(sup_calls) - target).sum())
+        d_semi = 0.5 * float(np.abs(np.bincount(semi_calls, minlength=k) / len(semi_calls) - target).sum())
     reason = "kept"
     if val_accuracy_semi < val_accuracy_supervised - cfg.ssl_guard_val_drop:
         reason = (f"reference validation accuracy fell from {val_accuracy_supervised:.3f} (supervised) to "
@@ -211,8 +226,11 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
                   f"the semi-supervised one keeps {worst_keep:.0%} (a population pulled onto another type)")
     elif n and agreement < cfg.ssl_guard_agreement:
         reason = f"it agrees on {agreement:.0%} of the {n} query cells the supervised model calls confidently"
+    elif d_semi > d_sup + cfg.ssl_guard_mix_shift:
+        reason = (f"its calls' type mix is {d_semi:.3f} from the query's estimated mix (total variation), the "
+                  f"supervised model's {d_sup:.3f}")
     return GuardVerdict(reason != "kept", reason, float(val_accuracy_supervised), float(val_accuracy_semi), n,
-                        agreement, worst, worst_keep)
+                        agreement, worst, worst_keep, d_sup, d_semi)
 
 
 def finetune_semi_supervised(

@@ -80,6 +80,25 @@ def test_guard_falls_back_when_agreement_is_low_across_types():
     assert v.fallback and "agrees on 83%" in v.reason
 
 
+def test_guard_falls_back_when_the_calls_stray_from_the_query_mix():
+    # the supervised calls match the query's estimated mix; the semi-supervised model moves 40 of
+    # 100 type-1 cells to type 2 (60% of each kept, 80% agreement allowed here): a drift of 0.2
+    sup = np.repeat([0, 1, 2], [100, 100, 100])
+    semi = sup.copy()
+    semi[100:140] = 2
+    mix = np.array([1 / 3, 1 / 3, 1 / 3])
+    loose = FinetuneConfig(ssl_guard_agreement=0.8)
+    v = semi_supervised_guard(0.95, 0.95, _confident(sup, 3), semi, loose, query_prior=mix)
+    assert v.fallback and "type mix" in v.reason
+    assert v.mix_distance_supervised == pytest.approx(0.0) and v.mix_distance_semi == pytest.approx(40 / 300)
+    # moving calls towards the estimated mix is what adaptation should do: kept
+    skewed = np.repeat([0, 1, 2], [100, 140, 60])
+    towards = skewed.copy()
+    towards[100:130] = 2
+    v = semi_supervised_guard(0.95, 0.95, _confident(skewed, 3, p=0.6), towards, loose, query_prior=mix)
+    assert not v.fallback and v.mix_distance_semi < v.mix_distance_supervised
+
+
 def _cells(n, seed, shift=0.0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
