@@ -247,6 +247,7 @@ class Evaluation:
             evaluate_target,
             load_query,
             load_target,
+            shared_genes,
         )
 
         check_targets(store, targets, pretrain_result)
@@ -255,7 +256,9 @@ class Evaluation:
                            "pretraining datasets": list(pretrain_result.datasets) if pretrain_result else [],
                            "encoder": pretrain_result.encoder_path if pretrain_result else None})
         for t in targets:
-            data = load_target(store, t)
+            # with a query, the genes it shares with the target, normalised over that panel in
+            # both (as the transfer protocol does): the registered model reads what the query measures
+            data = load_target(store, t, shared_genes(store, [t, query]) if query else None)
             cells = load_query(store, query, data.genes) if query else None
             rows, splits, models, confusion = evaluate_target(cfg, data, encoder, log=detail, query=cells)
             if query:

@@ -151,12 +151,14 @@ def run_method(
     gene_idx: np.ndarray | None = None,
     features: dict | None = None,
     unlabelled: sp.csr_matrix | None = None,
+    classes: np.ndarray | None = None,
 ) -> Fitted:
     """Fit ``method`` on train (validation cells only for the networks' early stopping) and
     return test probabilities. ``features`` caches embeddings/PCA per split across methods;
     ``unlabelled``: the query's cells, for the semi-supervised methods (their labels unused);
     ``scpretrain_ssl`` falls back to the supervised model when its guard fails
-    (``finetune_semi_supervised``; the row's ``ssl_fallback`` says so)."""
+    (``finetune_semi_supervised``; the row's ``ssl_fallback`` says so; ``classes`` names the
+    types in what it says)."""
     from scpretrain_dist.train.finetune import finetune, finetune_semi_supervised, predict_logits
 
     features = features if features is not None else {}
@@ -169,7 +171,7 @@ def run_method(
                 raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
             # guarded by the supervised scpretrain model of the same cells and seed (reused when it ran)
             res = finetune_semi_supervised(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
-                                           unlabelled, supervised=features.get("scpretrain"))
+                                           unlabelled, supervised=features.get("scpretrain"), classes=classes)
         else:
             res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
             if method == "scpretrain":

@@ -229,7 +229,8 @@ def evaluate_target(
             for method in on:
                 t0 = time.perf_counter()
                 fit = run_method(method, train, val, test, n_types, seed, cfg,
-                                 encoder.weights if encoder else None, gidx, features, unlabelled=query)
+                                 encoder.weights if encoder else None, gidx, features, unlabelled=query,
+                                 classes=target.classes)
                 m = classification_metrics(test.y, fit.proba)
                 these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
                                   len(split.test), n_types, time.perf_counter() - t0, fit.extra))
@@ -348,7 +349,7 @@ def evaluate_transfer(
         for method in methods:
             t0 = time.perf_counter()
             fit = run_method(method, train, val, test, len(classes), seed, cfg,
-                             encoder.weights if encoder else None, gidx, features, unlabelled=q.X)
+                             encoder.weights if encoder else None, gidx, features, unlabelled=q.X, classes=classes)
             seconds = time.perf_counter() - t0
             if hold_out is not None and "ece" in fit.extra:  # calibration of the known cells only
                 from scipy.special import softmax
