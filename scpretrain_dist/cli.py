@@ -129,6 +129,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_finetune(args) -> None:
     from scpretrain_dist.pipeline import (
+        check_query,
         check_targets,
         finetune_and_evaluate,
         installed_methods,
@@ -140,10 +141,12 @@ def cmd_finetune(args) -> None:
     cfg = installed_methods(_config(args))
     result = load_result(args.pretrain_result) if args.pretrain_result else None
     check_targets(atlas_for(cfg), args.target, result)  # before any run starts
+    if args.query:
+        check_query(cfg, atlas_for(cfg), args.query, args.target, result)
     with stage_run("finetune-evaluate", cfg) as run:
         encoder_run = _encoder_run(Path(args.pretrain_result).resolve()) if result else None
         finetune_and_evaluate(cfg, args.target, result, encoder_run, args.out or Path(cfg.work_dir) / "report",
-                              register=result is not None)
+                              register=result is not None, query=args.query)
     print(f"MLflow run {run.info.run_id}")
 
 
@@ -397,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--target", nargs="+", required=True)
     p.add_argument("--pretrain-result", help="result.json of a pretraining (omit for no pretraining)")
+    p.add_argument("--query", metavar="DATASET", help="an atlas dataset (labels not needed) the model is meant to "
+                   "annotate: also fine-tune semi-supervised on its cells (scpretrain_ssl, guarded) and register "
+                   "that model")
     p.add_argument("--out", help="report folder")
     p.set_defaults(func=cmd_finetune)
 

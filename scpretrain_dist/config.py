@@ -295,7 +295,7 @@ class FinetuneConfig(_Checked):
     input_dropout: float = setting(0.0, ge=0, lt=1)
     # cross-entropy weight of each class, from its share of the training cells: "none" (the
     # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1;
-    # supervised fine-tuning only (the semi-supervised objective stays unweighted)
+    # (the semi-supervised objective weighs each reference cell by it too: ``ssl_class_weight``)
     class_weight: str = setting("none", choices=CLASS_WEIGHTS)
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
@@ -308,6 +308,30 @@ class FinetuneConfig(_Checked):
     ssl_rampup_epochs: int = setting(20, ge=0)
     # input dropout of the augmentations when input_dropout is 0
     ssl_augment_dropout: float = setting(0.1, ge=0, lt=1)
+    # each reference cell of the semi-supervised objective weighs as its type does in
+    # ``class_weight`` (false: unweighted, as scNym; unweighted, pbmc3k's rare dendritic cells
+    # lost their query cells to monocytes)
+    ssl_class_weight: bool = True
+    # the guesses are aligned to the query's type mix (estimated by EM on the supervised model's
+    # calibrated calls) with this exponent on (query mix / training prior): 1 full, 0 none (the
+    # half-way 0.5: full alignment followed EM's under-count of a query's CD8 T cells)
+    ssl_align_strength: float = setting(0.5, ge=0, le=1)
+    # guesses below this confidence add no consistency loss (0: all count)
+    ssl_min_confidence: float = setting(0.9, ge=0, lt=1)
+    # The guard (no query labels): the supervised model, same cells and seed, replaces the
+    # semi-supervised one when the latter loses more than ``ssl_guard_val_drop`` reference
+    # validation accuracy, keeps less than ``ssl_guard_retention`` of the query cells of some type
+    # (with at least ``ssl_guard_min_cells`` of them) that the supervised model calls with
+    # calibrated confidence >= ``ssl_guard_confidence``, agrees on fewer than
+    # ``ssl_guard_agreement`` of all those cells, or its calls' type mix is further from the
+    # query's EM-estimated mix than the supervised calls' by more than ``ssl_guard_mix_shift``
+    ssl_guard: bool = True
+    ssl_guard_val_drop: float = setting(0.02, ge=0, le=1)
+    ssl_guard_confidence: float = setting(0.9, ge=0, le=1)
+    ssl_guard_retention: float = setting(0.5, ge=0, le=1)
+    ssl_guard_min_cells: int = setting(5, ge=1)
+    ssl_guard_agreement: float = setting(0.9, ge=0, le=1)
+    ssl_guard_mix_shift: float = setting(0.05, ge=0, le=1)
     # Unknown cells: the annotator calls a cell ``unassigned`` when its calibrated confidence is
     # below the threshold that rejects this fraction of the validation cells (0: never rejects);
     # the threshold is stored in the model

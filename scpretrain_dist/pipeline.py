@@ -238,9 +238,17 @@ class Evaluation:
     def __init__(self):
         self.rows, self.splits, self.clustering = [], [], []
         self.views, self.first_model, self.folds, self.confusion = {}, None, [], {}
+        self.query = None  # the dataset the registered model was fine-tuned semi-supervised on
 
-    def add_targets(self, cfg: RunConfig, store: Atlas, targets: list[str], pretrain_result, encoder_run_id, log=say):
-        from scpretrain_dist.evaluate.protocols import cluster_target, evaluate_target, load_target
+    def add_targets(self, cfg: RunConfig, store: Atlas, targets: list[str], pretrain_result, encoder_run_id, log=say,
+                    query: str | None = None):
+        from scpretrain_dist.evaluate.protocols import (
+            cluster_target,
+            evaluate_target,
+            load_query,
+            load_target,
+            shared_genes,
+        )
 
         check_targets(store, targets, pretrain_result)
         encoder = load_encoder_for(store, pretrain_result)
@@ -248,8 +256,19 @@ class Evaluation:
                            "pretraining datasets": list(pretrain_result.datasets) if pretrain_result else [],
                            "encoder": pretrain_result.encoder_path if pretrain_result else None})
         for t in targets:
-            data = load_target(store, t)
-            rows, splits, models, confusion = evaluate_target(cfg, data, encoder, log=detail)
+            # with a query, the genes it shares with the target, normalised over that panel in
+            # both (as the transfer protocol does): the registered model reads what the query measures
+            data = load_target(store, t, shared_genes(store, [t, query]) if query else None)
+            cells = load_query(store, query, data.genes) if query else None
+            rows, splits, models, confusion = evaluate_target(cfg, data, encoder, log=detail, query=cells)
+            if query:
+                self.query = query
+                for r in rows:
+                    if r["method"] == "scpretrain_ssl":
+                        r["query"] = query
+                        if r.get("ssl_fallback"):
+                            log(f"{t}: semi-supervised fine-tuning on {query} (seed {r['seed']}) fell back to the "
+                                f"supervised model: {r['ssl_guard']}")
             self.confusion[t] = confusion
             self.rows += rows
             self.splits += splits
@@ -290,7 +309,8 @@ class Evaluation:
 
         data, model, seed, pretrain_result, encoder_run_id, row_dataset = self.first_model
         full = max(r["budget"] for r in self.rows if r["dataset"] == row_dataset)
-        mine = [r for r in self.rows if r["dataset"] == row_dataset and r["method"] == "scpretrain"
+        method = "scpretrain_ssl" if self.query else "scpretrain"
+        mine = [r for r in self.rows if r["dataset"] == row_dataset and r["method"] == method
                 and r["seed"] == seed and r["budget"] == full][0]
         example = pd.DataFrame(np.expm1(data.X[:3].toarray()).round(0), columns=[str(g) for g in data.genes])
         lineage = {
@@ -304,6 +324,8 @@ class Evaluation:
             "finetune_seed": str(seed),
             "metrics": {k: round(mine[k], 4) for k in ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")},
         }
+        if self.query:  # semi-supervised on its intended query, unless the guard fell back
+            lineage |= {"semi_supervised_query": self.query, "ssl_fallback": str(bool(mine.get("ssl_fallback"))).lower()}
         name, version = register_annotator(model, data.genes, data.classes, example, lineage,
                                       cfg.tracking.registered_model, cfg.tracking.alias)
         log(f"registered models:/{name}/{version} with alias @{cfg.tracking.alias}")
@@ -317,15 +339,48 @@ def finetune_and_evaluate(
     report_dir: str | Path,
     register: bool = True,
     log=say,
+    query: str | None = None,
 ) -> list[dict]:
     """Fine-tune every method on every target, seed and label budget with one pretrained
     encoder (or none); write the report and figures; register the first target's scPretrain
-    model with the configured alias."""
+    model with the configured alias. ``query``: an atlas dataset the model is meant to annotate
+    (:func:`check_query`): ``scpretrain_ssl`` also runs, semi-supervised on its cells, and the
+    registered model is that one (or the supervised one where its guard fell back)."""
     cfg = installed_methods(cfg, log)
     store = atlas_for(cfg)
     ev = Evaluation()
-    ev.add_targets(cfg, store, targets, pretrain_result, encoder_run_id, log=log)
-    return ev.finish(cfg, store, report_dir, _context(cfg, ev, "fine-tune on each target's own cells"), register, log)
+    ev.add_targets(cfg, store, targets, pretrain_result, encoder_run_id, log=log, query=query)
+    context = _context(cfg, ev, "fine-tune on each target's own cells")
+    if query:
+        context["semi-supervised query"] = f"{query} (scpretrain_ssl, guarded; the registered model)"
+    return ev.finish(cfg, store, report_dir, context, register, log)
+
+
+def check_query(cfg: RunConfig, store: Atlas, query: str, targets: list[str], pretrain_result) -> None:
+    """The dataset ``finetune --query`` adapts to: in the atlas, not a target, with cells, sharing
+    enough genes with every target, and a pretrained encoder and the ``scpretrain_ssl`` method to
+    use it. Reads obs and gene masks only: before any work."""
+    from scpretrain_dist.evaluate.protocols import MIN_SHARED_GENES, shared_genes
+
+    records = {r.name: r for r in store.datasets()}
+    if query not in records:
+        raise StoreError(f"--query {query!r} is not in the atlas; ingest it first (`scpretrain ingest FILE.h5ad "
+                         f"--work-dir {cfg.work_dir}`, labels not needed); the atlas holds {', '.join(records)}")
+    if query in targets:
+        raise StoreError(f"--query {query!r} is also a --target; the query is the unlabelled data the model is "
+                         "meant for, a different dataset")
+    if records[query].n_cells == 0:
+        raise StoreError(f"--query {query!r} has no cells")
+    for t in targets:
+        n = len(shared_genes(store, [t, query]))
+        if n < MIN_SHARED_GENES:
+            raise StoreError(f"--query {query!r} shares {n} genes with target {t!r}; semi-supervised fine-tuning "
+                             f"needs at least {MIN_SHARED_GENES} (is it the same species, with gene symbols?)")
+    if pretrain_result is None:
+        raise ConfigError("--query fine-tunes the pretrained network semi-supervised (scpretrain_ssl); give "
+                          "--pretrain-result too")
+    if "scpretrain_ssl" not in cfg.evaluate.methods:
+        raise ConfigError("--query needs the scpretrain_ssl method, which evaluate.methods leaves out; add it")
 
 
 def _context(cfg: RunConfig, ev: Evaluation, protocol: str) -> dict:

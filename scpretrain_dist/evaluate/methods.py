@@ -7,7 +7,8 @@ and test cells and returns class probabilities for the test cells.
 - ``{emb,pca}_{rf,logreg,svm}``: random forest, logistic regression and linear SVM on the frozen
   pretrained embedding vs on PCA(200) fitted on the training cells (the paper's Fig. 4);
 - ``scpretrain_ssl`` (transfer only): the pretrained network fine-tuned semi-supervised on the
-  unlabelled query as well (scNym's MixMatch and domain adversary);
+  unlabelled query as well (scNym's MixMatch and domain adversary), guarded: the supervised
+  ``scpretrain`` model instead when it fails a check made without query labels;
 - ``celltypist``: CellTypist itself (``celltypist.train`` and ``celltypist.annotate``, defaults,
   best match), where it is installed (the ``bench`` extra): the tool ``logreg`` stands in for.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scpretrain_dist.config import ConfigError
+from scpretrain_dist.train.finetune import adapt_to_label_shift  # noqa: F401  (re-exported: one EM)
 
 NETWORKS = ("scpretrain", "no_pretrain")
 EXPRESSION = ("logreg",)
@@ -149,20 +151,31 @@ def run_method(
     gene_idx: np.ndarray | None = None,
     features: dict | None = None,
     unlabelled: sp.csr_matrix | None = None,
+    classes: np.ndarray | None = None,
 ) -> Fitted:
     """Fit ``method`` on train (validation cells only for the networks' early stopping) and
     return test probabilities. ``features`` caches embeddings/PCA per split across methods;
-    ``unlabelled``: the query's cells, for the semi-supervised methods (their labels unused)."""
-    from scpretrain_dist.train.finetune import finetune, predict_logits
+    ``unlabelled``: the query's cells, for the semi-supervised methods (their labels unused);
+    ``scpretrain_ssl`` falls back to the supervised model when its guard fails
+    (``finetune_semi_supervised``; the row's ``ssl_fallback`` says so; ``classes`` names the
+    types in what it says)."""
+    from scpretrain_dist.train.finetune import finetune, finetune_semi_supervised, predict_logits
 
+    features = features if features is not None else {}
     if method in NETWORKS + SEMI_SUPERVISED:
         init = None
         if method in ("scpretrain", "scpretrain_ssl"):
             init = {**encoder, "gene_index": gene_idx}
-        if method in SEMI_SUPERVISED and unlabelled is None:
-            raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
-        res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
-                       unlabelled=unlabelled if method in SEMI_SUPERVISED else None)
+        if method in SEMI_SUPERVISED:
+            if unlabelled is None:
+                raise ValueError(f"{method} fine-tunes on an unlabelled query too; it runs in the transfer protocol only")
+            # guarded by the supervised scpretrain model of the same cells and seed (reused when it ran)
+            res = finetune_semi_supervised(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
+                                           unlabelled, supervised=features.get("scpretrain"), classes=classes)
+        else:
+            res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
+            if method == "scpretrain":
+                features["scpretrain"] = res
         from scipy.special import softmax
 
         from scpretrain_dist.evaluate.metrics import expected_calibration_error as ece
@@ -173,7 +186,8 @@ def run_method(
         # confidence is what the registered annotator reports
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
-                              "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated)}, res.model,
+                              "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated),
+                              **(res.guard.row() if res.guard is not None else {})}, res.model,
                       res.prior, logits, res.reject_threshold, res.temperature)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
@@ -181,7 +195,6 @@ def run_method(
     if method == "celltypist":
         return _celltypist(train, test, n_types)
     space, name = method.split("_", 1)
-    features = features if features is not None else {}
     if space not in features:
         if space == "emb":
             features[space] = (embed(encoder, gene_idx, train.X), embed(encoder, gene_idx, test.X))
@@ -226,22 +239,3 @@ def unknown_scores(fit: Fitted) -> dict[str, np.ndarray]:
         return {"confidence": fit.proba.max(1)}
     z, t = np.asarray(fit.logits, np.float64), fit.temperature
     return {"confidence": confidence_log_odds(z, t), "max_logit": z.max(1), "energy": t * logsumexp(z / t, axis=1)}
-
-
-def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:
-    """Re-weight predicted probabilities to the query's class proportions, estimated by EM on
-    the unlabelled query itself (Saerens, Latinne & Decaestecker 2002): a reference whose cell
-    type mix differs from the query's (label shift) otherwise biases every call towards the
-    reference's common types. Uses no query label."""
-    prior = np.asarray(train_prior, float)
-    prior = np.where(prior > 0, prior, 1e-12)
-    w = prior.copy()
-    q = proba
-    for _ in range(iters):
-        q = proba * (w / prior)
-        q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
-        new = q.mean(0)
-        if np.abs(new - w).max() < tol:
-            break
-        w = new
-    return q

@@ -123,35 +123,53 @@ def load_target(
     if not rec.labelled:
         raise StoreError(f"dataset {name!r} has no cell-type labels; it cannot be a fine-tuning target")
     raw, obs = store.read_dataset(name)
-    atlas_genes = store.genes()
     if genes is None:
         cols = np.flatnonzero(store.dataset_gene_mask(name))
-        genes = atlas_genes[cols]
+        genes = store.genes()[cols]
     else:
-        where = {g: i for i, g in enumerate(atlas_genes)}
-        cols = np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
+        cols = _columns(store, genes)
     labels = harmonise(name, obs["cell_type"].to_numpy().astype(object), mapping)
     keep = labels != UNKNOWN_LABEL
     if classes is not None:
         keep &= np.isin(labels, classes)
     if keep.sum() == 0:
         raise StoreError(f"dataset {name!r} has no labelled cells left (after the label mapping)")
-    X = raw[np.flatnonzero(keep)]
-    X = sp.csr_matrix(X, dtype=np.float32)
-    X.data = to_linear(X.data, rec.value_type).astype(np.float32)
-    present = cols >= 0
-    Xg = sp.csr_matrix((X.shape[0], len(genes)), dtype=np.float32)
-    if present.any():
-        Xg = sp.hstack([X[:, cols[present]], sp.csr_matrix((X.shape[0], int((~present).sum())), dtype=np.float32)]).tocsr()
-        order = np.concatenate([np.flatnonzero(present), np.flatnonzero(~present)])
-        Xg = Xg[:, np.argsort(order)]
-    Xg = normalize_rows(Xg, "counts")
+    Xg = _in_genes(store, name, raw[np.flatnonzero(keep)], cols)
     if classes is None:
         classes, codes = np.unique(labels[keep].astype(str), return_inverse=True)
     else:
         codes = np.searchsorted(classes, labels[keep].astype(str))
-    return TargetData(name, Xg.tocsr(), np.asarray(genes), codes, np.asarray(classes),
+    return TargetData(name, Xg, np.asarray(genes), codes, np.asarray(classes),
                       obs["obs_id"].to_numpy()[keep])
+
+
+def load_query(store: Atlas, name: str, genes: np.ndarray) -> sp.csr_matrix:
+    """Every cell of dataset ``name`` (labelled or not: the labels are not read) over ``genes``,
+    log1p(CP10k) as :func:`load_target` makes them: the unlabelled cells semi-supervised
+    fine-tuning adapts to."""
+    raw, _ = store.read_dataset(name)
+    return _in_genes(store, name, raw, _columns(store, genes))
+
+
+def _columns(store: Atlas, genes: np.ndarray) -> np.ndarray:
+    """The atlas column of each gene symbol (-1: not in the atlas)."""
+    where = {g: i for i, g in enumerate(store.genes())}
+    return np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
+
+
+def _in_genes(store: Atlas, name: str, raw, cols: np.ndarray) -> sp.csr_matrix:
+    """Stored rows of dataset ``name`` as log1p(CP10k) over the atlas columns ``cols`` (-1: a
+    gene it lacks, 0), normalised over that panel."""
+    rec = store.dataset(name)
+    X = sp.csr_matrix(raw, dtype=np.float32)
+    X.data = to_linear(X.data, rec.value_type).astype(np.float32)
+    present = cols >= 0
+    Xg = sp.csr_matrix((X.shape[0], len(cols)), dtype=np.float32)
+    if present.any():
+        Xg = sp.hstack([X[:, cols[present]], sp.csr_matrix((X.shape[0], int((~present).sum())), dtype=np.float32)]).tocsr()
+        order = np.concatenate([np.flatnonzero(present), np.flatnonzero(~present)])
+        Xg = Xg[:, np.argsort(order)]
+    return normalize_rows(Xg, "counts").tocsr()
 
 
 def _cells(t: TargetData, pos: np.ndarray) -> Cells:
@@ -170,13 +188,19 @@ def evaluate_target(
     target: TargetData,
     encoder: Encoder | None,
     log=detail,
+    query: sp.csr_matrix | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """Rows (dataset, method, seed, budget, metrics), the splits (cell ids per seed and budget),
     the fine-tuned scPretrain models at the full budget by seed (for registration), and each
-    method's confusion table at the full budget, first seed."""
+    method's confusion table at the full budget, first seed.
+
+    ``query``: unlabelled cells in the target's genes (:func:`load_query`) that the model is
+    meant to annotate: ``scpretrain_ssl`` then also runs (at the full budget), fine-tuned
+    semi-supervised on them, and the models returned for registration are its (guarded) ones."""
     ev, f = cfg.evaluate, cfg.finetune
     check_methods(ev.methods)
-    methods = runnable_methods(ev.methods, encoder is not None, has_query=False)
+    methods = runnable_methods(ev.methods, encoder is not None, has_query=query is not None)
+    registered = "scpretrain_ssl" if query is not None and "scpretrain_ssl" in methods else "scpretrain"
     n_types = len(target.classes)
     gidx = encoder.index(target.genes) if encoder is not None else None
     budgets = sorted(set(ev.budgets)) if ev.budgets else [f.train_cap]
@@ -205,11 +229,12 @@ def evaluate_target(
             for method in on:
                 t0 = time.perf_counter()
                 fit = run_method(method, train, val, test, n_types, seed, cfg,
-                                 encoder.weights if encoder else None, gidx, features)
+                                 encoder.weights if encoder else None, gidx, features, unlabelled=query,
+                                 classes=target.classes)
                 m = classification_metrics(test.y, fit.proba)
                 these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
                                   len(split.test), n_types, time.perf_counter() - t0, fit.extra))
-                if method == "scpretrain" and whole:
+                if method == registered and whole:
                     models[seed] = fit.model
                 if whole and seed == min(f.seeds):
                     confusion[method] = confusion_table(target.classes, test.y, fit.proba.argmax(1))
@@ -324,7 +349,7 @@ def evaluate_transfer(
         for method in methods:
             t0 = time.perf_counter()
             fit = run_method(method, train, val, test, len(classes), seed, cfg,
-                             encoder.weights if encoder else None, gidx, features, unlabelled=q.X)
+                             encoder.weights if encoder else None, gidx, features, unlabelled=q.X, classes=classes)
             seconds = time.perf_counter() - t0
             if hold_out is not None and "ece" in fit.extra:  # calibration of the known cells only
                 from scipy.special import softmax

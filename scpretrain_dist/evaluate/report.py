@@ -152,6 +152,16 @@ def write_report(
                  "type above p_thres 0.5); `known_accuracy` / `accepted_accuracy`: accuracy on every known "
                  "cell / on the known cells accepted.", ""]
         text += _md_table(*unknown_summary(rows))
+    guarded = [r for r in rows if "ssl_fallback" in r and not r["method"].endswith("+shift")]
+    if guarded:
+        text += ["", "## Semi-supervised guard", "",
+                 "`ssl_fallback`: the semi-supervised model failed the guard (checked without query labels) and "
+                 "its row is the supervised scpretrain model's; `ssl_guard` says why.", ""]
+        text += ["| dataset | seed | ssl_fallback | val accuracy supervised / semi | agreement | ssl_guard |",
+                 "|---|---|---|---|---|---|"]
+        text += [f"| {r['dataset']} | {r['seed']} | {str(r['ssl_fallback']).lower()} | "
+                 f"{r['ssl_val_accuracy_supervised']:.3f} / {r['ssl_val_accuracy_semi']:.3f} | "
+                 f"{r['ssl_agreement']:.3f} | {r['ssl_guard']} |" for r in guarded]
     if clustering:
         cl = pd.DataFrame(clustering).groupby(["dataset", "space"], sort=False)[["rand", "ari"]].mean().reset_index()
         text += ["", "## K-means with k = number of true types (Rand index, ARI)", ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -66,9 +67,19 @@ class SemiSupervised:
       sparse inputs included.
     - Domain adversary: an MLP tells reference from query embeddings; its gradient reaches the
       encoder reversed, pushing the embedding to hide which dataset a cell came from.
-    Both unsupervised weights ramp up (sigmoid schedule) over ``ssl_rampup_epochs``."""
+    Both unsupervised weights ramp up (sigmoid schedule) over ``ssl_rampup_epochs``.
 
-    def __init__(self, model: CellTypeClassifier, unlabelled, n_types: int, cfg: FinetuneConfig, rng):
+    Against collapse (unweighted, a small query population, e.g. dendritic cells, was pulled onto
+    monocytes): each reference cell weighs as its type does in supervised fine-tuning
+    (``class_weight``); the guesses are moved from the prior the network was fitted to
+    (``prior``) towards ``query_prior``, the query's type mix estimated by EM on the supervised
+    model's calls, by the factor (query_prior / prior) ** ``ssl_align_strength`` (distribution
+    alignment, Berthelot et al. 2020, softened); guesses less confident than
+    ``ssl_min_confidence`` add no consistency loss (scNym's pseudo-label confidence threshold)."""
+
+    def __init__(self, model: CellTypeClassifier, unlabelled, n_types: int, cfg: FinetuneConfig, rng,
+                 weight: torch.Tensor | None = None, prior: np.ndarray | None = None,
+                 query_prior: np.ndarray | None = None):
         self.model, self.cfg, self.rng, self.n_types = model, cfg, rng, n_types
         self.X = sp.csr_matrix(unlabelled, dtype=np.float32) if sp.issparse(unlabelled) else np.asarray(unlabelled, np.float32)
         if self.X.shape[0] == 0:
@@ -76,6 +87,14 @@ class SemiSupervised:
         dim = model.hidden.in_features
         self.discriminator = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
         self.augment = cfg.input_dropout or cfg.ssl_augment_dropout
+        self.weight = weight
+        # guess multiplier: the query's estimated type mix over the prior the model was fitted to
+        self.align = torch.ones(n_types)
+        if query_prior is not None and prior is not None:
+            prior = np.asarray(prior, np.float64)
+            ratio = np.where(prior > 0, np.asarray(query_prior, np.float64) / np.where(prior > 0, prior, 1.0), 0.0)
+            ratio = ratio ** cfg.ssl_align_strength  # 1: full alignment; below it a softer one
+            self.align = torch.tensor(ratio, dtype=torch.float32)
 
     def ramp(self, epoch: int) -> float:
         if self.cfg.ssl_rampup_epochs <= 0:
@@ -86,10 +105,13 @@ class SemiSupervised:
     def loss(self, xb, yb: torch.Tensor, epoch: int) -> torch.Tensor:
         cfg, model = self.cfg, self.model
         ub = _rows(self.X, self.rng.choice(self.X.shape[0], size=len(yb), replace=self.X.shape[0] < len(yb)))
-        with torch.no_grad():  # guessed labels: the mean over two augmentations, sharpened
+        with torch.no_grad():  # guessed labels: the mean over two augmentations, aligned, sharpened
             guess = sum(torch.softmax(model(_dropout(ub, self.augment)), 1) for _ in range(2)) / 2
+            guess = guess * self.align
+            guess = guess / guess.sum(1, keepdim=True).clamp_min(1e-12)
+            confident = (guess.max(1).values >= cfg.ssl_min_confidence).float()
             guess = guess ** (1.0 / cfg.sharpen_temperature)
-            guess = guess / guess.sum(1, keepdim=True)
+            guess = guess / guess.sum(1, keepdim=True).clamp_min(1e-12)
         hx = model.encoder(_dropout(xb, self.augment))
         hu = model.encoder(_dropout(ub, self.augment))
         h = torch.cat([hx, hu])
@@ -100,11 +122,12 @@ class SemiSupervised:
         logits = model.classify(lam * h + (1 - lam) * h[perm])
         mixed = lam * target + (1 - lam) * target[perm]
         n = len(yb)
-        # unweighted whatever finetune.class_weight says: weights on the reference's rare types
-        # pass into the guessed query labels, which sharpening then amplifies (with "balanced",
-        # pbmc3k -> pbmc_ding_dropseq collapsed onto types the query does not have)
-        supervised = -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1).mean()
-        consistency = ((torch.softmax(logits[n:], 1) - mixed[n:]) ** 2).sum(1).mean()
+        # each reference cell weighs as its type does in supervised fine-tuning (class_weight), a
+        # weight per cell, never per target entry: a rare type's weight on the guessed part of a
+        # mixed target would pull every query cell that type's way (a collapse onto it)
+        w = self.weight[yb] if self.weight is not None else torch.ones(n)
+        supervised = (w * -(mixed[:n] * F.log_softmax(logits[:n], 1)).sum(1)).sum() / w.sum()
+        consistency = (((torch.softmax(logits[n:], 1) - mixed[n:]) ** 2).sum(1) * confident).mean()
         ramp = self.ramp(epoch)
         loss = supervised + cfg.unsup_weight * ramp * consistency
         if cfg.domain_weight > 0:
@@ -112,6 +135,33 @@ class SemiSupervised:
             domain = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(len(hu), dtype=torch.long)])
             loss = loss + cfg.domain_weight * ramp * F.cross_entropy(self.discriminator(reverse_gradient(emb)), domain)
         return loss
+
+
+@dataclass
+class GuardVerdict:
+    """Whether a semi-supervised model is kept or the supervised one is used instead, and why;
+    decided without a query label (see :func:`semi_supervised_guard`)."""
+
+    fallback: bool
+    reason: str
+    val_accuracy_supervised: float
+    val_accuracy_semi: float
+    confident_cells: int  # query cells the supervised model calls with calibrated confidence >= the setting
+    agreement: float  # share of those the semi-supervised model calls the same (nan: none)
+    worst_type: int  # the type whose confident cells it keeps least (-1: none counted)
+    worst_retention: float  # the share of that type's confident cells it keeps (nan: none counted)
+    # total variation distance of each model's mix of calls from the query's EM-estimated mix
+    mix_distance_supervised: float = float("nan")
+    mix_distance_semi: float = float("nan")
+
+    def row(self) -> dict:
+        """The verdict as report columns."""
+        return {"ssl_fallback": self.fallback, "ssl_guard": self.reason,
+                "ssl_val_accuracy_supervised": self.val_accuracy_supervised,
+                "ssl_val_accuracy_semi": self.val_accuracy_semi, "ssl_confident_cells": self.confident_cells,
+                "ssl_agreement": self.agreement, "ssl_worst_retention": self.worst_retention,
+                "ssl_mix_distance_supervised": self.mix_distance_supervised,
+                "ssl_mix_distance_semi": self.mix_distance_semi}
 
 
 @dataclass
@@ -127,6 +177,95 @@ class FinetuneResult:
     temperature: float = 1.0  # softmax temperature fitted on the validation cells
     prior: np.ndarray | None = None  # the class prior the probabilities were fitted to (``training_prior``)
     reject_threshold: float = float("-inf")  # ``confidence_log_odds`` below which a cell is unassigned
+    guard: GuardVerdict | None = None  # semi-supervised runs: the guard's verdict (see ``finetune_semi_supervised``)
+
+
+def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: float,
+                          supervised_proba: np.ndarray, semi_calls: np.ndarray, cfg: FinetuneConfig,
+                          classes=None, query_prior: np.ndarray | None = None) -> GuardVerdict:
+    """Keep the semi-supervised model unless, judged without query labels, it (1) lost more than
+    ``ssl_guard_val_drop`` accuracy on the reference's validation cells, or (2) moved most of a
+    population away: among the query cells the supervised model calls confidently (calibrated
+    probability >= ``ssl_guard_confidence``), a type with at least ``ssl_guard_min_cells`` of
+    them of which it keeps less than ``ssl_guard_retention``, (3) it agrees with fewer than
+    ``ssl_guard_agreement`` of all those cells, or (4) its mix of calls strays further from the
+    query's EM-estimated type mix than the supervised model's does, by more than
+    ``ssl_guard_mix_shift`` (total variation: the share of cells that would have to change type;
+    adapting to the query should bring the calls nearer its mix, not move a population on its
+    own). ``supervised_proba``: the supervised model's
+    calibrated query probabilities; ``semi_calls``: the semi-supervised calls; ``query_prior``:
+    the query's type mix estimated by EM (``adapt_to_label_shift``), where given: a type it puts
+    at fewer than ``ssl_guard_min_cells`` cells is no population to keep (the supervised model's
+    calls of it are the reference's bias that the semi-supervised model is there to undo)."""
+    name = (lambda t: str(classes[t])) if classes is not None else (lambda t: f"type {t}")
+    sup_calls = supervised_proba.argmax(1)
+    confident = supervised_proba.max(1) >= cfg.ssl_guard_confidence
+    n = int(confident.sum())
+    agreement = float((semi_calls[confident] == sup_calls[confident]).mean()) if n else float("nan")
+    worst, worst_keep = -1, float("nan")
+    expected = None if query_prior is None else np.asarray(query_prior) * len(sup_calls)
+    for t in np.unique(sup_calls[confident]):
+        mine = confident & (sup_calls == t)
+        if mine.sum() < cfg.ssl_guard_min_cells or (expected is not None and expected[t] < cfg.ssl_guard_min_cells):
+            continue
+        keep = float((semi_calls[mine] == t).mean())
+        if worst < 0 or keep < worst_keep:
+            worst, worst_keep = int(t), keep
+    d_sup = d_semi = float("nan")
+    if query_prior is not None:
+        k = supervised_proba.shape[1]
+        target = np.asarray(query_prior, np.float64)
+        d_sup = 0.5 * float(np.abs(np.bincount(sup_calls, minlength=k) / len(sup_calls) - target).sum())
+        d_semi = 0.5 * float(np.abs(np.bincount(semi_calls, minlength=k) / len(semi_calls) - target).sum())
+    reason = "kept"
+    if val_accuracy_semi < val_accuracy_supervised - cfg.ssl_guard_val_drop:
+        reason = (f"reference validation accuracy fell from {val_accuracy_supervised:.3f} (supervised) to "
+                  f"{val_accuracy_semi:.3f}")
+    elif worst >= 0 and worst_keep < cfg.ssl_guard_retention:
+        kept = confident & (sup_calls == worst)
+        reason = (f"of the {int(kept.sum())} query cells the supervised model calls {name(worst)} confidently, "
+                  f"the semi-supervised one keeps {worst_keep:.0%} (a population pulled onto another type)")
+    elif n and agreement < cfg.ssl_guard_agreement:
+        reason = f"it agrees on {agreement:.0%} of the {n} query cells the supervised model calls confidently"
+    elif d_semi > d_sup + cfg.ssl_guard_mix_shift:
+        reason = (f"its calls' type mix is {d_semi:.3f} from the query's estimated mix (total variation), the "
+                  f"supervised model's {d_sup:.3f}")
+    return GuardVerdict(reason != "kept", reason, float(val_accuracy_supervised), float(val_accuracy_semi), n,
+                        agreement, worst, worst_keep, d_sup, d_semi)
+
+
+def finetune_semi_supervised(
+    X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig, seed: int,
+    pretrained: dict | None, unlabelled, supervised: FinetuneResult | None = None, classes=None,
+) -> FinetuneResult:
+    """Fine-tune semi-supervised on ``unlabelled`` (scNym, :class:`SemiSupervised`), then check
+    the model against the supervised one of the same cells and seed (``supervised``, fine-tuned
+    here when not given) with :func:`semi_supervised_guard`; when the guard fails, the
+    supervised model is returned (``guard.fallback``) and a warning says why."""
+    if supervised is None:
+        supervised = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained)
+    # the supervised model's calibrated query probabilities, adapted by EM to the query's type mix
+    # (a type the query lacks gets none); their mean is that mix
+    sup_proba = predict_proba(supervised.model, unlabelled, temperature=supervised.temperature)
+    adapted = adapt_to_label_shift(sup_proba, supervised.prior)
+    query_prior = adapted.mean(0) if cfg.ssl_align_strength > 0 else None
+    semi = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled=unlabelled,
+                    query_prior=query_prior)
+    if not cfg.ssl_guard:
+        return semi
+    yv = np.asarray(y_val)
+
+    def val_accuracy(model) -> float:
+        return float((predict_logits(model, X_val).argmax(1) == yv).mean()) if len(yv) else 0.0
+
+    verdict = semi_supervised_guard(val_accuracy(supervised.model), val_accuracy(semi.model),
+                                    sup_proba, predict_logits(semi.model, unlabelled).argmax(1), cfg, classes,
+                                    adapted.mean(0))
+    if verdict.fallback:
+        logging.getLogger("scpretrain").warning(
+            f"semi-supervised fine-tuning (seed {seed}) fell back to the supervised model: {verdict.reason}")
+        return dataclasses.replace(supervised, guard=verdict)
+    return dataclasses.replace(semi, guard=verdict)
 
 
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
@@ -169,16 +308,19 @@ def finetune(
     seed: int,
     pretrained: dict | None = None,
     unlabelled=None,
+    query_prior: np.ndarray | None = None,
 ) -> FinetuneResult:
     """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch (among
     epochs of equal validation accuracy, the one of lowest validation loss).
 
     ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
     ``unlabelled``: cells of the query (same genes, no labels) to fine-tune semi-supervised on,
-    as scNym does: see :class:`SemiSupervised`.
+    as scNym does: see :class:`SemiSupervised`; ``query_prior``: their estimated type mix, which
+    the guessed labels are aligned to.
     """
     with intra_op_threads(cfg.threads):
-        return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled)
+        return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled,
+                         query_prior)
 
 
 @contextmanager
@@ -193,7 +335,7 @@ def intra_op_threads(n: int):
 
 
 def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig,
-              seed: int, pretrained: dict | None, unlabelled) -> FinetuneResult:
+              seed: int, pretrained: dict | None, unlabelled, query_prior: np.ndarray | None) -> FinetuneResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = CellTypeClassifier(X_train.shape[1], n_types, model_cfg.embedding_dim, model_cfg.hidden_dim)
@@ -203,7 +345,12 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
     enc_lr = (cfg.encoder_lr or cfg.lr) if pretrained is not None else cfg.lr
-    semi = SemiSupervised(model, unlabelled, n_types, cfg, rng) if unlabelled is not None else None
+    weighting = cfg.class_weight if unlabelled is None or cfg.ssl_class_weight else "none"
+    weight = class_weights(y_train, n_types, weighting)
+    semi = None
+    if unlabelled is not None:
+        semi = SemiSupervised(model, unlabelled, n_types, cfg, rng, weight, training_prior(y_train, n_types, weighting),
+                              query_prior)
     groups = [{"params": list(model.encoder.parameters()), "lr": enc_lr}, {"params": head, "lr": cfg.lr}]
     if semi is not None:
         groups.append({"params": list(semi.discriminator.parameters()), "lr": cfg.lr})
@@ -211,8 +358,6 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     if sp.issparse(X_train):
         X_train = sp.csr_matrix(X_train, dtype=np.float32)
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
-    weighting = cfg.class_weight if semi is None else "none"  # the semi-supervised objective is unweighted
-    weight = class_weights(y_train, n_types, weighting)
     Xv, yv = _rows(X_val), torch.from_numpy(np.asarray(y_val, np.int64))
     best_acc, best_loss, best_epoch, best_state, history, losses = -1.0, np.inf, 0, None, [], []
     top: list[tuple[float, float, int, dict]] = []  # the best ``cfg.snapshots`` epochs by (accuracy, -loss)
@@ -328,3 +473,22 @@ def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, t
     from scipy.special import softmax
 
     return softmax(predict_logits(model, X, batch) / temperature, axis=1)
+
+
+def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:
+    """Re-weight predicted probabilities to the query's class proportions, estimated by EM on
+    the unlabelled query itself (Saerens, Latinne & Decaestecker 2002): a reference whose cell
+    type mix differs from the query's (label shift) otherwise biases every call towards the
+    reference's common types. Uses no query label."""
+    prior = np.asarray(train_prior, float)
+    prior = np.where(prior > 0, prior, 1e-12)
+    w = prior.copy()
+    q = proba
+    for _ in range(iters):
+        q = proba * (w / prior)
+        q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
+        new = q.mean(0)
+        if np.abs(new - w).max() < tol:
+            break
+        w = new
+    return q

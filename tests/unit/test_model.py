@@ -329,8 +329,8 @@ def test_gradient_reversal_is_identity_forward_and_negated_backward():
 def test_semi_supervised_finetune_adapts_to_a_shifted_query(monkeypatch, class_weight):
     """Reference and query share types but the query's expression is shifted (a batch effect on
     other genes): the domain adversary and MixMatch train on both, and the model still labels
-    the query; its discriminator is trained (its weights move). Class weights (which the
-    semi-supervised objective ignores) change nothing of that."""
+    the query; its discriminator is trained (its weights move); with class weights too (each
+    reference cell weighted by its type's weight)."""
     from scpretrain_dist.train.finetune import SemiSupervised
 
     X_train, y_train = _separable(150, seed=0)

@@ -1,0 +1,174 @@
+"""The semi-supervised guard: a model that pulled a population onto another type, or lost
+reference accuracy, is replaced by the supervised one; a healthy one is kept."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from scpretrain_dist.config import FinetuneConfig, ModelConfig
+from scpretrain_dist.train.finetune import (
+    SemiSupervised,
+    finetune,
+    finetune_semi_supervised,
+    predict_logits,
+    semi_supervised_guard,
+)
+
+
+def _confident(calls: np.ndarray, n_types: int, p: float = 0.97) -> np.ndarray:
+    """Probabilities that put ``p`` on each cell's call (the rest spread evenly)."""
+    out = np.full((len(calls), n_types), (1 - p) / (n_types - 1))
+    out[np.arange(len(calls)), calls] = p
+    return out
+
+
+CFG = FinetuneConfig()  # the guard's default settings
+
+
+def test_guard_falls_back_when_a_population_is_pulled_onto_another_type():
+    # 100 query cells: 60 type 0, 30 type 1, 10 type 2 (a small population, e.g. dendritic cells)
+    sup = np.repeat([0, 1, 2], [60, 30, 10])
+    semi = sup.copy()
+    semi[sup == 2] = 0  # every type-2 cell now called type 0: 90% agreement overall
+    v = semi_supervised_guard(0.95, 0.96, _confident(sup, 3), semi, CFG, classes=np.array(["mono", "T", "DC"]))
+    assert v.fallback
+    assert v.worst_type == 2 and v.worst_retention == 0.0
+    assert "DC" in v.reason and "10 query cells" in v.reason
+    assert v.agreement == pytest.approx(0.9)
+
+
+def test_guard_keeps_a_model_that_changes_only_unconfident_calls():
+    sup = np.repeat([0, 1, 2], [60, 30, 10])
+    proba = _confident(sup, 3)
+    proba[:20] = _confident(sup[:20], 3, p=0.5)  # 20 unsure cells of type 0
+    semi = sup.copy()
+    semi[:20] = 1  # re-called: the semi-supervised model may change what the supervised one was unsure of
+    v = semi_supervised_guard(0.95, 0.95, proba, semi, CFG)
+    assert not v.fallback and v.reason == "kept"
+    assert v.confident_cells == 80 and v.agreement == 1.0 and v.worst_retention == 1.0
+
+
+def test_guard_falls_back_when_reference_validation_accuracy_falls():
+    sup = np.repeat([0, 1], [50, 50])
+    v = semi_supervised_guard(0.95, 0.90, _confident(sup, 2), sup, CFG)
+    assert v.fallback and "validation accuracy fell" in v.reason
+    assert not semi_supervised_guard(0.95, 0.94, _confident(sup, 2), sup, CFG).fallback  # within 0.02
+
+
+def test_guard_ignores_a_type_the_query_lacks_and_small_groups():
+    # the supervised model calls 8 cells type 2, which EM says the query does not have: moving
+    # them is the correction semi-supervised training is for, not a collapse
+    sup = np.repeat([0, 1, 2], [60, 32, 8])
+    semi = np.where(sup == 2, 1, sup)
+    lacks = np.array([0.6, 0.4, 0.0])
+    assert semi_supervised_guard(0.95, 0.95, _confident(sup, 3), semi, CFG, query_prior=lacks).reason == "kept"
+    assert semi_supervised_guard(0.95, 0.95, _confident(sup, 3), semi, CFG).fallback  # without the estimate
+    few = np.repeat([0, 1, 2], [60, 36, 4])  # 4 confident cells: fewer than ssl_guard_min_cells (5)
+    v = semi_supervised_guard(0.95, 0.95, _confident(few, 3), np.where(few == 2, 1, few), CFG)
+    assert not v.fallback and v.agreement == pytest.approx(0.96)
+
+
+def test_guard_falls_back_when_agreement_is_low_across_types():
+    sup = np.tile([0, 1, 2, 3], 25)
+    semi = sup.copy()
+    semi[::6] = (semi[::6] + 1) % 4  # 17 of 100 confident calls changed, no type below half
+    v = semi_supervised_guard(0.95, 0.95, _confident(sup, 4), semi, CFG)
+    assert v.fallback and "agrees on 83%" in v.reason
+
+
+def test_guard_falls_back_when_the_calls_stray_from_the_query_mix():
+    # the supervised calls match the query's estimated mix; the semi-supervised model moves 40 of
+    # 100 type-1 cells to type 2 (60% of each kept, 80% agreement allowed here): a drift of 0.2
+    sup = np.repeat([0, 1, 2], [100, 100, 100])
+    semi = sup.copy()
+    semi[100:140] = 2
+    mix = np.array([1 / 3, 1 / 3, 1 / 3])
+    loose = FinetuneConfig(ssl_guard_agreement=0.8)
+    v = semi_supervised_guard(0.95, 0.95, _confident(sup, 3), semi, loose, query_prior=mix)
+    assert v.fallback and "type mix" in v.reason
+    assert v.mix_distance_supervised == pytest.approx(0.0) and v.mix_distance_semi == pytest.approx(40 / 300)
+    # moving calls towards the estimated mix is what adaptation should do: kept
+    skewed = np.repeat([0, 1, 2], [100, 140, 60])
+    towards = skewed.copy()
+    towards[100:130] = 2
+    v = semi_supervised_guard(0.95, 0.95, _confident(skewed, 3, p=0.6), towards, loose, query_prior=mix)
+    assert not v.fallback and v.mix_distance_semi < v.mix_distance_supervised
+
+
+def _cells(n, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.poisson(1.0, (n, 30)).astype(np.float32)
+    for t in range(3):
+        X[y == t, t * 10 : t * 10 + 10] += 4
+    X[:, :3] += shift
+    return np.log1p(X).astype(np.float32), y
+
+
+def _fit(monkeypatch, collapse: bool, caplog):
+    Xt, yt = _cells(150, 0)
+    Xv, yv = _cells(60, 1)
+    Xq, yq = _cells(120, 2, shift=1.0)
+    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, ssl_rampup_epochs=2)
+    if collapse:  # a semi-supervised objective gone wrong: every query cell pushed onto type 0
+        original = SemiSupervised.loss
+
+        def collapsing(self, xb, yb, epoch):
+            ub = torch.from_numpy(self.X)
+            return original(self, xb, yb, epoch) - 5.0 * torch.log_softmax(self.model(ub), 1)[:, 0].mean()
+
+        monkeypatch.setattr(SemiSupervised, "loss", collapsing)
+    sup = finetune(Xt, yt, Xv, yv, 3, cfg, ModelConfig(), seed=0)
+    with caplog.at_level(logging.WARNING, logger="scpretrain"):
+        res = finetune_semi_supervised(Xt, yt, Xv, yv, 3, cfg, ModelConfig(), 0, None, Xq, supervised=sup,
+                                       classes=np.array(["a", "b", "c"]))
+    return sup, res, Xq, yq
+
+
+def test_a_collapsed_semi_supervised_model_falls_back_to_the_supervised_one(monkeypatch, caplog):
+    sup, res, Xq, yq = _fit(monkeypatch, collapse=True, caplog=caplog)
+    assert res.guard is not None and res.guard.fallback
+    assert res.model is sup.model  # the very supervised model, its calls unchanged
+    np.testing.assert_array_equal(predict_logits(res.model, Xq), predict_logits(sup.model, Xq))
+    assert any("fell back to the supervised model" in r.getMessage() for r in caplog.records)
+    assert res.guard.row()["ssl_fallback"] is True
+
+
+def test_a_healthy_semi_supervised_model_is_kept(monkeypatch, caplog):
+    sup, res, Xq, yq = _fit(monkeypatch, collapse=False, caplog=caplog)
+    assert res.guard is not None and not res.guard.fallback, res.guard.reason
+    assert res.model is not sup.model
+    assert (predict_logits(res.model, Xq).argmax(1) == yq).mean() > 0.9
+    assert not any("fell back" in r.getMessage() for r in caplog.records)
+
+
+def _files(tmp_path) -> list[str]:
+    """Every file under the work dir but the command logs."""
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "logs" not in p.parts)
+
+
+def test_finetune_query_is_refused_before_any_work(tmp_path, helpers, capsys):
+    from scpretrain_dist.cli import main
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 20)
+    counts = rng.poisson(2.0, (40, 60)).astype(np.float32)
+    helpers.write_h5ad(tmp_path / "target.h5ad", counts, [f"GENE{i}" for i in range(60)], labels)
+    # a panel sharing 20 genes with the target: fewer than semi-supervised fine-tuning needs
+    helpers.write_h5ad(tmp_path / "other.h5ad", counts, [f"GENE{i}" for i in range(20)] + [f"OTHER{i}" for i in range(40)])
+    helpers.write_h5ad(tmp_path / "near.h5ad", counts, [f"GENE{i}" for i in range(60)])
+    work = tmp_path / "w"
+    assert main(["ingest", str(tmp_path / "target.h5ad"), str(tmp_path / "other.h5ad"), str(tmp_path / "near.h5ad"),
+                 "--work-dir", str(work)]) == 0
+    before = _files(work)
+    capsys.readouterr()
+    for query, said in (("other", "shares 20 genes with target 'target'"), ("missing", "is not in the atlas; ingest it"),
+                        ("target", "is also a --target"), ("near", "give --pretrain-result")):
+        assert main(["finetune", "--target", "target", "--query", query, "--work-dir", str(work)]) == 2
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert _files(work) == before  # no report, no MLflow run, the atlas untouched
