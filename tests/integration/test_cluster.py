@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -138,6 +139,8 @@ class Cluster:
         for pid in _pids_using(self.temps):  # workers that outlived their raylet
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        for temp in self.temps:  # the nodes' session folders (logs, sockets) go with them
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _pids_using(temps: list[Path]) -> list[int]:
@@ -204,7 +207,6 @@ def postgres(tmp_path_factory, cli):
     this is root, which PostgreSQL refuses to run as); skipped with the reason where it cannot."""
     import importlib.util
     import pwd
-    import shutil
 
     tools = {t: shutil.which(t) for t in ("initdb", "postgres", "pg_isready", "createdb")}
     if not all(tools.values()):
