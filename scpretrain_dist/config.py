@@ -281,10 +281,11 @@ class FinetuneConfig(_Checked):
     max_epochs: int = setting(300, ge=1)
     patience: int = setting(20, ge=1)
     batch_size: int = setting(64, ge=1)
-    # torch intra-op threads of a fine-tuning run: its steps are small matrix products, which
-    # threads waiting on each other slow down whenever anything else runs on the machine (one
-    # thread was 5-10x faster on a busy 2-core machine: docs/benchmarks.md)
-    threads: int = setting(1, ge=1)
+    # torch intra-op threads of a fine-tuning run (0: torch's own count, all cores). Its steps are
+    # small matrix products: on an idle 2-core machine two threads ran 1.5x faster than one, but
+    # beside one or two busy processes, threads waiting on each other ran 1.9x and 4.4x slower
+    # (`scpretrain bench finetune`, docs/benchmarks.md): set 1 on a shared or busy machine
+    threads: int = setting(0, ge=0)
     # an epoch is at least this many steps (small label budgets go round their cells several
     # times), so patience means the same amount of training whatever the budget
     min_steps_per_epoch: int = setting(16, ge=1)

@@ -3,9 +3,9 @@
 One fine-tuning run (``train.finetune.finetune``, the paper's network, a fixed number of epochs)
 on synthetic sparse cells of a real dataset's shape, at ``finetune.threads`` = each of
 ``--threads``; then again while ``--busy`` other processes spin on the CPUs, as a test worker,
-a Ray worker or a second evaluation would. Runs are interleaved (every thread count once per
-repeat) and the median wall time is reported. Ours is the default (1 thread); each other thread
-count is a peer.
+a Ray worker or a second evaluation would. One untimed run first (allocations, first calls), then
+the runs interleaved (every thread count once per repeat); the median wall time is reported. The
+first thread count of ``--threads`` is reported as ours, the others as peers.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def run(args) -> dict:
         for s in spinners:
             s.start()
         try:
+            _one_run(X, y, args.types, 1, counts[0])
             times: dict[int, list[float]] = {t: [] for t in counts}
             for _ in range(args.repeats):
                 for t in counts:

@@ -325,9 +325,9 @@ def finetune(
 
 @contextmanager
 def intra_op_threads(n: int):
-    """torch's intra-op threads capped at ``n`` inside the block, restored after it."""
+    """torch's intra-op threads capped at ``n`` (0: no cap) inside the block, restored after it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
+    torch.set_num_threads(max(1, min(n, before)) if n > 0 else before)
     try:
         yield
     finally:

@@ -21,14 +21,14 @@ def test_finetune_runs_on_its_thread_setting_and_restores_the_process_threads():
     torch.set_num_threads(2)
     try:
         ft._finetune = spy
-        for threads in (1, 2, 8):
+        for threads in (1, 2, 8, 0):
             cfg = FinetuneConfig(max_epochs=1, threads=threads)
             ft.finetune(X[:50], y[:50], X[50:], y[50:], 3, cfg, ModelConfig(embedding_dim=8, hidden_dim=4), 0)
             assert torch.get_num_threads() == 2
     finally:
         ft._finetune = original
         torch.set_num_threads(before)
-    assert seen == [1, 2, 2]  # capped at the setting, never above what the process had
+    assert seen == [1, 2, 2, 2]  # capped at the setting (0: none), never above what the process had
 
 
 def test_bench_finetune_reports_each_thread_count(tmp_path):
