@@ -252,6 +252,7 @@ class Evaluation:
 
         check_targets(store, targets, pretrain_result)
         encoder = load_encoder_for(store, pretrain_result)
+        self.query = query
         self.folds.append({"targets": list(targets), "encoder_run": encoder_run_id,
                            "pretraining datasets": list(pretrain_result.datasets) if pretrain_result else [],
                            "encoder": pretrain_result.encoder_path if pretrain_result else None})
@@ -261,14 +262,9 @@ class Evaluation:
             data = load_target(store, t, shared_genes(store, [t, query]) if query else None)
             cells = load_query(store, query, data.genes) if query else None
             rows, splits, models, confusion = evaluate_target(cfg, data, encoder, log=detail, query=cells)
-            if query:
-                self.query = query
-                for r in rows:
-                    if r["method"] == "scpretrain_ssl":
-                        r["query"] = query
-                        if r.get("ssl_fallback"):
-                            log(f"{t}: semi-supervised fine-tuning on {query} (seed {r['seed']}) fell back to the "
-                                f"supervised model: {r['ssl_guard']}")
+            for r in rows:
+                if r["method"] == "scpretrain_ssl":
+                    r["query"] = query
             self.confusion[t] = confusion
             self.rows += rows
             self.splits += splits

@@ -23,7 +23,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from scpretrain_dist.config import ConfigError
-from scpretrain_dist.train.finetune import adapt_to_label_shift  # noqa: F401  (re-exported: one EM)
 
 NETWORKS = ("scpretrain", "no_pretrain")
 EXPRESSION = ("logreg",)

@@ -28,7 +28,6 @@ from scpretrain_dist.evaluate.methods import (
     SHIFT_METHODS,
     Cells,
     Fitted,
-    adapt_to_label_shift,
     check_methods,
     embed,
     run_method,
@@ -42,7 +41,7 @@ from scpretrain_dist.evaluate.metrics import (
 )
 from scpretrain_dist.evaluate.splits import Split, budget_subset, split_cells
 from scpretrain_dist.store.atlas import UNKNOWN_LABEL, Atlas, StoreError
-from scpretrain_dist.train.finetune import gene_index, training_prior
+from scpretrain_dist.train.finetune import adapt_to_label_shift, gene_index, training_prior
 
 MIN_SHARED_GENES = 50  # genes a reference and its query must share for a transfer
 
@@ -134,7 +133,7 @@ def load_target(
         keep &= np.isin(labels, classes)
     if keep.sum() == 0:
         raise StoreError(f"dataset {name!r} has no labelled cells left (after the label mapping)")
-    Xg = _in_genes(store, name, raw[np.flatnonzero(keep)], cols)
+    Xg = _in_genes(raw[np.flatnonzero(keep)], cols, rec.value_type)
     if classes is None:
         classes, codes = np.unique(labels[keep].astype(str), return_inverse=True)
     else:
@@ -148,7 +147,7 @@ def load_query(store: Atlas, name: str, genes: np.ndarray) -> sp.csr_matrix:
     log1p(CP10k) as :func:`load_target` makes them: the unlabelled cells semi-supervised
     fine-tuning adapts to."""
     raw, _ = store.read_dataset(name)
-    return _in_genes(store, name, raw, _columns(store, genes))
+    return _in_genes(raw, _columns(store, genes), store.dataset(name).value_type)
 
 
 def _columns(store: Atlas, genes: np.ndarray) -> np.ndarray:
@@ -157,12 +156,11 @@ def _columns(store: Atlas, genes: np.ndarray) -> np.ndarray:
     return np.array([where.get(str(g).upper(), -1) for g in genes], dtype=np.int64)
 
 
-def _in_genes(store: Atlas, name: str, raw, cols: np.ndarray) -> sp.csr_matrix:
-    """Stored rows of dataset ``name`` as log1p(CP10k) over the atlas columns ``cols`` (-1: a
+def _in_genes(raw, cols: np.ndarray, value_type: str) -> sp.csr_matrix:
+    """Stored rows (values of ``value_type``) as log1p(CP10k) over the atlas columns ``cols`` (-1: a
     gene it lacks, 0), normalised over that panel."""
-    rec = store.dataset(name)
     X = sp.csr_matrix(raw, dtype=np.float32)
-    X.data = to_linear(X.data, rec.value_type).astype(np.float32)
+    X.data = to_linear(X.data, value_type).astype(np.float32)
     present = cols >= 0
     Xg = sp.csr_matrix((X.shape[0], len(cols)), dtype=np.float32)
     if present.any():

@@ -90,6 +90,14 @@ def _quickstart_folder(name: str) -> Path:
     return Path(os.environ["SCPRETRAIN_TEST_RUN_DIR"]) / f"quickstart-{name}"  # made by tests/conftest.py
 
 
+def _work_dir(name: str) -> Path:
+    folder = _quickstart_folder(name)
+    if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
+        stem = str(folder / "wörk dïr ")
+        return Path(stem + "x" * max(0, 120 - len(stem)))
+    return folder / "work"
+
+
 def _start_quickstart(name: str) -> None:
     """Start quickstart ``name`` unless a process of this run (any worker) already has."""
     folder = _quickstart_folder(name)
@@ -98,16 +106,11 @@ def _start_quickstart(name: str) -> None:
         if folder.exists():
             return
         folder.mkdir()
-        if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
-            stem = str(folder / "wörk dïr ")
-            work = Path(stem + "x" * max(0, 120 - len(stem)))
-        else:
-            work = folder / "work"
-        cmd = [sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(work), *QUICKSTARTS[name]]
+        cmd = [sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(_work_dir(name)),
+               *QUICKSTARTS[name]]
         proc = subprocess.Popen(["/bin/sh", "-c", _RUN_IN_BACKGROUND, "sh", *cmd], env=os.environ | {"SCP_RUN": str(folder)},
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         (folder / "pid").write_text(str(proc.pid))
-        (folder / "workdir").write_text(str(work))
 
 
 # Modules that run longest, or wait longest (on the quickstarts), go to the pytest-xdist workers
@@ -118,13 +121,11 @@ LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_ra
 
 
 def pytest_collection_modifyitems(session, config, items):
-    files = [item.nodeid.split("::")[0] for item in items]
-    if any(f.endswith("integration/test_quickstart.py") for f in files):
+    if any(item.path.name == "test_quickstart.py" for item in items):
         for name in QUICKSTARTS:
             _start_quickstart(name)
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    position = {id(item): rank.get(Path(f).name, len(rank)) for item, f in zip(items, files)}
-    items.sort(key=lambda item: position[id(item)])  # stable: a module's tests keep their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order
 
 
 def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
@@ -142,7 +143,7 @@ def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, sub
     if done.returncode != 0:
         raise AssertionError(f"the {backend} quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                              f"{done.stderr[-5000:]}")
-    return Path((folder / "workdir").read_text()), done
+    return _work_dir(backend), done
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 
-def test_finetune_runs_on_its_thread_setting_and_restores_the_process_threads():
+def test_finetune_runs_on_its_thread_setting_and_restores_the_process_threads(monkeypatch):
     from scpretrain_dist.config import FinetuneConfig, ModelConfig
     from scpretrain_dist.train import finetune as ft
 
@@ -17,16 +17,15 @@ def test_finetune_runs_on_its_thread_setting_and_restores_the_process_threads():
 
     rng = np.random.default_rng(0)
     X, y = rng.poisson(1.0, (60, 30)).astype(np.float32), rng.integers(0, 3, 60)
+    monkeypatch.setattr(ft, "_finetune", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ft._finetune = spy
         for threads in (1, 2, 8, 0):
             cfg = FinetuneConfig(max_epochs=1, threads=threads)
             ft.finetune(X[:50], y[:50], X[50:], y[50:], 3, cfg, ModelConfig(embedding_dim=8, hidden_dim=4), 0)
             assert torch.get_num_threads() == 2
     finally:
-        ft._finetune = original
         torch.set_num_threads(before)
     assert seen == [1, 2, 2, 2]  # capped at the setting (0: none), never above what the process had
 

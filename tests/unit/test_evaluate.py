@@ -238,7 +238,7 @@ def test_fold_schemes_cover_every_target_once():
 
 
 def test_label_shift_adaptation_recovers_the_query_mix_without_labels():
-    from scpretrain_dist.evaluate.methods import adapt_to_label_shift
+    from scpretrain_dist.train.finetune import adapt_to_label_shift
 
     rng = np.random.default_rng(0)
     # a classifier calibrated for a 90/10 reference sees a 50/50 query
