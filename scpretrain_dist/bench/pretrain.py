@@ -39,7 +39,7 @@ def run(args) -> dict:
     from scpretrain_dist.pseudolabel.pool import KMeansPool
     from scpretrain_dist.runtime import init_ray, shutdown_ray
     from scpretrain_dist.store.atlas import StoreError, atlas_for
-    from scpretrain_dist.train.pretrain import _fit_iteration, loop_config
+    from scpretrain_dist.train.pretrain import loop_config, train_iterations
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
     cfg = recipes.configure(args.recipe, args.config, args.set, args.work_dir)
@@ -72,7 +72,7 @@ def run(args) -> dict:
             c = merge(cfg, {"pretrain": {"num_workers": w, "sparse_updates": sparse}})
             wc = loop_config(c, locator, datasets, labels_path, n_genes, final_eval=True, check_replicas=True)
             t0 = time.perf_counter()
-            _, epochs = _fit_iteration(c, wc, f"bench-{name}-{int(time.time())}")
+            _, epochs = train_iterations(c, wc, f"bench-{name}-{int(time.time())}")
             runs[name] = _summarise(epochs[-1], w, time.perf_counter() - t0)
             print(f"{name}: {runs[name]}")
     finally:

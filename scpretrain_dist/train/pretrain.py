@@ -91,7 +91,50 @@ def load_encoder(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"worker": WorkerConfig}
-    """Runs on every Ray Train worker: load the rank's shard, train, report per epoch."""
+    """Runs on every Ray Train worker: iterations ``w.iteration`` to ``w.until``, one report per
+    iteration (rank 0's with the encoder checkpoint). Between two iterations every rank waits on
+    the board for the next pseudo-labels, which the driver makes from the encoder just reported.
+    A worker group restarted after a failure goes on after the last iteration this run reported."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    w = config["worker"]
+    device = ray.train.torch.get_device()
+    it, labels_path = w.iteration, w.labels_path
+    encoder = load_encoder(w.init_encoder) if w.init_encoder else None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            if meta.get("fit_id") == w.fit_id:  # this run's own, not an earlier run's of the same name
+                encoder, it = load_encoder(Path(d) / ENCODER_FILE), meta["iteration"] + 1
+                labels_path = _next_labels(w.board, it) if it <= w.until else None
+                if labels_path is None:
+                    return
+    while True:
+        encoder = _train_iteration(w, it, labels_path, encoder, rank, world, device)
+        if it >= w.until or (labels_path := _next_labels(w.board, it + 1)) is None:
+            return
+        it += 1
+
+
+def _next_labels(board, iteration: int) -> str | None:
+    """The pseudo-labels the driver posts for ``iteration``, once it has; None: stop here."""
+    import ray
+
+    while True:
+        ready, labels_path = ray.get(board.next_labels.remote(iteration))
+        if ready:
+            return labels_path
+        time.sleep(0.2)
+
+
+def _train_iteration(w: WorkerConfig, it: int, labels_path: str, encoder: dict | None, rank: int, world: int,
+                     device) -> dict[str, np.ndarray]:
+    """Iteration ``it``: a model with fresh heads for ``labels_path``'s partitions on ``encoder``
+    (random when None), trained for the configured epochs; returns its encoder."""
     import ray.train
     import ray.train.torch
 
@@ -106,14 +149,10 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
     )
     from scpretrain_dist.train.steps import pretrain_eval, pretrain_step
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    w = config["worker"]
     p = w.pretrain
-    torch.manual_seed(p.seed + w.iteration)
-    labels = PseudoLabels.load(w.labels_path)
+    torch.manual_seed(p.seed + it)
+    labels = PseudoLabels.load(labels_path)
     datasets = list(w.datasets)
-    device = ray.train.torch.get_device()
     sparse = p.sparse_updates
     # on CPUs the encoder takes sparse gradients, and with several workers its rows are
     # sharded by gene unless pretrain.encoder_sharding = "none"
@@ -127,11 +166,10 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
     model = PretrainModel(w.n_genes, ks, w.model.embedding_dim, w.model.head_activation,
                           sparse_grad=sparse, head_layout=p.head_layout,
                           encoder_sparse_grad=sparse_encoder)
-    if w.init_encoder:
-        enc = load_encoder(w.init_encoder)
+    if encoder is not None:
         with torch.no_grad():
-            model.encoder.weight.copy_(torch.from_numpy(enc["weight"]))
-            model.encoder.bias.copy_(torch.from_numpy(enc["bias"]))
+            model.encoder.weight.copy_(torch.as_tensor(encoder["weight"]))
+            model.encoder.bias.copy_(torch.as_tensor(encoder["bias"]))
     sync = exchange = None
     if sparse:
         # rows a batch touched only: lazy Adam, and an all-reduce of the touched rows instead
@@ -139,13 +177,13 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
         model = model.to(device)
         broadcast_parameters(model)
         if world > 1:
-            encoder = model.encoder
+            enc = model.encoder
             if gene_sharded:  # the exchange averages the encoder's weight
                 exchange = GeneRowExchange(w.n_genes, rank, world)
-                shard_by_gene(encoder, exchange)
-                row_sparse, skip = [], (encoder.weight,)
+                shard_by_gene(enc, exchange)
+                row_sparse, skip = [], (enc.weight,)
             else:
-                row_sparse, skip = ([encoder.weight] if encoder.sparse_grad else []), ()
+                row_sparse, skip = ([enc.weight] if enc.sparse_grad else []), ()
             wire = getattr(torch, p.gradient_sync_dtype)
             sync = RowGradSync(model, [*row_sparse, *model.heads.weights], wire_dtype=wire, skip=skip)
         optimizer = LazyAdam(model.parameters(), lr=p.lr)
@@ -159,7 +197,7 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)  # loss*cells, accuracy*cells, cells
         model.train()
-        for x, didx, lab in shard.batches(p.batch_size, p.seed, epoch + 1000 * w.iteration, device):
+        for x, didx, lab in shard.batches(p.batch_size, p.seed, epoch + 1000 * it, device):
             out = pretrain_step(model, x, didx, lab, optimizer, sync_gradients=sync)
             n_steps += 1
             n = len(didx)
@@ -167,35 +205,44 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
         if world > 1:
             torch.distributed.all_reduce(sums)
         metrics = {
-            "iteration": w.iteration,
+            "iteration": it,
             "epoch": epoch,
             "loss": float(sums[0] / sums[2]),
             "pseudo_label_accuracy": float(sums[1] / sums[2]),
             "cells_per_second_per_worker": float(sums[2] / world / (time.perf_counter() - t0)),
         }
         history.append([time.perf_counter() - t0, metrics["loss"], metrics["cells_per_second_per_worker"]])
-        if epoch == n_epochs - 1:
-            metrics["epoch_history"] = history
-            metrics["torch_threads"] = torch.get_num_threads()
-            if exchange is not None:
-                metrics["encoder_exchange_seconds"] = exchange.seconds
-            if sync is not None:
-                metrics["gradient_sync_seconds"] = sync.seconds
-                metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
-            metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
-        if w.progress is not None and rank == 0:  # the driver logs it to MLflow and shows it
-            w.progress.put_nowait({k: metrics[k] for k in ("iteration", "epoch", "loss", "pseudo_label_accuracy",
-                                                           "cells_per_second_per_worker")} | {"world": world})
-        checkpoint = None
-        if epoch == n_epochs - 1 and rank == 0:
-            tmp = Path(tempfile.mkdtemp(prefix="scp-ckpt-"))
-            write_encoder(getattr(model, "module", model).encoder, tmp / ENCODER_FILE)
-            (tmp / META_FILE).write_text(json.dumps({"iteration": w.iteration, "datasets": list(w.datasets), "labels_path": w.labels_path,
-                                                    "locator": asdict(w.locator), "metrics": metrics}))
-            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-        if epoch == n_epochs - 1:  # one report per iteration (each is a round with the controller):
-            # the epochs' metrics travel in epoch_history, and live progress through ``w.progress``
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0 and epoch < n_epochs - 1:  # the driver logs it to MLflow and shows it
+            w.board.put.remote({"epoch": metrics | {"world": world}})
+    metrics["epoch_history"] = history
+    metrics["torch_threads"] = torch.get_num_threads()
+    if exchange is not None:
+        metrics["encoder_exchange_seconds"] = exchange.seconds
+    if sync is not None:
+        metrics["gradient_sync_seconds"] = sync.seconds
+        metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
+    metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
+    trained = getattr(model, "module", model).encoder
+    name = _checkpoint_name(it)
+    # one report per iteration (each is a round with the controller): the epochs' metrics travel
+    # in epoch_history, and live progress on the board
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="scp-ckpt-") as tmp:
+            write_encoder(trained, Path(tmp) / ENCODER_FILE)
+            (Path(tmp) / META_FILE).write_text(json.dumps({
+                "iteration": it, "fit_id": w.fit_id, "datasets": datasets, "labels_path": labels_path,
+                "locator": asdict(w.locator), "metrics": metrics}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        # after the report: the checkpoint is in storage when the driver hears of it
+        w.board.put.remote({"epoch": {k: v for k, v in metrics.items() if k != "epoch_history"} | {"world": world},
+                            "iteration": {"iteration": it, "checkpoint": name, "metrics": metrics}})
+    else:
+        ray.train.report(metrics)
+    return {"weight": trained.weight.detach().cpu().clone(), "bias": trained.bias.detach().cpu().clone()}
+
+
+def _checkpoint_name(iteration: int) -> str:
+    return f"iteration_{iteration:02d}"
 
 
 def _final_metrics(w: WorkerConfig, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
@@ -236,51 +283,85 @@ def _final_metrics(w: WorkerConfig, model, shard, device, world: int, pretrain_e
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every training worker of one iteration receives: the typed settings and the run's
-    locator, datasets and pseudo-labels."""
+    """What every training worker of one Ray Train run receives: the typed settings and the
+    run's locator, datasets, first iteration and its pseudo-labels."""
 
     pretrain: PretrainConfig
     model: ModelConfig
     stream: StreamConfig
     locator: Locator
     datasets: tuple[str, ...]
-    labels_path: str
+    labels_path: str  # the first iteration's pseudo-labels; the next ones come on the board
     n_genes: int
-    iteration: int = 0
+    iteration: int = 0  # the first iteration this run trains
+    until: int = 0  # the last one it may train
     init_encoder: str | None = None
     mlflow_run_id: str | None = None  # the run the driver logs each epoch's metrics to
     tracking_uri: str = ""
     final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
     check_replicas: bool = False  # the largest difference between the replicas' parameters
-    progress: object = None  # a ray.util.queue.Queue rank 0 puts each epoch's metrics on, for the driver
+    board: object = None  # a _Board actor: rank 0's progress out, the next pseudo-labels in
+    fit_id: str = ""  # which run a checkpoint found on restart belongs to
 
 
 def loop_config(
     cfg: RunConfig, locator: Locator, datasets: list[str], labels_path: str | Path, n_genes: int,
     iteration: int = 0, init_encoder: str | None = None, mlflow_run_id: str | None = None,
-    final_eval: bool = False, check_replicas: bool = False,
+    final_eval: bool = False, check_replicas: bool = False, until: int | None = None,
 ) -> WorkerConfig:
-    """The :class:`WorkerConfig` of one iteration."""
+    """The :class:`WorkerConfig` of a run of iterations ``iteration`` to ``until`` (by default
+    the one)."""
     return WorkerConfig(cfg.pretrain, cfg.model, cfg.stream, locator, tuple(datasets),
-                        str(Path(labels_path).resolve()), n_genes, iteration, init_encoder, mlflow_run_id,
+                        str(Path(labels_path).resolve()), n_genes, iteration,
+                        iteration if until is None else until, init_encoder, mlflow_run_id,
                         cfg.tracking_uri, final_eval, check_replicas)
 
 
-def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=None) -> tuple[str, list[dict]]:
-    """One iteration's training as a Ray Train TorchTrainer run; returns its checkpoint dir and
-    its final metrics. Each epoch's metrics come back from rank 0 as the epoch ends (a Ray
-    queue): logged to ``loop_config.mlflow_run_id`` from here (workers never import MLflow) and
-    shown on ``bar``, advanced by one per epoch."""
+class _Board:
+    """What a pretraining's driver and its training workers tell each other during one Ray Train
+    run: rank 0's epochs and finished iterations (the driver takes them), and each next
+    iteration's pseudo-labels (the workers wait for them; None: stop)."""
+
+    def __init__(self):
+        self._events: list[dict] = []
+        self._next: dict[int, str | None] = {}
+
+    def put(self, event: dict) -> None:
+        self._events.append(event)
+
+    def take(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def post(self, iteration: int, labels_path: str | None) -> None:
+        self._next[iteration] = labels_path
+
+    def next_labels(self, iteration: int) -> tuple[bool, str | None]:
+        return iteration in self._next, self._next.get(iteration)
+
+
+def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=None,
+                     finished=None) -> tuple[str, list[dict]]:
+    """Iterations ``loop_config.iteration`` to ``loop_config.until`` as one Ray Train run; returns
+    the last checkpoint's dir and every iteration's final metrics. As an iteration ends,
+    ``finished(iteration, checkpoint_dir, metrics)`` is called (from a thread of this process)
+    and returns the next iteration's pseudo-labels, or None to stop after this one. Each epoch's
+    metrics are logged to ``loop_config.mlflow_run_id`` from here (workers never import MLflow)
+    and shown on ``bar``, advanced by one per epoch. An error ``finished`` raises stops the
+    workers and is raised here."""
     import threading
+    import uuid
 
-    from ray.util.queue import Empty, Queue
+    import ray
 
+    if finished is None and loop_config.until > loop_config.iteration:
+        raise ValueError("several iterations need `finished` to give each next one's pseudo-labels")
     run_log = RunLog(loop_config.mlflow_run_id, loop_config.tracking_uri)
-    if bar is None and run_log.run_id is None:
-        return _fit(cfg, loop_config, name)
-    queue = Queue(actor_options={"num_cpus": 0})
-    done = threading.Event()
+    board = ray.remote(num_cpus=0)(_Board).remote()
+    storage = Path(cfg.work_dir).resolve() / "ray_results"
     epochs = loop_config.pretrain.epochs
+    errors: list[BaseException] = []
+    done = threading.Event()
 
     def show(m: dict) -> None:
         step = m["iteration"] * epochs + m["epoch"]
@@ -292,31 +373,47 @@ def _fit_iteration(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=Non
                             accuracy=f"{m['pseudo_label_accuracy']:.3f}",
                             cells_s=f"{m['cells_per_second_per_worker'] * m['world']:,.0f}")
 
+    def handle(event: dict) -> None:
+        show(event["epoch"])
+        if "iteration" not in event or errors:
+            return
+        it = event["iteration"]["iteration"]
+        checkpoint = storage / name / event["iteration"]["checkpoint"]
+        try:
+            following = finished(it, str(checkpoint), event["iteration"]["metrics"]) if finished else None
+        except BaseException as e:  # the workers stop at the next iteration; raised after the run
+            errors.append(e)
+            following = None
+        board.post.remote(it + 1, following and str(following))
+
     def follow() -> None:
         while not done.is_set():
             try:
-                show(queue.get(timeout=0.5))
-            except Empty:
-                continue
-            except Exception:  # the queue's actor went away with the run: nothing more to show
+                events = ray.get(board.take.remote())
+            except Exception:  # the board went away with the run: nothing more to show
                 return
+            for event in events:
+                handle(event)
+            if not events:
+                done.wait(0.3)
 
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
     try:
-        return _fit(cfg, replace(loop_config, progress=queue), name)
+        result = _fit(cfg, replace(loop_config, board=board, fit_id=uuid.uuid4().hex), name)
     finally:
         done.set()
-        watcher.join(timeout=5)
-        while True:  # what came in after the watcher's last look
-            try:
-                show(queue.get_nowait())
-            except Exception:
-                break
-        queue.shutdown()
+        watcher.join()
+        for event in ray.get(board.take.remote()):  # what came in after the watcher's last look
+            handle(event)
+        ray.kill(board)
+    if errors:
+        raise errors[0]
+    records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return result.checkpoint.path, records
 
 
-def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, list[dict]]:
+def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -332,8 +429,8 @@ def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, lis
             resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}) | p.resources_per_worker,
             placement_strategy=p.placement,
         ),
-        # a restarted worker group trains the iteration again from its start: the loop reads no
-        # checkpoint back (one is written only at the iteration's end)
+        # a restarted worker group goes on after the last iteration this run reported (its
+        # checkpoint), training the interrupted one again from its start
         run_config=RayRunConfig(
             name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve()),
             failure_config=FailureConfig(max_failures=max(0, p.max_failures)),
@@ -342,7 +439,7 @@ def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str) -> tuple[str, lis
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result.checkpoint.path, result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return result
 
 
 def pretrain(
@@ -432,23 +529,40 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             previous = out_dir / f"pseudo_labels_v{resumed}.npz"
             labels, labels_path = recluster(resumed, PseudoLabels.load(previous) if previous.exists() else None)
     bar = progress(p.iterations * p.epochs, "pretrain", unit="epoch", initial=it * p.epochs)
+    started = [time.perf_counter()]
+
+    def finished(it: int, ckpt_dir: str, last: dict) -> str | None:
+        """Iteration ``it`` is trained: record it, re-cluster on its encoder unless it is the last,
+        and give the next iteration's pseudo-labels (None when there is none to train)."""
+        nonlocal encoder_path, labels, labels_path
+        encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
+        history.append({"iteration": it, "train_seconds": time.perf_counter() - started[0], "loss": last.get("loss"),
+                        "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
+        save_progress(it, None)
+        log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
+            f"{history[-1]['pseudo_label_accuracy']:.3f}, {history[-1]['train_seconds']:.1f}s")
+        if it < p.iterations - 1:
+            bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations}, re-clustering)")
+            labels, labels_path = recluster(it, labels)
+        if it + 1 >= p.iterations or stable():
+            return None
+        bar.set_description(f"pretrain (iteration {it + 2}/{p.iterations})")
+        started[0] = time.perf_counter()
+        return str(labels_path)
+
     try:
         while it < p.iterations and not stable():
-            worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id)
-            t0 = time.perf_counter()
+            # one Ray Train run for the remaining iterations (re-clustered between them while the
+            # workers wait), unless K-means runs on GPUs: those the training workers hold
+            until = it if cfg.pseudolabel.use_gpu else p.iterations - 1
+            worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id,
+                                        until=until)
+            started[0] = time.perf_counter()
             bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations})")
-            ckpt_dir, epochs = _fit_iteration(cfg, worker_config, f"pretrain-{tag}-it{it:02d}", bar)
-            encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
-            last = epochs[-1] if epochs else {}
-            history.append({"iteration": it, "train_seconds": time.perf_counter() - t0, "loss": last.get("loss"),
-                            "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
-            save_progress(it, None)
-            log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
-                f"{history[-1]['pseudo_label_accuracy']:.3f}, {history[-1]['train_seconds']:.1f}s")
-            if it < p.iterations - 1:
-                bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations}, re-clustering)")
-                labels, labels_path = recluster(it, labels)
-            it += 1
+            train_iterations(cfg, worker_config, f"pretrain-{tag}-it{it:02d}", bar, finished)
+            if not history or history[-1]["iteration"] < it:
+                raise RuntimeError(f"the training run from iteration {it} ended without finishing it")
+            it = history[-1]["iteration"] + 1
     finally:
         bar.close()
     stopped_early = stable()

@@ -31,7 +31,7 @@ def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atl
     from sklearn.metrics import normalized_mutual_info_score
 
     from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
-    from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
+    from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
 
     cfg, store = streamed_atlas
     cfg = resolve(cfg, overrides=["pretrain.epochs=3", "pretrain.num_workers=2", "pretrain.batch_size=64",
@@ -48,7 +48,7 @@ def test_streamed_atlas_pseudo_labels_and_stream_loader_pretraining(streamed_atl
     n_genes = len(store.genes())
     worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
     assert worker_cfg.pretrain.loader == "stream" and worker_cfg.stream.buffer_cells == 512
-    ckpt, epochs = _fit_iteration(cfg, worker_cfg, "stream-test")
+    ckpt, epochs = train_iterations(cfg, worker_cfg, "stream-test")
     last = epochs[-1]
     assert last["replica_max_diff"] == 0.0
     uniform = sum(math.log(k) for k in labels.ks[datasets[0]])

@@ -4,9 +4,14 @@ row updates over 2 Ray Train workers keeps the replicas identical."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -181,7 +186,7 @@ def test_later_refreshes_embed_cells_the_actors_kept(ray_atlas, tmp_path):
 
 def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
     from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
-    from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
+    from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=["pretrain.epochs=2", "pretrain.num_workers=2", "pretrain.sparse_updates=true",
@@ -192,7 +197,7 @@ def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
     path = labels.save(f"{cfg.work_dir}/labels.npz")
     n_genes = len(store.genes())
     worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
-    ckpt, epochs = _fit_iteration(cfg, worker_cfg, "scale-test")
+    ckpt, epochs = train_iterations(cfg, worker_cfg, "scale-test")
     last = epochs[-1]
     assert last["replica_max_diff"] == 0.0  # both workers hold the same model after every step
     uniform = sum(math.log(k) for k in labels.ks[datasets[0]])  # loss of a uniform prediction
@@ -206,16 +211,30 @@ class Crash(RuntimeError):
     """Raised from the run's log at a chosen line, as a crash there would stop it."""
 
 
-def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas, tmp_path):
+SMALL_PRETRAINING = ["pretrain.iterations=2", "pretrain.epochs=6", "pretrain.num_workers=1", "pretrain.nmi_stop=1.01",
+                     'pseudolabel.phase1_space="pca"', "model.embedding_dim=16"]
+
+
+def _pretrain_small(cfg, store, work, log=lambda m: None, mlflow_run_id=None):
+    from scpretrain_dist.train.pretrain import pretrain
+
+    c = resolve(cfg, overrides=[f'work_dir="{work}"', f'store.uri="{store.uri}"', *SMALL_PRETRAINING])
+    return pretrain(c, [r.name for r in store.datasets()], tag="t", log=log, mlflow_run_id=mlflow_run_id)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_atlas, tmp_path_factory):
+    """An uninterrupted pretraining of SMALL_PRETRAINING: what interrupted ones must end with."""
+    result = _pretrain_small(*ray_atlas, tmp_path_factory.mktemp("undisturbed"))
+    assert result.iterations_run == 2 and result.resumed_after_iteration is None
+    return result
+
+
+def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas, undisturbed, tmp_path):
     """A rerun continues an interrupted pretraining from its progress file: after a crash between
     training and re-clustering, and after one between the last iteration and the result. It
     ends with the encoder an uninterrupted run makes, and trains no finished iteration again."""
-    from scpretrain_dist.train.pretrain import PROGRESS_FILE, load_encoder, pretrain
-
-    cfg, store = ray_atlas
-    datasets = [r.name for r in store.datasets()]
-    settings = ["pretrain.iterations=2", "pretrain.epochs=1", "pretrain.num_workers=1", "pretrain.nmi_stop=1.01",
-                'pseudolabel.phase1_space="pca"', "model.embedding_dim=16"]
+    from scpretrain_dist.train.pretrain import PROGRESS_FILE, load_encoder
 
     def run(work, crash_at=None):
         lines: list[str] = []
@@ -225,11 +244,7 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
             if crash_at and msg.startswith(crash_at):
                 raise Crash(msg)
 
-        c = resolve(cfg, overrides=[f'work_dir="{work}"', f'store.uri="{store.uri}"', *settings])
-        return pretrain(c, datasets, tag="t", log=log), lines
-
-    reference, _ = run(tmp_path / "whole")
-    assert reference.iterations_run == 2 and reference.resumed_after_iteration is None
+        return _pretrain_small(*ray_atlas, work, log=log), lines
 
     work = tmp_path / "interrupted"
     with pytest.raises(Crash):
@@ -246,26 +261,77 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
     assert result.history[0]["checkpoint"] in it0  # iteration 0 is the first attempt's
     assert [h["iteration"] for h in result.history] == [0, 1]
     assert "nmi_min" in result.history[0]  # the re-clustering done on resuming was scored
-    ours, theirs = load_encoder(result.encoder_path), load_encoder(reference.encoder_path)
+    ours, theirs = load_encoder(result.encoder_path), load_encoder(undisturbed.encoder_path)
     np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_one(ray_atlas, undisturbed, tmp_path):
+    """Both iterations are one Ray Train run. SIGKILL to its worker during iteration 1: the new
+    worker group starts from iteration 0's checkpoint, trains iteration 1 from its start and ends
+    where an undisturbed run does; iteration 0 is not trained again."""
+    import mlflow
+
+    from scpretrain_dist.tracking.mlflow_runs import setup
+    from scpretrain_dist.train.pretrain import load_encoder
+
+    cfg, store = ray_atlas
+    cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', "pretrain.max_failures=1"])
+    setup(cfg)
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    epochs = 6
+    with mlflow.start_run() as run, _kill_a_training_worker_once(
+            lambda: any(m.step >= epochs for m in client.get_metric_history(run.info.run_id, "pretrain_loss"))) as killed:
+        result = _pretrain_small(cfg, store, tmp_path, mlflow_run_id=run.info.run_id)
+    assert len(killed) == 2 and killed[-1] >= 2, "a training worker was killed in iteration 1 and one took over"
+    assert result.iterations_run == 2 and [h["iteration"] for h in result.history] == [0, 1]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "pretrain_loss")]
+    assert sorted(s for s in steps if s < epochs) == list(range(epochs)), "iteration 0 was trained again"
+    assert max(steps) == 2 * epochs - 1
+    ours, theirs = load_encoder(result.encoder_path), load_encoder(undisturbed.encoder_path)
+    np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
+
+
+@contextlib.contextmanager
+def _kill_a_training_worker_once(when):
+    """SIGKILL to a Ray Train worker started inside the block, once ``when()`` holds (as a native
+    crash or the OOM killer would); yields the list the killed actor's id lands in, which ends
+    with how many training workers the block started."""
+    from ray._private import state
+
+    def train_workers() -> dict:
+        return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"].endswith("RayTrainWorker")}
+
+    before, killed, stop = set(train_workers()), [], threading.Event()
+
+    def kill_once():
+        while not stop.is_set() and not killed:
+            if when():
+                alive = [a for i, a in train_workers().items() if i not in before and a["State"] == "ALIVE"]
+                if alive:
+                    os.kill(alive[0]["Pid"], signal.SIGKILL)
+                    killed.append(alive[0]["ActorID"])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_once)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        killer.join()
+        killed.append(len(set(train_workers()) - before))
 
 
 @pytest.mark.parametrize("max_failures", [1, 0])
 def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas, tmp_path, max_failures):
-    """SIGKILL to the training worker once its first epoch is logged (as a native crash or the
-    OOM killer would): with pretrain.max_failures a new worker trains the iteration from its
-    start and ends where an undisturbed run does; without, the training fails."""
-    import os
-    import signal
-    import threading
-    import time
-
+    """SIGKILL to the training worker once its first epoch is logged: with pretrain.max_failures
+    a new worker trains the iteration from its start and ends where an undisturbed run does;
+    without, the training fails."""
     import mlflow
-    from ray._private import state
 
     from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
     from scpretrain_dist.tracking.mlflow_runs import setup
-    from scpretrain_dist.train.pretrain import _fit_iteration, load_encoder, loop_config
+    from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=6",
@@ -278,37 +344,19 @@ def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas
     client = mlflow.MlflowClient(cfg.tracking_uri)
     with mlflow.start_run() as run:
         worker_cfg = loop_config(cfg, locator, datasets, path, len(store.genes()), mlflow_run_id=run.info.run_id)
-
-        def train_workers() -> dict:
-            return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"].endswith("RayTrainWorker")}
-
-        before, killed, stop = set(train_workers()), [], threading.Event()
-
-        def kill_once_training():
-            while not stop.is_set() and not killed:
-                if client.get_metric_history(run.info.run_id, "pretrain_loss"):  # an epoch is done
-                    alive = [a for i, a in train_workers().items() if i not in before and a["State"] == "ALIVE"]
-                    os.kill(alive[0]["Pid"], signal.SIGKILL)
-                    killed.append(alive[0]["ActorID"])
-                time.sleep(0.2)
-
-        killer = threading.Thread(target=kill_once_training)
-        killer.start()
-        try:
+        with _kill_a_training_worker_once(lambda: client.get_metric_history(run.info.run_id, "pretrain_loss")) as killed:
             if max_failures == 0:
                 from ray.train import TrainingFailedError
 
                 with pytest.raises(TrainingFailedError, match="worker"):
-                    _fit_iteration(cfg, worker_cfg, "kill-restart")
-                assert killed
-                return
-            restarted, epochs = _fit_iteration(cfg, worker_cfg, "kill-restart")
-        finally:
-            stop.set()
-            killer.join()
-    assert killed, "the training worker was killed"
-    assert len(set(train_workers()) - before) >= 2, "a new worker took over"
+                    train_iterations(cfg, worker_cfg, "kill-restart")
+            else:
+                restarted, epochs = train_iterations(cfg, worker_cfg, "kill-restart")
+    assert len(killed) == 2, "the training worker was killed"
+    if max_failures == 0:
+        return
+    assert killed[-1] >= 2, "a new worker took over"
     assert epochs[-1]["epoch"] == 5
-    undisturbed, _ = _fit_iteration(cfg, loop_config(cfg, locator, datasets, path, len(store.genes())), "undisturbed")
+    undisturbed, _ = train_iterations(cfg, loop_config(cfg, locator, datasets, path, len(store.genes())), "undisturbed")
     ours, theirs = load_encoder(f"{restarted}/encoder.pt"), load_encoder(f"{undisturbed}/encoder.pt")
     np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
