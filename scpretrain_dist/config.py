@@ -333,10 +333,13 @@ class FinetuneConfig(_Checked):
     ssl_guard_min_cells: int = setting(5, ge=1)
     ssl_guard_agreement: float = setting(0.9, ge=0, le=1)
     ssl_guard_mix_shift: float = setting(0.05, ge=0, le=1)
-    # Unknown cells: the annotator calls a cell ``unassigned`` when its calibrated confidence is
-    # below the threshold that rejects this fraction of the validation cells (0: never rejects);
-    # the threshold is stored in the model
+    # Unknown cells: the annotator calls a cell ``unassigned`` when its ``reject_score`` is below
+    # the threshold that rejects this fraction of the validation cells (0: never rejects); both
+    # are stored in the model. Scores (model.networks.known_type_score): "energy" (T log sum exp
+    # of the logits / T; separates held-out types best, docs/evaluation.md) or "confidence" (the
+    # log-odds of the calibrated confidence)
     reject_rate: float = setting(0.01, ge=0, lt=1)
+    reject_score: str = setting("energy", choices=("energy", "confidence"))
     unassigned: str = setting("Unassigned", nonempty=True)
     train_frac: float = setting(0.6, gt=0, lt=1)
     val_frac: float = setting(0.1, gt=0, lt=1)

@@ -58,10 +58,11 @@ class Fitted:
     model: object = None
     prior: np.ndarray | None = None  # the class prior the probabilities follow (None: the training shares)
     logits: np.ndarray | None = None  # the networks' test logits (before any temperature)
-    # the method's own rule for an unknown cell: the ``unknown_scores`` confidence below which it
-    # calls a cell unassigned; None: it has none
+    # the method's own rule for an unknown cell: the ``unknown_scores`` score (``reject_score``)
+    # below which it calls a cell unassigned; None: it has none
     reject_threshold: float | None = None
     temperature: float = 1.0
+    reject_score: str = "confidence"
 
 
 def check_methods(methods, setting: str = "evaluate.methods") -> None:
@@ -187,7 +188,7 @@ def run_method(
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
                               "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated),
                               **(res.guard.row() if res.guard is not None else {})}, res.model,
-                      res.prior, logits, res.reject_threshold, res.temperature)
+                      res.prior, logits, res.reject_threshold, res.temperature, res.model.reject_score)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))
@@ -228,13 +229,13 @@ def _celltypist(train: Cells, test: Cells, n_types: int) -> Fitted:
 
 def unknown_scores(fit: Fitted) -> dict[str, np.ndarray]:
     """Per test cell, scores that are high for a type the method knows: ``confidence`` (the
-    largest probability; for the networks the log-odds of the calibrated one, what the annotator
-    rejects on) and, for the networks, ``max_logit`` and ``energy`` (T log sum exp(logits / T))."""
-    from scipy.special import logsumexp
-
-    from scpretrain_dist.model.networks import confidence_log_odds
+    largest probability; for the networks the log-odds of the calibrated one) and, for the
+    networks, ``max_logit`` and ``energy`` (T log sum exp(logits / T)); the annotator rejects on
+    the one its model names (``Fitted.reject_score``)."""
+    from scpretrain_dist.model.networks import known_type_score
 
     if fit.logits is None:
         return {"confidence": fit.proba.max(1)}
     z, t = np.asarray(fit.logits, np.float64), fit.temperature
-    return {"confidence": confidence_log_odds(z, t), "max_logit": z.max(1), "energy": t * logsumexp(z / t, axis=1)}
+    return {"confidence": known_type_score(z, t, "confidence"), "max_logit": z.max(1),
+            "energy": known_type_score(z, t, "energy")}

@@ -305,8 +305,8 @@ def evaluate_transfer(
 
     ``hold_out``: a cell type removed from the references (an unknown type). The query keeps
     its cells of that type; the rows' dataset is "<query> without <type>", their metrics are
-    those of the known cells plus :func:`unknown_cell_metrics` of each score of
-    :func:`unknown_scores` (the ``confidence`` one with the method's own rejection rule)."""
+    those of the known cells plus :func:`unknown_cell_metrics` of the score the method rejects
+    on, with its own rule, and the AUROC of each score of :func:`unknown_scores`."""
     ev, f = cfg.evaluate, cfg.finetune
     genes = shared_genes(store, [*references, query])
     if len(genes) < MIN_SHARED_GENES:
@@ -385,10 +385,13 @@ def evaluate_transfer(
 
 
 def _unknown_metrics(fit: Fitted, is_unknown: np.ndarray, correct: np.ndarray) -> dict:
-    """unknown_cell_metrics of the confidence (with the method's own rejection threshold) and,
-    for the networks, the AUROC of the other scores (``unknown_auroc_<score>``)."""
+    """unknown_cell_metrics of the score the method rejects on (with its own threshold) and, for
+    the networks, the AUROC of every score (``unknown_auroc_<score>``)."""
     scores = unknown_scores(fit)
-    m = unknown_cell_metrics(is_unknown, scores.pop("confidence"), correct, fit.reject_threshold)
+    m = unknown_cell_metrics(is_unknown, scores[fit.reject_score], correct, fit.reject_threshold)
+    m["reject_score"] = fit.reject_score
+    if len(scores) == 1:
+        return m
     for name, score in scores.items():
         m[f"unknown_auroc_{name}"] = unknown_cell_metrics(is_unknown, score, correct)["unknown_auroc"]
     return m

@@ -78,7 +78,8 @@ def unknown_summary(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     """Per method, the held-out-type metrics averaged over seeds and then over held-out types
     (and queries), and the columns to show."""
     df = _frame([r for r in rows if "held_out" in r])
-    cols = [c for c in (*UNKNOWN_METRICS, "unknown_auroc_max_logit", "unknown_auroc_energy") if c in df]
+    cols = [c for c in (*UNKNOWN_METRICS, *(f"unknown_auroc_{s}" for s in ("confidence", "max_logit", "energy")))
+            if c in df]
     per = df.groupby(["dataset", "method"], sort=False)[cols].mean().reset_index()
     out = per.groupby("method", sort=False)[cols].mean().reset_index()
     out.insert(1, "held_out_types", per.groupby("method", sort=False).size().to_numpy())
@@ -146,7 +147,9 @@ def write_report(
     if any("held_out" in r for r in rows):
         text += ["", "## Unknown cells: each type held out of the references in turn", "",
                  "The query's cells of the held-out type should be rejected; `unknown_auroc`: the AUROC of "
-                 "low confidence at finding them (`_max_logit`, `_energy`: other scores of the networks); "
+                 "a low score at finding them, of the score each method rejects on (scPretrain: "
+                 "`finetune.reject_score`, energy by default; the others: the largest probability); "
+                 "`_confidence`, `_max_logit`, `_energy`: each score of the networks; "
                  "`unknown_rejected` / `known_rejected`: the fractions of unknown / known cells each method's "
                  "own rule rejects (scPretrain: the model's threshold from its validation cells; CellTypist: no "
                  "type above p_thres 0.5); `known_accuracy` / `accepted_accuracy`: accuracy on every known "

@@ -325,6 +325,20 @@ class CellTypeClassifier(nn.Module):
         return int(found.sum())
 
 
+def known_type_score(logits: np.ndarray, temperature: float = 1.0, score: str = "energy") -> np.ndarray:
+    """Per cell, a score that is high for a type the network knows, what rejection thresholds:
+    ``energy`` (T log sum exp(logits / T), the negative free energy) or ``confidence`` (the
+    log-odds of the calibrated confidence, :func:`confidence_log_odds`)."""
+    from scipy.special import logsumexp
+
+    if score == "confidence":
+        return confidence_log_odds(logits, temperature)
+    if score != "energy":
+        raise ValueError(f"unknown rejection score {score!r}; energy or confidence")
+    z = np.asarray(logits, np.float64)
+    return temperature * logsumexp(z / temperature, axis=1) if z.size else np.zeros(len(z))
+
+
 def confidence_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """log(p / (1 - p)) of each cell's calibrated confidence p (the largest probability of
     softmax(logits / T)): the order of p, without p's rounding to 1 for confident cells (a

@@ -23,7 +23,7 @@ import torch
 from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value_problem
 from scpretrain_dist.config import UserError
 from scpretrain_dist.data.normalize import normalize_rows
-from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, confidence_log_odds
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
 
 try:
     import mlflow.pyfunc
@@ -68,8 +68,9 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
             "normalisation": "log1p(CP10k)", "min_overlap": min_overlap, "lineage": lineage or {},
             # softmax temperature fitted on the fine-tuning validation cells: calibrated confidence
             "temperature": float(getattr(model, "temperature", 1.0)),
-            # log-odds of the calibrated confidence below which a cell is ``unassigned`` (an
-            # unknown type; see train.finetune.confidence_log_odds); None: never
+            # the score (model.networks.known_type_score: "energy" or "confidence") below which a
+            # cell is ``unassigned`` (an unknown type); None: never
+            "reject_score": str(getattr(model, "reject_score", "energy")),
             "reject_threshold": _finite_or_none(getattr(model, "reject_threshold", None)), "unassigned": unassigned}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
@@ -135,7 +136,9 @@ class Annotator:
         self.lineage = meta.get("lineage", {})
         self.temperature = float(meta.get("temperature", 1.0))
         t = meta.get("reject_threshold")
-        self.reject_threshold = float("-inf") if t is None else float(t)  # on confidence_log_odds
+        self.reject_threshold = float("-inf") if t is None else float(t)
+        # models registered before the score was stored threshold the confidence's log-odds
+        self.reject_score = str(meta.get("reject_score", "confidence"))
         self.unassigned = str(meta.get("unassigned", UNASSIGNED))
         enc_w = w["enc_w"].astype(np.float32)
         self.embedding_dim = enc_w.shape[1]
@@ -305,7 +308,8 @@ class Annotator:
         confidence[empty] = 0.0
         unknown = empty
         if np.isfinite(self.reject_threshold):  # less confident than the model's threshold: an unknown type
-            unknown = empty | (confidence_log_odds(logits.numpy(), self.temperature) < self.reject_threshold)
+            unknown = empty | (known_type_score(logits.numpy(), self.temperature, self.reject_score)
+                               < self.reject_threshold)
         codes[unknown] = -1
         return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched, value_type, emb)
 

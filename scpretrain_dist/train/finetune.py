@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
-from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, confidence_log_odds
+from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
 
 
 def _rows(X, idx=None):
@@ -176,7 +176,7 @@ class FinetuneResult:
     snapshots: list[dict] = field(default_factory=list)  # the best epochs' weights, when averaged
     temperature: float = 1.0  # softmax temperature fitted on the validation cells
     prior: np.ndarray | None = None  # the class prior the probabilities were fitted to (``training_prior``)
-    reject_threshold: float = float("-inf")  # ``confidence_log_odds`` below which a cell is unassigned
+    reject_threshold: float = float("-inf")  # the ``reject_score`` below which a cell is unassigned
     guard: GuardVerdict | None = None  # semi-supervised runs: the guard's verdict (see ``finetune_semi_supervised``)
 
 
@@ -403,7 +403,9 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
         val_logits = model(Xv).numpy()
     model.temperature = fit_temperature(val_logits, np.asarray(y_val)) if len(yv) else 1.0
     # unknown-cell rejection, chosen on the same validation cells and kept on the model too
-    model.reject_threshold = rejection_threshold(confidence_log_odds(val_logits, model.temperature), cfg.reject_rate)
+    model.reject_score = cfg.reject_score
+    model.reject_threshold = rejection_threshold(known_type_score(val_logits, model.temperature, cfg.reject_score),
+                                                 cfg.reject_rate)
     model.unassigned = cfg.unassigned
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
                           [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting),

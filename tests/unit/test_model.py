@@ -15,7 +15,7 @@ from scpretrain_dist.model import (
     PretrainModel,
     SparseBatch,
 )
-from scpretrain_dist.model.networks import confidence_log_odds
+from scpretrain_dist.model.networks import confidence_log_odds, known_type_score
 from scpretrain_dist.train.finetune import (
     finetune,
     gene_index,
@@ -214,16 +214,18 @@ def test_finetune_learns_an_easy_problem():
     assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.01, 0.2])
-def test_finetune_stores_a_threshold_that_rejects_at_most_the_rate_of_validation_cells(rate):
+@pytest.mark.parametrize("rate,score", [(0.0, "energy"), (0.01, "energy"), (0.2, "energy"), (0.2, "confidence")])
+def test_finetune_stores_a_threshold_that_rejects_at_most_the_rate_of_validation_cells(rate, score):
     X_train, y_train = _separable(150, seed=0)
     X_val, y_val = _separable(200, seed=1)
     X_val = X_val + np.random.default_rng(5).normal(0, 1.5, X_val.shape).astype(np.float32)  # some doubtful cells
-    cfg = FinetuneConfig(lr=2e-3, max_epochs=6, patience=3, batch_size=32, reject_rate=rate, unassigned="unknown")
+    cfg = FinetuneConfig(lr=2e-3, max_epochs=6, patience=3, batch_size=32, reject_rate=rate, unassigned="unknown",
+                         reject_score=score)
     res = finetune(X_train, y_train, X_val, y_val, 3, cfg, ModelConfig(), seed=0)
-    score = confidence_log_odds(predict_logits(res.model, X_val), res.temperature)
-    rejected = (score < res.reject_threshold).mean()
+    scores = known_type_score(predict_logits(res.model, X_val), res.temperature, score)
+    rejected = (scores < res.reject_threshold).mean()
     assert res.model.reject_threshold == res.reject_threshold and res.model.unassigned == "unknown"
+    assert res.model.reject_score == score
     if rate == 0:
         assert res.reject_threshold == -np.inf
     else:
@@ -242,6 +244,13 @@ def test_rejection_threshold_and_confidence_log_odds():
     # confident cells stay ordered where their probabilities have rounded to 1
     assert confidence_log_odds(z)[2] > confidence_log_odds(z)[3] > 30
     assert confidence_log_odds(z, temperature=100.0)[0] < confidence_log_odds(z)[0]
+    # energy: T log sum exp(z / T), high for a cell with a large logit whatever the others
+    np.testing.assert_allclose(known_type_score(z, 1.0, "energy")[1], np.log(3))
+    np.testing.assert_allclose(known_type_score(z, 2.0, "energy")[0], 2 * np.log(np.exp(1) + 2))
+    assert known_type_score(z, 1.0, "energy")[2] > known_type_score(z, 1.0, "energy")[3]
+    np.testing.assert_array_equal(known_type_score(z, 1.0, "confidence"), confidence_log_odds(z))
+    with pytest.raises(ValueError, match="energy or confidence"):
+        known_type_score(z, 1.0, "entropy")
 
 
 def test_finetune_breaks_accuracy_ties_by_validation_loss():

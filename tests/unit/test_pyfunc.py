@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -268,23 +270,33 @@ def test_the_fitted_temperature_travels_with_the_model(model, counts, tmp_path):
     np.testing.assert_allclose(pa["confidence"], expected, rtol=1e-4)
 
 
-def test_cells_below_the_models_threshold_are_unassigned_under_its_name(model, counts, tmp_path):
-    """The rejection threshold and the name of rejected cells travel with the model: cells less
-    confident than it get that name and code -1 but keep their confidence; the others are the
-    plain model's calls. A cell with no model gene is unassigned with confidence 0."""
+@pytest.mark.parametrize("how", ["energy", "confidence", "stored before the score was"])
+def test_cells_below_the_models_threshold_are_unassigned_under_its_name(model, counts, tmp_path, how):
+    """The rejection score, its threshold and the name of rejected cells travel with the model:
+    cells scoring below it get that name and code -1 but keep their confidence; the others are
+    the plain model's calls. A cell with no model gene is unassigned with confidence 0. A model
+    exported before the score was stored thresholds the confidence's log-odds."""
     import copy
 
-    from scpretrain_dist.model.networks import confidence_log_odds
+    from scpretrain_dist.model.networks import known_type_score
 
+    score_name = "confidence" if how.startswith("stored") else how
     plain = Annotator(*export_annotator(model, GENES, CLASSES, tmp_path / "plain").values())
     base = plain.predict(counts)
     with torch.no_grad():
-        score = confidence_log_odds(model(torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))).numpy())
+        logits = model(torch.from_numpy(normalize_rows(counts.to_numpy(), "counts"))).numpy()
+    score = known_type_score(logits, 1.0, score_name)
     cut = float(np.median(score))
     strict = copy.deepcopy(model)
-    strict.reject_threshold, strict.unassigned = cut, "unknown type"
-    a = Annotator(*export_annotator(strict, GENES, CLASSES, tmp_path / "strict").values())
-    assert (a.reject_threshold, a.unassigned) == (cut, "unknown type") and plain.reject_threshold == -np.inf
+    strict.reject_threshold, strict.unassigned, strict.reject_score = cut, "unknown type", score_name
+    paths = export_annotator(strict, GENES, CLASSES, tmp_path / "strict")
+    if how.startswith("stored"):
+        meta = json.loads(Path(paths["meta"]).read_text())
+        del meta["reject_score"]
+        Path(paths["meta"]).write_text(json.dumps(meta))
+    a = Annotator(*paths.values())
+    assert (a.reject_threshold, a.unassigned, a.reject_score) == (cut, "unknown type", score_name)
+    assert plain.reject_threshold == -np.inf
     out = a.predict(counts)
     low = score < cut
     assert 0 < low.sum() < len(low)
