@@ -190,6 +190,9 @@ def cmd_evaluate(args) -> None:
     if args.hold_out_types and args.protocol != "transfer":
         raise ConfigError("--hold-out-types removes types from the references of the transfer protocol; "
                           "add --protocol transfer --references ... --queries ...")
+    if args.pairwise and args.protocol != "transfer":
+        raise ConfigError("--pairwise pairs references with queries in the transfer protocol; "
+                          "add --protocol transfer --references ... --queries ...")
     if args.protocol == "lodo":
         targets = resolve_targets(cfg, store, args.targets)
         check_lodo(cfg, store, targets)
@@ -197,12 +200,12 @@ def cmd_evaluate(args) -> None:
         refs = args.references or list(cfg.evaluate.references)
         queries = args.queries or list(cfg.evaluate.queries)
         mapping = args.label_mapping or cfg.evaluate.label_mapping or None
-        check_transfer(cfg, store, refs, queries, mapping, args.hold_out_types)
+        check_transfer(cfg, store, refs, queries, mapping, args.hold_out_types, args.pairwise)
     with ray_scope(), stage_run(f"evaluate-{args.protocol}", cfg):
         if args.protocol == "lodo":
             evaluate_lodo(cfg, targets, out)
         else:
-            evaluate_transfer(cfg, refs, queries, mapping, out, hold_out=args.hold_out_types)
+            evaluate_transfer(cfg, refs, queries, mapping, out, hold_out=args.hold_out_types, pairwise=args.pairwise)
 
 
 def cmd_quickstart(args) -> None:
@@ -418,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods to compare (default: all)")
     p.add_argument("--references", nargs="+", help="transfer: labelled reference datasets to fine-tune on")
     p.add_argument("--queries", nargs="+", help="transfer: datasets to predict")
+    p.add_argument("--pairwise", action="store_true",
+                   help="transfer: each reference alone to each query other than itself (every ordered pair; "
+                        "the report adds the transfer matrix and a heat-map per method)")
     p.add_argument("--label-mapping", help="transfer: JSON {dataset: {label: shared label or null}}")
     p.add_argument("--hold-out-types", "--hold-out-type", nargs="+", metavar="TYPE",
                    help="transfer: remove each of these reference types in turn ('all': every one) and score how "

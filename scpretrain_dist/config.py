@@ -239,9 +239,10 @@ class PretrainConfig(_Checked):
     # How a worker gets its cells: "memory" reads its whole shard up front; "stream" reads it
     # buffer by buffer with bounded memory (settings in [stream]), for atlases of any size.
     loader: str = setting("memory", choices=LOADERS)
-    # A training worker that dies (a native crash, a lost node) restarts the iteration's
-    # training from its start, at most this many times per iteration; past that the run stops,
-    # and rerunning the command resumes it after its last finished step.
+    # A training worker that dies (a native crash, a lost node) makes a new worker group that
+    # trains the iteration it was in again from its start, at most this many times per Ray Train
+    # run (one per pretraining); past that the run stops, and rerunning the command resumes it
+    # after its last finished step.
     max_failures: int = setting(2, ge=0)
 
     def check(self) -> None:

@@ -176,13 +176,21 @@ def _check_labelled(what: str, labels: np.ndarray) -> None:
                          "at least 2")
 
 
+def transfer_pairs(references: list[str], queries: list[str], pairwise: bool = False) -> list[tuple[list[str], str]]:
+    """(references, query) of each transfer: every query from all the references together, or
+    with ``pairwise`` from each reference alone (every ordered pair of different datasets)."""
+    if pairwise:
+        return [([r], q) for q in queries for r in references if r != q]
+    return [(list(references), q) for q in queries]
+
+
 def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries: list[str],
-                   mapping_path: str | None, hold_out: list[str] | None = None) -> dict | None:
+                   mapping_path: str | None, hold_out: list[str] | None = None, pairwise: bool = False) -> dict | None:
     """Everything the transfer protocol needs, checked before any pretraining: references and
-    queries in the atlas and distinct, the label mapping readable and covering every label of
-    theirs, enough labelled reference cells of 2+ types, query cells of types the references
-    know, and enough shared genes; each ``hold_out`` type (``all``: every reference type) a
-    reference type whose removal leaves 2+ types. Returns the mapping."""
+    queries in the atlas and distinct (``pairwise``: each pair), the label mapping readable and
+    covering every label of theirs, enough labelled reference cells of 2+ types, query cells of
+    types the references know, and enough shared genes; each ``hold_out`` type (``all``: every
+    reference type) a reference type whose removal leaves 2+ types. Returns the mapping."""
     from scpretrain_dist.evaluate.protocols import (
         MIN_SHARED_GENES,
         harmonise,
@@ -193,8 +201,12 @@ def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries:
     if not references or not queries:
         raise StoreError("the transfer protocol needs --references and --queries (datasets in the atlas)")
     overlap = sorted(set(references) & set(queries))
-    if overlap:
-        raise StoreError(f"{overlap} are both reference and query; a query must be a different dataset")
+    if overlap and not pairwise:
+        raise StoreError(f"{overlap} are both reference and query; a query must be a different dataset "
+                         "(--pairwise: each reference alone, every ordered pair of different datasets)")
+    pairs = transfer_pairs(references, queries, pairwise)
+    if not pairs:
+        raise StoreError("--pairwise with one dataset makes no pair; give at least two")
     records = {r.name: r for r in store.datasets()}
     for d in [*references, *queries]:
         if d not in records:
@@ -205,23 +217,24 @@ def check_transfer(cfg: RunConfig, store: Atlas, references: list[str], queries:
     mapping = load_mapping(mapping_path)
     labels = {d: harmonise(d, store.read_obs(d)["cell_type"].to_numpy().astype(object), mapping)
               for d in [*references, *queries]}
-    ref = np.concatenate([labels[r] for r in references])
-    known = ref[ref != UNKNOWN_LABEL]
-    _check_labelled(f"references {', '.join(references)}", known)
-    for q in queries:
-        if not np.isin(labels[q], known).any():
-            raise StoreError(f"query {q!r} has no cell of a type the references know ({', '.join(np.unique(known))}); "
-                             "check the label mapping")
-        n = len(shared_genes(store, [*references, q]))
-        if n < MIN_SHARED_GENES:
-            raise StoreError(f"references {references} and query {q!r} share only {n} genes; transfer needs at "
-                             f"least {MIN_SHARED_GENES}")
-    types = np.unique(known.astype(str))
-    for t in hold_out_types(hold_out, types):
-        if t not in types:
-            raise StoreError(f"--hold-out-types {t!r} is not a type of the references ({', '.join(types)}); "
-                             "name one of them (after the label mapping) or 'all'")
-        _check_labelled(f"references {', '.join(references)} without {t}", known[known != t])
+    for refs in dict.fromkeys(tuple(r) for r, _ in pairs):
+        ref = np.concatenate([labels[r] for r in refs])
+        known = ref[ref != UNKNOWN_LABEL]
+        _check_labelled(f"references {', '.join(refs)}", known)
+        for q in (q for r, q in pairs if tuple(r) == refs):
+            if not np.isin(labels[q], known).any():
+                raise StoreError(f"query {q!r} has no cell of a type the references {', '.join(refs)} know "
+                                 f"({', '.join(np.unique(known))}); check the label mapping")
+            n = len(shared_genes(store, [*refs, q]))
+            if n < MIN_SHARED_GENES:
+                raise StoreError(f"references {list(refs)} and query {q!r} share only {n} genes; transfer needs at "
+                                 f"least {MIN_SHARED_GENES}")
+        types = np.unique(known.astype(str))
+        for t in hold_out_types(hold_out, types):
+            if t not in types:
+                raise StoreError(f"--hold-out-types {t!r} is not a type of the references {', '.join(refs)} "
+                                 f"({', '.join(types)}); name one of them (after the label mapping) or 'all'")
+            _check_labelled(f"references {', '.join(refs)} without {t}", known[known != t])
     return mapping
 
 
@@ -494,38 +507,48 @@ def evaluate_lodo(cfg: RunConfig, targets: list[str], report_dir, log=say) -> li
 
 
 def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str], mapping_path: str | None,
-                      report_dir, log=say, hold_out: list[str] | None = None) -> list[dict]:
+                      report_dir, log=say, hold_out: list[str] | None = None, pairwise: bool = False) -> list[dict]:
     """Reference -> query: pretrain without the queries (cached encoders reused), fine-tune on
     the labelled references with harmonised labels, predict each query; one report.
-    ``hold_out``: cell types (or ``all``) removed from the references one at a time, each query
-    predicted once per type (unknown-cell rejection); no model is registered then."""
+    ``pairwise``: each reference alone to each other query (rows named "<reference> -> <query>";
+    the report adds the transfer matrix). ``hold_out``: cell types (or ``all``) removed from the
+    references one at a time, each query predicted once per type (unknown-cell rejection); no
+    model is registered then."""
     from scpretrain_dist.evaluate.protocols import evaluate_transfer as transfer
     from scpretrain_dist.evaluate.protocols import harmonise
 
     cfg = installed_methods(cfg, log)
     store = atlas_for(cfg)
-    mapping = check_transfer(cfg, store, references, queries, mapping_path, hold_out)
-    types = [None]
-    if hold_out:
+    mapping = check_transfer(cfg, store, references, queries, mapping_path, hold_out, pairwise)
+    pairs = transfer_pairs(references, queries, pairwise)
+
+    def held_out(refs: list[str]) -> list[str | None]:
+        if not hold_out:
+            return [None]
         ref = np.concatenate([harmonise(r, store.read_obs(r)["cell_type"].to_numpy().astype(object), mapping)
-                              for r in references])
-        types = hold_out_types(hold_out, np.unique(ref[ref != UNKNOWN_LABEL].astype(str)))
+                              for r in refs])
+        return hold_out_types(hold_out, np.unique(ref[ref != UNKNOWN_LABEL].astype(str)))
+
     exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
     ev = Evaluation()
+    types: list = []
     for q in queries:
         with stage_run("pretrain", cfg):
             result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*(exclude or (q,)), *cfg.pretrain.exclude_datasets])), log=log)
             run_id = run_id or active_run_id()
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)
-            for t in types:
-                rows, splits, out = transfer(cfg, store, list(references), q, mapping, encoder, log=detail, hold_out=t)
-                ev.rows += rows
-                ev.splits += splits
-                ev.confusion[out["dataset"]] = out["confusion"]
+            for refs in (r for r, query in pairs if query == q):
+                for t in held_out(refs):
+                    types.append(t)
+                    rows, splits, out = transfer(cfg, store, refs, q, mapping, encoder, log=detail, hold_out=t,
+                                                 pair_names=pairwise)
+                    ev.rows += rows
+                    ev.splits += splits
+                    ev.confusion[out["dataset"]] = out["confusion"]
             ev.folds.append({"targets": [q], "encoder_run": run_id, "pretraining datasets": list(result.datasets),
                              "encoder": result.encoder_path})
-            if ev.first_model is None and out["models"] and not hold_out:
+            if ev.first_model is None and out["models"] and not hold_out and not pairwise:
                 from scpretrain_dist.evaluate.protocols import TargetData
 
                 seed = min(out["models"])
@@ -535,9 +558,11 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     context = _context(cfg, ev, "reference -> query transfer")
     context |= {"references": ", ".join(references), "queries": ", ".join(queries),
                 "label mapping": mapping_path or "none (labels must match verbatim)"}
+    if pairwise:
+        context["pairs"] = f"{len(pairs)} ordered (reference, query) pairs, each reference alone"
     if hold_out:
-        context["held-out types"] = ", ".join(types)
-    return ev.finish(cfg, store, report_dir, context, register=not hold_out, log=log)
+        context["held-out types"] = ", ".join(dict.fromkeys(types))
+    return ev.finish(cfg, store, report_dir, context, register=not hold_out and not pairwise, log=log)
 
 
 def _example_rows(store: Atlas, name: str, genes: np.ndarray):

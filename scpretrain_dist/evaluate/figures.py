@@ -153,10 +153,33 @@ def confusion_matrix(dataset: str, table: dict[str, dict[str, int]], method: str
     return path
 
 
+def transfer_heatmap(grid: pd.DataFrame, method: str, path: Path) -> Path:
+    """Accuracy of each reference (rows) -> query (columns) pair, the values written in."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * grid.shape[1], 1.5 + 0.5 * grid.shape[0]))
+    im = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index], fontsize=7)
+    ax.set_xlabel("query")
+    ax.set_ylabel("reference")
+    ax.set_title(f"{method}: accuracy, mean {np.nanmean(grid.to_numpy(dtype=float)):.3f}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_figures(rows: list[dict], views: dict, out_dir: Path, confusion: dict | None = None) -> list[str]:
     """The report's figures; ``confusion``: {target or query: {method: table}}, one confusion
-    matrix figure per target/query (scPretrain's, first seed, full budget)."""
-    from scpretrain_dist.evaluate.report import budget_curve, main_rows
+    matrix figure per target/query (scPretrain's, first seed, full budget); a pairwise transfer
+    adds one accuracy heat-map per method."""
+    from scpretrain_dist.evaluate.report import budget_curve, main_rows, transfer_matrix
 
     out_dir = Path(out_dir)
     made = [umaps(views, out_dir / "fig3_umap_embedding_vs_pca.png")]
@@ -165,6 +188,8 @@ def write_figures(rows: list[dict], views: dict, out_dir: Path, confusion: dict 
         made = [pretrained_vs_not(main, out_dir / "fig2_pretrained_vs_not.png"), made[0],
                 classifiers_on_features(main, out_dir / "fig4_classifiers_embedding_vs_pca.png"),
                 budget_curves(budget_curve(rows), out_dir / "fig5_kappa_vs_label_budget.png")]
+    for method, grid in transfer_matrix(rows)[1].items():
+        made.append(transfer_heatmap(grid, method, out_dir / f"transfer_matrix_{_file_stem(method)}.png"))
     for dataset, by_method in (confusion or {}).items():
         if "scpretrain" in by_method:
             made.append(confusion_matrix(dataset, by_method["scpretrain"], "scpretrain",

@@ -297,6 +297,7 @@ def evaluate_transfer(
     encoder: Encoder | None,
     log=detail,
     hold_out: str | None = None,
+    pair_names: bool = False,
 ) -> tuple[list[dict], list[dict], dict]:
     """Fine-tune on the labelled reference datasets (90% train, 10% validation per seed;
     training capped at the largest budget), predict every labelled query cell whose
@@ -306,7 +307,8 @@ def evaluate_transfer(
     ``hold_out``: a cell type removed from the references (an unknown type). The query keeps
     its cells of that type; the rows' dataset is "<query> without <type>", their metrics are
     those of the known cells plus :func:`unknown_cell_metrics` of the score the method rejects
-    on, with its own rule, and the AUROC of each score of :func:`unknown_scores`."""
+    on, with its own rule, and the AUROC of each score of :func:`unknown_scores`.
+    ``pair_names``: rows name their dataset "<references> -> <query>" (a transfer matrix)."""
     ev, f = cfg.evaluate, cfg.finetune
     genes = shared_genes(store, [*references, query])
     if len(genes) < MIN_SHARED_GENES:
@@ -326,7 +328,8 @@ def evaluate_transfer(
     # the confusion tables name the held-out type as a true label (a row no method can predict)
     table_classes = classes if hold_out is None else np.append(classes, hold_out)
     y_table = np.where(is_unknown, len(classes), y_query)
-    dataset = query if hold_out is None else f"{query} without {hold_out}"
+    dataset = f"{'+'.join(references)} -> {query}" if pair_names else query
+    dataset = dataset if hold_out is None else f"{dataset} without {hold_out}"
     Xr = sp.vstack([r.X for r in refs]).tocsr()
     yr = np.concatenate([r.labels for r in refs])
     ids = np.concatenate([r.obs_ids for r in refs])
@@ -335,7 +338,8 @@ def evaluate_transfer(
     gidx = encoder.index(genes) if encoder is not None else None
     cap = max(ev.budgets) if ev.budgets else f.train_cap
     rows, splits, models, confusion = [], [], {}, {}
-    bar = progress(len(f.seeds) * len(methods), f"{'+'.join(references)} -> {query}", unit="fit")
+    label = dataset if pair_names else f"{'+'.join(references)} -> {dataset}"
+    bar = progress(len(f.seeds) * len(methods), label, unit="fit")
     for seed in f.seeds:
         s = split_cells(yr, seed, train_frac=1 - f.val_frac, val_frac=f.val_frac, train_cap=10**9)
         # split_cells puts its test share first; with train_frac = 1 - val_frac there is none
@@ -369,11 +373,12 @@ def evaluate_transfer(
                     confusion[name] = confusion_table(table_classes, y_table, proba.argmax(1))
                 rows.append(_row(dataset, name, seed, cap, m, len(train_pos), len(s.val), int(known.sum()),
                                  len(classes), seconds,
-                                 {**fit.extra, "references": ",".join(references), "n_genes": len(genes),
+                                 {**fit.extra, "references": ",".join(references), "query": query,
+                                  "n_genes": len(genes),
                                   "query_cells_dropped": dropped, **({"held_out": hold_out,
                                                                       "n_unknown": int(is_unknown.sum())}
                                                                      if hold_out is not None else {})}))
-                log(f"  {'+'.join(references)} -> {dataset}: {name:18s} seed {seed}: accuracy {m['accuracy']:.3f} "
+                log(f"  {label}: {name:18s} seed {seed}: accuracy {m['accuracy']:.3f} "
                     f"kappa {m['kappa']:.3f} AUPRC {m['macro_auprc']:.3f}"
                     + (f" unknown AUROC {m['unknown_auroc']:.3f}" if hold_out is not None else ""))
             if method == "scpretrain":

@@ -86,6 +86,27 @@ def unknown_summary(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     return out, ["method", "held_out_types", *cols]
 
 
+def transfer_matrix(rows: list[dict]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Of a pairwise transfer (rows named "<reference> -> <query>"), per method: the mean over
+    pairs of accuracy and macro-F1 (each pair's mean over seeds first) and the worst pair; and
+    {method: reference x query accuracy}. Empty without such rows."""
+    pair = [r for r in rows if "held_out" not in r and r.get("query")
+            and r["dataset"] == f"{r['references']} -> {r['query']}"]
+    if not pair:
+        return pd.DataFrame(), {}
+    df = main_rows(pair)
+    per = df.groupby(["method", "references", "query"], sort=False)[["accuracy", "macro_f1"]].mean().reset_index()
+    out = []
+    for method, g in per.groupby("method", sort=False):
+        worst = g.loc[g["accuracy"].idxmin()]
+        out.append({"method": method, "pairs": len(g), "accuracy": g["accuracy"].mean(),
+                    "macro_f1": g["macro_f1"].mean(), "worst_pair": f"{worst['references']} -> {worst['query']}",
+                    "worst_accuracy": worst["accuracy"]})
+    grids = {m: g.pivot(index="references", columns="query", values="accuracy")
+             for m, g in per.groupby("method", sort=False)}
+    return pd.DataFrame(out), grids
+
+
 def format_table(rows: list[dict]) -> str:
     s = summary(rows)
     header = f"{'dataset':30s} {'method':12s} " + " ".join(f"{m:>11s}" for m in METRICS)
@@ -144,6 +165,18 @@ def write_report(
         text += ["", "## Paired Wilcoxon signed-rank tests over (dataset, seed)", ""]
         text += _md_table(pd.DataFrame(tests), ["a", "b", "metric", "budget", "n", "mean_diff", "wins", "losses", "p_value"],
                           "{:.4f}")
+    matrix, grids = transfer_matrix(rows)
+    if len(matrix):
+        text += ["", "## Transfer matrix: each reference alone to each query", "",
+                 "Accuracy and macro-F1 averaged over seeds per pair, then over pairs; the worst pair by "
+                 "accuracy. Heat-maps: `transfer_matrix_<method>.png`.", ""]
+        text += _md_table(matrix, ["method", "pairs", "accuracy", "macro_f1", "worst_pair", "worst_accuracy"])
+        if "scpretrain" in grids:
+            g = grids["scpretrain"]
+            text += ["", "scpretrain accuracy, reference (rows) x query (columns):", ""]
+            text += ["| reference | " + " | ".join(map(str, g.columns)) + " |", "|---|" + "---|" * len(g.columns)]
+            text += [f"| {ref} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in g.loc[ref]) + " |"
+                     for ref in g.index]
     if any("held_out" in r for r in rows):
         text += ["", "## Unknown cells: each type held out of the references in turn", "",
                  "The query's cells of the held-out type should be rejected; `unknown_auroc`: the AUROC of "

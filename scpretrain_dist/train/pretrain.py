@@ -94,7 +94,9 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
     """Runs on every Ray Train worker: iterations ``w.iteration`` to ``w.until``, one report per
     iteration (rank 0's with the encoder checkpoint). Between two iterations every rank waits on
     the board for the next pseudo-labels, which the driver makes from the encoder just reported.
-    A worker group restarted after a failure goes on after the last iteration this run reported."""
+    A worker group restarted after a failure goes on after the last iteration the driver has
+    recorded (the board's, not Ray's latest checkpoint: a report the controller had not taken
+    in before the worker died is not lost)."""
     import ray.train
     import ray.train.torch
 
@@ -104,15 +106,12 @@ def pretrain_loop_per_worker(config: dict) -> None:  # Ray Train hands it {"work
     device = ray.train.torch.get_device()
     it, labels_path = w.iteration, w.labels_path
     encoder = load_encoder(w.init_encoder) if w.init_encoder else None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            meta = json.loads((Path(d) / META_FILE).read_text())
-            if meta.get("fit_id") == w.fit_id:  # this run's own, not an earlier run's of the same name
-                encoder, it = load_encoder(Path(d) / ENCODER_FILE), meta["iteration"] + 1
-                labels_path = _next_labels(w.board, it) if it <= w.until else None
-                if labels_path is None:
-                    return
+    done = ray.get(w.board.last_recorded.remote()) if w.board is not None else None
+    if done is not None:  # a restarted worker group
+        encoder, it = load_encoder(Path(done[1]) / ENCODER_FILE), done[0] + 1
+        labels_path = _next_labels(w.board, it) if it <= w.until else None
+        if labels_path is None:
+            return
     while True:
         encoder = _train_iteration(w, it, labels_path, encoder, rank, world, device)
         if it >= w.until or (labels_path := _next_labels(w.board, it + 1)) is None:
@@ -212,7 +211,7 @@ def _train_iteration(w: WorkerConfig, it: int, labels_path: str, encoder: dict |
             "cells_per_second_per_worker": float(sums[2] / world / (time.perf_counter() - t0)),
         }
         history.append([time.perf_counter() - t0, metrics["loss"], metrics["cells_per_second_per_worker"]])
-        if rank == 0 and epoch < n_epochs - 1:  # the driver logs it to MLflow and shows it
+        if rank == 0 and epoch < n_epochs - 1 and w.board is not None:  # the driver logs and shows it
             w.board.put.remote({"epoch": metrics | {"world": world}})
     metrics["epoch_history"] = history
     metrics["torch_threads"] = torch.get_num_threads()
@@ -230,12 +229,12 @@ def _train_iteration(w: WorkerConfig, it: int, labels_path: str, encoder: dict |
         with tempfile.TemporaryDirectory(prefix="scp-ckpt-") as tmp:
             write_encoder(trained, Path(tmp) / ENCODER_FILE)
             (Path(tmp) / META_FILE).write_text(json.dumps({
-                "iteration": it, "fit_id": w.fit_id, "datasets": datasets, "labels_path": labels_path,
+                "iteration": it, "datasets": datasets, "labels_path": labels_path,
                 "locator": asdict(w.locator), "metrics": metrics}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        # after the report: the checkpoint is in storage when the driver hears of it
-        w.board.put.remote({"epoch": {k: v for k, v in metrics.items() if k != "epoch_history"} | {"world": world},
-                            "iteration": {"iteration": it, "checkpoint": name, "metrics": metrics}})
+        if w.board is not None:  # after the report: the checkpoint is in storage when the driver hears of it
+            w.board.put.remote({"epoch": {k: v for k, v in metrics.items() if k != "epoch_history"} | {"world": world},
+                                "iteration": {"iteration": it, "checkpoint": name, "metrics": metrics}})
     else:
         ray.train.report(metrics)
     return {"weight": trained.weight.detach().cpu().clone(), "bias": trained.bias.detach().cpu().clone()}
@@ -301,7 +300,6 @@ class WorkerConfig:
     final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
     check_replicas: bool = False  # the largest difference between the replicas' parameters
     board: object = None  # a _Board actor: rank 0's progress out, the next pseudo-labels in
-    fit_id: str = ""  # which run a checkpoint found on restart belongs to
 
 
 def loop_config(
@@ -319,12 +317,20 @@ def loop_config(
 
 class _Board:
     """What a pretraining's driver and its training workers tell each other during one Ray Train
-    run: rank 0's epochs and finished iterations (the driver takes them), and each next
-    iteration's pseudo-labels (the workers wait for them; None: stop)."""
+    run: rank 0's epochs and finished iterations (the driver takes them), the last iteration the
+    driver recorded (where a restarted worker group goes on from) and each next iteration's
+    pseudo-labels (the workers wait for them; None: stop)."""
 
     def __init__(self):
         self._events: list[dict] = []
         self._next: dict[int, str | None] = {}
+        self._recorded: tuple[int, str] | None = None
+
+    def record(self, iteration: int, checkpoint: str) -> None:
+        self._recorded = (iteration, checkpoint)
+
+    def last_recorded(self) -> tuple[int, str] | None:
+        return self._recorded
 
     def put(self, event: dict) -> None:
         self._events.append(event)
@@ -350,13 +356,15 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
     and shown on ``bar``, advanced by one per epoch. An error ``finished`` raises stops the
     workers and is raised here."""
     import threading
-    import uuid
 
     import ray
 
     if finished is None and loop_config.until > loop_config.iteration:
         raise ValueError("several iterations need `finished` to give each next one's pseudo-labels")
     run_log = RunLog(loop_config.mlflow_run_id, loop_config.tracking_uri)
+    if bar is None and run_log.run_id is None and finished is None:  # nothing to hear of: no board
+        result = _fit(cfg, loop_config, name)
+        return result.checkpoint.path, _records(result)
     board = ray.remote(num_cpus=0)(_Board).remote()
     storage = Path(cfg.work_dir).resolve() / "ray_results"
     epochs = loop_config.pretrain.epochs
@@ -373,12 +381,18 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
                             accuracy=f"{m['pseudo_label_accuracy']:.3f}",
                             cells_s=f"{m['cells_per_second_per_worker'] * m['world']:,.0f}")
 
+    recorded: list[int] = []
+
     def handle(event: dict) -> None:
         show(event["epoch"])
         if "iteration" not in event or errors:
             return
         it = event["iteration"]["iteration"]
+        if recorded and it <= recorded[-1]:  # trained again by a worker group restarted before it heard
+            return
+        recorded.append(it)
         checkpoint = storage / name / event["iteration"]["checkpoint"]
+        board.record.remote(it, str(checkpoint))
         try:
             following = finished(it, str(checkpoint), event["iteration"]["metrics"]) if finished else None
         except BaseException as e:  # the workers stop at the next iteration; raised after the run
@@ -395,12 +409,12 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
             for event in events:
                 handle(event)
             if not events:
-                done.wait(0.3)
+                done.wait(0.5)
 
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
     try:
-        result = _fit(cfg, replace(loop_config, board=board, fit_id=uuid.uuid4().hex), name)
+        result = _fit(cfg, replace(loop_config, board=board), name)
     finally:
         done.set()
         watcher.join()
@@ -409,8 +423,11 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
         ray.kill(board)
     if errors:
         raise errors[0]
-    records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return result.checkpoint.path, records
+    return result.checkpoint.path, _records(result)
+
+
+def _records(result) -> list[dict]:
+    return result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
 
 
 def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):
@@ -429,8 +446,8 @@ def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):
             resources_per_worker={"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {}) | p.resources_per_worker,
             placement_strategy=p.placement,
         ),
-        # a restarted worker group goes on after the last iteration this run reported (its
-        # checkpoint), training the interrupted one again from its start
+        # a restarted worker group goes on after the last iteration the driver recorded, training
+        # the interrupted one again from its start
         run_config=RayRunConfig(
             name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve()),
             failure_config=FailureConfig(max_failures=max(0, p.max_failures)),

@@ -168,6 +168,32 @@ def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_pat
     assert len(split["test"]) == 500
 
 
+def test_pairwise_transfer_reports_each_reference_alone_as_a_matrix(run, cli, ray_session):
+    """--pairwise: each reference alone to the query, rows named by pair, the matrix section and
+    one heat-map per method; asked of the lodo protocol it is refused."""
+    work, _ = run
+    bad = cli.run("evaluate", "--work-dir", str(work), "--pairwise")
+    assert bad.returncode == 2 and "--protocol transfer" in bad.stderr
+    out = work / "report_pairs"
+    proc = cli.run("evaluate", "--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set",
+                   'pretrain.exclude_datasets=["demo_03"]', "--protocol", "transfer", "--pairwise",
+                   "--references", "demo_00", "demo_01", "--queries", "demo_03", "--methods", "scpretrain", "logreg",
+                   "--set", "evaluate.label_shift=false", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing cached encoder" in proc.stdout and "registered models:/" not in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    pairs = {(r["dataset"], r["references"], r["query"], r["method"]) for r in report["rows"]}
+    assert pairs == {(f"{ref} -> demo_03", ref, "demo_03", m) for ref in ("demo_00", "demo_01")
+                     for m in ("scpretrain", "logreg")}
+    assert {s["references"][0] for s in report["splits"]} == {"demo_00", "demo_01"}
+    md = (out / "report.md").read_text()
+    assert "## Transfer matrix" in md and "| demo_00 | " in md
+    names = {Path(f).name for f in report["figures"]}
+    assert {"transfer_matrix_scpretrain.png", "transfer_matrix_logreg.png"} <= names
+    assert sum(n.startswith("confusion_demo_0") and "demo_03" in n for n in names) == 2  # one per pair
+    assert all((out / Path(f).name).stat().st_size > 0 for f in report["figures"])
+
+
 def test_each_held_out_type_is_scored_as_unknown_cells(run, cli, ray_session):
     """--hold-out-types all: every reference type removed in turn; the query's cells of it are
     found by low confidence, rejected by the model's own threshold, and no model is registered."""

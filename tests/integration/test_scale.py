@@ -266,23 +266,31 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
 
 
 def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_one(ray_atlas, undisturbed, tmp_path):
-    """Both iterations are one Ray Train run. SIGKILL to its worker during iteration 1: the new
-    worker group starts from iteration 0's checkpoint, trains iteration 1 from its start and ends
-    where an undisturbed run does; iteration 0 is not trained again."""
+    """Both iterations are one Ray Train run. SIGKILL to its worker once iteration 0 is recorded
+    (while the driver re-clusters, or early in iteration 1): the new worker group starts from
+    iteration 0's checkpoint, trains iteration 1 and ends where an undisturbed run does;
+    iteration 0 is not trained again."""
     import mlflow
 
     from scpretrain_dist.tracking.mlflow_runs import setup
-    from scpretrain_dist.train.pretrain import load_encoder
+    from scpretrain_dist.train.pretrain import PROGRESS_FILE, load_encoder
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', "pretrain.max_failures=1"])
     setup(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     epochs = 6
-    with mlflow.start_run() as run, _kill_a_training_worker_once(
-            lambda: any(m.step >= epochs for m in client.get_metric_history(run.info.run_id, "pretrain_loss"))) as killed:
+    progress = tmp_path / "pretrain" / "t" / PROGRESS_FILE
+
+    def iteration_0_recorded() -> bool:
+        try:
+            return json.loads(progress.read_text())["iteration"] == 0
+        except (OSError, ValueError):
+            return False
+
+    with mlflow.start_run() as run, _kill_a_training_worker_once(iteration_0_recorded) as killed:
         result = _pretrain_small(cfg, store, tmp_path, mlflow_run_id=run.info.run_id)
-    assert len(killed) == 2 and killed[-1] >= 2, "a training worker was killed in iteration 1 and one took over"
+    assert len(killed) == 2 and killed[-1] >= 2, "a training worker was killed after iteration 0 and one took over"
     assert result.iterations_run == 2 and [h["iteration"] for h in result.history] == [0, 1]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "pretrain_loss")]
     assert sorted(s for s in steps if s < epochs) == list(range(epochs)), "iteration 0 was trained again"
@@ -322,21 +330,20 @@ def _kill_a_training_worker_once(when):
         killed.append(len(set(train_workers()) - before))
 
 
-@pytest.mark.parametrize("max_failures", [1, 0])
-def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas, tmp_path, max_failures):
-    """SIGKILL to the training worker once its first epoch is logged: with pretrain.max_failures
-    a new worker trains the iteration from its start and ends where an undisturbed run does;
-    without, the training fails."""
+def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, tmp_path):
+    """SIGKILL to the training worker once its first epoch is logged, with pretrain.max_failures
+    = 0: the training fails, naming the worker. (With retries: the test above.)"""
     import mlflow
+    from ray.train import TrainingFailedError
 
     from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
     from scpretrain_dist.tracking.mlflow_runs import setup
-    from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
+    from scpretrain_dist.train.pretrain import loop_config, train_iterations
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=6",
                                   "pretrain.num_workers=1", 'pseudolabel.phase1_space="pca"', "model.embedding_dim=16",
-                                  f"pretrain.max_failures={max_failures}"])
+                                  "pretrain.max_failures=0"])
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
     path = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, 0).save(tmp_path / "labels.npz")
@@ -345,18 +352,6 @@ def test_a_training_worker_killed_mid_iteration_restarts_the_iteration(ray_atlas
     with mlflow.start_run() as run:
         worker_cfg = loop_config(cfg, locator, datasets, path, len(store.genes()), mlflow_run_id=run.info.run_id)
         with _kill_a_training_worker_once(lambda: client.get_metric_history(run.info.run_id, "pretrain_loss")) as killed:
-            if max_failures == 0:
-                from ray.train import TrainingFailedError
-
-                with pytest.raises(TrainingFailedError, match="worker"):
-                    train_iterations(cfg, worker_cfg, "kill-restart")
-            else:
-                restarted, epochs = train_iterations(cfg, worker_cfg, "kill-restart")
+            with pytest.raises(TrainingFailedError, match="worker"):
+                train_iterations(cfg, worker_cfg, "kill-fail")
     assert len(killed) == 2, "the training worker was killed"
-    if max_failures == 0:
-        return
-    assert killed[-1] >= 2, "a new worker took over"
-    assert epochs[-1]["epoch"] == 5
-    undisturbed, _ = train_iterations(cfg, loop_config(cfg, locator, datasets, path, len(store.genes())), "undisturbed")
-    ours, theirs = load_encoder(f"{restarted}/encoder.pt"), load_encoder(f"{undisturbed}/encoder.pt")
-    np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)

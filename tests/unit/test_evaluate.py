@@ -327,3 +327,30 @@ def test_figure_names_of_types_with_path_separators_stay_one_file():
 
     stem = _file_stem("pbmc_5p without Megakaryocyte/Platelet")
     assert stem == "pbmc_5p_without_Megakaryocyte_Platelet" and Path(stem).name == stem
+
+
+def test_pairwise_transfer_pairs_every_reference_alone_with_every_other_query():
+    from scpretrain_dist.pipeline import transfer_pairs
+
+    assert transfer_pairs(["a", "b"], ["c"]) == [(["a", "b"], "c")]
+    pairs = transfer_pairs(["a", "b", "c"], ["a", "b", "c"], pairwise=True)
+    assert len(pairs) == 6 and all(refs != [q] and len(refs) == 1 for refs, q in pairs)
+    assert {(refs[0], q) for refs, q in pairs} == {(r, q) for r in "abc" for q in "abc" if r != q}
+
+
+def test_transfer_matrix_averages_seeds_per_pair_then_pairs_and_names_the_worst():
+    from scpretrain_dist.evaluate.report import transfer_matrix
+
+    def row(ref, q, method, seed, acc):
+        return {"dataset": f"{ref} -> {q}", "references": ref, "query": q, "method": method, "seed": seed,
+                "budget": 1000, "accuracy": acc, "macro_f1": acc - 0.1, "kappa": acc, "macro_auprc": acc,
+                "macro_auroc": acc}
+
+    rows = [row("a", "b", "m", 0, 0.9), row("a", "b", "m", 1, 0.7), row("b", "a", "m", 0, 0.6),
+            row("b", "a", "m", 1, 0.6), {**row("a", "b", "m", 0, 0.1), "held_out": "T", "dataset": "a -> b without T"}]
+    table, grids = transfer_matrix(rows)
+    (m,) = table.to_dict("records")
+    assert m["pairs"] == 2 and m["accuracy"] == pytest.approx(0.7) and m["macro_f1"] == pytest.approx(0.6)
+    assert m["worst_pair"] == "b -> a" and m["worst_accuracy"] == pytest.approx(0.6)
+    assert grids["m"].loc["a", "b"] == pytest.approx(0.8) and np.isnan(grids["m"].loc["a", "a"])
+    assert transfer_matrix([{**r, "dataset": r["query"]} for r in rows[:4]])[0].empty
