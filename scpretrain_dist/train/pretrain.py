@@ -398,7 +398,8 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
         except BaseException as e:  # the workers stop at the next iteration; raised after the run
             errors.append(e)
             following = None
-        board.post.remote(it + 1, following and str(following))
+        # absolute: the workers' current folder is not this process's
+        board.post.remote(it + 1, following and str(Path(following).resolve()))
 
     def follow() -> None:
         while not done.is_set():

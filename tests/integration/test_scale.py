@@ -265,22 +265,25 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
     np.testing.assert_allclose(ours["weight"], theirs["weight"], rtol=1e-5, atol=1e-6)
 
 
-def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_one(ray_atlas, undisturbed, tmp_path):
+def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_one(ray_atlas, undisturbed, tmp_path,
+                                                                                  monkeypatch):
     """Both iterations are one Ray Train run. SIGKILL to its worker once iteration 0 is recorded
     (while the driver re-clusters, or early in iteration 1): the new worker group starts from
     iteration 0's checkpoint, trains iteration 1 and ends where an undisturbed run does;
-    iteration 0 is not trained again."""
+    iteration 0 is not trained again. The work dir is given relative, as `make quickstart` does
+    (the workers run in another folder)."""
     import mlflow
 
     from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.pretrain import PROGRESS_FILE, load_encoder
 
     cfg, store = ray_atlas
-    cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', "pretrain.max_failures=1"])
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(cfg, overrides=['work_dir="work"', "pretrain.max_failures=1"])
     setup(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     epochs = 6
-    progress = tmp_path / "pretrain" / "t" / PROGRESS_FILE
+    progress = tmp_path / "work" / "pretrain" / "t" / PROGRESS_FILE
 
     def iteration_0_recorded() -> bool:
         try:
@@ -289,7 +292,7 @@ def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_on
             return False
 
     with mlflow.start_run() as run, _kill_a_training_worker_once(iteration_0_recorded) as killed:
-        result = _pretrain_small(cfg, store, tmp_path, mlflow_run_id=run.info.run_id)
+        result = _pretrain_small(cfg, store, "work", mlflow_run_id=run.info.run_id)
     assert len(killed) == 2 and killed[-1] >= 2, "a training worker was killed after iteration 0 and one took over"
     assert result.iterations_run == 2 and [h["iteration"] for h in result.history] == [0, 1]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "pretrain_loss")]
