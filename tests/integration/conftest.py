@@ -33,6 +33,26 @@ def ray_session(tmp_path_factory):
     shutdown_ray()
 
 
+@pytest.fixture(scope="module")
+def ray_atlas(tmp_path_factory, ray_session):
+    """A 3-dataset demo atlas (SOMA) and tiny settings working there, on the session's Ray; one
+    per module that asks for it."""
+    from scpretrain_dist import recipes
+    from scpretrain_dist.catalog import load_catalog
+    from scpretrain_dist.config import DemoDataConfig, resolve
+    from scpretrain_dist.demo import write_demo_atlas
+    from scpretrain_dist.store import open_atlas
+
+    work = tmp_path_factory.mktemp("scale")
+    demo = DemoDataConfig(n_datasets=3, cells_per_dataset=300, n_genes=400, n_types=4,
+                          markers_per_type=15, seed=1)
+    write_demo_atlas(work / "demo", demo)
+    store = open_atlas(work / "atlas.soma")
+    store.ingest(load_catalog(work / "demo" / "catalog.toml"), log=lambda m: None)
+    cfg = resolve(recipes.tiny(), overrides=[f'work_dir="{work}"', "pseudolabel.niter=8"])
+    return cfg, store
+
+
 def tree_digest(path: Path) -> str:
     """Content, names and permission bits of every file below ``path`` (or of the file): equal
     digests mean nothing there was written, added, removed or re-permissioned."""
@@ -116,8 +136,8 @@ def _start_quickstart(name: str) -> None:
 # Modules that run longest, or wait longest (on the quickstarts), go to the pytest-xdist workers
 # first (`--dist loadfile --no-loadscope-reorder`; each worker starts with two modules, so a short
 # one pairs with each long one); the rest follow in the order collected.
-LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_ray_paths.py", "test_serve.py",
-              "test_loader_pretrain.py", "test_annotate.py", "test_experiment.py", "test_loader.py")
+LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_kmeans_pool.py", "test_ray_paths.py",
+              "test_serve.py", "test_loader_pretrain.py", "test_annotate.py", "test_experiment.py", "test_loader.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
