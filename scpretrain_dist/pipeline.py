@@ -521,17 +521,18 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     store = atlas_for(cfg)
     mapping = check_transfer(cfg, store, references, queries, mapping_path, hold_out, pairwise)
     pairs = transfer_pairs(references, queries, pairwise)
-
-    def held_out(refs: list[str]) -> list[str | None]:
-        if not hold_out:
-            return [None]
-        ref = np.concatenate([harmonise(r, store.read_obs(r)["cell_type"].to_numpy().astype(object), mapping)
-                              for r in refs])
-        return hold_out_types(hold_out, np.unique(ref[ref != UNKNOWN_LABEL].astype(str)))
-
+    # the types each group of references holds out in turn ([None]: none), each reference read once
+    held_out: dict[tuple[str, ...], list] = {}
+    if hold_out:
+        known = {}
+        for r in dict.fromkeys(r for refs, _ in pairs for r in refs):
+            labels = harmonise(r, store.read_obs(r)["cell_type"].to_numpy().astype(object), mapping)
+            known[r] = labels[labels != UNKNOWN_LABEL].astype(str)
+    for refs, _ in pairs:
+        held_out[tuple(refs)] = (hold_out_types(hold_out, np.unique(np.concatenate([known[r] for r in refs])))
+                                 if hold_out else [None])
     exclude = tuple(queries) if cfg.evaluate.folds == "grouped" else None
     ev = Evaluation()
-    types: list = []
     for q in queries:
         with stage_run("pretrain", cfg):
             result, run_id = pretrain(cfg, exclude=tuple(dict.fromkeys([*(exclude or (q,)), *cfg.pretrain.exclude_datasets])), log=log)
@@ -539,8 +540,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
         with stage_run("finetune-evaluate", cfg):
             encoder = load_encoder_for(store, result)
             for refs in (r for r, query in pairs if query == q):
-                for t in held_out(refs):
-                    types.append(t)
+                for t in held_out[tuple(refs)]:
                     rows, splits, out = transfer(cfg, store, refs, q, mapping, encoder, log=detail, hold_out=t,
                                                  pair_names=pairwise)
                     ev.rows += rows
@@ -561,7 +561,7 @@ def evaluate_transfer(cfg: RunConfig, references: list[str], queries: list[str],
     if pairwise:
         context["pairs"] = f"{len(pairs)} ordered (reference, query) pairs, each reference alone"
     if hold_out:
-        context["held-out types"] = ", ".join(dict.fromkeys(types))
+        context["held-out types"] = ", ".join(dict.fromkeys(t for ts in held_out.values() for t in ts))
     return ev.finish(cfg, store, report_dir, context, register=not hold_out and not pairwise, log=log)
 
 

@@ -395,10 +395,9 @@ def _unknown_metrics(fit: Fitted, is_unknown: np.ndarray, correct: np.ndarray) -
     scores = unknown_scores(fit)
     m = unknown_cell_metrics(is_unknown, scores[fit.reject_score], correct, fit.reject_threshold)
     m["reject_score"] = fit.reject_score
-    if len(scores) == 1:
-        return m
-    for name, score in scores.items():
-        m[f"unknown_auroc_{name}"] = unknown_cell_metrics(is_unknown, score, correct)["unknown_auroc"]
+    if fit.logits is not None:  # the networks: several scores
+        for name, score in scores.items():
+            m[f"unknown_auroc_{name}"] = unknown_cell_metrics(is_unknown, score, correct)["unknown_auroc"]
     return m
 
 

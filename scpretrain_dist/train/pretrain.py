@@ -222,7 +222,7 @@ def _train_iteration(w: WorkerConfig, it: int, labels_path: str, encoder: dict |
         metrics["gradient_rows_sent_per_step"] = sync.rows_sent / max(1, n_steps)
     metrics.update(_final_metrics(w, model, shard, device, world, pretrain_eval, exchange))
     trained = getattr(model, "module", model).encoder
-    name = _checkpoint_name(it)
+    name = f"iteration_{it:02d}"
     # one report per iteration (each is a round with the controller): the epochs' metrics travel
     # in epoch_history, and live progress on the board
     if rank == 0:
@@ -238,10 +238,6 @@ def _train_iteration(w: WorkerConfig, it: int, labels_path: str, encoder: dict |
     else:
         ray.train.report(metrics)
     return {"weight": trained.weight.detach().cpu().clone(), "bias": trained.bias.detach().cpu().clone()}
-
-
-def _checkpoint_name(iteration: int) -> str:
-    return f"iteration_{iteration:02d}"
 
 
 def _final_metrics(w: WorkerConfig, model, shard, device, world: int, pretrain_eval, exchange=None) -> dict:
@@ -366,7 +362,7 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
         result = _fit(cfg, loop_config, name)
         return result.checkpoint.path, _records(result)
     board = ray.remote(num_cpus=0)(_Board).remote()
-    storage = Path(cfg.work_dir).resolve() / "ray_results"
+    storage = _results_dir(cfg)
     epochs = loop_config.pretrain.epochs
     errors: list[BaseException] = []
     done = threading.Event()
@@ -381,16 +377,17 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
                             accuracy=f"{m['pseudo_label_accuracy']:.3f}",
                             cells_s=f"{m['cells_per_second_per_worker'] * m['world']:,.0f}")
 
-    recorded: list[int] = []
+    last_recorded = -1
 
     def handle(event: dict) -> None:
+        nonlocal last_recorded
         show(event["epoch"])
         if "iteration" not in event or errors:
             return
         it = event["iteration"]["iteration"]
-        if recorded and it <= recorded[-1]:  # trained again by a worker group restarted before it heard
+        if it <= last_recorded:  # trained again by a worker group restarted before it heard
             return
-        recorded.append(it)
+        last_recorded = it
         checkpoint = storage / name / event["iteration"]["checkpoint"]
         board.record.remote(it, str(checkpoint))
         try:
@@ -427,6 +424,11 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
     return result.checkpoint.path, _records(result)
 
 
+def _results_dir(cfg: RunConfig) -> Path:
+    """Where Ray Train keeps the runs' checkpoints (absolute: workers run in other folders)."""
+    return (Path(cfg.work_dir) / "ray_results").resolve()
+
+
 def _records(result) -> list[dict]:
     return result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
 
@@ -450,7 +452,7 @@ def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):
         # a restarted worker group goes on after the last iteration the driver recorded, training
         # the interrupted one again from its start
         run_config=RayRunConfig(
-            name=name, storage_path=str((Path(cfg.work_dir) / "ray_results").resolve()),
+            name=name, storage_path=str(_results_dir(cfg)),
             failure_config=FailureConfig(max_failures=max(0, p.max_failures)),
         ),
     )
@@ -547,14 +549,14 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             previous = out_dir / f"pseudo_labels_v{resumed}.npz"
             labels, labels_path = recluster(resumed, PseudoLabels.load(previous) if previous.exists() else None)
     bar = progress(p.iterations * p.epochs, "pretrain", unit="epoch", initial=it * p.epochs)
-    started = [time.perf_counter()]
+    started = time.perf_counter()
 
     def finished(it: int, ckpt_dir: str, last: dict) -> str | None:
         """Iteration ``it`` is trained: record it, re-cluster on its encoder unless it is the last,
         and give the next iteration's pseudo-labels (None when there is none to train)."""
-        nonlocal encoder_path, labels, labels_path
+        nonlocal encoder_path, labels, labels_path, started
         encoder_path = str(Path(ckpt_dir) / ENCODER_FILE)
-        history.append({"iteration": it, "train_seconds": time.perf_counter() - started[0], "loss": last.get("loss"),
+        history.append({"iteration": it, "train_seconds": time.perf_counter() - started, "loss": last.get("loss"),
                         "pseudo_label_accuracy": last.get("pseudo_label_accuracy"), "checkpoint": ckpt_dir})
         save_progress(it, None)
         log(f"  iteration {it}: loss {history[-1]['loss']:.3f}, pseudo-label accuracy "
@@ -565,7 +567,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
         if it + 1 >= p.iterations or stable():
             return None
         bar.set_description(f"pretrain (iteration {it + 2}/{p.iterations})")
-        started[0] = time.perf_counter()
+        started = time.perf_counter()
         return str(labels_path)
 
     try:
@@ -575,7 +577,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             until = it if cfg.pseudolabel.use_gpu else p.iterations - 1
             worker_config = loop_config(cfg, locator, datasets, labels_path, n_genes, it, encoder_path, mlflow_run_id,
                                         until=until)
-            started[0] = time.perf_counter()
+            started = time.perf_counter()
             bar.set_description(f"pretrain (iteration {it + 1}/{p.iterations})")
             train_iterations(cfg, worker_config, f"pretrain-{tag}-it{it:02d}", bar, finished)
             if not history or history[-1]["iteration"] < it:
