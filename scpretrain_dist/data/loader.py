@@ -198,6 +198,7 @@ class StreamingCells(torch.utils.data.IterableDataset):
         self._shard = shard_ranges(self.n_cells, self.rank, self.world, self.seed, self.chunk_cells)
         self.epoch = 0
         self._source = None
+        self._readers: set = set()  # how to stop each background reader now running
         self._cache = _ShardCache(self.cache_bytes)
 
     # ------------------------------------------------------------------ positions
@@ -233,6 +234,10 @@ class StreamingCells(torch.utils.data.IterableDataset):
         return self._source
 
     def close(self) -> None:
+        """Stop the background readers (a batch iterator left unfinished keeps its reader until it
+        is garbage-collected, and a reader must not read from a closed source), then close."""
+        for halt in list(self._readers):
+            halt()
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -240,6 +245,7 @@ class StreamingCells(torch.utils.data.IterableDataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_source"] = None
+        state["_readers"] = set()
         state["_cache"] = _ShardCache(self.cache_bytes)
         return state
 
@@ -307,6 +313,13 @@ class StreamingCells(torch.utils.data.IterableDataset):
             q.put(done)
 
         t = threading.Thread(target=work, name="scpretrain-loader-io", daemon=True)
+
+        def halt():
+            stop.set()
+            slots.release()  # a reader waiting for a free slot wakes, sees the stop and ends
+            t.join()
+
+        self._readers.add(halt)
         t.start()
         try:
             while True:
@@ -319,9 +332,8 @@ class StreamingCells(torch.utils.data.IterableDataset):
                 del item
                 slots.release()
         finally:
-            stop.set()
-            slots.release()
-            t.join()
+            self._readers.discard(halt)
+            halt()
 
     # ------------------------------------------------------------------ batches
     def _batch(self, X: sp.csr_matrix, rows: np.ndarray, positions: np.ndarray, device) -> CellBatch:

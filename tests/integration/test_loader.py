@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -323,6 +324,22 @@ def test_stopping_early_releases_the_reader(atlas):
     import threading
 
     assert not [t for t in threading.enumerate() if t.name == "scpretrain-loader-io"]
+
+
+def test_close_stops_the_reader_of_an_unfinished_iterator(atlas):
+    # an iterator stopped early and still referenced keeps its reader; closing the source under a
+    # reader that is still reading corrupted the heap (the loader benchmark aborted now and then)
+    import threading
+
+    ds = StreamingCells(atlas.locator, _names(atlas), 16, 4, rank=0, world=1, chunk_cells=8, buffer_cells=64)
+    it = ds.epoch_batches(0)
+    next(it)
+    time.sleep(1)  # the reader has read ahead and waits for a free slot
+    assert [t for t in threading.enumerate() if t.name == "scpretrain-loader-io"]
+    ds.close()
+    assert not [t for t in threading.enumerate() if t.name == "scpretrain-loader-io"]
+    assert ds._source is None
+    it.close()  # the iterator's own clean-up after close() is harmless
 
 
 # ---------------------------------------------------------------------------- refusals
