@@ -44,9 +44,12 @@ quickstart: venv
 
 # Three pytest workers, a test module each at a time, the longest first (tests/integration/
 # conftest.py): most integration tests wait on process start-ups and Ray, so three keep the two
-# cores busy (TEST_WORKERS=0: one process).
+# cores busy (TEST_WORKERS=0: one process). The package is compiled first: an editable install
+# is not, and where PYTHONDONTWRITEBYTECODE is set each of the many processes the tests start
+# (Ray's workers and actors, CLI runs) would compile every module it imports again.
 TEST_WORKERS ?= 3
 test: venv
+	$(BIN)/python -m compileall -q scpretrain_dist
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: venv

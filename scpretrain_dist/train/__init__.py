@@ -1,2 +1,3 @@
-"""Training: pure step functions (steps.py), Ray Train pretraining (pretrain.py),
-fine-tuning (finetune.py), and Ray start-up (launch.py)."""
+"""Training: pure step functions (steps.py), the optimiser (optim.py), gradient sync across
+ranks (parallel.py), Ray Train pretraining (pretrain.py, with board.py, the actor its driver and
+workers talk through) and fine-tuning (finetune.py)."""

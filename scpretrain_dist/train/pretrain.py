@@ -3,6 +3,7 @@ shared encoder with Ray Train DDP). One checkpoint per iteration."""
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -24,6 +25,7 @@ from scpretrain_dist.pseudolabel.pool import (
 from scpretrain_dist.store.atlas import Locator, atlas_for
 from scpretrain_dist.store.files import exclusive, write_json_whole
 from scpretrain_dist.tracking.mlflow_runs import RunLog
+from scpretrain_dist.train.board import Board
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -295,7 +297,7 @@ class WorkerConfig:
     tracking_uri: str = ""
     final_eval: bool = False  # the loss over every cell, without updates, after the last epoch
     check_replicas: bool = False  # the largest difference between the replicas' parameters
-    board: object = None  # a _Board actor: rank 0's progress out, the next pseudo-labels in
+    board: object = None  # a train.board.Board actor: rank 0's progress out, the next pseudo-labels in
 
 
 def loop_config(
@@ -309,37 +311,6 @@ def loop_config(
                         str(Path(labels_path).resolve()), n_genes, iteration,
                         iteration if until is None else until, init_encoder, mlflow_run_id,
                         cfg.tracking_uri, final_eval, check_replicas)
-
-
-class _Board:
-    """What a pretraining's driver and its training workers tell each other during one Ray Train
-    run: rank 0's epochs and finished iterations (the driver takes them), the last iteration the
-    driver recorded (where a restarted worker group goes on from) and each next iteration's
-    pseudo-labels (the workers wait for them; None: stop)."""
-
-    def __init__(self):
-        self._events: list[dict] = []
-        self._next: dict[int, str | None] = {}
-        self._recorded: tuple[int, str] | None = None
-
-    def record(self, iteration: int, checkpoint: str) -> None:
-        self._recorded = (iteration, checkpoint)
-
-    def last_recorded(self) -> tuple[int, str] | None:
-        return self._recorded
-
-    def put(self, event: dict) -> None:
-        self._events.append(event)
-
-    def take(self) -> list[dict]:
-        events, self._events = self._events, []
-        return events
-
-    def post(self, iteration: int, labels_path: str | None) -> None:
-        self._next[iteration] = labels_path
-
-    def next_labels(self, iteration: int) -> tuple[bool, str | None]:
-        return iteration in self._next, self._next.get(iteration)
 
 
 def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=None,
@@ -361,7 +332,7 @@ def train_iterations(cfg: RunConfig, loop_config: WorkerConfig, name: str, bar=N
     if bar is None and run_log.run_id is None and finished is None:  # nothing to hear of: no board
         result = _fit(cfg, loop_config, name)
         return result.checkpoint.path, _records(result)
-    board = ray.remote(num_cpus=0)(_Board).remote()
+    board = ray.remote(num_cpus=0)(Board).remote()
     storage = _results_dir(cfg)
     epochs = loop_config.pretrain.epochs
     errors: list[BaseException] = []
@@ -433,13 +404,37 @@ def _records(result) -> list[dict]:
     return result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
 
 
+@functools.cache
+def _trainer_class():
+    """TorchTrainer without two actors that each run starts and stops and this pretraining never
+    uses: Ray Data's dataset manager (it passes no Ray Datasets) and the placement-group cleaner
+    (its controller is owned by the driver, so its groups end with the driver's job). Where this
+    Ray's internals differ, TorchTrainer as it is."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:
+        return TorchTrainer
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+
+    return Trainer if hasattr(TorchTrainer, "_create_default_callbacks") else TorchTrainer
+
+
 def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     p = cfg.pretrain
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         pretrain_loop_per_worker,
         train_loop_config={"worker": loop_config},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
