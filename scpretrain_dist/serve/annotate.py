@@ -1,9 +1,10 @@
 """Batch annotation of whole datasets with a registered model: the atlas (obs columns named after
 the model version, in either backend) or an ``.h5ad`` file (scanpy-style ``obs``/``obsm`` entries).
 
-Blocks of cells stream through a pool of Ray actors. Each actor loads the model once, by its
-registry URI, and reads its blocks itself from a locator (the store URI pinned to a version, or
-a file path), so only predictions travel back; the driver is the only writer.
+Blocks of cells stream through a pool of Ray actors. The driver loads the model from the
+registry and sends it to each actor once; an actor reads its blocks itself from a locator (the
+store URI pinned to a version, or a file path), so only predictions travel back; the driver is
+the only writer.
 
 Resuming: in the atlas a block is finished when its label column is filled (written after its
 embedding and confidence), so the data is its own progress record; for an ``.h5ad`` finished
@@ -136,10 +137,11 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
 
 
 class _BlockWorker:
-    """Ray actor body: the model loaded once, then blocks on request."""
+    """Ray actor body: the driver's model (sent once through Ray's object store, so workers
+    need no access to the registry and never import MLflow), then blocks on request."""
 
-    def __init__(self, ref: ModelRef):
-        self.annotator = load_annotator(ref)
+    def __init__(self, annotator: Annotator):
+        self.annotator = annotator
         self.reader = BlockReader()
 
     def run(self, block: Block, embedding: bool) -> BlockResult:
@@ -152,10 +154,10 @@ def _where(b: Block) -> str:
     return f"{name}, cells {b.start}..{b.stop - 1}"
 
 
-def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, embedding: bool,
+def stream_results(blocks: list[Block], annotator: Annotator, embedding: bool,
                    cfg: RunConfig, workers: int) -> Iterator[BlockResult]:
-    """Results as blocks finish (any order). ``workers = 0``: in this process, with
-    ``annotator``; else a pool of Ray actors, two blocks in flight per actor. A pool worker that
+    """Results as blocks finish (any order), with ``annotator``: ``workers = 0``: in this
+    process; else a pool of Ray actors, two blocks in flight per actor. A pool worker that
     dies is restarted and its blocks retried (``annotate.worker_restarts``); an error a block
     raises (bad input) is not retried."""
     if not blocks:
@@ -179,7 +181,8 @@ def stream_results(blocks: list[Block], ref: ModelRef, annotator: Annotator, emb
     try:
         worker = restartable(_BlockWorker, cfg.annotate.worker_restarts, num_cpus=cfg.annotate.cpus_per_worker)
         n_actors = min(workers, len(blocks))
-        actors = [worker.remote(ref) for _ in range(n_actors)]
+        model = ray.put(annotator)
+        actors = [worker.remote(model) for _ in range(n_actors)]
         for _, block, done in on_actors(actors, blocks, lambda actor, b: actor.run.remote(b, embedding), per_actor=2):
             try:
                 res = ray.get(done)
@@ -377,7 +380,7 @@ def annotate_store(
         bar = _progress(total, done_cells, "annotate", progress)
         try:
             workers = _choose_workers(cfg, workers, sum(b.n_cells for b in pending), log)
-            with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
+            with closing(stream_results(pending, annotator, embedding, cfg, workers)) as results:
                 for res in results:
                     _write_store_block(store, ref, res, annotator.label_names)
                     computed += 1
@@ -522,7 +525,7 @@ def annotate_h5ad(
     computed = 0
     try:
         workers = _choose_workers(cfg, workers, sum(b.n_cells for b in pending), log)
-        with closing(stream_results(pending, ref, annotator, embedding, cfg, workers)) as results:
+        with closing(stream_results(pending, annotator, embedding, cfg, workers)) as results:
             for res in results:
                 arrays = {"codes": res.codes, "confidence": res.confidence}
                 if res.embedding is not None:

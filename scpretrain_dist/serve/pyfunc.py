@@ -10,6 +10,7 @@ the one normalisation every stage uses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -24,13 +25,6 @@ from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value
 from scpretrain_dist.config import UserError
 from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
-
-try:
-    import mlflow.pyfunc
-
-    _Base = mlflow.pyfunc.PythonModel
-except ImportError:  # pragma: no cover - mlflow is a core dependency
-    _Base = object
 
 WEIGHTS = "weights.npz"
 META = "annotator.json"
@@ -91,7 +85,7 @@ def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: p
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = export_annotator(model, genes, classes, tmp, lineage=lineage)
-        return log_pyfunc_model(AnnotatorPyfunc(), artifacts, signature(), example,
+        return log_pyfunc_model(_pyfunc_class()(), artifacts, signature(), example,
                                 code_paths=[str(Path(scpretrain_dist.__file__).parent)],
                                 pip_requirements=["mlflow", "numpy", "pandas", "scipy", "torch"],
                                 lineage=lineage, registered_model=registered_model, alias=alias)
@@ -544,37 +538,52 @@ def _empty_rows(Xm) -> np.ndarray:
     return np.asarray(Xm.sum(1)).ravel() == 0  # normalised values are >= 0
 
 
-# MLflow advises type hints on predict() when the class is made (for its own input checks), past
-# any warning filter; this model checks its input itself (Annotator.predict)
-with contextlib.redirect_stderr(io.StringIO()):
+@functools.cache
+def _pyfunc_class():
+    """The MLflow wrapper class, made on first use: importing this module (as the annotation
+    workers do) does not import MLflow."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    class AnnotatorPyfunc(_Base):
-        """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
+    # MLflow advises type hints on predict() when the class is made (for its own input checks),
+    # past any warning filter; this model checks its input itself (Annotator.predict)
+    with contextlib.redirect_stderr(io.StringIO()):
 
-        def load_context(self, context):
-            self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
+        class AnnotatorPyfunc(mlflow.pyfunc.PythonModel):
+            """MLflow wrapper: bad requests raise an MlflowException the scoring server turns into 400."""
 
-        def predict(self, context, model_input, params=None):
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+            def load_context(self, context):
+                self.annotator = Annotator(context.artifacts["weights"], context.artifacts["meta"])
 
-            params = dict(params or {})
-            # a Parquet request carries its parameters in the table's metadata (sparse_request_parquet);
-            # MLflow fills the schema's defaults in, so those give way to them
-            attrs = getattr(model_input, "attrs", {}).get(PARQUET_PARAMS)
-            if attrs is not None:
-                if not isinstance(attrs, dict):
-                    raise MlflowException(f"the Parquet metadata {PARQUET_PARAMS!r} must be a mapping of parameters",
-                                          error_code=INVALID_PARAMETER_VALUE)
-                if not params.get("genes"):
-                    params.update(attrs)
-            try:
-                return self.annotator.predict(
-                    model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
-                    genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
-                )
-            except InputError as e:
-                raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+            def predict(self, context, model_input, params=None):
+                params = dict(params or {})
+                # a Parquet request carries its parameters in the table's metadata
+                # (sparse_request_parquet); MLflow fills the schema's defaults in, so those give way
+                attrs = getattr(model_input, "attrs", {}).get(PARQUET_PARAMS)
+                if attrs is not None:
+                    if not isinstance(attrs, dict):
+                        raise MlflowException(f"the Parquet metadata {PARQUET_PARAMS!r} must be a mapping of parameters",
+                                              error_code=INVALID_PARAMETER_VALUE)
+                    if not params.get("genes"):
+                        params.update(attrs)
+                try:
+                    return self.annotator.predict(
+                        model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
+                        genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
+                    )
+                except InputError as e:
+                    raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+
+    AnnotatorPyfunc.__module__ = __name__  # pickled by reference, as a class of this module
+    AnnotatorPyfunc.__qualname__ = "AnnotatorPyfunc"
+    return AnnotatorPyfunc
+
+
+def __getattr__(name: str):
+    if name == "AnnotatorPyfunc":  # what registered models' pickles name
+        return _pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def signature():
