@@ -28,6 +28,7 @@ TINY = ["--recipe", "tiny", "--set", "pretrain.iterations=2", "--set", "pretrain
 # the fine-tuning and evaluation of the submitted quickstart, cut to two methods at one budget
 # (what the job checks is where its runs, model and report go, not the evaluation)
 SMALL_EVALUATION = ["--set", 'evaluate.methods=["scpretrain","logreg"]', "--set", "evaluate.budgets=[100]",
+                    "--set", "finetune.max_epochs=25",
                     "--set", "evaluate.cluster=false"]
 
 

@@ -84,7 +84,8 @@ def test_a_census_schema_experiment_is_pretrained_on_and_annotated_in_place(cens
     store = ["--work-dir", work, "--set", "store.backend=experiment", "--set", f'store.uri="{exp_uri}"',
              "--set", f'store.value_filter="{FILTER}"']
     small = ["--set", "pretrain.iterations=2", "--set", "pretrain.epochs=2", "--set", "pretrain.num_workers=1",
-             "--set", "finetune.seeds=[0]", "--set", 'evaluate.methods=["scpretrain","logreg"]',
+             "--set", "finetune.seeds=[0]", "--set", "finetune.max_epochs=25",
+             "--set", 'evaluate.methods=["scpretrain","logreg"]',
              "--set", "evaluate.budgets=[200]", "--set", "evaluate.cluster=false", "--set", "evaluate.figures=false"]
 
     r = cli.run("pretrain", *store, *small, "--exclude", "demo_03")

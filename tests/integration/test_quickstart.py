@@ -140,9 +140,14 @@ def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path, cli
     assert ([r.name for r in store.datasets()], store.genes().tolist()) == before
 
 
+# the evaluations below on the quickstart's atlas: one seed, at most 25 epochs per fit (the
+# quickstart's own 80 are not needed for what they check)
+SHORT_FINETUNE = ("--set", "finetune.seeds=[0]", "--set", "finetune.max_epochs=25")
+
+
 def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_path, cli, ray_session):
     work, _ = run
-    common = ["--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set", 'pretrain.exclude_datasets=["demo_03"]']
+    common = ["--work-dir", str(work), *SHORT_FINETUNE, "--set", 'pretrain.exclude_datasets=["demo_03"]']
     bad = cli.run("evaluate", "--protocol", "transfer", "--references", "demo_00", "--queries", "demo_00",
                      *common)
     assert bad.returncode == 2 and "both reference and query" in bad.stderr
@@ -175,7 +180,7 @@ def test_pairwise_transfer_reports_each_reference_alone_as_a_matrix(run, cli, ra
     bad = cli.run("evaluate", "--work-dir", str(work), "--pairwise")
     assert bad.returncode == 2 and "--protocol transfer" in bad.stderr
     out = work / "report_pairs"
-    proc = cli.run("evaluate", "--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set",
+    proc = cli.run("evaluate", "--work-dir", str(work), *SHORT_FINETUNE, "--set",
                    'pretrain.exclude_datasets=["demo_03"]', "--protocol", "transfer", "--pairwise",
                    "--references", "demo_00", "demo_01", "--queries", "demo_03", "--methods", "scpretrain", "logreg",
                    "--set", "evaluate.label_shift=false", "--out", str(out))
@@ -198,7 +203,7 @@ def test_each_held_out_type_is_scored_as_unknown_cells(run, cli, ray_session):
     """--hold-out-types all: every reference type removed in turn; the query's cells of it are
     found by low confidence, rejected by the model's own threshold, and no model is registered."""
     work, _ = run
-    common = ["--work-dir", str(work), "--set", "finetune.seeds=[0]", "--set", 'pretrain.exclude_datasets=["demo_03"]',
+    common = ["--work-dir", str(work), *SHORT_FINETUNE, "--set", 'pretrain.exclude_datasets=["demo_03"]',
               "--protocol", "transfer", "--references", "demo_00", "demo_01", "--queries", "demo_03"]
     bad = cli.run("evaluate", *common, "--hold-out-types", "type_Z")
     assert bad.returncode == 2 and "'type_Z' is not a type of the references" in bad.stderr
@@ -229,7 +234,7 @@ def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
     work, _ = run
     proc = cli.run("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),
                       "--methods", "scpretrain", "logreg", "--budgets", "50", "300",
-                      "--set", "finetune.seeds=[0]", "--set", "evaluate.cluster=false")
+                      *SHORT_FINETUNE, "--set", "evaluate.cluster=false")
     assert proc.returncode == 0, proc.stderr
     assert "reusing cached encoder" in proc.stdout
     report = json.loads((work / "report_lodo" / "report.json").read_text())
