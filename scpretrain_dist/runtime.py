@@ -103,9 +103,11 @@ def _init(ray, cfg: RunConfig) -> None:
     # (an extra process polling for spot-instance notices no local machine gets)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # no workers started ahead without this job's environment (READER_ENV below): no task of
-    # the job could use them
+    # no idle workers started ahead: those started with the node lack this job's environment
+    # (READER_ENV below), so no task of the job could use them, and the job's own actors each
+    # ask for a worker of their own size anyway
     os.environ.setdefault("RAY_num_prestart_python_workers", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # a RAY_ADDRESS of http:// is where `ray job submit` goes, not a cluster to join (any other
