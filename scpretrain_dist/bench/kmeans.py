@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "pretraining run; its NMI says nothing about pretraining)")
     p.add_argument("--peers", default="faiss,sklearn", help=f"peers to run, from {','.join(PEERS)} ('' for none)")
     p.add_argument("--threads", type=int, default=0, help="threads for the peers (default: our actor count)")
+    p.add_argument("--gemm-size", type=int, default=2048,
+                   help="n of the n x n float32 GEMM that measures the machine's matmul rate (default 2048)")
     p.add_argument("--engines", action="store_true",
                    help="instead: time the K-means engines (ours, faiss in our loop, faiss.Kmeans) against each "
                         "other on identical features, starts and iterations, one thread each, interleaved runs")
@@ -92,7 +94,7 @@ def run(args) -> dict:
         raise StoreError(f"datasets {unknown} are not in the atlas {cfg.store_uri}")
     threads = args.threads or max(1, pcfg.num_actors)
     truth = _true_labels(store, datasets)
-    matmul = measure_matmul(threads)
+    matmul = measure_matmul(threads, args.gemm_size)
     print(f"matmul float32: {matmul['flops_per_second_1_thread'] / 1e9:.1f} GFLOP/s on 1 thread, "
           f"{matmul['flops_per_second_all_threads'] / 1e9:.1f} on {matmul['threads']} (best of "
           f"{', '.join(matmul['per_library'])}); the assignment's GEMM: {cpu_gemm()}")

@@ -33,7 +33,7 @@ def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path
     # every dataset is "too large": each is split over both actors; the k-means++ sample is
     # smaller than a dataset, so the driver gathers it from the actors
     sharded_cfg = dataclasses.replace(whole_cfg, shard_threshold_cells=100, init_sample_cells=250)
-    with KMeansPool(locator, dataclasses.replace(whole_cfg, init_sample_cells=250)) as pool:
+    with KMeansPool(locator, dataclasses.replace(whole_cfg, init_sample_cells=250), n_actors=1) as pool:
         whole = pool.refresh(datasets, 0, encoder)
     with KMeansPool(locator, sharded_cfg) as pool:
         sharded = pool.refresh(datasets, 0, encoder)

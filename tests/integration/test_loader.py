@@ -433,7 +433,7 @@ def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas, cli):
 
 def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atlas, cli):
     out = cli.process("bench", "kmeans", "--store", atlas.uri, "--encoder", "random", "--peers", "faiss",
-               "--set", "pseudolabel.niter=5", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "k.json"),
+               "--set", "pseudolabel.niter=5", "--gemm-size", "512", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "k.json"),
                cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "k.json").read_text())

@@ -20,17 +20,17 @@ from scpretrain_dist.config import resolve
 pytestmark = pytest.mark.slow
 
 
-def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas):
-    from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
+def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas, undisturbed):
+    from scpretrain_dist.pseudolabel.pool import PseudoLabels
     from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=["pretrain.epochs=2", "pretrain.num_workers=2", "pretrain.sparse_updates=true",
-                                  'pseudolabel.phase1_space="pca"', "model.embedding_dim=32"])
+                                  "model.embedding_dim=32"])
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
-    labels = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, 0)
-    path = labels.save(f"{cfg.work_dir}/labels.npz")
+    path = undisturbed.first_labels  # the first pseudo-labels of the atlas (the K-means pool's own tests are apart)
+    labels = PseudoLabels.load(path)
     n_genes = len(store.genes())
     worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
     ckpt, epochs = train_iterations(cfg, worker_cfg, "scale-test")
@@ -61,8 +61,11 @@ def _pretrain_small(cfg, store, work, log=lambda m: None, mlflow_run_id=None):
 @pytest.fixture(scope="module")
 def undisturbed(ray_atlas, tmp_path_factory):
     """An uninterrupted pretraining of SMALL_PRETRAINING: what interrupted ones must end with."""
-    result = _pretrain_small(*ray_atlas, tmp_path_factory.mktemp("undisturbed"))
+    work = tmp_path_factory.mktemp("undisturbed")
+    result = _pretrain_small(*ray_atlas, work)
     assert result.iterations_run == 2 and result.resumed_after_iteration is None
+    result.first_labels = work / "pretrain" / "t" / "pseudo_labels_v0.npz"  # phase 1 (PCA) of the test atlas
+    assert result.first_labels.is_file()
     return result
 
 
@@ -169,13 +172,12 @@ def _kill_a_training_worker_once(when):
         killed.append(len(set(train_workers()) - before))
 
 
-def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, tmp_path):
+def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, undisturbed, tmp_path):
     """SIGKILL to the training worker once its first epoch is logged, with pretrain.max_failures
     = 0: the training fails, naming the worker. (With retries: the test above.)"""
     import mlflow
     from ray.train import TrainingFailedError
 
-    from scpretrain_dist.pseudolabel.pool import refresh_pseudo_labels
     from scpretrain_dist.tracking.mlflow_runs import setup
     from scpretrain_dist.train.pretrain import loop_config, train_iterations
 
@@ -185,7 +187,7 @@ def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, 
                                   "pretrain.max_failures=0"])
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
-    path = refresh_pseudo_labels(locator, datasets, cfg.pseudolabel, 0).save(tmp_path / "labels.npz")
+    path = undisturbed.first_labels
     setup(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     with mlflow.start_run() as run:
