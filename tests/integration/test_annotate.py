@@ -261,7 +261,7 @@ def test_interrupted_store_run_resumes_without_redoing_or_duplicating(env, store
     from scpretrain_dist.serve.annotate import annotate_store
 
     before = snapshot(store)
-    kw = dict(embedding=True, block_size=40, workers=2, progress=False, log=lambda m: None)
+    kw = dict(embedding=True, block_size=40, workers=1, progress=False, log=lambda m: None)
     written: list = []
 
     def crash_after_five(res):
@@ -307,7 +307,7 @@ def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path, cli):
     shutil.copy(env["demo"] / "demo_02.h5ad", path)
     original = ad.read_h5ad(path)
     digest = sha256(path)
-    kw = dict(embedding=True, block_size=50, workers=2, progress=False, log=lambda m: None, in_place=True)
+    kw = dict(embedding=True, block_size=50, workers=1, progress=False, log=lambda m: None, in_place=True)
     written: list = []
 
     def crash_after_two(res):
