@@ -575,8 +575,7 @@ def _pyfunc_class():
                 except InputError as e:
                     raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
-    AnnotatorPyfunc.__module__ = __name__  # pickled by reference, as a class of this module
-    AnnotatorPyfunc.__qualname__ = "AnnotatorPyfunc"
+    AnnotatorPyfunc.__qualname__ = "AnnotatorPyfunc"  # pickled by reference, as this module's attribute
     return AnnotatorPyfunc
 
 

@@ -425,7 +425,7 @@ def _trainer_class():
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
-    return Trainer if hasattr(TorchTrainer, "_create_default_callbacks") else TorchTrainer
+    return Trainer
 
 
 def _fit(cfg: RunConfig, loop_config: WorkerConfig, name: str):

@@ -20,7 +20,7 @@ from scpretrain_dist.config import resolve
 pytestmark = pytest.mark.slow
 
 
-def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas, undisturbed):
+def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas, first_labels):
     from scpretrain_dist.pseudolabel.pool import PseudoLabels
     from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
 
@@ -29,10 +29,9 @@ def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas, undisturb
                                   "model.embedding_dim=32"])
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
-    path = undisturbed.first_labels  # the first pseudo-labels of the atlas (the K-means pool's own tests are apart)
-    labels = PseudoLabels.load(path)
+    labels = PseudoLabels.load(first_labels)
     n_genes = len(store.genes())
-    worker_cfg = loop_config(cfg, locator, datasets, path, n_genes, final_eval=True, check_replicas=True)
+    worker_cfg = loop_config(cfg, locator, datasets, first_labels, n_genes, final_eval=True, check_replicas=True)
     ckpt, epochs = train_iterations(cfg, worker_cfg, "scale-test")
     last = epochs[-1]
     assert last["replica_max_diff"] == 0.0  # both workers hold the same model after every step
@@ -59,14 +58,25 @@ def _pretrain_small(cfg, store, work, log=lambda m: None, mlflow_run_id=None):
 
 
 @pytest.fixture(scope="module")
-def undisturbed(ray_atlas, tmp_path_factory):
+def undisturbed_work(tmp_path_factory):
+    return tmp_path_factory.mktemp("undisturbed")
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_atlas, undisturbed_work):
     """An uninterrupted pretraining of SMALL_PRETRAINING: what interrupted ones must end with."""
-    work = tmp_path_factory.mktemp("undisturbed")
-    result = _pretrain_small(*ray_atlas, work)
+    result = _pretrain_small(*ray_atlas, undisturbed_work)
     assert result.iterations_run == 2 and result.resumed_after_iteration is None
-    result.first_labels = work / "pretrain" / "t" / "pseudo_labels_v0.npz"  # phase 1 (PCA) of the test atlas
-    assert result.first_labels.is_file()
     return result
+
+
+@pytest.fixture(scope="module")
+def first_labels(undisturbed, undisturbed_work):
+    """The undisturbed run's first pseudo-labels (phase 1, PCA, of the test atlas): training
+    tests start from them instead of a K-means pool of their own (the pool has its own tests)."""
+    path = undisturbed_work / "pretrain" / "t" / "pseudo_labels_v0.npz"
+    assert path.is_file()
+    return path
 
 
 def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas, undisturbed, tmp_path):
@@ -172,7 +182,7 @@ def _kill_a_training_worker_once(when):
         killed.append(len(set(train_workers()) - before))
 
 
-def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, undisturbed, tmp_path):
+def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, first_labels, tmp_path):
     """SIGKILL to the training worker once its first epoch is logged, with pretrain.max_failures
     = 0: the training fails, naming the worker. (With retries: the test above.)"""
     import mlflow
@@ -183,15 +193,14 @@ def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, 
 
     cfg, store = ray_atlas
     cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=6",
-                                  "pretrain.num_workers=1", 'pseudolabel.phase1_space="pca"', "model.embedding_dim=16",
+                                  "pretrain.num_workers=1", "model.embedding_dim=16",
                                   "pretrain.max_failures=0"])
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
-    path = undisturbed.first_labels
     setup(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     with mlflow.start_run() as run:
-        worker_cfg = loop_config(cfg, locator, datasets, path, len(store.genes()), mlflow_run_id=run.info.run_id)
+        worker_cfg = loop_config(cfg, locator, datasets, first_labels, len(store.genes()), mlflow_run_id=run.info.run_id)
         with _kill_a_training_worker_once(lambda: client.get_metric_history(run.info.run_id, "pretrain_loss")) as killed:
             with pytest.raises(TrainingFailedError, match="worker"):
                 train_iterations(cfg, worker_cfg, "kill-fail")
