@@ -112,6 +112,18 @@ def test_read_rows_keeps_request_order_and_repeats(demo_store):
     np.testing.assert_array_equal(rows, full.toarray()[[5, 0, 5, 17]])
 
 
+def test_reads_run_without_tiledbs_background_tile_merge():
+    """Our read contexts and tiledbsoma's default one have TileDB's background tile-merge
+    preprocessing off (a race in it crashed a process; scpretrain_dist/store/__init__.py)."""
+    import tiledbsoma as soma
+
+    from scpretrain_dist.store.soma import STREAM_READ_CONFIG, WHOLE_READ_CONFIG, _context
+
+    key = "sm.query.sparse_global_order.preprocess_tile_merge"
+    for context in (_context(STREAM_READ_CONFIG), _context(WHOLE_READ_CONFIG), soma.SOMATileDBContext()):
+        assert context.native_context.config()[key] == "0"
+
+
 def test_a_run_read_in_many_small_tables_equals_the_run_read_in_one(tmp_path, demo_entries, helpers):
     """A whole-dataset read arrives as several Arrow tables (cells split between two of them);
     the pieces are counted and copied table by table into one CSR."""
