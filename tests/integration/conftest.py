@@ -134,8 +134,9 @@ def _start_quickstart(name: str) -> None:
 
 
 # Modules that run longest, or wait longest (on the quickstarts), go to the pytest-xdist workers
-# first (`--dist loadfile --no-loadscope-reorder`; each worker starts with two modules, so a short
-# one pairs with each long one); the rest follow in the order collected.
+# first (`--dist loadfile --no-loadscope-reorder`; each worker starts with two modules, so a shorter
+# one pairs with each long one), then the longest unit modules; the short rest follow in the order
+# collected and fill the end, so the workers finish together.
 LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_kmeans_pool.py", "test_annotate.py",
               "test_loader.py", "test_experiment.py", "test_ray_paths.py", "test_loader_pretrain.py", "test_serve.py",
               "test_store.py", "test_sparse_training.py")
