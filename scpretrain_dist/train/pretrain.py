@@ -46,6 +46,11 @@ PROGRESS_FILE = "progress.json"
 RESULT_FILE = "result.json"
 
 
+def labels_file(out_dir: Path, version: int) -> Path:
+    """Where a pretraining (its folder ``out_dir``) keeps pseudo-labels v``version``."""
+    return Path(out_dir) / f"pseudo_labels_v{version}.npz"
+
+
 def load_result(path: str | Path) -> PretrainResult:
     """A pretraining's ``result.json`` (``scpretrain pretrain`` prints where), checked: readable,
     of the expected form, and naming an encoder that still exists."""
@@ -520,7 +525,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             client.metric("pseudo_label_nmi_mean", nmi["mean"], step=it + 1)
             client.metric("pseudo_label_nmi_min", nmi["min"], step=it + 1)
             log(f"  pseudo-labels v{it + 1} on embeddings: NMI to v{it} mean {nmi['mean']:.3f}, min {nmi['min']:.3f}")
-        path = new.save(out_dir / f"pseudo_labels_v{new.version}.npz")
+        path = new.save(labels_file(out_dir, new.version))
         save_progress(it, path)
         return new, path
 
@@ -532,7 +537,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
     if state is None:
         labels = refresh(0, None)
         log(f"  pseudo-labels v0 ({labels.space}): {len(datasets)} datasets in {time.perf_counter() - t0:.1f}s")
-        labels_path = labels.save(out_dir / f"pseudo_labels_v{labels.version}.npz")
+        labels_path = labels.save(labels_file(out_dir, labels.version))
         it = 0
     else:  # an interrupted run of these datasets and settings: continue after its last iteration
         history, encoder_path, it = state["history"], state["encoder_path"], resumed + 1
@@ -541,7 +546,7 @@ def _iterations(cfg, datasets, locator, n_genes, out_dir, tag, pool, client, mlf
             labels_path = Path(state["labels_path"])
             labels = PseudoLabels.load(labels_path)
         elif it < p.iterations:  # the crash came between training and re-clustering: do that now
-            previous = out_dir / f"pseudo_labels_v{resumed}.npz"
+            previous = labels_file(out_dir, resumed)
             labels, labels_path = recluster(resumed, PseudoLabels.load(previous) if previous.exists() else None)
     bar = progress(p.iterations * p.epochs, "pretrain", unit="epoch", initial=it * p.epochs)
     started = time.perf_counter()

@@ -71,7 +71,9 @@ def test_target_never_seen_in_pretraining(run):
     res = json.loads(result.read_text())
     assert res["datasets"] == ["demo_00", "demo_01", "demo_02"]
     assert res["iterations_run"] == 2
-    labels = np.load(Path(result).parent / "pseudo_labels_v1.npz")
+    from scpretrain_dist.train.pretrain import labels_file
+
+    labels = np.load(labels_file(Path(result).parent, 1))
     assert "labels/demo_03" not in labels.files
     # k = n / (50, 100, 200) with 500 cells per dataset
     assert labels["ks/demo_00"].tolist() == [10, 5, 2]

@@ -74,7 +74,9 @@ def undisturbed(ray_atlas, undisturbed_work):
 def first_labels(undisturbed, undisturbed_work):
     """The undisturbed run's first pseudo-labels (phase 1, PCA, of the test atlas): training
     tests start from them instead of a K-means pool of their own (the pool has its own tests)."""
-    path = undisturbed_work / "pretrain" / "t" / "pseudo_labels_v0.npz"
+    from scpretrain_dist.train.pretrain import labels_file
+
+    path = labels_file(undisturbed_work / "pretrain" / "t", 0)
     assert path.is_file()
     return path
 
