@@ -90,19 +90,12 @@ def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) ->
     return proc
 
 
-# The quickstart as a user runs it (a fresh process, its own Ray and MLflow) takes about two
-# minutes, mostly waiting on process start-ups; it starts in the background as soon as the tests
-# are collected, while the other modules run, and the tests that read it wait for it. Under
+# The quickstart as a user runs it (a fresh process, its own Ray and MLflow) takes about a minute,
+# mostly waiting on process start-ups; it starts in the background as soon as the tests are
+# collected, while the other modules run, and the tests that read it wait for it. Under
 # pytest-xdist every worker collects every test: the first to take the lock starts it, in the
-# run's shared folder, and any worker can wait for it there (its exit code lands in a file). A
-# second one on the zarr backend (its own work dir) checks that both backends give the same results.
-QUICKSTARTS = {
-    "soma": (),
-    # the same pretraining; its fine-tuning cut to two of the methods (their rows must equal the
-    # SOMA run's), without the clustering scores and figures
-    "zarr": ("--set", "store.backend=zarr", "--set", 'evaluate.methods=["scpretrain","logreg"]',
-             "--set", "evaluate.cluster=false", "--set", "evaluate.figures=false"),
-}
+# run's shared folder, and any worker can wait for it there (its exit code lands in a file).
+QUICKSTARTS = {"soma": ()}
 _RUN_IN_BACKGROUND = 'cd "$SCP_RUN" && "$@" >stdout 2>stderr; echo $? >rc.tmp && mv rc.tmp rc'
 
 

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -89,25 +91,33 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError("the head did not start in time:\n" + (self.root / "head.log").read_text()[-3000:])
 
-    def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """A `ray` command against this cluster, with its token."""
-        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=120, check=check)
+    def api(self, path: str, method: str = "GET", **params) -> dict | list:
+        """The dashboard's HTTP API (what Ray's `ray list` and `ray job` commands call), with the
+        cluster's token: in this process, where each `ray` command would start an interpreter."""
+        query = urllib.parse.urlencode(params, doseq=True)
+        req = urllib.request.Request(f"{self.dashboard}{path}" + (f"?{query}" if query else ""), method=method,
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
 
-    def state(self, kind: str, *filters: str) -> list[dict]:
-        args = ["list", kind, "--address", self.gcs, "--detail", "--format", "json", "--limit", "10000"]
-        for f in filters:
-            args += ["--filter", f]
-        out = self.ray(*args).stdout
-        return [] if out.startswith("No resource in the cluster") else json.loads(out)
+    def state(self, kind: str, **filters: str) -> list[dict]:
+        """Ray's state API: the ``kind`` (actors, nodes) whose fields equal ``filters``."""
+        body = self.api(f"/api/v0/{kind}", limit=10000, detail="true", filter_keys=list(filters),
+                        filter_predicates=["="] * len(filters), filter_values=list(filters.values()))
+        if not body["result"]:
+            raise RuntimeError(f"Ray's state API failed: {body['msg']}")
+        return body["data"]["result"]["result"]
+
+    def jobs(self) -> list[dict]:
+        return self.api("/api/jobs/")
 
     def wait_for_nodes(self, n: int, timeout: float = 90) -> None:
         end = time.time() + timeout
         while time.time() < end:
             try:
-                if len(self.state("nodes", "state=ALIVE")) >= n:
+                if len(self.state("nodes", state="ALIVE")) >= n:
                     return
-            except (subprocess.CalledProcessError, json.JSONDecodeError):
+            except (OSError, ValueError, KeyError):  # the dashboard is still starting
                 pass
             time.sleep(1)
         raise RuntimeError(f"fewer than {n} nodes joined:\n" + (self.root / "node2.log").read_text()[-3000:])
@@ -242,7 +252,7 @@ def postgres(tmp_path_factory, cli):
 
 def _train_workers(cluster: Cluster, before: set | None = None) -> list[dict]:
     """The training workers the cluster ran (dead ones included), less those in ``before``."""
-    actors = cluster.state("actors", "class_name=RayTrainWorker")
+    actors = cluster.state("actors", class_name="RayTrainWorker")
     return [a for a in actors if a["actor_id"] not in (before or set())]
 
 
@@ -393,7 +403,7 @@ def test_killed_worker_actor_and_driver_end_where_an_undisturbed_run_does(cluste
 
 
 def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path):
-    jobs_before = cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails")
+    jobs_before = len(cluster.jobs())
     cases = [
         (["--work-dir", "relative/dir", "--", "pretrain"], "must be an absolute path"),
         (["--work-dir", str(tmp_path), "--", "serve"], "give the command the job runs"),
@@ -407,11 +417,11 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path
     wrong = cluster.scpretrain("submit", "--address", cluster.dashboard, "--work-dir", tmp_path, "--", "pretrain",
                                extra_env={"RAY_AUTH_TOKEN": "0" * 64}, check=False)
     assert wrong.returncode == 2 and "token" in wrong.stderr, wrong.stderr
-    assert cluster.ray("job", "list", "--address", cluster.dashboard).stdout.count("JobDetails") == jobs_before
+    assert len(cluster.jobs()) == jobs_before
 
 
 def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres, postgres_mlflow_server, tmp_path):
-    """`ray job stop` sends the driver SIGTERM: its MLflow run, tracked by a server on
+    """Stopping the job (Ray's job API, as `ray job stop`) sends the driver SIGTERM: its MLflow run, tracked by a server on
     PostgreSQL, ends KILLED, not RUNNING."""
     import re
 
@@ -424,12 +434,9 @@ def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres
                              extra_env={"MLFLOW_TRACKING_URI": postgres_mlflow_server}).stdout
     job_id = re.search(r"submitted (\S+) to", out).group(1)
     _wait_for("the pretraining", lambda: _cluster_process(cluster, "ray::RayTrainWorker"))
-    cluster.ray("job", "stop", job_id, "--address", cluster.dashboard)
-    def status() -> str:
-        proc = cluster.ray("job", "status", job_id, "--address", cluster.dashboard, check=False)
-        return proc.stdout + proc.stderr  # Ray's CLI writes its messages to either
-
-    _wait_for("the job to stop", lambda: "was stopped" in status(), timeout=120, every=1)
+    assert cluster.api(f"/api/jobs/{job_id}/stop", method="POST")["stopped"]  # as `ray job stop`
+    _wait_for("the job to stop", lambda: cluster.api(f"/api/jobs/{job_id}")["status"] == "STOPPED", timeout=120,
+              every=0.5)
     assert not (work / "mlflow.db").exists()
     client = mlflow.MlflowClient(tracking_uri=postgres_mlflow_server)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

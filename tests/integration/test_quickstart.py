@@ -232,12 +232,20 @@ def test_each_held_out_type_is_scored_as_unknown_cells(run, cli, ray_session):
     assert "## Unknown cells" in md and f"demo_03 without {types[0]}" in md
 
 
-def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
+LODO = ("--protocol", "lodo", "--targets", "demo_03", "--methods", "scpretrain", "logreg", "--budgets", "50", "300",
+        *SHORT_FINETUNE, "--set", "evaluate.cluster=false")
+
+
+@pytest.fixture(scope="module")
+def soma_lodo(run, cli, ray_session):
     work, _ = run
-    proc = cli.run("evaluate", "--protocol", "lodo", "--targets", "demo_03", "--work-dir", str(work),
-                      "--methods", "scpretrain", "logreg", "--budgets", "50", "300",
-                      *SHORT_FINETUNE, "--set", "evaluate.cluster=false")
+    proc = cli.run("evaluate", "--work-dir", str(work), *LODO)
     assert proc.returncode == 0, proc.stderr
+    return work, proc
+
+
+def test_lodo_protocol_from_the_cli_reuses_the_encoder(soma_lodo, cli):
+    work, proc = soma_lodo
     assert "reusing cached encoder" in proc.stdout
     report = json.loads((work / "report_lodo" / "report.json").read_text())
     assert {(r["method"], r["budget"]) for r in report["rows"]} == {
@@ -250,25 +258,31 @@ def test_lodo_protocol_from_the_cli_reuses_the_encoder(run, cli, ray_session):
 METRICS = ("accuracy", "kappa", "macro_f1", "macro_auprc", "macro_auroc")
 
 
-def test_the_zarr_backend_runs_the_pipeline_with_the_same_results(run, cli):
-    """The quickstart with ``store.backend = "zarr"`` (two of its methods): ingest, pretraining,
-    fine-tuning, evaluation and store annotation read and write a zarr atlas, and every number
-    equals the SOMA run's (the same cells in the same order reach the same seeds)."""
+def test_the_zarr_backend_runs_the_pipeline_with_the_same_results(soma_lodo, cli, tmp_path):
+    """The quickstart's demo files ingested into a zarr atlas (``store.backend = "zarr"``), then
+    pretraining, fine-tuning and evaluation (lodo, two methods) and store annotation read and
+    write it: every number equals the SOMA atlas's (the same cells in the same order reach the
+    same seeds), the encoder bit for bit."""
     import torch
     import zarr
 
-    work, _ = run
-    zwork, zproc = cli.quickstart("zarr")
+    work, _ = soma_lodo
+    zwork = tmp_path / "zarr work"
+    zarr_backend = ("--work-dir", str(zwork), "--set", "store.backend=zarr")
+    r = cli.run("ingest", str(work / "demo_data"), *zarr_backend)
+    assert r.returncode == 0, r.stderr
     assert (zwork / "atlas.zarr" / "zarr.json").is_file() and not (zwork / "atlas.soma").exists()
     assert zarr.open_group(zwork / "atlas.zarr", mode="r").attrs["scpretrain.format"] == "csr/1"
+    r = cli.run("evaluate", *zarr_backend, *LODO)
+    assert r.returncode == 0, r.stderr
+    assert "reusing cached encoder" not in r.stdout  # pretrained on the zarr atlas
 
     def rows(w):
         return {(r["method"], r["budget"], r["seed"]): [r[k] for k in METRICS]
-                for r in json.loads((w / "report" / "report.json").read_text())["rows"]}
+                for r in json.loads((w / "report_lodo" / "report.json").read_text())["rows"]}
 
     zarr_rows = rows(zwork)
-    assert {k[0] for k in zarr_rows} == {"scpretrain", "logreg"}
-    assert zarr_rows == {k: v for k, v in rows(work).items() if k[0] in ("scpretrain", "logreg")}
+    assert {k[0] for k in zarr_rows} == {"scpretrain", "logreg"} and zarr_rows == rows(work)
     encoders = [json.loads(next((w / "pretrain").glob("*/result.json")).read_text())["encoder_path"]
                 for w in (work, zwork)]
     soma_state, zarr_state = (torch.load(p, map_location="cpu", weights_only=True) for p in encoders)
@@ -276,14 +290,14 @@ def test_the_zarr_backend_runs_the_pipeline_with_the_same_results(run, cli):
     for k in soma_state:
         assert torch.equal(soma_state[k], zarr_state[k]), k
 
-    # annotation of the zarr atlas in place: the same labels as the SOMA atlas gets, and a
-    # rerun finds every block done
-    for w, uri in ((work, work / "atlas.soma"), (zwork, zwork / "atlas.zarr")):
-        r = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", uri, "--work-dir", w,
+    # annotation of the zarr atlas in place by the quickstart's model: the same labels as the
+    # SOMA atlas gets, and a rerun finds every block done
+    for uri in (work / "atlas.soma", zwork / "atlas.zarr"):
+        r = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", uri, "--work-dir", work,
                     "--datasets", "demo_03", "--workers", "0", "--embedding")
         assert r.returncode == 0, r.stderr
     again = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", zwork / "atlas.zarr",
-                    "--work-dir", zwork, "--datasets", "demo_03", "--workers", "0", "--embedding")
+                    "--work-dir", work, "--datasets", "demo_03", "--workers", "0", "--embedding")
     assert again.returncode == 0 and re.search(r"\b0 of \d+ blocks to do", again.stdout + again.stderr), again.stdout
     from scpretrain_dist.store import open_atlas
 
