@@ -14,9 +14,8 @@ WORK ?= scpretrain_work
 unexport PYTHONDONTWRITEBYTECODE
 
 # ... but what the commands, Ray's processes and the tests all import is compiled once here, in two
-# processes (one per core, 12 s): otherwise the test workers, Ray's processes and the quickstart,
-# all starting at once, each compile the same modules (four imports at once from a venv without
-# bytecode took about 90 CPU-s, against 19 to compile once and 24 for the four imports after it).
+# processes (one per core, 12 s), before the test workers, Ray's processes and the quickstart
+# start at once and each compile the same modules.
 WARM_RAY := torch ray.train.torch ray.train.v2._internal.execution.controller ray.dashboard.agent \
 	ray.dashboard.dashboard ray._private.runtime_env.agent.main ray.util.state scpretrain_dist.train.pretrain \
 	scpretrain_dist.pseudolabel.pool
