@@ -15,7 +15,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 # One folder for the whole run, shared by every pytest-xdist worker (they inherit the controller's
-# environment): what one worker starts for all of them (the background quickstarts) lives there.
+# environment): what one worker starts for all of them (the background quickstart) lives there.
 RUN_SHARED = "SCPRETRAIN_TEST_RUN_DIR"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scrna"

@@ -95,38 +95,34 @@ def run_process(*args: str, check: bool = True, timeout: int = 900, cwd=None) ->
 # collected, while the other modules run, and the tests that read it wait for it. Under
 # pytest-xdist every worker collects every test: the first to take the lock starts it, in the
 # run's shared folder, and any worker can wait for it there (its exit code lands in a file).
-QUICKSTARTS = {"soma": ()}
 _RUN_IN_BACKGROUND = 'cd "$SCP_RUN" && "$@" >stdout 2>stderr; echo $? >rc.tmp && mv rc.tmp rc'
 
 
-def _quickstart_folder(name: str) -> Path:
-    return Path(os.environ["SCPRETRAIN_TEST_RUN_DIR"]) / f"quickstart-{name}"  # made by tests/conftest.py
+def _quickstart_folder() -> Path:
+    return Path(os.environ["SCPRETRAIN_TEST_RUN_DIR"]) / "quickstart"  # made by tests/conftest.py
 
 
-def _work_dir(name: str) -> Path:
-    folder = _quickstart_folder(name)
-    if name == "soma":  # a work dir as users have them: 120 characters, a space, non-ASCII letters
-        stem = str(folder / "wörk dïr ")
-        return Path(stem + "x" * max(0, 120 - len(stem)))
-    return folder / "work"
+def _work_dir() -> Path:
+    """A work dir as users have them: 120 characters, a space, non-ASCII letters."""
+    stem = str(_quickstart_folder() / "wörk dïr ")
+    return Path(stem + "x" * max(0, 120 - len(stem)))
 
 
-def _start_quickstart(name: str) -> None:
-    """Start quickstart ``name`` unless a process of this run (any worker) already has."""
-    folder = _quickstart_folder(name)
-    with open(folder.parent / "quickstarts.lock", "w") as lock:
+def _start_quickstart() -> None:
+    """Start the quickstart unless a process of this run (any worker) already has."""
+    folder = _quickstart_folder()
+    with open(folder.parent / "quickstart.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if folder.exists():
             return
         folder.mkdir()
-        cmd = [sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(_work_dir(name)),
-               *QUICKSTARTS[name]]
+        cmd = [sys.executable, "-m", "scpretrain_dist.cli", "quickstart", "--work-dir", str(_work_dir())]
         proc = subprocess.Popen(["/bin/sh", "-c", _RUN_IN_BACKGROUND, "sh", *cmd], env=os.environ | {"SCP_RUN": str(folder)},
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         (folder / "pid").write_text(str(proc.pid))
 
 
-# Modules that run longest, or wait longest (on the quickstarts), go to the pytest-xdist workers
+# Modules that run longest, or wait longest (on the quickstart), go to the pytest-xdist workers
 # first (`--dist loadfile --no-loadscope-reorder`; each worker starts with two modules, so a shorter
 # one pairs with each long one), then the longest unit modules; the short rest follow in the order
 # collected and fill the end, so the workers finish together.
@@ -137,28 +133,26 @@ LONG_FIRST = ("test_cluster.py", "test_quickstart.py", "test_scale.py", "test_km
 
 def pytest_collection_modifyitems(session, config, items):
     if any(item.path.name == "test_quickstart.py" for item in items):
-        for name in QUICKSTARTS:
-            _start_quickstart(name)
+        _start_quickstart()
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order
 
 
-def quickstart_run(backend: str = "soma", timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
+def quickstart_run(timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
     """The background quickstart's work dir and its finished process (stdout, stderr)."""
-    folder = _quickstart_folder(backend)
+    folder = _quickstart_folder()
     if not (folder / "pid").exists():
         raise RuntimeError("the quickstart was not started: its module was not collected")
     end = time.time() + timeout
     while not (folder / "rc").exists():
         if time.time() > end:
-            raise AssertionError(f"the {backend} quickstart did not finish in {timeout} s")
+            raise AssertionError(f"the quickstart did not finish in {timeout} s")
         time.sleep(0.5)
-    done = subprocess.CompletedProcess(["quickstart", backend], int((folder / "rc").read_text()),
+    done = subprocess.CompletedProcess(["quickstart"], int((folder / "rc").read_text()),
                                        (folder / "stdout").read_text(), (folder / "stderr").read_text())
     if done.returncode != 0:
-        raise AssertionError(f"the {backend} quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                             f"{done.stderr[-5000:]}")
-    return _work_dir(backend), done
+        raise AssertionError(f"the quickstart failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return _work_dir(), done
 
 
 def free_port() -> int:
