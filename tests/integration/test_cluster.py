@@ -421,8 +421,8 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(cluster, tmp_path
 
 
 def test_a_stopped_job_ends_its_mlflow_runs_killed(cluster, spread_run, postgres, postgres_mlflow_server, tmp_path):
-    """Stopping the job (Ray's job API, as `ray job stop`) sends the driver SIGTERM: its MLflow run, tracked by a server on
-    PostgreSQL, ends KILLED, not RUNNING."""
+    """Stopping the job (Ray's job API, which `ray job stop` calls) sends the driver SIGTERM: its
+    MLflow run, tracked by a server on PostgreSQL, ends KILLED, not RUNNING."""
     import re
 
     import mlflow
