@@ -292,12 +292,12 @@ def test_the_zarr_backend_runs_the_pipeline_with_the_same_results(soma_lodo, cli
 
     # annotation of the zarr atlas in place by the quickstart's model: the same labels as the
     # SOMA atlas gets, and a rerun finds every block done
+    annotate = ("annotate", "--model", "models:/scpretrain-annotator/1", "--work-dir", work, "--datasets", "demo_03",
+                "--workers", "0", "--embedding")
     for uri in (work / "atlas.soma", zwork / "atlas.zarr"):
-        r = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", uri, "--work-dir", work,
-                    "--datasets", "demo_03", "--workers", "0", "--embedding")
+        r = cli.run(*annotate, "--store-uri", uri)
         assert r.returncode == 0, r.stderr
-    again = cli.run("annotate", "--model", "models:/scpretrain-annotator/1", "--store-uri", zwork / "atlas.zarr",
-                    "--work-dir", work, "--datasets", "demo_03", "--workers", "0", "--embedding")
+    again = cli.run(*annotate, "--store-uri", zwork / "atlas.zarr")
     assert again.returncode == 0 and re.search(r"\b0 of \d+ blocks to do", again.stdout + again.stderr), again.stdout
     from scpretrain_dist.store import open_atlas
 
