@@ -36,7 +36,14 @@ class SparseBatch:
     cells_per_rank: tuple[int, ...] | None = None
 
     @classmethod
-    def from_csr(cls, X: sp.csr_matrix, device: torch.device | str = "cpu") -> SparseBatch:
+    def from_csr(cls, X: sp.csr_matrix, device: torch.device | str = "cpu", gathered: bool = True) -> SparseBatch:
+        """``gathered=False`` (a forward pass without a sparse gradient): the CSR's own arrays,
+        without the distinct genes, in its index type (``embedding_bag`` takes int32 or int64)."""
+        if not gathered:
+            index = np.promote_types(X.indices.dtype, X.indptr.dtype)
+            return cls(torch.from_numpy(X.indices.astype(index, copy=False)).to(device),
+                       torch.from_numpy(X.indptr[:-1].astype(index, copy=False)).to(device),
+                       torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device))
         # distinct genes by a presence mask: O(nnz + genes), cheaper than sorting the indices
         present = np.zeros(X.shape[1], dtype=bool)
         present[X.indices] = True

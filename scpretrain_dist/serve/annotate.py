@@ -132,6 +132,10 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
     """The unit of work: read one block, align its genes, predict."""
     t0 = time.perf_counter()
     X, genes = reader.read(block)
+    return _predict_block(annotator, block, X, genes, embedding, t0)
+
+
+def _predict_block(annotator: Annotator, block: Block, X, genes, embedding: bool, t0: float) -> BlockResult:
     p = annotator.predict_matrix(X, genes, block.source.value_type, embedding, merge_repeats=True)
     return BlockResult(block, p.codes.astype(np.int32), p.confidence, p.embedding, time.perf_counter() - t0)
 
@@ -163,13 +167,8 @@ def stream_results(blocks: list[Block], annotator: Annotator, embedding: bool,
     if not blocks:
         return
     if workers <= 0:
-        reader = BlockReader()
-        for b in blocks:
-            try:
-                res = annotate_block(annotator, reader, b, embedding)
-            except (InputError, StoreError) as e:
-                raise AnnotateError(f"{_where(b)}: {e}") from None
-            yield res
+        yield from _in_process(blocks, annotator, embedding,
+                               cfg.annotate.threads or max(1, len(os.sched_getaffinity(0)) // 2))
         return
     import ray
 
@@ -202,6 +201,39 @@ def stream_results(blocks: list[Block], annotator: Annotator, embedding: bool,
             ray.kill(a)
         if started:
             shutdown_ray()
+
+
+def _in_process(blocks: list[Block], annotator: Annotator, embedding: bool, threads: int) -> Iterator[BlockResult]:
+    """Results in block order: this thread reads the blocks, in order (one open file), while
+    ``threads`` threads predict them (numpy and torch release the GIL in their loops)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = BlockReader()
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="annotate")
+    running: deque = deque()
+
+    def result():
+        block, fut = running.popleft()
+        try:
+            return fut.result()
+        except (InputError, StoreError) as e:
+            raise AnnotateError(f"{_where(block)}: {e}") from None
+
+    try:
+        for b in blocks:
+            t0 = time.perf_counter()
+            try:
+                X, genes = reader.read(b)
+            except (InputError, StoreError) as e:
+                raise AnnotateError(f"{_where(b)}: {e}") from None
+            running.append((b, pool.submit(_predict_block, annotator, b, X, genes, embedding, t0)))
+            while len(running) > threads:  # one block read ahead per thread, no more
+                yield result()
+        while running:
+            yield result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _choose_workers(cfg: RunConfig, workers: int | None, cells: int, log) -> int:

@@ -114,6 +114,8 @@ class _GeneMap:
     src: np.ndarray  # input columns of known genes
     n_matched: int  # distinct model genes found
     repeats: bool  # two input columns name one model gene (summed, as ingest does)
+    all_known: bool  # every input column is a model gene
+    same_order: bool  # the input columns are the model's genes, in its order
 
 
 class Annotator:
@@ -167,8 +169,11 @@ class Annotator:
             row = self._ortholog_rows(cols, row)
         known = row >= 0
         matched = np.unique(row[known])
-        hit = _GeneMap(row, np.where(known, row, 0), known.astype(np.float32), np.flatnonzero(known),
-                       len(matched), len(matched) < int(known.sum()))
+        # int32 gene rows: the CSR's own index type, half the memory traffic of int64
+        index = np.int32 if len(self.genes) < 2**31 else np.int64
+        hit = _GeneMap(row, np.where(known, row, 0).astype(index), known.astype(np.float32), np.flatnonzero(known),
+                       len(matched), len(matched) < int(known.sum()), bool(known.all()),
+                       len(row) == len(self.genes) and bool((row == np.arange(len(row))).all()))
         if len(self._maps) >= _GENE_MAPS_CACHED:
             self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
@@ -270,8 +275,9 @@ class Annotator:
                                    shape=(X.shape[0], len(self.genes)))
                 Xm.sum_duplicates()
             else:  # unknown genes keep their slots with value 0: cheaper than compacting them out
-                Xm = sp.csr_matrix((X.data.astype(np.float32) * gm.known[X.indices], gm.safe_row[X.indices],
-                                    X.indptr), shape=(X.shape[0], len(self.genes)))
+                data = X.data.astype(np.float32) if gm.all_known else X.data.astype(np.float32) * gm.known[X.indices]
+                cols = X.indices if gm.same_order else gm.safe_row[X.indices]
+                Xm = sp.csr_matrix((data, cols, X.indptr), shape=(X.shape[0], len(self.genes)))
         else:
             Xm = np.zeros((X.shape[0], len(self.genes)), np.float32)
             np.add.at(Xm.T, gm.row[gm.src], np.asarray(X, np.float32)[:, gm.src].T)
@@ -286,7 +292,7 @@ class Annotator:
     @staticmethod
     def _batch(Xm):
         """The module's input: a SparseBatch over the model's gene rows, or a dense tensor."""
-        return SparseBatch.from_csr(Xm) if sp.issparse(Xm) else torch.from_numpy(Xm)
+        return SparseBatch.from_csr(Xm, gathered=False) if sp.issparse(Xm) else torch.from_numpy(Xm)
 
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
         Xm, value_type = self._normalised(X, gm, value_type)

@@ -95,6 +95,65 @@ def test_gene_map_is_cached_per_column_list(annotator):
     m3 = annotator.gene_map(["NOPE", *GENES[:30]])
     assert m3.row[0] == -1 and m3.known[0] == 0 and m3.src.tolist() == list(range(1, 31)) and m3.n_matched == 30
     assert annotator.gene_map([*GENES[:3], GENES[0].lower()], merge_repeats=True).repeats
+    # the shortcuts of the sparse path: the model's own columns, all of them known
+    assert (m1.same_order, m1.all_known) == (True, True)
+    assert (m2.same_order, m2.all_known) == (False, True)
+    assert (m3.same_order, m3.all_known) == (False, False)
+
+
+def test_the_models_own_columns_predict_as_any_other_order_and_the_input_is_left_alone(annotator, monkeypatch):
+    from scpretrain_dist.serve import pyfunc
+
+    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)  # the sparse path at any density
+    X = sp.csr_matrix(counts(40, seed=8))
+    before = (X.data.copy(), X.indices.copy(), X.indptr.copy())
+    own = annotator.predict_matrix(X, GENES, return_embedding=True)  # same order: no remapping
+    for a, b in zip(before, (X.data, X.indices, X.indptr)):
+        np.testing.assert_array_equal(a, b)
+    perm = np.random.default_rng(2).permutation(len(GENES))
+    shuffled = annotator.predict_matrix(sp.csr_matrix(X[:, perm]), GENES[perm], return_embedding=True)
+    extra = annotator.predict_matrix(sp.hstack([X, sp.csr_matrix(np.ones((40, 1), np.float32))]).tocsr(),
+                                     np.append(GENES, "NOT_A_MODEL_GENE"), return_embedding=True)
+    for other in (shuffled, extra):
+        assert other.labels.tolist() == own.labels.tolist()
+        np.testing.assert_allclose(other.confidence, own.confidence, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other.embedding, own.embedding, rtol=1e-5, atol=1e-6)
+
+
+def _h5ad(path, X):
+    import anndata as ad
+
+    ad.AnnData(sp.csr_matrix(X), var=pd.DataFrame(index=GENES)).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_in_process_blocks_come_back_in_order_with_the_whole_matrix_answer(annotator, tmp_path, threads):
+    from scpretrain_dist.config import RunConfig, resolve
+    from scpretrain_dist.serve.annotate import stream_results
+
+    X = counts(1000, seed=9)
+    whole = annotator.predict_matrix(sp.csr_matrix(X), GENES, "counts")
+    blocks = make_blocks(H5adSource(str(_h5ad(tmp_path / "q.h5ad", X)), "counts"), len(X), 64)
+    cfg = resolve(RunConfig(), overrides=[f"annotate.threads={threads}"])
+    got = list(stream_results(blocks, annotator, False, cfg, workers=0))
+    assert [r.block.index for r in got] == list(range(len(blocks)))
+    np.testing.assert_array_equal(np.concatenate([r.codes for r in got]), whole.codes)
+    np.testing.assert_allclose(np.concatenate([r.confidence for r in got]), whole.confidence, rtol=1e-6)
+
+
+def test_in_process_a_bad_block_is_named_and_stops_the_run(annotator, tmp_path):
+    from scpretrain_dist.config import RunConfig
+    from scpretrain_dist.serve.annotate import AnnotateError, stream_results
+
+    X = counts(300, seed=10)
+    X[130, 4] = np.nan
+    blocks = make_blocks(H5adSource(str(_h5ad(tmp_path / "bad.h5ad", X)), "counts"), len(X), 64)
+    seen = []
+    with pytest.raises(AnnotateError, match=r"bad\.h5ad, cells 128\.\.191: .*NaN"):
+        for r in stream_results(blocks, annotator, False, RunConfig(), workers=0):
+            seen.append(r.block.index)
+    assert seen == [0, 1]  # the blocks before it, in order
 
 
 def test_matrix_path_refuses_bad_input(annotator):
