@@ -114,11 +114,13 @@ class BlockReader:
             key = (src.locator, src.dataset)
             if key not in self._datasets:
                 store = src.locator.atlas()
-                cols = np.flatnonzero(store.dataset_gene_mask(src.dataset))
-                self._datasets[key] = (store, cols, store.genes()[cols])
+                mask = store.dataset_gene_mask(src.dataset)
+                cols = None if mask.all() else np.flatnonzero(mask)  # None: every atlas gene, no column copy
+                self._datasets[key] = (store, cols, store.genes() if cols is None else store.genes()[cols])
             store, cols, genes = self._datasets[key]
             ids = np.arange(src.joinid_start + block.start, src.joinid_start + block.stop, dtype=np.int64)
-            return store.read_rows(ids)[:, cols], genes
+            X = store.read_rows(ids)
+            return (X if cols is None else X[:, cols]), genes
         if src.path not in self._files:
             import anndata as ad
 
