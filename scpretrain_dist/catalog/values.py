@@ -31,16 +31,16 @@ def value_problem(values: np.ndarray) -> str | None:
         return None
     if values.dtype.kind not in "biuf":
         return f"values of type {values.dtype} (expected numbers)"
+    lo, hi = values.min(), values.max()  # two passes, no temporaries; a NaN makes both NaN
     if values.dtype.kind == "f":
-        bad = ~np.isfinite(values)
-        if bad.any():
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             return f"{int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} infinite values"
-        big = np.abs(values) > FLOAT32_MAX
-        if big.any():
+        if max(-float(lo), float(hi)) > FLOAT32_MAX:
+            big = np.abs(values) > FLOAT32_MAX
             return (f"{int(big.sum())} values beyond float32's range (|x| > {FLOAT32_MAX:.3g}, largest "
-                    f"{float(np.abs(values).max()):.3g})")
-    if values.min() < 0:
-        return f"{int((values < 0).sum())} negative values (smallest {float(values.min()):.4g}; scaled or centred data?)"
+                    f"{max(-float(lo), float(hi)):.3g})")
+    if lo < 0:
+        return f"{int((values < 0).sum())} negative values (smallest {float(lo):.4g}; scaled or centred data?)"
     return None
 
 

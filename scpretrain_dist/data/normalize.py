@@ -8,12 +8,18 @@ import scipy.sparse as sp
 TARGET_SUM = 1e4
 
 
-def to_linear(values: np.ndarray, value_type: str) -> np.ndarray:
-    """Undo the log of log-normalised values (clipped so no value overflows float32)."""
+def to_linear(values: np.ndarray, value_type: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Undo the log of log-normalised values (clipped so no value overflows float32); into
+    ``out`` when given (``values`` itself: in place)."""
     if value_type == "lognorm":
-        return np.expm1(np.minimum(values, 80.0))
+        return np.expm1(np.minimum(values, 80.0, out=out), out=out)
     if value_type == "log2norm":
-        return np.exp2(np.minimum(values, 120.0)) - 1.0
+        y = np.exp2(np.minimum(values, 120.0, out=out), out=out)
+        y -= 1.0
+        return y
+    if out is not None and out is not values:
+        out[...] = values
+        return out
     return values
 
 
@@ -37,13 +43,16 @@ def normalize_rows(X, value_types: np.ndarray | str, copy: bool = True):
         X *= np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
         return np.log1p(X, out=X)
     X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
-    row_of = None
-    for vt in ("lognorm", "log2norm"):
-        rows = types == vt
-        if rows.any():
-            row_of = np.repeat(np.arange(n), np.diff(X.indptr)) if row_of is None else row_of
-            sel = rows[row_of]
-            X.data[sel] = to_linear(X.data[sel], vt)
+    if n and (types == types[0]).all():  # one value type (a dataset, a file): in place, no cell index
+        to_linear(X.data, types[0], out=X.data)
+    else:
+        row_of = None
+        for vt in ("lognorm", "log2norm"):
+            rows = types == vt
+            if rows.any():
+                row_of = np.repeat(np.arange(n), np.diff(X.indptr)) if row_of is None else row_of
+                sel = rows[row_of]
+                X.data[sel] = to_linear(X.data[sel], vt)
     lib = np.asarray(X.sum(1)).ravel()
     scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
     _scale_rows(X, scale.astype(np.float32, copy=False))

@@ -191,6 +191,21 @@ def test_invalid_values_are_refused(annotator, counts):
         annotator.predict(neg)
 
 
+def test_value_problem_counts_each_kind_of_bad_value():
+    from scpretrain_dist.catalog.values import value_problem
+
+    ok = np.array([0, 1.5, 3e4], np.float32)
+    assert value_problem(ok) is None and value_problem(ok.astype(np.float64)) is None
+    assert value_problem(np.array([], np.float32)) is None and value_problem(np.array([0, 7])) is None
+    assert value_problem(np.array([1, np.nan, np.inf, -np.inf, np.nan], np.float32)) == "2 NaN and 2 infinite values"
+    assert value_problem(np.array([1, -np.inf])) == "0 NaN and 1 infinite values"
+    assert value_problem(np.array([1.0, 5e38, -6e38])).startswith("2 values beyond float32's range")
+    assert "largest 6e+38" in value_problem(np.array([1.0, 5e38, -6e38]))
+    assert value_problem(np.array([2.0, -0.5, -1.0], np.float32)).startswith("2 negative values (smallest -1;")
+    assert value_problem(np.array([3, -2])).startswith("1 negative values (smallest -2;")
+    assert value_problem(np.array(["a"])) == "values of type <U1 (expected numbers)"
+
+
 def test_empty_requests_are_refused(annotator, counts):
     with pytest.raises(InputError, match="no cells"):
         annotator.predict(counts.iloc[:0])
