@@ -401,7 +401,7 @@ class AnnotateConfig(_Checked):
     cpus_per_worker: float = setting(0.5, gt=0)
     # In this process (no actor pool): threads predicting blocks while this one reads the next;
     # 0: one per two CPUs the process may run on (torch already spreads each block's product over
-    # every core; more threads overlap numpy's one-core steps). 2 cores: 1, measured as fast as 2 or 3.
+    # every core; more threads overlap numpy's one-core steps).
     threads: int = setting(0, ge=0)
     # Without --workers, the actor pool is used only with a Ray cluster to spread over (ray.address,
     # RAY_ADDRESS, or a running Ray) and for jobs of at least this many cells; else in-process.

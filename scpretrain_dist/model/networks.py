@@ -45,7 +45,7 @@ class SparseBatch:
                        torch.from_numpy(X.indptr[:-1].astype(index, copy=False)).to(device),
                        torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device))
         # distinct genes by a presence count: O(nnz + genes), cheaper than sorting the indices
-        # (bincount and take: half the time of a boolean scatter and a fancy-index gather)
+        # (bincount and take: cheaper than a boolean scatter and a fancy-index gather)
         present = np.bincount(X.indices, minlength=X.shape[1]) > 0
         genes = np.flatnonzero(present)
         local = np.take(np.cumsum(present, dtype=np.int64) - 1, X.indices)

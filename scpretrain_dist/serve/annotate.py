@@ -243,8 +243,7 @@ def _choose_workers(cfg: RunConfig, workers: int | None, cells: int, log) -> int
     cluster to spread over (``ray.address``, ``RAY_ADDRESS`` as under ``ray job submit``, or a
     Ray already running) and the job has at least ``annotate.ray_min_cells`` cells. On one
     machine the in-process forward pass already uses every core, and starting Ray and actors
-    costs seconds that a pool on the same cores never wins back (measured: 3.2x CellTypist's
-    cells/s in-process vs 1.1x through the pool, 100k cells on 2 cores)."""
+    costs seconds that a pool on the same cores never wins back (docs/annotation.md)."""
     if workers is not None:
         return workers
     if cfg.annotate.workers <= 0:
