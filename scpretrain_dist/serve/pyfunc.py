@@ -175,7 +175,9 @@ class Annotator:
                        len(matched), len(matched) < int(known.sum()), bool(known.all()),
                        len(row) == len(self.genes) and bool((row == np.arange(len(row))).all()))
         if len(self._maps) >= _GENE_MAPS_CACHED:
-            self._maps.pop(next(iter(self._maps)))
+            # the oldest out; batch annotation's threads may evict at once, either one suffices
+            with contextlib.suppress(RuntimeError, KeyError, StopIteration):
+                self._maps.pop(next(iter(self._maps)))
         self._maps[key] = hit
         return hit
 

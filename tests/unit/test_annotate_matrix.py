@@ -95,6 +95,15 @@ def test_gene_map_is_cached_per_column_list(annotator):
     m3 = annotator.gene_map(["NOPE", *GENES[:30]])
     assert m3.row[0] == -1 and m3.known[0] == 0 and m3.src.tolist() == list(range(1, 31)) and m3.n_matched == 30
     assert annotator.gene_map([*GENES[:3], GENES[0].lower()], merge_repeats=True).repeats
+    # at most _GENE_MAPS_CACHED lists are kept, the oldest goes first
+    from scpretrain_dist.serve.pyfunc import _GENE_MAPS_CACHED
+
+    lists = [list(GENES[i : i + 30]) for i in range(_GENE_MAPS_CACHED + 1)]
+    first = annotator.gene_map(lists[0])
+    for cols in lists[1:]:
+        annotator.gene_map(cols)
+    assert len(annotator._maps) == _GENE_MAPS_CACHED
+    assert annotator.gene_map(lists[0]) is not first  # evicted, built again
     # the shortcuts of the sparse path: the model's own columns, all of them known
     assert (m1.same_order, m1.all_known) == (True, True)
     assert (m2.same_order, m2.all_known) == (False, True)
