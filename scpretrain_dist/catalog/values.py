@@ -35,10 +35,10 @@ def value_problem(values: np.ndarray) -> str | None:
     if values.dtype.kind == "f":
         if not (np.isfinite(lo) and np.isfinite(hi)):
             return f"{int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} infinite values"
-        if max(-float(lo), float(hi)) > FLOAT32_MAX:
-            big = np.abs(values) > FLOAT32_MAX
-            return (f"{int(big.sum())} values beyond float32's range (|x| > {FLOAT32_MAX:.3g}, largest "
-                    f"{max(-float(lo), float(hi)):.3g})")
+        largest = max(-float(lo), float(hi))
+        if largest > FLOAT32_MAX:
+            return (f"{int((np.abs(values) > FLOAT32_MAX).sum())} values beyond float32's range "
+                    f"(|x| > {FLOAT32_MAX:.3g}, largest {largest:.3g})")
     if lo < 0:
         return f"{int((values < 0).sum())} negative values (smallest {float(lo):.4g}; scaled or centred data?)"
     return None

@@ -8,18 +8,16 @@ import scipy.sparse as sp
 TARGET_SUM = 1e4
 
 
-def to_linear(values: np.ndarray, value_type: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Undo the log of log-normalised values (clipped so no value overflows float32); into
-    ``out`` when given (``values`` itself: in place)."""
+def to_linear(values: np.ndarray, value_type: str, in_place: bool = False) -> np.ndarray:
+    """Undo the log of log-normalised values (clipped so no value overflows float32), into
+    ``values`` itself with ``in_place``."""
+    out = values if in_place else None
     if value_type == "lognorm":
         return np.expm1(np.minimum(values, 80.0, out=out), out=out)
     if value_type == "log2norm":
         y = np.exp2(np.minimum(values, 120.0, out=out), out=out)
         y -= 1.0
         return y
-    if out is not None and out is not values:
-        out[...] = values
-        return out
     return values
 
 
@@ -44,7 +42,7 @@ def normalize_rows(X, value_types: np.ndarray | str, copy: bool = True):
         return np.log1p(X, out=X)
     X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
     if n and (types == types[0]).all():  # one value type (a dataset, a file): in place, no cell index
-        to_linear(X.data, types[0], out=X.data)
+        to_linear(X.data, types[0], in_place=True)
     else:
         row_of = None
         for vt in ("lognorm", "log2norm"):

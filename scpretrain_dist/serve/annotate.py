@@ -205,6 +205,15 @@ def stream_results(blocks: list[Block], annotator: Annotator, embedding: bool,
             shutdown_ray()
 
 
+@contextmanager
+def _named(block: Block):
+    """A block's bad input (or unreadable store) as an AnnotateError that says which cells."""
+    try:
+        yield
+    except (InputError, StoreError) as e:
+        raise AnnotateError(f"{_where(block)}: {e}") from None
+
+
 def _in_process(blocks: list[Block], annotator: Annotator, embedding: bool, threads: int) -> Iterator[BlockResult]:
     """Results in block order: this thread reads the blocks, in order (one open file), while
     ``threads`` threads predict them (numpy and torch release the GIL in their loops)."""
@@ -217,18 +226,14 @@ def _in_process(blocks: list[Block], annotator: Annotator, embedding: bool, thre
 
     def result():
         block, fut = running.popleft()
-        try:
+        with _named(block):
             return fut.result()
-        except (InputError, StoreError) as e:
-            raise AnnotateError(f"{_where(block)}: {e}") from None
 
     try:
         for b in blocks:
             t0 = time.perf_counter()
-            try:
+            with _named(b):
                 X, genes = reader.read(b)
-            except (InputError, StoreError) as e:
-                raise AnnotateError(f"{_where(b)}: {e}") from None
             running.append((b, pool.submit(_predict_block, annotator, b, X, genes, embedding, t0)))
             while len(running) > threads:  # one block read ahead per thread, no more
                 yield result()

@@ -114,8 +114,12 @@ class _GeneMap:
     src: np.ndarray  # input columns of known genes
     n_matched: int  # distinct model genes found
     repeats: bool  # two input columns name one model gene (summed, as ingest does)
-    all_known: bool  # every input column is a model gene
     same_order: bool  # the input columns are the model's genes, in its order
+
+    @property
+    def all_known(self) -> bool:
+        """Every input column is a model gene."""
+        return len(self.src) == len(self.row)
 
 
 class Annotator:
@@ -172,7 +176,7 @@ class Annotator:
         # int32 gene rows: the CSR's own index type, half the memory traffic of int64
         index = np.int32 if len(self.genes) < 2**31 else np.int64
         hit = _GeneMap(row, np.where(known, row, 0).astype(index), known.astype(np.float32), np.flatnonzero(known),
-                       len(matched), len(matched) < int(known.sum()), bool(known.all()),
+                       len(matched), len(matched) < int(known.sum()),
                        len(row) == len(self.genes) and bool((row == np.arange(len(row))).all()))
         if len(self._maps) >= _GENE_MAPS_CACHED:
             # the oldest out; batch annotation's threads may evict at once, either one suffices
@@ -277,7 +281,9 @@ class Annotator:
                                    shape=(X.shape[0], len(self.genes)))
                 Xm.sum_duplicates()
             else:  # unknown genes keep their slots with value 0: cheaper than compacting them out
-                data = X.data.astype(np.float32) if gm.all_known else X.data.astype(np.float32) * gm.known[X.indices]
+                data = X.data.astype(np.float32)
+                if not gm.all_known:
+                    data *= gm.known[X.indices]
                 cols = X.indices if gm.same_order else gm.safe_row[X.indices]
                 Xm = sp.csr_matrix((data, cols, X.indptr), shape=(X.shape[0], len(self.genes)))
         else:
