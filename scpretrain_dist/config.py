@@ -326,7 +326,9 @@ class FinetuneConfig(_Checked):
     # (with at least ``ssl_guard_min_cells`` of them) that the supervised model calls with
     # calibrated confidence >= ``ssl_guard_confidence``, agrees on fewer than
     # ``ssl_guard_agreement`` of all those cells, or its calls' type mix is further from the
-    # query's EM-estimated mix than the supervised calls' by more than ``ssl_guard_mix_shift``
+    # query's EM-estimated mix than the supervised calls' by more than ``ssl_guard_mix_shift``,
+    # or than a mix counted on that many query cells strays by chance where that is less
+    # (train.finetune.mix_margin)
     ssl_guard: bool = True
     ssl_guard_val_drop: float = setting(0.02, ge=0, le=1)
     ssl_guard_confidence: float = setting(0.9, ge=0, le=1)

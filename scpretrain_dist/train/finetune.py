@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -180,6 +181,15 @@ class FinetuneResult:
     guard: GuardVerdict | None = None  # semi-supervised runs: the guard's verdict (see ``finetune_semi_supervised``)
 
 
+def mix_margin(cfg: FinetuneConfig, n_types: int, n_cells: int) -> float:
+    """How much further from the query's estimated type mix the semi-supervised calls may be than
+    the supervised ones: ``ssl_guard_mix_shift``, or less on a large query, the most that a mix of
+    ``n_types`` types counted on ``n_cells`` cells strays from its expectation by chance (mean
+    total variation, at most sqrt((k - 1) / (2 pi n)), reached by an even mix). A drift beyond
+    that noise is the model's, not the sample's."""
+    return min(cfg.ssl_guard_mix_shift, math.sqrt(max(n_types - 1, 0) / (2 * math.pi * max(n_cells, 1))))
+
+
 def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: float,
                           supervised_proba: np.ndarray, semi_calls: np.ndarray, cfg: FinetuneConfig,
                           classes=None, query_prior: np.ndarray | None = None) -> GuardVerdict:
@@ -190,7 +200,7 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
     them of which it keeps less than ``ssl_guard_retention``, (3) it agrees with fewer than
     ``ssl_guard_agreement`` of all those cells, or (4) its mix of calls strays further from the
     query's EM-estimated type mix than the supervised model's does, by more than
-    ``ssl_guard_mix_shift`` (total variation: the share of cells that would have to change type;
+    :func:`mix_margin` (total variation: the share of cells that would have to change type;
     adapting to the query should bring the calls nearer its mix, not move a population on its
     own). ``supervised_proba``: the supervised model's
     calibrated query probabilities; ``semi_calls``: the semi-supervised calls; ``query_prior``:
@@ -227,7 +237,7 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
                   f"the semi-supervised one keeps {worst_keep:.0%} (a population pulled onto another type)")
     elif n and agreement < cfg.ssl_guard_agreement:
         reason = f"it agrees on {agreement:.0%} of the {n} query cells the supervised model calls confidently"
-    elif d_semi > d_sup + cfg.ssl_guard_mix_shift:
+    elif d_semi > d_sup + mix_margin(cfg, supervised_proba.shape[1], len(sup_calls)):
         reason = (f"its calls' type mix is {d_semi:.3f} from the query's estimated mix (total variation), the "
                   f"supervised model's {d_sup:.3f}")
     return GuardVerdict(reason != "kept", reason, float(val_accuracy_supervised), float(val_accuracy_semi), n,

@@ -14,6 +14,7 @@ from scpretrain_dist.train.finetune import (
     SemiSupervised,
     finetune,
     finetune_semi_supervised,
+    mix_margin,
     predict_logits,
     semi_supervised_guard,
 )
@@ -97,6 +98,23 @@ def test_guard_falls_back_when_the_calls_stray_from_the_query_mix():
     towards[100:130] = 2
     v = semi_supervised_guard(0.95, 0.95, _confident(skewed, 3, p=0.6), towards, loose, query_prior=mix)
     assert not v.fallback and v.mix_distance_semi < v.mix_distance_supervised
+
+
+def test_the_mix_margin_shrinks_to_the_sampling_noise_of_a_large_query():
+    # the same drift (3% of the cells moved from type 1 to type 2) is within chance on 300 cells
+    # and beyond it on 6,000
+    assert mix_margin(CFG, 3, 300) == pytest.approx((2 / (2 * np.pi * 300)) ** 0.5)  # 0.033 < 0.05
+    assert mix_margin(CFG, 3, 20) == CFG.ssl_guard_mix_shift  # a small query: the setting caps it
+    mix = np.array([1 / 3, 1 / 3, 1 / 3])
+    for n, fallback in ((100, False), (2000, True)):
+        sup = np.repeat([0, 1, 2], n)
+        semi = sup.copy()
+        semi[n:n + int(0.09 * n)] = 2
+        v = semi_supervised_guard(0.95, 0.95, _confident(sup, 3), semi, CFG, query_prior=mix)
+        assert v.mix_distance_semi == pytest.approx(0.03, abs=1e-3)
+        assert v.fallback is fallback and (v.reason == "kept") is not fallback, (n, v.reason)
+        if fallback:
+            assert "type mix" in v.reason
 
 
 def _cells(n, seed, shift=0.0):
