@@ -14,14 +14,17 @@ WORK ?= scpretrain_work
 unexport PYTHONDONTWRITEBYTECODE
 
 # ... but what the commands, Ray's processes and the tests all import is compiled once here, in two
-# processes (one per core, 12 s), before the test workers, Ray's processes and the quickstart
-# start at once and each compile the same modules.
-WARM_RAY := torch ray.train.torch ray.train.v2._internal.execution.controller ray.dashboard.agent \
-	ray.dashboard.dashboard ray._private.runtime_env.agent.main ray.util.state scpretrain_dist.train.pretrain \
-	scpretrain_dist.pseudolabel.pool
-WARM_REST := scpretrain_dist.cli scpretrain_dist.pipeline scpretrain_dist.evaluate.protocols \
-	scpretrain_dist.evaluate.figures scpretrain_dist.serve.annotate scpretrain_dist.serve.server mlflow.pyfunc \
-	matplotlib.pyplot tiledbsoma zarr anndata faiss sklearn.linear_model sklearn.svm
+# processes (one per core), before the test workers, Ray's processes and the quickstart start at
+# once and each compile the same modules. That includes what torch imports on first use, not on
+# `import torch`: an optimizer (torch._dynamo, sympy), DDP (torch.distributed's tensor and FSDP
+# packages); and MLflow's SQL store.
+WARM_RAY := torch torch._dynamo torch.distributed.fsdp ray.train.torch ray.train.v2._internal.execution.controller \
+	ray.dashboard.agent ray.dashboard.dashboard ray._private.runtime_env.agent.main ray.util.state \
+	scpretrain_dist.train.pretrain scpretrain_dist.pseudolabel.pool
+# (what needs torch last, when the other process has compiled it)
+WARM_REST := mlflow.pyfunc mlflow.store.tracking.sqlalchemy_store matplotlib.pyplot tiledbsoma zarr anndata faiss \
+	sklearn.linear_model sklearn.svm scpretrain_dist.cli scpretrain_dist.pipeline scpretrain_dist.evaluate.protocols \
+	scpretrain_dist.evaluate.figures scpretrain_dist.serve.annotate scpretrain_dist.serve.server
 IMPORT = $(BIN)/python -W ignore -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 WARM_UP = $(IMPORT) $(WARM_RAY) & ray=$$!; $(IMPORT) $(WARM_REST) && wait $$ray
 

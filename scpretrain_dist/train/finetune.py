@@ -237,9 +237,9 @@ def semi_supervised_guard(val_accuracy_supervised: float, val_accuracy_semi: flo
                   f"the semi-supervised one keeps {worst_keep:.0%} (a population pulled onto another type)")
     elif n and agreement < cfg.ssl_guard_agreement:
         reason = f"it agrees on {agreement:.0%} of the {n} query cells the supervised model calls confidently"
-    elif d_semi > d_sup + mix_margin(cfg, supervised_proba.shape[1], len(sup_calls)):
+    elif d_semi > d_sup + (margin := mix_margin(cfg, supervised_proba.shape[1], len(sup_calls))):
         reason = (f"its calls' type mix is {d_semi:.3f} from the query's estimated mix (total variation), the "
-                  f"supervised model's {d_sup:.3f}")
+                  f"supervised model's {d_sup:.3f}: more than the {margin:.3f} allowed on {len(sup_calls)} cells")
     return GuardVerdict(reason != "kept", reason, float(val_accuracy_supervised), float(val_accuracy_semi), n,
                         agreement, worst, worst_keep, d_sup, d_semi)
 

@@ -114,7 +114,7 @@ def test_the_mix_margin_shrinks_to_the_sampling_noise_of_a_large_query():
         assert v.mix_distance_semi == pytest.approx(0.03, abs=1e-3)
         assert v.fallback is fallback and (v.reason == "kept") is not fallback, (n, v.reason)
         if fallback:
-            assert "type mix" in v.reason
+            assert "type mix" in v.reason and "the 0.007 allowed on 6000 cells" in v.reason
 
 
 def _cells(n, seed, shift=0.0):
