@@ -90,7 +90,7 @@ def transfer_matrix(rows: list[dict]) -> tuple[pd.DataFrame, dict[str, pd.DataFr
     """Of a pairwise transfer (rows named "<reference> -> <query>"), per method: the mean over
     pairs of accuracy and macro-F1 (each pair's mean over seeds first) and the worst pair; and
     {method: reference x query accuracy}. Empty without such rows."""
-    pair = [r for r in rows if "held_out" not in r and r.get("query")
+    pair = [r for r in rows if "held_out" not in r and r.get("query") and r.get("references")
             and r["dataset"] == f"{r['references']} -> {r['query']}"]
     if not pair:
         return pd.DataFrame(), {}

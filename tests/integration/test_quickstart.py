@@ -147,6 +147,32 @@ def test_reingest_is_noop_and_bad_file_leaves_store_unchanged(run, tmp_path, cli
 SHORT_FINETUNE = ("--set", "finetune.seeds=[0]", "--set", "finetune.max_epochs=25")
 
 
+def test_finetune_with_a_query_registers_the_semi_supervised_model(run, tmp_path, cli, ray_session):
+    """`finetune --query` as docs/evaluation.md runs it, figures on: the target fine-tuned with and
+    without the query's unlabelled cells, the report and its figures written, and the registered
+    model's lineage naming the query and whether the guard fell back. A copy of the atlas in a
+    work dir of its own, so the quickstart's registry keeps its champion."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    work, _ = run
+    (result,) = (work / "pretrain").glob("*/result.json")
+    mine = tmp_path / "work"
+    shutil.copytree(work / "atlas.soma", mine / "atlas.soma")
+    r = cli.run("finetune", "--work-dir", mine, "--target", "demo_03", "--query", "demo_02", "--pretrain-result", result,
+                *SHORT_FINETUNE, "--set", "evaluate.budgets=[100]", "--set", "evaluate.cluster=false",
+                "--set", 'evaluate.methods=["scpretrain","scpretrain_ssl"]', "--out", mine / "report")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((mine / "report" / "report.json").read_text())["rows"]
+    ssl = [x for x in rows if x["method"] == "scpretrain_ssl"]
+    assert ssl and all(x["query"] == "demo_02" and x["ssl_guard"] for x in ssl)
+    assert "confusion_demo_03_scpretrain.png" in r.stdout
+    assert (mine / "report" / "confusion_demo_03_scpretrain.png").stat().st_size > 5_000
+    mv = MlflowClient(f"sqlite:///{mine / 'mlflow.db'}").get_model_version_by_alias("scpretrain-annotator", "champion")
+    assert mv.tags["semi_supervised_query"] == "demo_02" and mv.tags["ssl_fallback"] in ("true", "false")
+
+
 def test_transfer_protocol_reuses_the_encoder_and_refuses_bad_input(run, tmp_path, cli, ray_session):
     work, _ = run
     common = ["--work-dir", str(work), *SHORT_FINETUNE, "--set", 'pretrain.exclude_datasets=["demo_03"]']
