@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ WEIGHTS = "weights.npz"
 META = "annotator.json"
 MAX_CELLS_PER_REQUEST = 100_000  # larger jobs belong to batch annotation
 _GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repeat theirs)
+# guards every annotator's gene-map cache in this process (batch annotation predicts on threads);
+# module-level, so an annotator still pickles (Ray's object store)
+_GENE_MAPS_LOCK = threading.Lock()
 _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero values
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
 PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
@@ -178,11 +182,10 @@ class Annotator:
         hit = _GeneMap(row, np.where(known, row, 0).astype(index), known.astype(np.float32), np.flatnonzero(known),
                        len(matched), len(matched) < int(known.sum()),
                        len(row) == len(self.genes) and bool((row == np.arange(len(row))).all()))
-        if len(self._maps) >= _GENE_MAPS_CACHED:
-            # the oldest out; batch annotation's threads may evict at once, either one suffices
-            with contextlib.suppress(RuntimeError, KeyError, StopIteration):
-                self._maps.pop(next(iter(self._maps)))
-        self._maps[key] = hit
+        with _GENE_MAPS_LOCK:
+            if len(self._maps) >= _GENE_MAPS_CACHED:
+                self._maps.pop(next(iter(self._maps)))  # the oldest out
+            self._maps[key] = hit
         return hit
 
     def _ortholog_rows(self, cols: list[str], row: np.ndarray) -> np.ndarray:
