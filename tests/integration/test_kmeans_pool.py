@@ -15,43 +15,38 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("space", ["pca", "embedding"])
-def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, space, tmp_path):
+def test_sharded_refresh_equals_whole_dataset_refresh(ray_atlas, tmp_path):
+    """In PCA space and in an encoder's embedding, each from the store (no cells kept between
+    refreshes): the same labels from one actor clustering whole datasets, from two actors each
+    holding half of every dataset, and from this process."""
+    from scpretrain_dist.pseudolabel.features import read_encoder
     from scpretrain_dist.pseudolabel.pool import KMeansPool, cluster_dataset
 
     cfg, store = ray_atlas
     locator = store.locator.pinned()
     datasets = [r.name for r in store.datasets()]
-    encoder = None
-    if space == "embedding":
-        gen = torch.Generator().manual_seed(0)
-        n_genes = len(store.genes())
-        encoder = str(tmp_path / "encoder.pt")
-        torch.save({"weight": torch.randn(n_genes, 16, generator=gen) * 0.1,
-                    "bias": torch.zeros(16)}, encoder)
-    whole_cfg = dataclasses.replace(cfg.pseudolabel, phase1_space="pca", num_actors=2)
+    gen = torch.Generator().manual_seed(0)
+    encoder = str(tmp_path / "encoder.pt")
+    torch.save({"weight": torch.randn(len(store.genes()), 16, generator=gen) * 0.1, "bias": torch.zeros(16)}, encoder)
+    whole_cfg = dataclasses.replace(cfg.pseudolabel, phase1_space="pca", num_actors=2, init_sample_cells=250,
+                                    cache_bytes=0)
     # every dataset is "too large": each is split over both actors; the k-means++ sample is
     # smaller than a dataset, so the driver gathers it from the actors
-    sharded_cfg = dataclasses.replace(whole_cfg, shard_threshold_cells=100, init_sample_cells=250)
-    with KMeansPool(locator, dataclasses.replace(whole_cfg, init_sample_cells=250), n_actors=1) as pool:
-        whole = pool.refresh(datasets, 0, encoder)
-    with KMeansPool(locator, sharded_cfg) as pool:
-        sharded = pool.refresh(datasets, 0, encoder)
-    assert whole.space == sharded.space == space
-    for d in datasets:
-        assert whole.stats[d]["shards"] == 1 and sharded.stats[d]["shards"] == 2
-        assert whole.ks[d] == sharded.ks[d] == [6, 3, 2]
-        np.testing.assert_array_equal(sharded.labels[d], whole.labels[d])
-        np.testing.assert_allclose(sharded.stats[d]["objectives"], whole.stats[d]["objectives"], rtol=1e-5)
-    # and both equal clustering the dataset in this process
-    enc = None
-    if encoder:
-        from scpretrain_dist.pseudolabel.features import read_encoder
-
-        enc = read_encoder(encoder)
-    local, ks, _ = cluster_dataset(locator.atlas(), datasets[0],
-                                   dataclasses.replace(whole_cfg, init_sample_cells=250), space, enc)
-    np.testing.assert_array_equal(local, whole.labels[datasets[0]])
+    sharded_cfg = dataclasses.replace(whole_cfg, shard_threshold_cells=100)
+    with KMeansPool(locator, whole_cfg, n_actors=1) as whole_pool, KMeansPool(locator, sharded_cfg) as sharded_pool:
+        for space, enc_path in (("pca", None), ("embedding", encoder)):
+            whole, sharded = whole_pool.refresh(datasets, 0, enc_path), sharded_pool.refresh(datasets, 0, enc_path)
+            assert whole.space == sharded.space == space
+            for d in datasets:
+                assert not whole.stats[d]["cells_cached"] and not sharded.stats[d]["cells_cached"]
+                assert whole.stats[d]["shards"] == 1 and sharded.stats[d]["shards"] == 2
+                assert whole.ks[d] == sharded.ks[d] == [6, 3, 2]
+                np.testing.assert_array_equal(sharded.labels[d], whole.labels[d])
+                np.testing.assert_allclose(sharded.stats[d]["objectives"], whole.stats[d]["objectives"], rtol=1e-5)
+            # and both equal clustering the dataset in this process
+            local, _, _ = cluster_dataset(locator.atlas(), datasets[0], whole_cfg, space,
+                                          read_encoder(enc_path) if enc_path else None)
+            np.testing.assert_array_equal(local, whole.labels[datasets[0]])
 
 
 def _kill_actor(actor) -> None:

@@ -1,12 +1,11 @@
-"""Pretraining on a real local Ray and a SOMA store on disk: sparse row updates over 2 Ray
-Train workers keep the replicas identical, and an interrupted pretraining (a crashed driver, a
-killed training worker) ends where an undisturbed one does."""
+"""Pretraining on a real local Ray and a SOMA store on disk: an interrupted pretraining (a
+crashed driver, a killed training worker) ends where an undisturbed one does. (Two training
+workers keeping identical replicas with sparse row updates: test_loader_pretrain.py.)"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
@@ -18,28 +17,6 @@ import pytest
 from scpretrain_dist.config import resolve
 
 pytestmark = pytest.mark.slow
-
-
-def test_pretraining_with_sparse_updates_on_two_ray_workers(ray_atlas, first_labels):
-    from scpretrain_dist.pseudolabel.pool import PseudoLabels
-    from scpretrain_dist.train.pretrain import load_encoder, loop_config, train_iterations
-
-    cfg, store = ray_atlas
-    cfg = resolve(cfg, overrides=["pretrain.epochs=2", "pretrain.num_workers=2", "pretrain.sparse_updates=true",
-                                  "model.embedding_dim=32"])
-    locator = store.locator.pinned()
-    datasets = [r.name for r in store.datasets()]
-    labels = PseudoLabels.load(first_labels)
-    n_genes = len(store.genes())
-    worker_cfg = loop_config(cfg, locator, datasets, first_labels, n_genes, final_eval=True, check_replicas=True)
-    ckpt, epochs = train_iterations(cfg, worker_cfg, "scale-test")
-    last = epochs[-1]
-    assert last["replica_max_diff"] == 0.0  # both workers hold the same model after every step
-    uniform = sum(math.log(k) for k in labels.ks[datasets[0]])  # loss of a uniform prediction
-    assert last["final_eval_loss"] < uniform
-    assert len(last["peak_rss_mib_per_worker"]) == 2 and min(last["peak_rss_mib_per_worker"]) > 0
-    enc = load_encoder(f"{ckpt}/encoder.pt")
-    assert enc["weight"].shape == (n_genes, 32) and np.isfinite(enc["weight"]).all()
 
 
 class Crash(RuntimeError):

@@ -3,6 +3,7 @@ against torch's Adam, and the gradient all-reduce of the touched rows over real 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -227,6 +228,14 @@ def _rank_batches(rank):
     return X, didx, _labels(didx, 20 + rank)
 
 
+def _run_ranks(fn, *args) -> None:
+    """``fn(rank, 2, *args)`` on two processes forked from a server that imported torch (with
+    the part its optimizers import on first use) and this module once: spawned, each rank would
+    import them again, seconds of CPU apiece."""
+    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", __name__])
+    mp.start_processes(fn, args=(2, *args), nprocs=2, join=True, start_method="forkserver")
+
+
 def _exit_without_finalizing():
     """A worker that did its work and wrote its results leaves at once: now and then gloo's
     threads aborted the process (SIGABRT, "terminate called without an active exception")
@@ -267,8 +276,7 @@ def _worker(rank, world, init_file, out_dir, wire="float32"):
 
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
 def test_row_grad_sync_over_two_gloo_ranks_averages_the_touched_rows(tmp_path, wire):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), wire), nprocs=2,
-                       join=True, start_method="spawn")
+    _run_ranks(_worker, str(tmp_path / "init"), str(tmp_path), wire)
     # bfloat16 keeps 8 significant bits of each rank's gradient and of their sum
     tol = {"rtol": 1e-5, "atol": 1e-6} if wire == "float32" else {"rtol": 2e-2, "atol": 1e-4}
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -348,10 +356,8 @@ def test_gene_sharded_encoder_over_two_gloo_ranks_gives_the_mean_gradient(tmp_pa
     float rounding) and are equal on both ranks; handing each rank the combined batches gives
     the same numbers as gathering them."""
     for source in ("gather", "local"):
-        mp.start_processes(_sharded_worker, args=(2, str(tmp_path / f"init_{source}"), str(tmp_path), source),
-                           nprocs=2, join=True, start_method="spawn")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init_rep"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+        _run_ranks(_sharded_worker, str(tmp_path / f"init_{source}"), str(tmp_path), source)
+    _run_ranks(_worker, str(tmp_path / "init_rep"), str(tmp_path))
     r = [torch.load(tmp_path / f"gather{k}.pt") for k in (0, 1)]
     ref = PretrainModel(40, KS, dim=8)
     ref.load_state_dict(r[0]["state"])
