@@ -72,7 +72,7 @@ def run(args) -> dict:
     from scpretrain_dist.config import ConfigError, merge
     from scpretrain_dist.pseudolabel.kmeans import cpu_gemm
     from scpretrain_dist.pseudolabel.pool import KMeansPool
-    from scpretrain_dist.runtime import init_ray, peak_rss_mib, shutdown_ray
+    from scpretrain_dist.runtime import init_ray, peak_rss_mib, ray_scope
     from scpretrain_dist.store.atlas import StoreError, atlas_for
 
     load_start = os.getloadavg()[0]  # a shared machine: other work changes every timing
@@ -105,8 +105,8 @@ def run(args) -> dict:
     if args.encoder == "random":
         encoder = _random_encoder(Path(cfg.work_dir) / "bench_kmeans" / "random_encoder.pt", store.n_genes,
                                   cfg.model.embedding_dim, pcfg.seed)
-    init_ray(cfg)
-    try:
+    with ray_scope():  # a caller's Ray (a test session's) stays up
+        init_ray(cfg)
         t0 = time.perf_counter()
         with KMeansPool(locator, pcfg) as pool:
             pool.warm_up()
@@ -125,8 +125,6 @@ def run(args) -> dict:
                 "cached_mib": [b / 2**20 for b in ray.get([a.cached_bytes.remote() for a in pool.actors])],
                 "cache_bytes_setting": pcfg.cache_bytes,
             }
-    finally:
-        shutdown_ray()
     flops = sum(s["lloyd_flops"] for s in ours.stats.values())
     lloyd_core_seconds = sum(s["lloyd_seconds"] for s in ours.stats.values())
     stage_seconds = _stage_seconds(ours)
