@@ -94,26 +94,35 @@ def _signal_handlers_kept():
             signal.signal(signal.SIGTERM, handler)
 
 
+def local_ray_env() -> dict[str, str]:
+    """What a local Ray's processes are set up with (its raylet, and so every worker and actor,
+    inherits the environment of the process that starts it)."""
+    env = {
+        # the controller checks on its workers every half second (2 s by default, a wait paid at
+        # every start and end of an iteration's training), and no preemption watcher (an extra
+        # process polling for spot-instance notices no local machine gets)
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # no idle workers started ahead: those started with the node lack this job's environment
+        # (READER_ENV), so no task of the job could use them, and the job's own actors each ask
+        # for a worker of their own size anyway
+        "RAY_num_prestart_python_workers": "0",
+        "RAY_prestart_worker_first_driver": "0",
+    }
+    if not console.verbose():
+        # the workers' output stays in their log files: the log monitor, which tails those files
+        # for the driver, looks for new ones every 5 s instead of every 0.1 s (half its CPU,
+        # about 1% of a core per local Ray, with a hundred files)
+        env |= {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "5"}
+    return env
+
+
 def _init(ray, cfg: RunConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=console.verbose(), configure_logging=False)
         return
-    # a local Ray: the controller checks on its workers every half second (2 s by default, a
-    # wait paid at every start and end of an iteration's training), and no preemption watcher
-    # (an extra process polling for spot-instance notices no local machine gets)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # no idle workers started ahead: those started with the node lack this job's environment
-    # (READER_ENV below), so no task of the job could use them, and the job's own actors each
-    # ask for a worker of their own size anyway
-    os.environ.setdefault("RAY_num_prestart_python_workers", "0")
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    # the workers' output stays in their log files (unless --verbose): the log monitor, which
-    # tails those files for the driver, looks for new ones every 5 s instead of every 0.1 s
-    # (half its CPU, about 1% of a core per local Ray, with a hundred files)
-    if not console.verbose():
-        os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
-        os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "5")
+    for key, value in local_ray_env().items():
+        os.environ.setdefault(key, value)
     temp = ray_temp_dir(cfg.work_dir)
     num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # a RAY_ADDRESS of http:// is where `ray job submit` goes, not a cluster to join (any other

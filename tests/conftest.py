@@ -2,6 +2,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -31,17 +32,37 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """The run is over: processes left running from the shared folder (a quickstart no test
-    waited for) are killed by their process group, then the folder goes."""
+    """The run is over: processes left running from the shared folder (the run's Ray, a
+    quickstart no test waited for) are stopped by their process group (SIGTERM, then SIGKILL
+    after a few seconds), then the folder goes, with the temp folders named in it (Ray's)."""
     root = config.stash.get(_OWNED, None)
     if root is None:
         return
+    groups = []
     for pid_file in root.glob("*/pid"):
         if not (pid_file.parent / "rc").exists():
             with suppress(ProcessLookupError, PermissionError, ValueError):
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+                groups.append(int(pid_file.read_text()))
+    end = time.time() + 5
+    while groups and time.time() < end:
+        groups = [g for g in groups if _alive(g)]
+        time.sleep(0.2)
+    for group in groups:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for temp in root.glob("*/temp"):
+        shutil.rmtree(temp.read_text(), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     os.environ.pop(RUN_SHARED, None)
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,16 +20,68 @@ from types import SimpleNamespace
 
 import pytest
 
+BIN = Path(sys.executable).parent
+# what a Ray node listens on besides its GCS port: each gets a free port, so that nodes of
+# several clusters (this run's, other runs', users') share the machine
+RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
+                  "dashboard-agent-listen-port", "metrics-export-port")
+
+
+def ray_start(temp: Path, num_cpus: int, args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start --block` of a node in its own process group, with its own temp folder (short:
+    Ray's socket paths) and free ports; SIGTERM to the group stops its processes."""
+    cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
+           "--num-cpus", str(num_cpus), *args, *(a for n in RAY_NODE_PORTS for a in (f"--{n}", str(free_port())))]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_head(log: Path, proc: subprocess.Popen, timeout: float = 90) -> str:
+    """The address a head started by :func:`ray_start` tells other nodes and drivers to join."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for line in log.read_text().splitlines():
+            if "ray start --address='" in line:
+                return line.split("ray start --address='")[1].split("'")[0]
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Ray head did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"the Ray head did not start in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _shared_ray() -> str:
+    """One local Ray for every pytest-xdist worker of the run: the first worker to ask starts its
+    head, set up as init_ray sets up a local Ray (runtime.local_ray_env, a job's environment);
+    the others join it. The run's controller stops it at the end (tests/conftest.py)."""
+    from scpretrain_dist.runtime import JOB_ENV, local_ray_env
+
+    folder = Path(os.environ["SCPRETRAIN_TEST_RUN_DIR"]) / "ray"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the head and every driver agree
+    with open(folder.parent / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "address").exists():
+            folder.mkdir()
+            temp = Path(tempfile.mkdtemp(prefix="scpt-", dir="/tmp"))
+            (folder / "temp").write_text(str(temp))
+            env = os.environ | local_ray_env() | JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0"}
+            proc = ray_start(temp, 24, ["--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+                                        "--include-dashboard", "false", "--ray-client-server-port", str(free_port())],
+                             env, folder / "head.log")
+            (folder / "pid").write_text(str(proc.pid))
+            (folder / "address").write_text(wait_for_head(folder / "head.log", proc))
+        return (folder / "address").read_text()
+
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """A local Ray started once for every in-process test that needs one. Logical CPUs beyond the
-    two cores (8) and fractional CPUs per worker and actor, so training workers, K-means actors and
-    annotation actors never starve each other; commands run in this process leave it running."""
+    """The run's one local Ray (:func:`_shared_ray`), joined by this worker for every in-process
+    test that needs one; 24 logical CPUs and fractional CPUs per worker and actor, so training
+    workers, K-means actors and annotation actors of three test workers never starve each other.
+    Commands run in this process leave it running. Tests that look actors up keep to their
+    worker's job (``ray.get_runtime_context().get_job_id()``)."""
     from scpretrain_dist import recipes
     from scpretrain_dist.runtime import init_ray, shutdown_ray
 
-    init_ray(recipes.configure("tiny", work_dir=str(tmp_path_factory.mktemp("ray")), ray={"num_cpus": 8}))
+    init_ray(recipes.configure("tiny", work_dir=str(tmp_path_factory.mktemp("ray")), ray={"address": _shared_ray()}))
     yield
     shutdown_ray()
 
@@ -182,4 +235,5 @@ def wait_for_http(url: str, proc: subprocess.Popen, output, timeout: float = 120
 def cli():
     """The helpers above, as a fixture (tests never import conftest directly)."""
     return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest, quickstart=quickstart_run,
-                           free_port=free_port, wait_for_http=wait_for_http)
+                           free_port=free_port, wait_for_http=wait_for_http, ray_start=ray_start,
+                           wait_for_head=wait_for_head)

@@ -34,15 +34,11 @@ SMALL_EVALUATION = ["--set", 'evaluate.methods=["scpretrain","logreg"]', "--set"
                     "--set", "evaluate.cluster=false"]
 
 
-def _ports(free_port, *names: str) -> list[str]:
-    return [a for n in names for a in (f"--{n}", str(free_port()))]
-
-
 class Cluster:
     """The processes of a loopback cluster and how to reach it."""
 
-    def __init__(self, root: Path, free_port):
-        self.root, self.free_port = root, free_port
+    def __init__(self, root: Path, cli):
+        self.root, self.cli, self.free_port = root, cli, cli.free_port
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -51,7 +47,7 @@ class Cluster:
                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.procs: list[subprocess.Popen] = []
         self.temps: list[Path] = []
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = self.free_port(), self.free_port()
         self.gcs = ""
 
     @property
@@ -61,35 +57,17 @@ class Cluster:
     def _start(self, name: str, args: list[str], num_cpus: int) -> None:
         temp = Path(tempfile.mkdtemp(prefix="scpc-", dir="/tmp"))  # short: Ray's socket paths
         self.temps.append(temp)
-        log = open(self.root / f"{name}.log", "w")
-        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
-               "--num-cpus", str(num_cpus), *args,
-               *_ports(self.free_port, "node-manager-port", "object-manager-port", "runtime-env-agent-port",
-                       "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port")]
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.procs.append(self.cli.ray_start(temp, num_cpus, args, self.env, self.root / f"{name}.log"))
 
     def start(self) -> None:
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port), "--resources", '{"head": 1}',
-                             *_ports(self.free_port, "ray-client-server-port")], num_cpus=3)
-        self.gcs = self._wait_for_head()
+                             "--ray-client-server-port", str(self.free_port())], num_cpus=3)
+        self.gcs = self.cli.wait_for_head(self.root / "head.log", self.procs[0])
         self._start("node2", ["--address", self.gcs, "--node-ip-address", "127.0.0.2",
                               "--resources", '{"node2": 1}'], num_cpus=3)
         self.wait_for_nodes(2)
-
-    def _wait_for_head(self, timeout: float = 90) -> str:
-        end = time.time() + timeout
-        while time.time() < end:
-            text = (self.root / "head.log").read_text()
-            for line in text.splitlines():
-                if "ray start --address='" in line:
-                    return line.split("ray start --address='")[1].split("'")[0]
-            if self.procs[0].poll() is not None:
-                raise RuntimeError(f"the head did not start:\n{text[-3000:]}")
-            time.sleep(0.5)
-        raise RuntimeError("the head did not start in time:\n" + (self.root / "head.log").read_text()[-3000:])
 
     def api(self, path: str, method: str = "GET", **params) -> dict | list:
         """The dashboard's HTTP API (what Ray's `ray list` and `ray job` commands call), with the
@@ -161,7 +139,7 @@ def _pids_using(temps: list[Path]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, cli):
-    c = Cluster(tmp_path_factory.mktemp("cluster"), cli.free_port)
+    c = Cluster(tmp_path_factory.mktemp("cluster"), cli)
     try:
         c.start()
         yield c

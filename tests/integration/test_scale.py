@@ -135,10 +135,14 @@ def _kill_a_training_worker_once(when):
     """SIGKILL to a Ray Train worker started inside the block, once ``when()`` holds (as a native
     crash or the OOM killer would); yields the list the killed actor's id lands in, which ends
     with how many training workers the block started."""
+    import ray
     from ray._private import state
 
+    job = ray.get_runtime_context().get_job_id()  # the run's Ray serves other test workers too
+
     def train_workers() -> dict:
-        return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"].endswith("RayTrainWorker")}
+        return {a["ActorID"]: a for a in state.actors().values()
+                if a["ActorClassName"].endswith("RayTrainWorker") and a["JobID"] == job}
 
     before, killed, stop = set(train_workers()), [], threading.Event()
 
