@@ -59,6 +59,8 @@ def _shared_ray() -> str:
     with open(folder.parent / "ray.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "address").exists():
+            if folder.exists():  # a worker before this one tried and failed
+                raise RuntimeError("the run's Ray head did not start: the first test that needed it failed with its log")
             folder.mkdir()
             temp = Path(tempfile.mkdtemp(prefix="scpt-", dir="/tmp"))
             (folder / "temp").write_text(str(temp))
