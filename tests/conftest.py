@@ -42,8 +42,9 @@ def pytest_unconfigure(config):
     for pid_file in root.glob("*/pid"):
         if not (pid_file.parent / "rc").exists():
             with suppress(ProcessLookupError, PermissionError, ValueError):
-                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-                groups.append(int(pid_file.read_text()))
+                group = int(pid_file.read_text())
+                os.killpg(group, signal.SIGTERM)
+                groups.append(group)
     end = time.time() + 5
     while groups and time.time() < end:
         groups = [g for g in groups if _alive(g)]

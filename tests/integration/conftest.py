@@ -32,7 +32,8 @@ def ray_start(temp: Path, num_cpus: int, args: list[str], env: dict, log: Path) 
     Ray's socket paths) and free ports; SIGTERM to the group stops its processes."""
     cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
            "--num-cpus", str(num_cpus), *args, *(a for n in RAY_NODE_PORTS for a in (f"--{n}", str(free_port())))]
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as out:  # the node writes to its own copy of the file
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_head(log: Path, proc: subprocess.Popen, timeout: float = 90) -> str:

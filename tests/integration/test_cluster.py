@@ -38,7 +38,7 @@ class Cluster:
     """The processes of a loopback cluster and how to reach it."""
 
     def __init__(self, root: Path, cli):
-        self.root, self.cli, self.free_port = root, cli, cli.free_port
+        self.root, self.cli = root, cli
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -47,7 +47,7 @@ class Cluster:
                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.procs: list[subprocess.Popen] = []
         self.temps: list[Path] = []
-        self.gcs_port, self.dashboard_port = self.free_port(), self.free_port()
+        self.gcs_port, self.dashboard_port = cli.free_port(), cli.free_port()
         self.gcs = ""
 
     @property
@@ -63,7 +63,7 @@ class Cluster:
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port), "--resources", '{"head": 1}',
-                             "--ray-client-server-port", str(self.free_port())], num_cpus=3)
+                             "--ray-client-server-port", str(self.cli.free_port())], num_cpus=3)
         self.gcs = self.cli.wait_for_head(self.root / "head.log", self.procs[0])
         self._start("node2", ["--address", self.gcs, "--node-ip-address", "127.0.0.2",
                               "--resources", '{"node2": 1}'], num_cpus=3)

@@ -432,13 +432,13 @@ def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas, cli):
 
 
 def test_bench_kmeans_times_a_second_refresh_from_the_actors_cache(tmp_path, atlas, cli, ray_session):
+    import ray
+
     # in this process, on the session's Ray, which the command leaves running
     out = cli.run("bench", "kmeans", "--store", atlas.uri, "--encoder", "random", "--peers", "faiss",
                   "--set", "pseudolabel.niter=5", "--gemm-size", "512", "--work-dir", str(tmp_path / "w"),
                   "--json", str(tmp_path / "k.json"))
     assert out.returncode == 0, out.stderr
-    import ray
-
     assert ray.is_initialized()
     res = json.loads((tmp_path / "k.json").read_text())
     later = res["ours_detail"]["later_refresh"]

@@ -356,4 +356,5 @@ def test_transfer_matrix_averages_seeds_per_pair_then_pairs_and_names_the_worst(
     assert transfer_matrix([{**r, "dataset": r["query"]} for r in rows[:4]])[0].empty
     # `finetune --query` rows name the query the model was semi-supervised on, and no reference
     finetuned = [{k: v for k, v in r.items() if k != "references"} | {"dataset": "a"} for r in rows[:2]]
-    assert transfer_matrix(finetuned)[0].empty and transfer_matrix(finetuned)[1] == {}
+    summary, grids = transfer_matrix(finetuned)
+    assert summary.empty and grids == {}
