@@ -27,23 +27,31 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int 
     return float(total / max(len(y_true), 1))
 
 
+def class_auprc(y_true: np.ndarray, proba: np.ndarray) -> dict[int, float]:
+    """One-vs-rest AUPRC of each class present in ``y_true`` (the terms of the macro AUPRC); a
+    class with one test cell scores 1 / that cell's rank among all cells by its probability."""
+    y_true = np.asarray(y_true)
+    return {c: float(average_precision_score((y_true == c).astype(int), proba[:, c]))
+            for c in range(proba.shape[1]) if (y_true == c).any()}
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """``proba`` is (cells, n_types) over all training classes; a class absent from the test
     cells has no positive and is skipped in the macro AUPRC/AUROC rather than failing."""
     y_true = np.asarray(y_true)
     y_pred = proba.argmax(1)
-    present = [c for c in range(proba.shape[1]) if (y_true == c).any()]
-    auprc, auroc = [], []
+    auprc = class_auprc(y_true, proba)
+    present = list(auprc)
+    auroc = []
     for c in present:
         pos = (y_true == c).astype(int)
-        auprc.append(average_precision_score(pos, proba[:, c]))
         if 0 < pos.sum() < len(pos):
             auroc.append(roc_auc_score(pos, proba[:, c]))
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "kappa": float(cohen_kappa_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "macro_auprc": float(np.mean(auprc)) if auprc else float("nan"),
+        "macro_auprc": float(np.mean(list(auprc.values()))) if auprc else float("nan"),
         "macro_auroc": float(np.mean(auroc)) if auroc else float("nan"),
     }
 

@@ -35,6 +35,7 @@ from scpretrain_dist.evaluate.methods import (
     unknown_scores,
 )
 from scpretrain_dist.evaluate.metrics import (
+    class_auprc,
     classification_metrics,
     clustering_metrics,
     unknown_cell_metrics,
@@ -231,7 +232,8 @@ def evaluate_target(
                                  classes=target.classes)
                 m = classification_metrics(test.y, fit.proba)
                 these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
-                                  len(split.test), n_types, time.perf_counter() - t0, fit.extra))
+                                  len(split.test), n_types, time.perf_counter() - t0,
+                                  fit.extra | by_class(target.classes, train.y, test.y, fit.proba)))
                 if method == registered and whole:
                     models[seed] = fit.model
                 if whole and seed == min(f.seeds):
@@ -247,6 +249,14 @@ def evaluate_target(
                 bar.set_postfix(seed=seed, budget=budget, scpretrain_kappa=f"{mine[0]['kappa']:.3f}")
     bar.close()
     return rows, splits, models, confusion
+
+
+def by_class(classes: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, proba: np.ndarray) -> dict:
+    """Each test class's AUPRC and its number of training cells (a type seen in one training
+    cell is ranked from that one example), by class name."""
+    ap = class_auprc(y_test, proba)
+    return {"auprc_by_class": {str(classes[c]): v for c, v in ap.items()},
+            "n_train_by_class": {str(classes[c]): int((np.asarray(y_train) == c).sum()) for c in ap}}
 
 
 def _ids(obs_ids: np.ndarray, s: Split) -> dict:
@@ -374,7 +384,7 @@ def evaluate_transfer(
                 rows.append(_row(dataset, name, seed, cap, m, len(train_pos), len(s.val), int(known.sum()),
                                  len(classes), seconds,
                                  {**fit.extra, "references": ",".join(references), "query": query,
-                                  "n_genes": len(genes),
+                                  "n_genes": len(genes), **by_class(classes, train.y, test.y[known], proba[known]),
                                   "query_cells_dropped": dropped, **({"held_out": hold_out,
                                                                       "n_unknown": int(is_unknown.sum())}
                                                                      if hold_out is not None else {})}))

@@ -86,6 +86,26 @@ def unknown_summary(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     return out, ["method", "held_out_types", *cols]
 
 
+def class_auprc_table(rows: list[dict]) -> pd.DataFrame:
+    """Per dataset and class of the main protocol's rows: its training cells (mean over seeds)
+    and each method's AUPRC (mean over seeds), the terms the macro AUPRC averages. Empty where
+    the rows carry no ``auprc_by_class``."""
+    df = main_rows(rows)
+    if "auprc_by_class" not in df:
+        return pd.DataFrame()
+    long = [{"dataset": r["dataset"], "method": r["method"], "class": c, "auprc": ap,
+             "training cells": r["n_train_by_class"][c]}
+            for r in df.to_dict("records") if isinstance(r["auprc_by_class"], dict)
+            for c, ap in r["auprc_by_class"].items()]
+    if not long:
+        return pd.DataFrame()
+    long_df = pd.DataFrame(long)
+    table = long_df.pivot_table(index=["dataset", "class"], columns="method", values="auprc", aggfunc="mean", sort=False)
+    cells = long_df.groupby(["dataset", "class"], sort=False)["training cells"].mean()
+    table.insert(0, "training cells", [f"{v:.3g}" for v in cells.reindex(table.index)])
+    return table.reset_index()
+
+
 def transfer_matrix(rows: list[dict]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Of a pairwise transfer (rows named "<reference> -> <query>"), per method: the mean over
     pairs of accuracy and macro-F1 (each pair's mean over seeds first) and the worst pair; and
@@ -165,6 +185,11 @@ def write_report(
         text += ["", "## Paired Wilcoxon signed-rank tests over (dataset, seed)", ""]
         text += _md_table(pd.DataFrame(tests), ["a", "b", "metric", "budget", "n", "mean_diff", "wins", "losses", "p_value"],
                           "{:.4f}")
+    by_class = class_auprc_table(rows)
+    if len(by_class):
+        text += ["", "## AUPRC by class (largest budget, mean over seeds)", "",
+                 "The terms of the macro AUPRC: a class with one test cell scores 1 / that cell's rank.", ""]
+        text += _md_table(by_class, [str(c) for c in by_class.columns], "{:.3f}")
     matrix, grids = transfer_matrix(rows)
     if len(matrix):
         text += ["", "## Transfer matrix: each reference alone to each query", "",

@@ -221,6 +221,27 @@ def test_report_tables_curve_tests_and_files(tmp_path):
     assert report["splits"][0]["train"] == ["c1"]
     text = md.read_text()
     assert "Kappa by labelled training cells" in text and "Wilcoxon" in text and "ARI" in text
+    assert "AUPRC by class" not in text  # rows without per-class terms: no such table
+
+
+def test_auprc_by_class_table_averages_seeds_at_the_largest_budget(tmp_path):
+    from scpretrain_dist.evaluate.protocols import by_class
+    from scpretrain_dist.evaluate.report import class_auprc_table
+
+    classes = np.array(["B", "MK"])
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.5, 0.5]])  # the MK cell ranked second
+    terms = by_class(classes, np.array([0, 0, 0, 1]), np.array([0, 0, 0, 1]), proba)
+    assert terms["n_train_by_class"] == {"B": 3, "MK": 1} and terms["auprc_by_class"]["MK"] == pytest.approx(1 / 2)
+    base = {"dataset": "d", "accuracy": 1.0, "kappa": 1.0, "macro_f1": 1.0, "macro_auprc": 1.0, "macro_auroc": 1.0}
+    rows = [{**base, "method": m, "seed": seed, "budget": b, "auprc_by_class": {"B": 1.0, "MK": ap},
+             "n_train_by_class": {"B": 3, "MK": 1}}
+            for m, seed, b, ap in [("scpretrain", 0, 100, 0.5), ("scpretrain", 1, 100, 1.0), ("celltypist", 0, 100, 1.0),
+                                   ("scpretrain", 0, 10, 0.0)]]  # a smaller budget: not in the table
+    table = class_auprc_table(rows).set_index("class")
+    assert table.loc["MK", "scpretrain"] == pytest.approx(0.75) and table.loc["MK", "celltypist"] == 1.0
+    assert table.loc["MK", "training cells"] == "1"
+    _, md = write_report(rows, tmp_path, {"protocol": "test"})
+    assert "## AUPRC by class" in md.read_text() and "| d | MK | 1" in md.read_text()
 
 
 def test_fold_schemes_cover_every_target_once():

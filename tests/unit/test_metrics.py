@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scpretrain_dist.evaluate.metrics import METRICS, classification_metrics
+from scpretrain_dist.evaluate.metrics import METRICS, class_auprc, classification_metrics
 from scpretrain_dist.evaluate.splits import split_cells
 
 
@@ -57,6 +57,15 @@ def test_single_class_test_set_does_not_fail():
     m = classification_metrics(y, _one_hot(y, 2))
     assert m["accuracy"] == 1.0
     assert np.isnan(m["macro_auroc"])  # no negatives: AUROC undefined, reported as NaN
+
+
+def test_a_class_with_one_test_cell_scores_one_over_that_cells_rank():
+    y = np.array([0, 0, 0, 0, 1, 2, 2, 2])
+    proba = np.full((8, 3), 0.1)
+    proba[:, 1] = [0.9, 0.8, 0.1, 0.1, 0.7, 0.1, 0.1, 0.1]  # class 1's one cell ranked third
+    per = class_auprc(y, proba)
+    assert set(per) == {0, 1, 2} and per[1] == pytest.approx(1 / 3)
+    assert classification_metrics(y, proba)["macro_auprc"] == pytest.approx(np.mean(list(per.values())))
 
 
 # ---------------------------------------------------------------------------- splits
