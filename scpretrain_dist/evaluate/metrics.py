@@ -35,12 +35,14 @@ def class_auprc(y_true: np.ndarray, proba: np.ndarray) -> dict[int, float]:
             for c in range(proba.shape[1]) if (y_true == c).any()}
 
 
-def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray,
+                           auprc: dict[int, float] | None = None) -> dict[str, float]:
     """``proba`` is (cells, n_types) over all training classes; a class absent from the test
-    cells has no positive and is skipped in the macro AUPRC/AUROC rather than failing."""
+    cells has no positive and is skipped in the macro AUPRC/AUROC rather than failing.
+    ``auprc``: the per-class terms (:func:`class_auprc`) where the caller has them already."""
     y_true = np.asarray(y_true)
     y_pred = proba.argmax(1)
-    auprc = class_auprc(y_true, proba)
+    auprc = class_auprc(y_true, proba) if auprc is None else auprc
     present = list(auprc)
     auroc = []
     for c in present:

@@ -230,10 +230,11 @@ def evaluate_target(
                 fit = run_method(method, train, val, test, n_types, seed, cfg,
                                  encoder.weights if encoder else None, gidx, features, unlabelled=query,
                                  classes=target.classes)
-                m = classification_metrics(test.y, fit.proba)
+                auprc = class_auprc(test.y, fit.proba)
+                m = classification_metrics(test.y, fit.proba, auprc)
                 these.append(_row(target.name, method, seed, budget, m, len(train_pos), len(split.val),
                                   len(split.test), n_types, time.perf_counter() - t0,
-                                  fit.extra | by_class(target.classes, train.y, test.y, fit.proba)))
+                                  fit.extra | by_class(target.classes, train.y, auprc)))
                 if method == registered and whole:
                     models[seed] = fit.model
                 if whole and seed == min(f.seeds):
@@ -251,10 +252,9 @@ def evaluate_target(
     return rows, splits, models, confusion
 
 
-def by_class(classes: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, proba: np.ndarray) -> dict:
-    """Each test class's AUPRC and its number of training cells (a type seen in one training
-    cell is ranked from that one example), by class name."""
-    ap = class_auprc(y_test, proba)
+def by_class(classes: np.ndarray, y_train: np.ndarray, ap: dict[int, float]) -> dict:
+    """Each test class's AUPRC (``ap``: :func:`class_auprc`) and its number of training cells (a
+    type seen in one training cell is ranked from that one example), by class name."""
     return {"auprc_by_class": {str(classes[c]): v for c, v in ap.items()},
             "n_train_by_class": {str(classes[c]): int((np.asarray(y_train) == c).sum()) for c in ap}}
 
@@ -375,7 +375,8 @@ def evaluate_transfer(
                 prior = fit.prior if fit.prior is not None else training_prior(train.y, len(classes))
                 variants.append((f"{method}+shift", adapt_to_label_shift(fit.proba, prior)))
             for name, proba in variants:
-                m = classification_metrics(test.y[known], proba[known])
+                auprc = class_auprc(test.y[known], proba[known])
+                m = classification_metrics(test.y[known], proba[known], auprc)
                 if hold_out is not None:
                     m |= _unknown_metrics(fit if name == method else Fitted(proba), is_unknown,
                                           proba.argmax(1) == y_query)
@@ -384,7 +385,7 @@ def evaluate_transfer(
                 rows.append(_row(dataset, name, seed, cap, m, len(train_pos), len(s.val), int(known.sum()),
                                  len(classes), seconds,
                                  {**fit.extra, "references": ",".join(references), "query": query,
-                                  "n_genes": len(genes), **by_class(classes, train.y, test.y[known], proba[known]),
+                                  "n_genes": len(genes), **by_class(classes, train.y, auprc),
                                   "query_cells_dropped": dropped, **({"held_out": hold_out,
                                                                       "n_unknown": int(is_unknown.sum())}
                                                                      if hold_out is not None else {})}))

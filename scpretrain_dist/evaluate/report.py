@@ -90,12 +90,9 @@ def class_auprc_table(rows: list[dict]) -> pd.DataFrame:
     """Per dataset and class of the main protocol's rows: its training cells (mean over seeds)
     and each method's AUPRC (mean over seeds), the terms the macro AUPRC averages. Empty where
     the rows carry no ``auprc_by_class``."""
-    df = main_rows(rows)
-    if "auprc_by_class" not in df:
-        return pd.DataFrame()
     long = [{"dataset": r["dataset"], "method": r["method"], "class": c, "auprc": ap,
              "training cells": r["n_train_by_class"][c]}
-            for r in df.to_dict("records") if isinstance(r["auprc_by_class"], dict)
+            for r in main_rows(rows).to_dict("records") if isinstance(r.get("auprc_by_class"), dict)
             for c, ap in r["auprc_by_class"].items()]
     if not long:
         return pd.DataFrame()

@@ -74,6 +74,16 @@ def _shared_ray() -> str:
         return (folder / "address").read_text()
 
 
+def job_actors(class_suffix: str) -> list[dict]:
+    """The actors of this test worker's Ray job whose class name ends with ``class_suffix``, dead
+    ones included (the run's Ray serves the other test workers' jobs too)."""
+    import ray
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    return [a for a in state.actors().values() if a["ActorClassName"].endswith(class_suffix) and a["JobID"] == job]
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """The run's one local Ray (:func:`_shared_ray`), joined by this worker for every in-process
@@ -239,4 +249,4 @@ def cli():
     """The helpers above, as a fixture (tests never import conftest directly)."""
     return SimpleNamespace(run=run_cli, process=run_process, digest=tree_digest, quickstart=quickstart_run,
                            free_port=free_port, wait_for_http=wait_for_http, ray_start=ray_start,
-                           wait_for_head=wait_for_head)
+                           wait_for_head=wait_for_head, job_actors=job_actors)

@@ -193,22 +193,16 @@ def test_ingest_after_annotation_then_annotate_only_the_new_dataset(env, store):
     pd.testing.assert_frame_equal(obs.iloc[:480], annotated)
 
 
-def _block_workers() -> list[dict]:
-    """This test worker's annotation actors (the run's Ray serves the other test workers too)."""
-    import ray
-    from ray._private import state
-
-    job = ray.get_runtime_context().get_job_id()
-    return [a for a in state.actors().values() if a["ActorClassName"].endswith("_BlockWorker") and a["JobID"] == job]
-
-
-def test_store_annotation_survives_a_killed_worker(env, store):
+def test_store_annotation_survives_a_killed_worker(env, store, cli):
     """A pool worker killed (SIGKILL, as a native crash or the OOM killer would) after the first
     block: it is restarted, its blocks run again, and the result is whole and exact."""
     import os
     import signal
 
     from scpretrain_dist.serve.annotate import annotate_store
+
+    def _block_workers():
+        return cli.job_actors("_BlockWorker")
 
     before = {a["ActorID"] for a in _block_workers()}
     killed: list = []
@@ -234,12 +228,15 @@ def test_store_annotation_survives_a_killed_worker(env, store):
         assert obs.set_index("soma_joinid").loc[ref.index, col(2, "label")].tolist() == ref["cell_type"].tolist()
 
 
-def test_worker_death_past_its_restarts_is_a_clear_error_and_the_rerun_resumes(env, store):
+def test_worker_death_past_its_restarts_is_a_clear_error_and_the_rerun_resumes(env, store, cli):
     import dataclasses
     import os
     import signal
 
     from scpretrain_dist.serve.annotate import AnnotateError, annotate_store
+
+    def _block_workers():
+        return cli.job_actors("_BlockWorker")
 
     cfg = dataclasses.replace(env["cfg"], annotate=dataclasses.replace(env["cfg"].annotate, worker_restarts=0))
     before = {a["ActorID"] for a in _block_workers()}

@@ -94,7 +94,7 @@ def test_interrupted_pretraining_resumes_after_its_last_finished_step(ray_atlas,
 
 
 def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_one(ray_atlas, undisturbed, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, cli):
     """Both iterations are one Ray Train run. SIGKILL to its worker once iteration 0 is recorded
     (while the driver re-clusters, or early in iteration 1): the new worker group starts from
     iteration 0's checkpoint, trains iteration 1 and ends where an undisturbed run does;
@@ -119,7 +119,7 @@ def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_on
         except (OSError, ValueError):
             return False
 
-    with mlflow.start_run() as run, _kill_a_training_worker_once(iteration_0_recorded) as killed:
+    with mlflow.start_run() as run, _kill_a_training_worker_once(iteration_0_recorded, cli.job_actors) as killed:
         result = _pretrain_small(cfg, store, "work", mlflow_run_id=run.info.run_id)
     assert len(killed) == 2 and killed[-1] >= 2, "a training worker was killed after iteration 0 and one took over"
     assert result.iterations_run == 2 and [h["iteration"] for h in result.history] == [0, 1]
@@ -131,18 +131,13 @@ def test_a_worker_killed_in_a_later_iteration_resumes_after_the_last_reported_on
 
 
 @contextlib.contextmanager
-def _kill_a_training_worker_once(when):
+def _kill_a_training_worker_once(when, job_actors):
     """SIGKILL to a Ray Train worker started inside the block, once ``when()`` holds (as a native
     crash or the OOM killer would); yields the list the killed actor's id lands in, which ends
-    with how many training workers the block started."""
-    import ray
-    from ray._private import state
-
-    job = ray.get_runtime_context().get_job_id()  # the run's Ray serves other test workers too
+    with how many training workers the block started. ``job_actors``: ``cli.job_actors``."""
 
     def train_workers() -> dict:
-        return {a["ActorID"]: a for a in state.actors().values()
-                if a["ActorClassName"].endswith("RayTrainWorker") and a["JobID"] == job}
+        return {a["ActorID"]: a for a in job_actors("RayTrainWorker")}
 
     before, killed, stop = set(train_workers()), [], threading.Event()
 
@@ -165,7 +160,7 @@ def _kill_a_training_worker_once(when):
         killed.append(len(set(train_workers()) - before))
 
 
-def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, first_labels, tmp_path):
+def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, first_labels, tmp_path, cli):
     """SIGKILL to the training worker once its first epoch is logged, with pretrain.max_failures
     = 0: the training fails, naming the worker. (With retries: the test above.)"""
     import mlflow
@@ -184,7 +179,8 @@ def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, 
     client = mlflow.MlflowClient(cfg.tracking_uri)
     with mlflow.start_run() as run:
         worker_cfg = loop_config(cfg, locator, datasets, first_labels, len(store.genes()), mlflow_run_id=run.info.run_id)
-        with _kill_a_training_worker_once(lambda: client.get_metric_history(run.info.run_id, "pretrain_loss")) as killed:
+        with _kill_a_training_worker_once(lambda: client.get_metric_history(run.info.run_id, "pretrain_loss"),
+                                          cli.job_actors) as killed:
             with pytest.raises(TrainingFailedError, match="worker"):
                 train_iterations(cfg, worker_cfg, "kill-fail")
     assert len(killed) == 2, "the training worker was killed"

@@ -225,12 +225,13 @@ def test_report_tables_curve_tests_and_files(tmp_path):
 
 
 def test_auprc_by_class_table_averages_seeds_at_the_largest_budget(tmp_path):
+    from scpretrain_dist.evaluate.metrics import class_auprc
     from scpretrain_dist.evaluate.protocols import by_class
     from scpretrain_dist.evaluate.report import class_auprc_table
 
     classes = np.array(["B", "MK"])
     proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.5, 0.5]])  # the MK cell ranked second
-    terms = by_class(classes, np.array([0, 0, 0, 1]), np.array([0, 0, 0, 1]), proba)
+    terms = by_class(classes, np.array([0, 0, 0, 1]), class_auprc(np.array([0, 0, 0, 1]), proba))
     assert terms["n_train_by_class"] == {"B": 3, "MK": 1} and terms["auprc_by_class"]["MK"] == pytest.approx(1 / 2)
     base = {"dataset": "d", "accuracy": 1.0, "kappa": 1.0, "macro_f1": 1.0, "macro_auprc": 1.0, "macro_auroc": 1.0}
     rows = [{**base, "method": m, "seed": seed, "budget": b, "auprc_by_class": {"B": 1.0, "MK": ap},
