@@ -31,7 +31,8 @@ def ray_start(temp: Path, num_cpus: int, args: list[str], env: dict, log: Path) 
     """`ray start --block` of a node in its own process group, with its own temp folder (short:
     Ray's socket paths) and free ports; SIGTERM to the group stops its processes."""
     cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
-           "--num-cpus", str(num_cpus), *args, *(a for n in RAY_NODE_PORTS for a in (f"--{n}", str(free_port())))]
+           "--num-cpus", str(num_cpus), *args,
+           *(a for n, port in zip(RAY_NODE_PORTS, free_ports(len(RAY_NODE_PORTS))) for a in (f"--{n}", str(port)))]
     with open(log, "w") as out:  # the node writes to its own copy of the file
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -221,11 +222,27 @@ def quickstart_run(timeout: int = 900) -> tuple[Path, subprocess.CompletedProces
     return _work_dir(), done
 
 
+_GIVEN: set[int] = set()  # every port free_ports handed out in this process
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports on 127.0.0.1 that nothing listens on now, none handed out before by this
+    process (the system may give back a port it just gave: the ports of one Ray node, or of a
+    head and its node, must differ). The sockets stay open until all are picked."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in _GIVEN:
+                ports.append(s.getsockname()[1])
+        _GIVEN.update(ports)
+        return ports
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, output, timeout: float = 120) -> None:
