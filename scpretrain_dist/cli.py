@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--h5ad", help="an .h5ad: obs['scpretrain_label'], obs['scpretrain_confidence'], obsm['X_scpretrain']")
     p.add_argument("--datasets", nargs="+", help="atlas datasets to annotate (default: all)")
     p.add_argument("--out", help="--h5ad: the annotated copy to write (default <input>.annotated.h5ad beside the "
-                   "input; the input is never changed)")
+                   "input; the input is never changed), or a table of the calls, keyed by obs name, when it ends "
+                   "in .csv, .tsv or .parquet (no copy of the file)")
     p.add_argument("--in-place", action="store_true", help="--h5ad: add the entries to the input file itself "
                    "(replaced in one rename once every block is done; its permissions are kept)")
     p.add_argument("--embedding", action="store_true", help="also write the 200-d embedding of every cell")

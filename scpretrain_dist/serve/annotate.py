@@ -41,6 +41,9 @@ H5AD_LABEL = "scpretrain_label"
 H5AD_CONFIDENCE = "scpretrain_confidence"
 H5AD_EMBEDDING = "X_scpretrain"
 H5AD_UNS = "scpretrain_annotation"
+# an --out with one of these suffixes gets a table of the calls (one row per cell, keyed by the
+# input's obs names) instead of an annotated copy of the whole file
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 
 class AnnotateError(UserError):
@@ -495,7 +498,9 @@ def annotate_h5ad(
     """Annotate every cell of an ``.h5ad``: ``obs['scpretrain_label']``,
     ``obs['scpretrain_confidence']`` (and ``obsm['X_scpretrain']``), written to a copy, ``out``
     (default ``<input>.annotated.h5ad``), or with ``in_place`` into the input itself (replaced in
-    one rename at the end, its permissions kept). The input is otherwise never changed.
+    one rename at the end, its permissions kept). An ``out`` ending in ``.csv``, ``.tsv`` or
+    ``.parquet`` gets a table of the calls instead (``cell``: the obs name, then the same
+    entries), without copying the file. The input is otherwise never changed.
 
     Finished blocks wait in ``<out>.annotate-progress/``; a rerun picks them up."""
     import h5py
@@ -514,9 +519,11 @@ def annotate_h5ad(
     if n_cells == 0:
         adata.file.close()
         raise AnnotateError(f"{path} holds no cells")
-    if clash and not overwrite:
+    table = out.suffix.lower() in TABLE_SUFFIXES
+    if clash and not overwrite and not table:
         adata.file.close()
         raise AnnotateError(f"{path} already has {clash}; pass --overwrite to replace them or --out to write a new file")
+    cell_names = np.asarray(adata.obs_names.astype(str)) if table else None
     annotator = load_annotator(ref)
     try:
         overlap = annotator.check_genes(genes, merge_repeats=True)
@@ -594,20 +601,54 @@ def annotate_h5ad(
     info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": model_uri,
             "run_id": ref.run_id, "gene_overlap": overlap, "value_type": value_type,
             "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_h5ad_annotation(path, out, annotator.classes, annotator.unassigned, codes, conf, emb, info, h5py)
+    if table:
+        _write_table(out, cell_names, annotator.classes, annotator.unassigned, codes, conf, emb)
+        cols = {"label": H5AD_LABEL, "confidence": H5AD_CONFIDENCE}
+        if embedding:
+            cols["embedding"] = f"{H5AD_EMBEDDING}_0 .. {H5AD_EMBEDDING}_{emb.shape[1] - 1}"
+    else:
+        _write_h5ad_annotation(path, out, annotator.classes, annotator.unassigned, codes, conf, emb, info, h5py)
+        cols = {"label": f"obs.{H5AD_LABEL}", "confidence": f"obs.{H5AD_CONFIDENCE}"}
+        if embedding:
+            cols["embedding"] = f"obsm.{H5AD_EMBEDDING}"
     shutil.rmtree(progress_dir, ignore_errors=True)
-    cols = {"label": f"obs.{H5AD_LABEL}", "confidence": f"obs.{H5AD_CONFIDENCE}"}
-    if embedding:
-        cols["embedding"] = f"obsm.{H5AD_EMBEDDING}"
     return AnnotateReport(ref.uri, str(out), cols, n_cells, len(blocks), computed, len(blocks) - len(pending),
                           sum(b.n_cells for b in pending), time.perf_counter() - t0, [path.stem], {path.stem: overlap})
+
+
+def _labels(classes, unassigned: str, codes: np.ndarray):
+    """The calls as a categorical: ``unassigned`` where a cell has no model gene or was rejected."""
+    import pandas as pd
+
+    categories = [str(c) for c in classes]
+    if (codes < 0).any():
+        categories.append(unassigned)
+        codes = np.where(codes < 0, len(classes), codes)
+    return pd.Categorical.from_codes(codes, categories=categories)
+
+
+def _write_table(out: Path, cells: np.ndarray, classes, unassigned: str, codes, conf, emb) -> None:
+    """The calls as a table (``.csv``, ``.tsv`` or ``.parquet``): one row per cell, in the input's
+    order, keyed by its obs name; written whole, then renamed into place."""
+    import pandas as pd
+
+    from scpretrain_dist.store.files import replaced_whole
+
+    df = pd.DataFrame({"cell": cells, H5AD_LABEL: _labels(classes, unassigned, codes), H5AD_CONFIDENCE: conf})
+    if emb is not None:
+        df = pd.concat([df, pd.DataFrame(emb, columns=[f"{H5AD_EMBEDDING}_{i}" for i in range(emb.shape[1])])], axis=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_whole(out) as fh:
+        if out.suffix.lower() == ".parquet":
+            df.to_parquet(fh, index=False)
+        else:
+            df.to_csv(fh, sep="\t" if out.suffix.lower() == ".tsv" else ",", index=False)
 
 
 def _write_h5ad_annotation(path: Path, out: Path, classes, unassigned: str, codes, conf, emb, info: dict,
                            h5py) -> None:
     """Copy the file, add the entries to the copy's existing HDF5 groups (nothing else is
     rewritten), then move it over ``out`` in one rename."""
-    import pandas as pd
     from anndata.io import write_elem
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -622,11 +663,7 @@ def _write_h5ad_annotation(path: Path, out: Path, classes, unassigned: str, code
                     del obs[key]
                 if key in order:
                     order.remove(key)
-            categories = [str(c) for c in classes]
-            if (codes < 0).any():  # cells with no model gene, or rejected
-                categories.append(unassigned)
-                codes = np.where(codes < 0, len(classes), codes)
-            write_elem(obs, H5AD_LABEL, pd.Categorical.from_codes(codes, categories=categories))
+            write_elem(obs, H5AD_LABEL, _labels(classes, unassigned, codes))
             write_elem(obs, H5AD_CONFIDENCE, conf)
             obs.attrs["column-order"] = np.array(order + [H5AD_LABEL, H5AD_CONFIDENCE], dtype=object)
             if emb is not None:

@@ -360,6 +360,37 @@ def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path, cli):
     assert r.returncode == 2 and "already has" in r.stderr and "--overwrite" in r.stderr
 
 
+def test_cli_writes_the_calls_as_a_table_without_copying_the_file(env, tmp_path, cli):
+    """--out calls.csv / .tsv / .parquet: one row per cell in the input's order, keyed by obs name,
+    the same calls as the annotated copy; the input unchanged, and one that already holds
+    scpretrain_* entries needs no --overwrite (nothing of it is replaced)."""
+    import anndata as ad
+
+    copy = tmp_path / "annotated.h5ad"
+    r = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(env["demo"] / "demo_01.h5ad"),
+                "--out", str(copy), "--workers", "0", "--embedding")
+    assert r.returncode == 0, r.stderr
+    a = ad.read_h5ad(copy)
+    digest = sha256(copy)
+    for name, read in (("calls.csv", pd.read_csv), ("calls.tsv", lambda p: pd.read_csv(p, sep="\t")),
+                       ("calls.parquet", pd.read_parquet)):
+        extra = ["--embedding"] if name.endswith(".parquet") else []
+        r = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(copy), "--out",
+                    str(tmp_path / name), "--workers", "0", "--block-size", "100", *extra)
+        assert r.returncode == 0, r.stderr
+        t = read(tmp_path / name)
+        assert t["cell"].astype(str).tolist() == a.obs_names.tolist()
+        assert t["scpretrain_label"].astype(str).tolist() == a.obs["scpretrain_label"].astype(str).tolist()
+        np.testing.assert_allclose(t["scpretrain_confidence"], a.obs["scpretrain_confidence"], rtol=1e-6)
+        emb = [c for c in t.columns if c.startswith("X_scpretrain_")]
+        if extra:
+            np.testing.assert_allclose(t[emb].to_numpy(), a.obsm["X_scpretrain"], rtol=1e-6)
+        else:
+            assert not emb
+    assert sha256(copy) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.h5ad", "calls.csv", "calls.parquet", "calls.tsv"]
+
+
 def test_cli_markers_of_a_registered_model(env, tmp_path, cli):
     import anndata as ad
 
