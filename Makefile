@@ -54,9 +54,12 @@ bench-venv: $(BENCH_VENV)/bin/scpretrain
 
 # annbatch (a loader peer) needs Python >= 3.12: a venv of its own, without torch; `bench loader
 # --loaders annbatch` runs it through bench/annbatch_child.py
-PYTHON312 ?= $(shell command -v python3.12 || ls ~/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -1)
+# (the first that runs: a pyenv shim named python3.12 exists even where it has no 3.12 to run)
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c "" 2>/dev/null && { command -v "$$p"; break; }; done)
 ANNBATCH_VENV := .venv-annbatch
 $(ANNBATCH_VENV)/bin/python:
+	@test -n "$(PYTHON312)" || { echo "annbatch needs Python 3.12: none found (give one: make annbatch-venv PYTHON312=/path/to/python3.12)"; exit 2; }
 	$(PYTHON312) -m venv $(ANNBATCH_VENV)
 	$(ANNBATCH_VENV)/bin/python -m pip install -q "annbatch[zarrs]==0.3.1"
 
