@@ -36,7 +36,7 @@ def emit(res: dict, json_path: str | None) -> None:
     print(f"  ours: {_fmt(res['ours'])}")
     for peer, y in res["peers"].items():
         r = res["ratios"].get(peer)
-        print(f"  {peer}: {_fmt(y)}   ratio {f'{r:.2f}x' if r is not None else 'n/a'} in our favour")
+        print(f"  {peer}: {_fmt(y)}   {_ratio_words(r, peer)}")
     for k, v in res.items():
         if k not in {"benchmark", "unit", "ours", "peers", "ratios", "higher_is_better", "machine", "when"}:
             print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
@@ -44,6 +44,15 @@ def emit(res: dict, json_path: str | None) -> None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=1, default=str))
         print(f"  wrote {json_path}")
+
+
+def _ratio_words(r: float | None, peer: str) -> str:
+    """How the ratio reads: ours ahead, or the peer ahead (by its own factor), or level."""
+    if r is None:
+        return "ratio n/a"
+    if r >= 1:
+        return f"ours {r:.2f}x better"
+    return f"{peer} {1 / r:.2f}x better (ratio {r:.2f}x)"
 
 
 def _fmt(x) -> str:
