@@ -52,10 +52,28 @@ def pytest_unconfigure(config):
     for group in groups:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
+    # what outlived its group: Ray starts its workers and actors in process groups of their own,
+    # and one busy when its raylet went can stay (a TrainController once did). Every process of
+    # this run inherited the shared folder's variable.
+    for pid in _processes_of_run(root):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     for temp in root.glob("*/temp"):
         shutil.rmtree(temp.read_text(), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     os.environ.pop(RUN_SHARED, None)
+
+
+def _processes_of_run(root: Path) -> list[int]:
+    """Processes other than this one whose environment holds this run's shared folder."""
+    mark = f"\0{RUN_SHARED}={root}\0".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with suppress(OSError):
+                if mark in b"\0" + (proc / "environ").read_bytes() + b"\0":
+                    found.append(int(proc.name))
+    return found
 
 
 def _alive(group: int) -> bool:
