@@ -47,7 +47,7 @@ def emit(res: dict, json_path: str | None) -> None:
 
 
 def _ratio_words(r: float | None, peer: str) -> str:
-    """How the ratio reads: ours ahead, or the peer ahead (by its own factor), or level."""
+    """How the ratio reads: ours ahead (ratio >= 1), or the peer ahead, by its own factor."""
     if r is None:
         return "ratio n/a"
     if r >= 1:

@@ -21,9 +21,10 @@ model trained on the same reference cells) runs under an address-space cap of
 ``--memory-cap-gib`` and ``scpretrain annotate --h5ad`` runs on the same file; the sizes stop
 at CellTypist's first failure. Both read the file and annotate every cell, each after the file
 was read through once (both start with it in the page cache as far as memory allows); ours
-writes a table of its calls (``--out calls.parquet``), CellTypist keeps its result in memory. CellTypist's model
-is trained with its feature selection (the top 300 genes per type, as its tutorial trains
-custom models): fewer genes make its dense scaled copy of the query, and so its memory, smaller.
+writes a table of its calls (``--out calls.parquet``), CellTypist keeps its result in memory.
+CellTypist's model is trained with its feature selection (the top 300 genes per type, as its
+tutorial trains custom models): fewer genes make its dense scaled copy of the query, and so its
+memory, smaller.
 
 Peak RSS of a step is the largest sum of resident memory over its process tree (Ray's processes
 included), sampled every 0.2 s, and where the step reports it, its own peak (VmHWM).
@@ -322,6 +323,7 @@ def _read_through(path: Path, chunk: int = 64 * 2**20) -> None:
 
 def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, args, log) -> dict:
     import anndata as ad
+    import pandas as pd
 
     cap = int(args.memory_cap_gib * 2**30)
     rows, stopped = {}, None
@@ -339,8 +341,6 @@ def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, ar
         ours = _checked(measured(_cli("annotate", "--model", models["model_uri"], "--h5ad", str(q), "--out", str(out),
                                       "--work-dir", str(work), *_workers(args)),
                                  work / f"annotate_h5ad_{n}.log"), "annotate --h5ad")
-        import pandas as pd
-
         calls = pd.read_parquet(out)["scpretrain_label"].astype(str).to_numpy()
         truth = ad.read_h5ad(q, backed="r").obs["cell_type"].astype(str).to_numpy()
         row = {"ours": {"seconds": ours["seconds"], "cells_per_s": round(n / ours["seconds"], 1),
