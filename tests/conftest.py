@@ -60,6 +60,9 @@ def pytest_unconfigure(config):
             os.kill(pid, signal.SIGKILL)
     for temp in root.glob("*/temp"):
         shutil.rmtree(temp.read_text(), ignore_errors=True)
+    for link in root.rglob("ray"):  # the Ray folders of local Rays started from work dirs here
+        if link.is_symlink() and link.resolve().name.startswith("scp-ray-"):
+            shutil.rmtree(link.resolve(), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     os.environ.pop(RUN_SHARED, None)
 

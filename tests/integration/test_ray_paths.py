@@ -3,6 +3,7 @@ command of the pipeline starts one."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,12 @@ def test_a_local_ray_starts_and_runs_a_task_from_a_work_dir_of_any_length(length
     code = ("import ray, sys\nfrom scpretrain_dist import recipes\nfrom scpretrain_dist.runtime import init_ray\n"
             "init_ray(recipes.configure('tiny', work_dir=sys.argv[1], ray={'num_cpus': 2}))\n"
             "print(ray.get(ray.remote(lambda: 'ran').remote()))\nray.shutdown()\n")
-    proc = subprocess.run([sys.executable, "-c", code, work], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ran"), proc.stderr[-3000:]
-    assert (Path(work) / "ray").is_symlink()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, work], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ran"), proc.stderr[-3000:]
+        assert (Path(work) / "ray").is_symlink()
+    finally:  # the work dir and Ray's folder for it, which live outside pytest's temp folder
+        link = Path(work) / "ray"
+        if link.is_symlink() and link.resolve().name.startswith("scp-ray-"):
+            shutil.rmtree(link.resolve(), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

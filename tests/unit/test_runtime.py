@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import pytest
 
@@ -27,15 +29,21 @@ def test_sockets_fit_for_every_work_dir_length(tmp_path_factory, length):
     work = _work_dir(root, length)
     if len(work) != length:
         pytest.skip(f"no work dir of {length} characters can be made here")
-    temp = ray_temp_dir(work)
-    # the longest socket Ray makes under it stays within the limit, and the same work dir always
-    # gets the same folder (so its sessions and logs are found again)
-    assert len(os.fsencode(temp)) + _SOCKET_TAIL <= _SOCKET_PATH_MAX
-    assert ray_temp_dir(work) == temp
-    link = os.path.join(work, "ray")
-    assert os.path.islink(link) and os.path.realpath(link) == str(temp.resolve())
-    assert temp.stat().st_mode & 0o777 == 0o700
-    temp.rmdir()  # empty: no Ray ran in it
+    try:
+        temp = ray_temp_dir(work)
+        # the longest socket Ray makes under it stays within the limit, and the same work dir
+        # always gets the same folder (so its sessions and logs are found again)
+        assert len(os.fsencode(temp)) + _SOCKET_TAIL <= _SOCKET_PATH_MAX
+        assert ray_temp_dir(work) == temp
+        link = os.path.join(work, "ray")
+        assert os.path.islink(link) and os.path.realpath(link) == str(temp.resolve())
+        assert temp.stat().st_mode & 0o777 == 0o700
+        temp.rmdir()  # empty: no Ray ran in it
+    finally:  # what was made outside pytest's temp folder goes (another run may share /tmp/w)
+        if not str(root).startswith(str(tmp_path_factory.getbasetemp())):
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def test_different_work_dirs_get_different_folders(tmp_path):
