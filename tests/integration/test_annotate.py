@@ -201,16 +201,13 @@ def test_store_annotation_survives_a_killed_worker(env, store, cli):
 
     from scpretrain_dist.serve.annotate import annotate_store
 
-    def _block_workers():
-        return cli.job_actors("_BlockWorker")
-
-    before = {a["ActorID"] for a in _block_workers()}
+    before = {a["ActorID"] for a in cli.job_actors("_BlockWorker")}
     killed: list = []
 
     def kill_one_worker(res):
         if killed:
             return
-        alive = [a for a in _block_workers() if a["ActorID"] not in before and a["State"] == "ALIVE"]
+        alive = [a for a in cli.job_actors("_BlockWorker") if a["ActorID"] not in before and a["State"] == "ALIVE"]
         assert alive, "the run's pool workers are visible"
         os.kill(alive[0]["Pid"], signal.SIGKILL)
         killed.append(alive[0]["ActorID"])
@@ -219,7 +216,7 @@ def test_store_annotation_survives_a_killed_worker(env, store, cli):
                          on_block=kill_one_worker, progress=False, log=lambda m: None)
     assert killed
     assert rep.blocks_computed == 12 and rep.blocks_skipped == 0
-    restarted = [a for a in _block_workers() if a["ActorID"] == killed[0]]
+    restarted = [a for a in cli.job_actors("_BlockWorker") if a["ActorID"] == killed[0]]
     assert restarted and restarted[0]["NumRestarts"] >= 1
     obs = read_obs(store)
     assert len(obs) == 480 and obs["soma_joinid"].is_unique
@@ -235,17 +232,14 @@ def test_worker_death_past_its_restarts_is_a_clear_error_and_the_rerun_resumes(e
 
     from scpretrain_dist.serve.annotate import AnnotateError, annotate_store
 
-    def _block_workers():
-        return cli.job_actors("_BlockWorker")
-
     cfg = dataclasses.replace(env["cfg"], annotate=dataclasses.replace(env["cfg"].annotate, worker_restarts=0))
-    before = {a["ActorID"] for a in _block_workers()}
+    before = {a["ActorID"] for a in cli.job_actors("_BlockWorker")}
     written: list = []
 
     def kill_one_worker(res):
         written.append(res.block.index)
         if len(written) == 1:
-            alive = [a for a in _block_workers() if a["ActorID"] not in before and a["State"] == "ALIVE"]
+            alive = [a for a in cli.job_actors("_BlockWorker") if a["ActorID"] not in before and a["State"] == "ALIVE"]
             os.kill(alive[0]["Pid"], signal.SIGKILL)
 
     kw = dict(block_size=40, workers=2, progress=False, log=lambda m: None)
