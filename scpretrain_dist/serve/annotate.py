@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -256,11 +257,9 @@ def _choose_workers(cfg: RunConfig, workers: int | None, cells: int, log) -> int
         return workers
     if cfg.annotate.workers <= 0:
         return 0
-    import os
-
-    import ray
-
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    # a Ray this process runs has imported ray already: asking needs no import (a quarter second)
+    ray = sys.modules.get("ray")
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized())):
         log("annotate: no Ray cluster to spread over (no ray.address, RAY_ADDRESS or running Ray): in this process, "
             "without starting Ray; --workers N uses the actor pool regardless")
         return 0
