@@ -35,6 +35,9 @@ _GENE_MAPS_CACHED = 16  # distinct request column lists remembered (clients repe
 # module-level, so an annotator still pickles (Ray's object store)
 _GENE_MAPS_LOCK = threading.Lock()
 _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero values
+# drop an input's unknown genes' values (not zero them in place) where the model knows fewer than
+# this fraction of its columns
+_COMPACT_BELOW = 0.5
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
 PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
 # the call for a cell with no value over the model's genes (nothing to base a type on) or below
@@ -276,13 +279,18 @@ class Annotator:
             X = sp.csr_matrix(X)  # normalise and multiply the non-zeros only
         if sp.issparse(X):
             X = sp.csr_matrix(X)
-            if gm.repeats:  # columns of one gene summed before the log: compact, then merge
+            if gm.repeats or len(gm.src) < _COMPACT_BELOW * len(gm.row):
+                # the unknown genes' values dropped: where the model reads a small panel of the
+                # input's genes, most values would be zeros its first layer still gathers; and
+                # columns of one gene summed before the log
                 keep = gm.row[X.indices] >= 0
-                per_cell = np.bincount(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[keep], minlength=X.shape[0])
-                indptr = np.concatenate([[0], np.cumsum(per_cell)])
-                Xm = sp.csr_matrix((X.data[keep].astype(np.float32), gm.row[X.indices[keep]], indptr),
+                kept = np.add.reduceat(np.append(keep, False).view(np.uint8), X.indptr[:-1], dtype=X.indptr.dtype)
+                kept[X.indptr[:-1] == X.indptr[1:]] = 0  # reduceat's value for an empty row is not 0
+                indptr = np.concatenate([[0], np.cumsum(kept)]).astype(X.indptr.dtype, copy=False)
+                Xm = sp.csr_matrix((X.data[keep].astype(np.float32), gm.safe_row[X.indices[keep]], indptr),
                                    shape=(X.shape[0], len(self.genes)))
-                Xm.sum_duplicates()
+                if gm.repeats:
+                    Xm.sum_duplicates()
             else:  # unknown genes keep their slots with value 0: cheaper than compacting them out
                 data = X.data.astype(np.float32)
                 if not gm.all_known:

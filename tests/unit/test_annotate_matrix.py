@@ -129,6 +129,30 @@ def test_the_models_own_columns_predict_as_any_other_order_and_the_input_is_left
         np.testing.assert_allclose(other.embedding, own.embedding, rtol=1e-5, atol=1e-6)
 
 
+def test_an_input_of_mostly_unknown_genes_predicts_as_the_models_own_columns(annotator, monkeypatch):
+    """Where the model knows under half of the input's genes, their values are dropped rather
+    than zeroed in place: the same calls, confidences and embeddings, for cells with no value at
+    all (first, middle and last rows) and a cell whose values are all in unknown genes."""
+    from scpretrain_dist.serve import pyfunc
+
+    monkeypatch.setattr(pyfunc, "_DENSE_ABOVE", 2.0)  # the sparse path at any density
+    X = counts(40, seed=9)
+    unknown = np.random.default_rng(3).poisson(2, (40, 150)).astype(np.float32)
+    X[[0, 17, 39]] = 0
+    unknown[[0, 17, 39]] = 0
+    X[5] = 0  # values in unknown genes only
+    # the model's genes split among the unknown ones (a cell's first value is then a known gene's)
+    wide = np.concatenate([X[:, :25], unknown[:, :75], X[:, 25:], unknown[:, 75:]], axis=1)
+    names = np.concatenate([GENES[:25], [f"U{i}" for i in range(75)], GENES[25:], [f"U{i}" for i in range(75, 150)]])
+    assert len(annotator.gene_map(names).src) < pyfunc._COMPACT_BELOW * len(names)
+    own = annotator.predict_matrix(sp.csr_matrix(X), GENES, return_embedding=True)
+    got = annotator.predict_matrix(sp.csr_matrix(wide), names, return_embedding=True)
+    assert got.labels.tolist() == own.labels.tolist()
+    assert set(got.labels[[0, 5, 17, 39]]) == {annotator.unassigned}
+    np.testing.assert_allclose(got.confidence, own.confidence, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.embedding, own.embedding, rtol=1e-5, atol=1e-6)
+
+
 def _h5ad(path, X):
     import anndata as ad
 
