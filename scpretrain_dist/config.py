@@ -402,8 +402,9 @@ class AnnotateConfig(_Checked):
     workers: int = setting(2, ge=0)
     cpus_per_worker: float = setting(0.5, gt=0)
     # In this process (no actor pool): threads predicting blocks while this one reads the next;
-    # 0: one per two CPUs the process may run on (torch already spreads each block's product over
-    # every core; more threads overlap numpy's one-core steps).
+    # 0: one per CPU the process may run on, at most 8, each thread's torch products on CPUs /
+    # threads cores (blocks predicted side by side, numpy's one-core steps included, rather than
+    # one block's product spread over every core).
     threads: int = setting(0, ge=0)
     # Without --workers, the actor pool is used only with a Ray cluster to spread over (ray.address,
     # RAY_ADDRESS, or a running Ray) and for jobs of at least this many cells; else in-process.

@@ -153,6 +153,19 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op threads capped at ``n`` (0: no cap) inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)) if n > 0 else before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def restartable(cls, restarts: int, **options):
     """``cls`` as a Ray actor class whose actors, when their process dies (a native crash, a
     lost node), are restarted and their pending tasks run again, up to ``restarts`` times.

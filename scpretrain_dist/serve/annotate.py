@@ -45,6 +45,8 @@ H5AD_UNS = "scpretrain_annotation"
 # an --out with one of these suffixes gets a table of the calls (one row per cell, keyed by the
 # input's obs names) instead of an annotated copy of the whole file
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+# predicting threads of an in-process run at most (each holds a block or two in memory)
+MAX_THREADS = 8
 
 
 class AnnotateError(UserError):
@@ -173,8 +175,13 @@ def stream_results(blocks: list[Block], annotator: Annotator, embedding: bool,
     if not blocks:
         return
     if workers <= 0:
-        yield from _in_process(blocks, annotator, embedding,
-                               cfg.annotate.threads or max(1, len(os.sched_getaffinity(0)) // 2))
+        from scpretrain_dist.runtime import intra_op_threads
+
+        cpus = len(os.sched_getaffinity(0))
+        threads = cfg.annotate.threads or min(cpus, MAX_THREADS)
+        # the cores shared out: each thread's torch products on cpus / threads of them
+        with intra_op_threads(max(1, cpus // threads)):
+            yield from _in_process(blocks, annotator, embedding, threads)
         return
     import ray
 

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
 from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
+from scpretrain_dist.runtime import intra_op_threads
 
 
 def _rows(X, idx=None):
@@ -331,17 +331,6 @@ def finetune(
     with intra_op_threads(cfg.threads):
         return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled,
                          query_prior)
-
-
-@contextmanager
-def intra_op_threads(n: int):
-    """torch's intra-op threads capped at ``n`` (0: no cap) inside the block, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)) if n > 0 else before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig,

@@ -160,16 +160,26 @@ def _h5ad(path, X):
     return path
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [0, 1, 3])
 def test_in_process_blocks_come_back_in_order_with_the_whole_matrix_answer(annotator, tmp_path, threads):
+    """Also: the predicting threads share the cores out (torch's threads per thread: the CPUs over
+    the threads; by default one thread per CPU), and torch's setting is restored afterwards."""
+    import os
+
     from scpretrain_dist.config import RunConfig, resolve
-    from scpretrain_dist.serve.annotate import stream_results
+    from scpretrain_dist.serve.annotate import MAX_THREADS, stream_results
 
     X = counts(1000, seed=9)
     whole = annotator.predict_matrix(sp.csr_matrix(X), GENES, "counts")
     blocks = make_blocks(H5adSource(str(_h5ad(tmp_path / "q.h5ad", X)), "counts"), len(X), 64)
     cfg = resolve(RunConfig(), overrides=[f"annotate.threads={threads}"])
-    got = list(stream_results(blocks, annotator, False, cfg, workers=0))
+    before, cpus = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    got, during = [], set()
+    for r in stream_results(blocks, annotator, False, cfg, workers=0):
+        got.append(r)
+        during.add(torch.get_num_threads())
+    assert during == {max(1, min(before, cpus // (threads or min(cpus, MAX_THREADS))))}
+    assert torch.get_num_threads() == before
     assert [r.block.index for r in got] == list(range(len(blocks)))
     np.testing.assert_array_equal(np.concatenate([r.codes for r in got]), whole.codes)
     np.testing.assert_allclose(np.concatenate([r.confidence for r in got]), whole.confidence, rtol=1e-6)
