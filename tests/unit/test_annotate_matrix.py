@@ -173,13 +173,18 @@ def test_in_process_blocks_come_back_in_order_with_the_whole_matrix_answer(annot
     whole = annotator.predict_matrix(sp.csr_matrix(X), GENES, "counts")
     blocks = make_blocks(H5adSource(str(_h5ad(tmp_path / "q.h5ad", X)), "counts"), len(X), 64)
     cfg = resolve(RunConfig(), overrides=[f"annotate.threads={threads}"])
-    before, cpus = torch.get_num_threads(), len(os.sched_getaffinity(0))
-    got, during = [], set()
-    for r in stream_results(blocks, annotator, False, cfg, workers=0):
-        got.append(r)
-        during.add(torch.get_num_threads())
-    assert during == {max(1, min(before, cpus // (threads or min(cpus, MAX_THREADS))))}
-    assert torch.get_num_threads() == before
+    cpus, outer = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    torch.set_num_threads(4)  # more than the share of any thread here (test processes run on one)
+    try:
+        got, during = [], set()
+        for r in stream_results(blocks, annotator, False, cfg, workers=0):
+            got.append(r)
+            during.add(torch.get_num_threads())
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(outer)
+    assert during == {max(1, min(4, cpus // (threads or min(cpus, MAX_THREADS))))}
+    assert after == 4
     assert [r.block.index for r in got] == list(range(len(blocks)))
     np.testing.assert_array_equal(np.concatenate([r.codes for r in got]), whole.codes)
     np.testing.assert_allclose(np.concatenate([r.confidence for r in got]), whole.confidence, rtol=1e-6)
