@@ -163,7 +163,6 @@ class KMeansWorker:
 
     def warm_up(self) -> bool:
         import faiss  # noqa: F401
-        import sklearn.cluster  # noqa: F401
         import torch  # noqa: F401  (the assignment's GEMM, and the embedding)
 
         self.store.datasets()
