@@ -31,6 +31,8 @@ _SOCKET_PATH_MAX = 107
 # package starts (local Ray workers, benchmark children) get this; set it in a cluster job's
 # environment too (`scpretrain submit` does, runtime.JOB_ENV). It must be set before the process starts.
 READER_ENV = {"MALLOC_ARENA_MAX": "2"}
+# a work dir's Ray folder: this prefix, then a digest of the user and the work dir
+RAY_TEMP_PREFIX = "scp-ray-"
 
 
 def ray_temp_dir(work_dir: str | Path) -> Path:
@@ -40,7 +42,7 @@ def ray_temp_dir(work_dir: str | Path) -> Path:
     digest = hashlib.sha1(f"{os.getuid()}:{work}".encode()).hexdigest()[:12]
     roots = [Path("/tmp"), Path(tempfile.gettempdir())]
     for root in roots:
-        temp = root / f"scp-ray-{digest}"
+        temp = root / f"{RAY_TEMP_PREFIX}{digest}"
         if len(os.fsencode(temp)) + _SOCKET_TAIL > _SOCKET_PATH_MAX or not os.access(root, os.W_OK | os.X_OK):
             continue
         temp.mkdir(mode=0o700, exist_ok=True)

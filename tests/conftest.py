@@ -60,8 +60,10 @@ def pytest_unconfigure(config):
             os.kill(pid, signal.SIGKILL)
     for temp in root.glob("*/temp"):
         shutil.rmtree(temp.read_text(), ignore_errors=True)
+    from scpretrain_dist.runtime import RAY_TEMP_PREFIX
+
     for link in root.rglob("ray"):  # the Ray folders of local Rays started from work dirs here
-        if link.is_symlink() and link.resolve().name.startswith("scp-ray-"):
+        if link.is_symlink() and link.resolve().name.startswith(RAY_TEMP_PREFIX):
             shutil.rmtree(link.resolve(), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     os.environ.pop(RUN_SHARED, None)

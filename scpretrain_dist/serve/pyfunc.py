@@ -118,7 +118,6 @@ class _GeneMap:
     row: np.ndarray  # input column -> the model's gene row, -1 for a gene the model does not know
     safe_row: np.ndarray  # the same with unknown genes pointed at row 0 (their values are zeroed)
     known: np.ndarray  # float32 1/0 per input column
-    is_known: np.ndarray  # the same as booleans (a byte per column: the cheapest table to look up)
     src: np.ndarray  # input columns of known genes
     n_matched: int  # distinct model genes found
     repeats: bool  # two input columns name one model gene (summed, as ingest does)
@@ -183,7 +182,7 @@ class Annotator:
         matched = np.unique(row[known])
         # int32 gene rows: the CSR's own index type, half the memory traffic of int64
         index = np.int32 if len(self.genes) < 2**31 else np.int64
-        hit = _GeneMap(row, np.where(known, row, 0).astype(index), known.astype(np.float32), known, np.flatnonzero(known),
+        hit = _GeneMap(row, np.where(known, row, 0).astype(index), known.astype(np.float32), np.flatnonzero(known),
                        len(matched), len(matched) < int(known.sum()),
                        len(row) == len(self.genes) and bool((row == np.arange(len(row))).all()))
         with _GENE_MAPS_LOCK:
@@ -281,14 +280,12 @@ class Annotator:
         if sp.issparse(X):
             X = sp.csr_matrix(X)
             if gm.repeats or len(gm.src) < _COMPACT_BELOW * len(gm.row):
-                # the unknown genes' values dropped: where the model reads a small panel of the
-                # input's genes, most values would be zeros its first layer still gathers; and
-                # columns of one gene summed before the log
-                keep = gm.is_known[X.indices]
-                kept = np.add.reduceat(np.append(keep, False).view(np.uint8), X.indptr[:-1], dtype=X.indptr.dtype)
-                kept[X.indptr[:-1] == X.indptr[1:]] = 0  # reduceat's value for an empty row is not 0
-                indptr = np.concatenate([[0], np.cumsum(kept)]).astype(X.indptr.dtype, copy=False)
-                Xm = sp.csr_matrix((X.data[keep].astype(np.float32), gm.safe_row[X.indices[keep]], indptr),
+                # the known genes' columns only (scipy's column selection), renumbered as the
+                # model's rows: where the model reads a small panel of the input's genes, most
+                # values would be zeros its first layer still gathers; and columns of one gene
+                # summed before the log
+                Y = X[:, gm.src]
+                Xm = sp.csr_matrix((Y.data.astype(np.float32, copy=False), gm.safe_row[gm.src][Y.indices], Y.indptr),
                                    shape=(X.shape[0], len(self.genes)))
                 if gm.repeats:
                     Xm.sum_duplicates()
