@@ -267,7 +267,6 @@ def cluster_target(target: TargetData, encoder: Encoder | None, seed: int = 0, n
     """K-means (k = number of true types) on the pretrained embedding, on PCA, and on UMAP of
     PCA; Rand index and ARI against the true labels. Also returns 2-D UMAP coordinates of the
     embedding and of PCA for the figures."""
-    import umap
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
@@ -275,18 +274,30 @@ def cluster_target(target: TargetData, encoder: Encoder | None, seed: int = 0, n
     dense = np.asarray(target.X.todense(), np.float32)
     pcs = PCA(n_components=min(n_pcs, dense.shape[0] - 1, dense.shape[1]), random_state=seed).fit_transform(dense)
     spaces = {"pca": pcs}
-    coords = {"pca": umap.UMAP(random_state=seed, n_jobs=1).fit_transform(pcs)}
+    coords = {"pca": umap_2d(pcs, seed)}
     spaces["umap_pca"] = coords["pca"]
     if encoder is not None:
         emb = embed(encoder.weights, encoder.index(target.genes), target.X)
         spaces["embedding"] = emb
-        coords["embedding"] = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(emb)
+        coords["embedding"] = umap_2d(emb, seed)
     rows = []
     for space, Z in spaces.items():
         km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(Z)
         rows.append({"dataset": target.name, "space": space, "k": k, "seed": seed,
                      **clustering_metrics(target.labels, km.labels_)})
     return rows, {"coords": coords, "labels": target.classes[target.labels]}
+
+
+def umap_2d(x: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    """2-D UMAP coordinates of ``x``, its nearest neighbours found exactly by scikit-learn:
+    UMAP's own search compiles its numba functions for about 8 s in every process."""
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(n_neighbors, len(x))
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
+    return umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1,
+                     precomputed_knn=(idx, dist.astype(np.float32), None)).fit_transform(x)
 
 
 # ---------------------------------------------------------------- the annotation track
