@@ -232,7 +232,7 @@ def cmd_models(args) -> None:
 
 def cmd_annotate(args) -> None:
     """Annotate whole datasets (atlas or .h5ad) with a registered model."""
-    from scpretrain_dist.serve.annotate import annotate_h5ad, annotate_store
+    from scpretrain_dist.tracking.registry import ModelFetch
 
     cfg = _config(args)
     if args.h5ad and args.datasets:
@@ -242,12 +242,17 @@ def cmd_annotate(args) -> None:
                           "columns of the store")
     if args.out and args.in_place:
         raise ConfigError("--out writes a new file and --in-place replaces the input; give one of them")
-    common = dict(embedding=args.embedding, block_size=args.block_size, workers=args.workers)
-    if args.store_uri:
-        rep = annotate_store(cfg, args.model, args.store_uri, datasets=args.datasets, **common)
-    else:
-        rep = annotate_h5ad(cfg, args.model, args.h5ad, out=args.out, in_place=args.in_place,
-                            overwrite=args.overwrite, **common)
+    # the model is fetched from the registry (beside this process, where it has not loaded
+    # MLflow) while torch and the rest load here
+    with ModelFetch(args.model, cfg.tracking_uri) as model:
+        from scpretrain_dist.serve.annotate import annotate_h5ad, annotate_store
+
+        common = dict(embedding=args.embedding, block_size=args.block_size, workers=args.workers)
+        if args.store_uri:
+            rep = annotate_store(cfg, model, args.store_uri, datasets=args.datasets, **common)
+        else:
+            rep = annotate_h5ad(cfg, model, args.h5ad, out=args.out, in_place=args.in_place,
+                                overwrite=args.overwrite, **common)
     print(f"annotated {rep.n_cells} cells of {', '.join(rep.datasets)} with {rep.model_uri} into {rep.target}: "
           f"{rep.blocks_computed} blocks computed, {rep.blocks_skipped} already done, {rep.seconds:.1f} s "
           f"({rep.cells_per_second:,.0f} cells/s)")
@@ -260,14 +265,14 @@ def cmd_markers(args) -> None:
     from scpretrain_dist.catalog.entries import read_h5ad
     from scpretrain_dist.serve.annotate import AnnotateError, load_annotator
     from scpretrain_dist.serve.pyfunc import InputError
-    from scpretrain_dist.tracking.registry import resolve_model
+    from scpretrain_dist.tracking.registry import ModelFetch
 
     cfg = _config(args)
     path = Path(args.h5ad)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"--json {args.json}: its folder does not exist")
     adata = read_h5ad(path, "--h5ad")
-    annotator = load_annotator(resolve_model(args.model, cfg.tracking_uri))
+    annotator = load_annotator(ModelFetch(args.model, cfg.tracking_uri))
     try:
         markers = annotator.marker_genes(adata.X, [str(g) for g in adata.var_names], args.value_type, args.top)
     except InputError as e:

@@ -259,10 +259,10 @@ def _time_forward(cfg, model_uri, query, block_size) -> tuple[float, float]:
     """The forward pass alone on the in-memory query (what ``celltypist.annotate`` is timed on),
     and the model load through the registry."""
     from scpretrain_dist.serve.annotate import load_annotator
-    from scpretrain_dist.tracking.registry import resolve_model
+    from scpretrain_dist.tracking.registry import ModelFetch
 
     t0 = time.perf_counter()
-    annotator = load_annotator(resolve_model(model_uri, cfg.tracking_uri))
+    annotator = load_annotator(ModelFetch(model_uri, cfg.tracking_uri))
     load = time.perf_counter() - t0
     genes = np.asarray(query.var_names)
     annotator.predict_matrix(query.X[:block_size], genes, "counts")  # warm caches
@@ -300,7 +300,7 @@ def _serving(cfg, model_uri, query, sizes, n_requests, log) -> dict:
 
     from scpretrain_dist.serve.annotate import load_annotator
     from scpretrain_dist.serve.pyfunc import sparse_request, sparse_request_parquet
-    from scpretrain_dist.tracking.registry import resolve_model
+    from scpretrain_dist.tracking.registry import ModelFetch
 
     port = _free_port()
     cmd = [sys.executable, "-m", "scpretrain_dist.cli", "serve", "--model", model_uri, "--port", str(port),
@@ -317,7 +317,7 @@ def _serving(cfg, model_uri, query, sizes, n_requests, log) -> dict:
                 if proc.poll() is not None or time.time() > deadline:
                     raise SystemExit(f"bench annotate: the scoring server did not start; see {log_file.name}") from None
                 time.sleep(0.5)
-        annotator = load_annotator(resolve_model(model_uri, cfg.tracking_uri))
+        annotator = load_annotator(ModelFetch(model_uri, cfg.tracking_uri))
         genes = [str(g) for g in query.var_names]
         out = {}
         for n in sizes:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
 from scpretrain_dist.store.atlas import ANNOTATIONS_KEY, Atlas, Locator, StoreError, atlas_for
 from scpretrain_dist.store.files import exclusive, save_npz_whole, write_json_whole
-from scpretrain_dist.tracking.registry import ModelRef, download_pyfunc_artifacts, resolve_model
+from scpretrain_dist.tracking.registry import ModelFetch, ModelRef
 
 # mlflow warns, on defining the pyfunc class, that its predict has no type hints
 with warnings.catch_warnings(record=True):
@@ -54,14 +53,22 @@ class AnnotateError(UserError):
 
 
 # ---------------------------------------------------------------------------- the model
-def load_annotator(ref: ModelRef) -> Annotator:
-    """The version's annotator, built from its artifacts (weights and gene list) by the current
-    code, so models logged by older releases annotate with the same forward pass as new ones."""
-    with tempfile.TemporaryDirectory(prefix="scp-model-") as tmp:
-        arts = download_pyfunc_artifacts(ref, tmp)
+def load_annotator(fetch: ModelFetch) -> Annotator:
+    """The fetched version's annotator, built from its artifacts (weights and gene list) by the
+    current code, so models logged by older releases annotate with the same forward pass as new
+    ones. The fetch's folder is removed once they are read."""
+    ref, arts = fetch.result()
+    try:
         if "weights" not in arts or "meta" not in arts:
             raise AnnotateError(f"{ref.uri} is not an scpretrain annotator (no weights/meta artifacts)")
         return Annotator(arts["weights"], arts["meta"])
+    finally:
+        fetch.close()
+
+
+def _fetch(model: str | ModelFetch, cfg: RunConfig) -> ModelFetch:
+    """``model``: a model URI, or its fetch already under way (the CLI starts it first)."""
+    return model if isinstance(model, ModelFetch) else ModelFetch(model, cfg.tracking_uri)
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -360,7 +367,7 @@ def _write_store_block(store: Atlas, ref: ModelRef, res: BlockResult, names: Cal
 
 def annotate_store(
     cfg: RunConfig,
-    model_uri: str,
+    model_uri: str | ModelFetch,
     store_uri: str,
     datasets: list[str] | None = None,
     embedding: bool = False,
@@ -376,14 +383,15 @@ def annotate_store(
     block_size = block_size or cfg.annotate.block_size
     if block_size < 1:
         raise AnnotateError(f"block size must be positive, got {block_size}")
-    ref = resolve_model(model_uri, cfg.tracking_uri)
+    fetch = _fetch(model_uri, cfg)
+    ref = fetch.ref
     store = atlas_for(cfg, str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri)
     records = {r.name: r for r in store.datasets()}
     names = list(datasets) if datasets else list(records)
     unknown = [d for d in names if d not in records]
     if unknown:
         raise StoreError(f"dataset(s) {unknown} are not in the atlas {store.uri}; it holds: {', '.join(records) or 'nothing'}")
-    annotator = load_annotator(ref)
+    annotator = load_annotator(fetch)
     genes = store.genes()
     overlaps = {}
     for d in names:  # every check before the first write
@@ -420,7 +428,7 @@ def annotate_store(
                 "gene_overlap": round(overlaps[d], 4), **({} if left[d] or d in prior else {"finished_at": now})}
             for d in names})
         total = sum(records[d].n_cells for d in names)
-        log(f"annotate: {ref.uri} ({model_uri}) -> {store.uri}: {len(names)} dataset(s), {total} cells, "
+        log(f"annotate: {ref.uri} ({fetch.requested}) -> {store.uri}: {len(names)} dataset(s), {total} cells, "
             f"{len(pending)} of {len(blocks)} blocks to do; columns {ref.label_column}, {ref.confidence_column}"
             + (f", embedding {store.embedding_path(ref.prefix)}" if embedding else ""))
         computed = 0
@@ -489,7 +497,7 @@ def _file_identity(path: Path) -> dict:
 
 def annotate_h5ad(
     cfg: RunConfig,
-    model_uri: str,
+    model_uri: str | ModelFetch,
     path: str | Path,
     out: str | Path | None = None,
     embedding: bool = False,
@@ -517,7 +525,7 @@ def annotate_h5ad(
         raise AnnotateError(f"--block-size {block_size}: give a positive number of cells per block")
     path = Path(path)
     out = output_path(path, out, in_place)
-    ref = resolve_model(model_uri, cfg.tracking_uri)
+    fetch = _fetch(model_uri, cfg)
     adata = read_h5ad(path, "--h5ad", backed="r")
     n_cells, genes = adata.n_obs, np.asarray(adata.var_names.astype(str))
     clash = [c for c in (H5AD_LABEL, H5AD_CONFIDENCE) if c in adata.obs] + \
@@ -530,8 +538,8 @@ def annotate_h5ad(
         adata.file.close()
         raise AnnotateError(f"{path} already has {clash}; pass --overwrite to replace them or --out to write a new file")
     cell_names = np.asarray(adata.obs_names.astype(str)) if table else None
-    annotator = load_annotator(ref)
     try:
+        annotator = load_annotator(fetch)  # (fetched meanwhile)
         overlap = annotator.check_genes(genes, merge_repeats=True)
         probe = annotator.gene_map(genes, merge_repeats=True)
         # the value type, once for the file, from the model's genes in its first cells
@@ -545,6 +553,7 @@ def annotate_h5ad(
         raise AnnotateError(f"{path}: {e}") from None
     finally:
         adata.file.close()
+    ref = fetch.ref
     src = H5adSource(str(path.resolve()), value_type)
     blocks = make_blocks(src, n_cells, block_size)
     progress_dir = out.with_name(out.name + ".annotate-progress")
@@ -570,7 +579,7 @@ def annotate_h5ad(
         return progress_dir / f"block_{b.index:06d}.npz"
 
     pending = [b for b in blocks if not block_file(b).exists()]
-    log(f"annotate: {ref.uri} ({model_uri}) -> {out}: {n_cells} cells, {len(genes)} genes "
+    log(f"annotate: {ref.uri} ({fetch.requested}) -> {out}: {n_cells} cells, {len(genes)} genes "
         f"({overlap:.1%} of the model's), {value_type}; {len(pending)} of {len(blocks)} blocks to do")
     bar = _progress(n_cells, sum(b.n_cells for b in blocks if b not in pending), "annotate", progress)
     computed = 0
@@ -604,7 +613,7 @@ def annotate_h5ad(
                 if emb is None:
                     emb = np.empty((n_cells, z["embedding"].shape[1]), np.float32)
                 emb[b.start : b.stop] = z["embedding"]
-    info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": model_uri,
+    info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": fetch.requested,
             "run_id": ref.run_id, "gene_overlap": overlap, "value_type": value_type,
             "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if table:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +106,9 @@ def assert_unchanged(a: dict, b: dict) -> None:
 def reference_predictions(env, store, dataset: str, version: int) -> pd.DataFrame:
     """What the served model answers for the dataset's raw cells (the DataFrame request path)."""
     from scpretrain_dist.serve.annotate import load_annotator
-    from scpretrain_dist.tracking.registry import resolve_model
+    from scpretrain_dist.tracking.registry import ModelFetch
 
-    ref = resolve_model(f"models:/{MODEL}/{version}", env["cfg"].tracking_uri)
-    annotator = load_annotator(ref)
+    annotator = load_annotator(ModelFetch(f"models:/{MODEL}/{version}", env["cfg"].tracking_uri))
     rec = store.dataset(dataset)
     cols = np.flatnonzero(store.dataset_gene_mask(dataset))
     X = store.read_rows(rec.joinids)[:, cols].toarray()
@@ -196,7 +199,6 @@ def test_ingest_after_annotation_then_annotate_only_the_new_dataset(env, store):
 def test_store_annotation_survives_a_killed_worker(env, store, cli):
     """A pool worker killed (SIGKILL, as a native crash or the OOM killer would) after the first
     block: it is restarted, its blocks run again, and the result is whole and exact."""
-    import os
     import signal
 
     from scpretrain_dist.serve.annotate import annotate_store
@@ -227,7 +229,6 @@ def test_store_annotation_survives_a_killed_worker(env, store, cli):
 
 def test_worker_death_past_its_restarts_is_a_clear_error_and_the_rerun_resumes(env, store, cli):
     import dataclasses
-    import os
     import signal
 
     from scpretrain_dist.serve.annotate import AnnotateError, annotate_store
@@ -295,7 +296,7 @@ def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path, cli):
     import anndata as ad
 
     from scpretrain_dist.serve.annotate import annotate_h5ad, load_annotator
-    from scpretrain_dist.tracking.registry import resolve_model
+    from scpretrain_dist.tracking.registry import ModelFetch
 
     path = tmp_path / "query.h5ad"
     shutil.copy(env["demo"] / "demo_02.h5ad", path)
@@ -324,7 +325,7 @@ def test_h5ad_in_place_interrupted_then_resumed(env, tmp_path, cli):
     assert (out.X != original.X).nnz == 0 and list(out.var_names) == list(original.var_names)
     pd.testing.assert_frame_equal(out.obs[original.obs.columns], original.obs)
     assert out.obsm["X_scpretrain"].shape == (240, 200)
-    annotator = load_annotator(resolve_model(f"models:/{MODEL}/2", env["cfg"].tracking_uri))
+    annotator = load_annotator(ModelFetch(f"models:/{MODEL}/2", env["cfg"].tracking_uri))
     ref = annotator.predict(original.to_df(), return_embedding=True)
     assert out.obs["scpretrain_label"].astype(str).tolist() == ref["cell_type"].tolist()
     assert isinstance(out.obs["scpretrain_label"].dtype, pd.CategoricalDtype)
@@ -352,6 +353,33 @@ def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path, cli):
     assert a.obs["scpretrain_label"].notna().all() and "X_scpretrain" not in a.obsm
     r = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", str(out), "--workers", "0")
     assert r.returncode == 2 and "already has" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_a_new_process_fetches_the_model_beside_itself(env, tmp_path, cli):
+    """`scpretrain annotate` as a user runs it (a new process, MLflow not loaded yet) resolves and
+    downloads the model in a helper process while it loads torch and opens the file: the same
+    calls as in this process, the registry's refusal as its error, and no model folder left in
+    the temp dir either way."""
+    src = str(env["demo"] / "demo_01.h5ad")
+    here = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", src, "--out",
+                   str(tmp_path / "here.csv"), "--workers", "0")
+    assert here.returncode == 0, here.stderr
+    temp = tmp_path / "temp"
+    temp.mkdir()
+
+    def fresh(model: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scpretrain_dist.cli", "annotate", "--model", model, "--h5ad", src,
+                               "--out", str(out), "--workers", "0", "--work-dir", str(env["work"])],
+                              capture_output=True, text=True, timeout=300, env=os.environ | {"TMPDIR": str(temp)})
+
+    r = fresh(f"models:/{MODEL}/1", tmp_path / "fresh.csv")
+    assert r.returncode == 0, r.stderr
+    log = Path(re.search(r"full log: (\S+)", r.stdout).group(1)).read_text()
+    assert f"fetching models:/{MODEL}/1 from {env['cfg'].tracking_uri} in a helper process" in log
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "fresh.csv"), pd.read_csv(tmp_path / "here.csv"))
+    bad = fresh(f"models:/{MODEL}/9", tmp_path / "bad.csv")
+    assert bad.returncode == 2 and f"model models:/{MODEL}/9 is not in the registry" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad.csv").exists() and list(temp.iterdir()) == []
 
 
 def test_cli_writes_the_calls_as_a_table_without_copying_the_file(env, tmp_path, cli):
