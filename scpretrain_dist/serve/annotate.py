@@ -66,7 +66,7 @@ def load_annotator(fetch: ModelFetch) -> Annotator:
         fetch.close()
 
 
-def _fetch(model: str | ModelFetch, cfg: RunConfig) -> ModelFetch:
+def _as_fetch(model: str | ModelFetch, cfg: RunConfig) -> ModelFetch:
     """``model``: a model URI, or its fetch already under way (the CLI starts it first)."""
     return model if isinstance(model, ModelFetch) else ModelFetch(model, cfg.tracking_uri)
 
@@ -383,7 +383,7 @@ def annotate_store(
     block_size = block_size or cfg.annotate.block_size
     if block_size < 1:
         raise AnnotateError(f"block size must be positive, got {block_size}")
-    fetch = _fetch(model_uri, cfg)
+    fetch = _as_fetch(model_uri, cfg)
     ref = fetch.ref
     store = atlas_for(cfg, str(Path(store_uri).resolve()) if "://" not in store_uri else store_uri)
     records = {r.name: r for r in store.datasets()}
@@ -525,7 +525,7 @@ def annotate_h5ad(
         raise AnnotateError(f"--block-size {block_size}: give a positive number of cells per block")
     path = Path(path)
     out = output_path(path, out, in_place)
-    fetch = _fetch(model_uri, cfg)
+    fetch = _as_fetch(model_uri, cfg)
     adata = read_h5ad(path, "--h5ad", backed="r")
     n_cells, genes = adata.n_obs, np.asarray(adata.var_names.astype(str))
     clash = [c for c in (H5AD_LABEL, H5AD_CONFIDENCE) if c in adata.obs] + \
