@@ -130,9 +130,15 @@ class ModelFetch:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            self._future = self._pool.submit(_fetch, uri, tracking_uri, self._dir.name, not verbose())
-            detail(f"fetching {uri} from {tracking_uri} in a helper process")
+            try:
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                self._future = self._pool.submit(_fetch, uri, tracking_uri, self._dir.name, not verbose())
+                detail(f"fetching {uri} from {tracking_uri} in a helper process")
+            except OSError as e:  # no process to start here (no /dev/shm, a process limit): fetched in this one
+                detail(f"no helper process for the model ({e}); fetching it in this process")
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = self._future = None
 
     def result(self) -> tuple[ModelRef, dict[str, Path]]:
         """The version and its artifacts (name -> local path)."""
@@ -140,8 +146,13 @@ class ModelFetch:
             if self._future is None:
                 self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)
             else:
+                from concurrent.futures.process import BrokenProcessPool
+
                 try:
                     self._done = self._future.result()
+                except BrokenProcessPool as e:  # the helper died (killed, out of memory): once more here
+                    detail(f"the model's helper process died ({e}); fetching it in this process")
+                    self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)
                 finally:
                     self._pool.shutdown()
         return self._done

@@ -358,8 +358,8 @@ def test_cli_annotates_h5ad_to_out_and_refuses_to_clobber(env, tmp_path, cli):
 def test_a_new_process_fetches_the_model_beside_itself(env, tmp_path, cli):
     """`scpretrain annotate` as a user runs it (a new process, MLflow not loaded yet) resolves and
     downloads the model in a helper process while it loads torch and opens the file: the same
-    calls as in this process, the registry's refusal as its error, and no model folder left in
-    the temp dir either way."""
+    calls as in this process, the registry's refusal as its error, a killed helper replaced by
+    the process itself, and no model folder left in the temp dir in any case."""
     src = str(env["demo"] / "demo_01.h5ad")
     here = run_cli(cli, env, "annotate", "--model", f"models:/{MODEL}/1", "--h5ad", src, "--out",
                    str(tmp_path / "here.csv"), "--workers", "0")
@@ -380,6 +380,19 @@ def test_a_new_process_fetches_the_model_beside_itself(env, tmp_path, cli):
     bad = fresh(f"models:/{MODEL}/9", tmp_path / "bad.csv")
     assert bad.returncode == 2 and f"model models:/{MODEL}/9 is not in the registry" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.csv").exists() and list(temp.iterdir()) == []
+    # a helper killed before it answers: the model is fetched in the process itself
+    code = ("import logging, multiprocessing, os, signal, sys\n"
+            "from scpretrain_dist.tracking.registry import ModelFetch\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "with ModelFetch(sys.argv[1], sys.argv[2]) as f:\n"
+            "    [os.kill(c.pid, signal.SIGKILL) for c in multiprocessing.active_children()]\n"
+            "    print(f.ref.uri, sorted(f.result()[1]))")
+    killed = subprocess.run([sys.executable, "-c", code, f"models:/{MODEL}@champion", env["cfg"].tracking_uri],
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"TMPDIR": str(temp)})
+    assert killed.returncode == 0 and killed.stdout.split("\n")[0] == f"models:/{MODEL}/2 ['meta', 'weights']", \
+        killed.stderr
+    assert "the model's helper process died" in killed.stderr
+    assert list(temp.iterdir()) == []
 
 
 def test_cli_writes_the_calls_as_a_table_without_copying_the_file(env, tmp_path, cli):
