@@ -34,24 +34,16 @@ class SparseBatch:
     # Set on a batch of every rank's cells (rank order) over one rank's genes, for an encoder
     # sharded by gene (``train/parallel.py``, ``shard_by_gene``): how many cells each rank's batch has.
     cells_per_rank: tuple[int, ...] | None = None
-    # The same batch cut into column ranges (first gene, batch over genes first..first + its
-    # width, renumbered from 0), for a forward pass over many genes: see SLICE_GENES.
-    column_slices: tuple[tuple[int, SparseBatch], ...] | None = None
 
     @classmethod
     def from_csr(cls, X: sp.csr_matrix, device: torch.device | str = "cpu", gathered: bool = True) -> SparseBatch:
         """``gathered=False`` (a forward pass without a sparse gradient): the CSR's own arrays,
-        without the distinct genes, in its index type (``embedding_bag`` takes int32 or int64),
-        and over more than SLICE_GENES genes also cut into column ranges of that many genes."""
+        without the distinct genes, in its index type (``embedding_bag`` takes int32 or int64)."""
         if not gathered:
             index = np.promote_types(X.indices.dtype, X.indptr.dtype)
-            slices = None
-            if X.shape[1] > SLICE_GENES and torch.device(device).type == "cpu":
-                slices = tuple((lo, cls.from_csr(X[:, lo : lo + SLICE_GENES], device, gathered=False))
-                               for lo in range(0, X.shape[1], SLICE_GENES))
             return cls(torch.from_numpy(X.indices.astype(index, copy=False)).to(device),
                        torch.from_numpy(X.indptr[:-1].astype(index, copy=False)).to(device),
-                       torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device), column_slices=slices)
+                       torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device))
         # distinct genes by a presence count: O(nnz + genes), cheaper than sorting the indices
         # (bincount and take: cheaper than a boolean scatter and a fancy-index gather)
         present = np.bincount(X.indices, minlength=X.shape[1]) > 0
@@ -75,13 +67,6 @@ class SparseBatch:
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
 
-
-# A first layer over many genes runs as one product per range of this many genes, summed: each
-# value fetches its gene's row of the weight (200 floats), and a range's rows (2,500 x 200 x 4 B,
-# 2 MB) stay in a core's L2 cache while its values are summed, where the whole table (16 MB at
-# 20,000 genes) does not (the product 1.6x faster on one thread at 20,000 genes; a whole
-# `annotate` of 500k cells over 20,000 genes 8% faster on two cores; docs/benchmarks.md)
-SLICE_GENES = 2500
 
 # Above this fraction of non-zeros (over the batch's cells x the genes present in it) the encoder
 # multiplies a dense batch: a GEMM runs ~5x more multiply-adds per second than sparse products.
@@ -161,12 +146,6 @@ class Encoder(nn.Module):
                                  "encoder sharded by gene (train/parallel.py shard_by_gene)")
             if self.sparse_grad:
                 h = self.rows_product(x)
-            elif x.column_slices is not None:
-                h = None
-                for lo, part in x.column_slices:
-                    w = self.weight[lo : lo + SLICE_GENES]
-                    p = F.embedding_bag(part.indices, w, part.offsets, mode="sum", per_sample_weights=part.values)
-                    h = p if h is None else h.add_(p)
             else:
                 h = F.embedding_bag(
                     x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values

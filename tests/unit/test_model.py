@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -59,28 +57,6 @@ def test_sparse_input_equals_dense_input():
     enc.zero_grad()
     enc(dense).pow(2).sum().backward()
     torch.testing.assert_close(g_sparse, enc.weight.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_a_forward_pass_over_many_genes_sums_its_column_ranges_to_the_whole_product():
-    """Over more than SLICE_GENES genes the ungathered batch (the annotator's) is also cut into
-    column ranges, the last one short; their products sum to the dense product, empty cells and
-    cells with no value in some range included."""
-    from scpretrain_dist.model.networks import SLICE_GENES
-
-    torch.manual_seed(0)
-    n_genes = 2 * SLICE_GENES + 7
-    enc = Encoder(n_genes, 16)
-    X = _random_csr(12, n_genes, density=0.002, seed=1)
-    batch = SparseBatch.from_csr(X, gathered=False)
-    assert [lo for lo, _ in batch.column_slices] == [0, SLICE_GENES, 2 * SLICE_GENES]
-    assert sum(int(part.values.numel()) for _, part in batch.column_slices) == X.nnz
-    assert SparseBatch.from_csr(X[:, :SLICE_GENES], gathered=False).column_slices is None
-    with torch.no_grad():
-        out = enc(batch)
-        torch.testing.assert_close(out, enc(torch.from_numpy(X.toarray())), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out[3], enc.bias)
-        # the ranges are what the product reads, not the whole batch's values
-        torch.testing.assert_close(enc(dataclasses.replace(batch, values=torch.zeros_like(batch.values))), out)
 
 
 KS = [[3, 2], [4, 1], [2, 2]]  # (datasets x partitions)
