@@ -66,7 +66,9 @@ def _shared_ray() -> str:
             folder.mkdir()
             temp = Path(tempfile.mkdtemp(prefix="scpt-", dir="/tmp"))
             (folder / "temp").write_text(str(temp))
-            env = os.environ | local_ray_env() | JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0"}
+            # TMPDIR: what the run's Ray processes write to temp files (a training worker's
+            # checkpoint folder, when a fault test kills it inside) goes with the head's folder
+            env = os.environ | local_ray_env() | JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(temp)}
             proc = ray_start(temp, 24, ["--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
                                         "--include-dashboard", "false", "--ray-client-server-port", str(free_port())],
                              env, folder / "head.log")
