@@ -262,17 +262,19 @@ def cmd_annotate(args) -> None:
 
 def cmd_markers(args) -> None:
     """Saliency-derived marker genes of each cell type a registered model calls in an .h5ad."""
-    from scpretrain_dist.catalog.entries import read_h5ad
-    from scpretrain_dist.serve.annotate import AnnotateError, load_annotator
-    from scpretrain_dist.serve.pyfunc import InputError
     from scpretrain_dist.tracking.registry import ModelFetch
 
     cfg = _config(args)
     path = Path(args.h5ad)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"--json {args.json}: its folder does not exist")
-    adata = read_h5ad(path, "--h5ad")
-    annotator = load_annotator(ModelFetch(args.model, cfg.tracking_uri))
+    with ModelFetch(args.model, cfg.tracking_uri) as model:  # beside the imports and the file's read, as annotate
+        from scpretrain_dist.catalog.entries import read_h5ad
+        from scpretrain_dist.serve.annotate import AnnotateError, load_annotator
+        from scpretrain_dist.serve.pyfunc import InputError
+
+        adata = read_h5ad(path, "--h5ad")
+        annotator = load_annotator(model)
     try:
         markers = annotator.marker_genes(adata.X, [str(g) for g in adata.var_names], args.value_type, args.top)
     except InputError as e:

@@ -142,19 +142,18 @@ class ModelFetch:
 
     def result(self) -> tuple[ModelRef, dict[str, Path]]:
         """The version and its artifacts (name -> local path)."""
-        if self._done is None:
-            if self._future is None:
-                self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)
-            else:
-                from concurrent.futures.process import BrokenProcessPool
+        if self._done is None and self._future is not None:
+            from concurrent.futures.process import BrokenProcessPool
 
-                try:
-                    self._done = self._future.result()
-                except BrokenProcessPool as e:  # the helper died (killed, out of memory): once more here
-                    detail(f"the model's helper process died ({e}); fetching it in this process")
-                    self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)
-                finally:
-                    self._pool.shutdown()
+            try:
+                self._done = self._future.result()
+            except BrokenProcessPool as e:  # the helper died (killed, out of memory): once more here
+                detail(f"the model's helper process died ({e}); fetching it in this process")
+            finally:
+                self._pool.shutdown()
+                self._pool = self._future = None
+        if self._done is None:
+            self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)
         return self._done
 
     @property

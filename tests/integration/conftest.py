@@ -29,7 +29,11 @@ RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "runtime-env-agent
 
 def ray_start(temp: Path, num_cpus: int, args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """`ray start --block` of a node in its own process group, with its own temp folder (short:
-    Ray's socket paths) and free ports; SIGTERM to the group stops its processes."""
+    Ray's socket paths) and free ports; SIGTERM to the group stops its processes. The node's
+    processes write their other temporary files there too (``TMPDIR``), so that what one leaves
+    (a killed training worker's checkpoint folder, the dashboard's multiprocessing folder) goes
+    with the folder."""
+    env = env | {"TMPDIR": str(temp)}
     cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
            "--num-cpus", str(num_cpus), *args,
            *(a for n, port in zip(RAY_NODE_PORTS, free_ports(len(RAY_NODE_PORTS))) for a in (f"--{n}", str(port)))]
@@ -66,9 +70,7 @@ def _shared_ray() -> str:
             folder.mkdir()
             temp = Path(tempfile.mkdtemp(prefix="scpt-", dir="/tmp"))
             (folder / "temp").write_text(str(temp))
-            # TMPDIR: what the run's Ray processes write to temp files (a training worker's
-            # checkpoint folder, when a fault test kills it inside) goes with the head's folder
-            env = os.environ | local_ray_env() | JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(temp)}
+            env = os.environ | local_ray_env() | JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0"}
             proc = ray_start(temp, 24, ["--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
                                         "--include-dashboard", "false", "--ray-client-server-port", str(free_port())],
                              env, folder / "head.log")

@@ -57,10 +57,7 @@ class Cluster:
     def _start(self, name: str, args: list[str], num_cpus: int) -> None:
         temp = Path(tempfile.mkdtemp(prefix="scpc-", dir="/tmp"))  # short: Ray's socket paths
         self.temps.append(temp)
-        # the node's other temporary files in its folder too, which stop() removes: the head's
-        # dashboard starts a multiprocessing forkserver whose pymp-* folder outlives a stopped node
-        env = self.env | {"TMPDIR": str(temp)}
-        self.procs.append(self.cli.ray_start(temp, num_cpus, args, env, self.root / f"{name}.log"))
+        self.procs.append(self.cli.ray_start(temp, num_cpus, args, self.env, self.root / f"{name}.log"))
 
     def start(self) -> None:
         self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
