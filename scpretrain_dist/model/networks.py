@@ -68,8 +68,9 @@ class SparseBatch:
         return int(self.offsets.shape[0])
 
 
-# Above this fraction of non-zeros (over the batch's cells x the genes present in it) the encoder
-# multiplies a dense batch: a GEMM runs ~5x more multiply-adds per second than sparse products.
+# Above this fraction of non-zeros (over the batch's cells x the weight rows it meets: the genes
+# present in it, or all of a fine-tuned encoder's) the encoder multiplies a dense batch: a GEMM
+# runs ~5x more multiply-adds per second than sparse products.
 DENSE_BATCH_DENSITY = 0.15
 
 
@@ -82,7 +83,7 @@ def _densify(local: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n
 
 
 class _BagSum(torch.autograd.Function):
-    """``embedding_bag(sum, per_sample_weights)`` over gathered rows, with the weight gradient
+    """``embedding_bag(sum, per_sample_weights)`` over weight rows, with their gradient
     computed as X^T @ grad by a CSR product: on a CPU about twice as fast as embedding_bag's own
     backward, which materialises and sorts one gradient row per non-zero."""
 
@@ -99,6 +100,19 @@ class _BagSum(torch.autograd.Function):
         X = sp.csr_matrix((values.numpy(), local.numpy(), indptr), shape=(len(offsets), ctx.n_rows))
         grad_rows = X.T.tocsr() @ grad_out.detach().numpy()
         return torch.from_numpy(np.ascontiguousarray(grad_rows, dtype=np.float32)), None, None, None
+
+
+def _bag_product(rows: torch.Tensor, local: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """X @ rows for the sparse batch X (CSR: column ``local``, ``offsets``, ``values``) in a
+    training step: a dense batch as one GEMM, else the per-value sums with the CSR-product
+    gradient (embedding_bag's own on a GPU)."""
+    n_cells = len(offsets)
+    if len(local) > DENSE_BATCH_DENSITY * n_cells * rows.shape[0]:
+        # a dense batch over its own genes: one GEMM beats the per-value products
+        return _densify(local, offsets, values, n_cells, rows.shape[0]) @ rows
+    if rows.is_cuda:
+        return F.embedding_bag(local, rows, offsets, mode="sum", per_sample_weights=values)
+    return _BagSum.apply(rows, local, offsets, values)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -146,7 +160,11 @@ class Encoder(nn.Module):
                                  "encoder sharded by gene (train/parallel.py shard_by_gene)")
             if self.sparse_grad:
                 h = self.rows_product(x)
+            elif torch.is_grad_enabled() and self.weight.requires_grad and not x.values.requires_grad:
+                # a training step (fine-tuning): the product with the faster weight gradient
+                h = _bag_product(self.weight, x.indices, x.offsets, x.values)
             else:
+                # inference, or a gradient with respect to the values (saliency)
                 h = F.embedding_bag(
                     x.indices, self.weight, x.offsets, mode="sum", per_sample_weights=x.values
                 )
@@ -158,13 +176,7 @@ class Encoder(nn.Module):
         """X W over the rows of the genes present in ``x`` only (a sparse gradient over them)."""
         genes, local = x.gathered()
         rows = _GatherRows.apply(self.weight, genes)  # (n_present, dim)
-        n_cells = len(x.offsets)
-        if len(local) > DENSE_BATCH_DENSITY * n_cells * len(genes):
-            # a dense batch over its own genes: one GEMM beats the per-value products
-            return _densify(local, x.offsets, x.values, n_cells, len(genes)) @ rows
-        if rows.is_cuda:
-            return F.embedding_bag(local, rows, x.offsets, mode="sum", per_sample_weights=x.values)
-        return _BagSum.apply(rows, local, x.offsets, x.values)
+        return _bag_product(rows, local, x.offsets, x.values)
 
     def embed(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         return torch.sigmoid(self(x))

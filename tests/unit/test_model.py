@@ -14,6 +14,7 @@ from scpretrain_dist.model import (
     MultiTaskHeads,
     PretrainModel,
     SparseBatch,
+    networks,
 )
 from scpretrain_dist.model.networks import confidence_log_odds, known_type_score
 from scpretrain_dist.train.finetune import (
@@ -36,7 +37,10 @@ def _random_csr(n, g, density=0.2, seed=0):
     return X.tocsr()
 
 
-def test_sparse_input_equals_dense_input():
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_sparse_input_equals_dense_input(product, monkeypatch):
+    # a training step multiplies a sparse batch as per-value sums or, above a density, densified
+    monkeypatch.setattr(networks, "DENSE_BATCH_DENSITY", 2.0 if product == "sparse" else 0.0)
     torch.manual_seed(0)
     enc = Encoder(50, 16)
     X = _random_csr(20, 50)
@@ -50,13 +54,22 @@ def test_sparse_input_equals_dense_input():
         torch.testing.assert_close(enc.embed(sparse), torch.sigmoid(out_d), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out_s[3], enc.bias)  # an empty cell is just the bias
         torch.testing.assert_close(out_s[-1], enc.bias)
-    # the gradients agree too
+    # the gradients agree too: the weight's in a training step
     enc.zero_grad()
-    enc(sparse).pow(2).sum().backward()
+    out = enc(sparse)
+    torch.testing.assert_close(out, out_d, rtol=1e-5, atol=1e-5)
+    out.pow(2).sum().backward()
     g_sparse = enc.weight.grad.clone()
     enc.zero_grad()
     enc(dense).pow(2).sum().backward()
     torch.testing.assert_close(g_sparse, enc.weight.grad, rtol=1e-4, atol=1e-5)
+    # and the values' (saliency): the dense input's gradient at the measured entries
+    sparse.values.requires_grad_(True)
+    enc(sparse).pow(2).sum().backward()
+    dense.requires_grad_(True)
+    enc(dense).pow(2).sum().backward()
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    torch.testing.assert_close(sparse.values.grad, dense.grad[rows, X.indices], rtol=1e-4, atol=1e-5)
 
 
 KS = [[3, 2], [4, 1], [2, 2]]  # (datasets x partitions)
