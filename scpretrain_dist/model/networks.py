@@ -108,7 +108,7 @@ def _bag_product(rows: torch.Tensor, local: torch.Tensor, offsets: torch.Tensor,
     gradient (embedding_bag's own on a GPU)."""
     n_cells = len(offsets)
     if len(local) > DENSE_BATCH_DENSITY * n_cells * rows.shape[0]:
-        # a dense batch over its own genes: one GEMM beats the per-value products
+        # a dense batch: one GEMM beats the per-value products
         return _densify(local, offsets, values, n_cells, rows.shape[0]) @ rows
     if rows.is_cuda:
         return F.embedding_bag(local, rows, offsets, mode="sum", per_sample_weights=values)
