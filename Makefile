@@ -18,8 +18,7 @@ unexport PYTHONDONTWRITEBYTECODE
 # once and each compile the same modules. That includes what torch imports on first use, not on
 # `import torch`: an optimizer (torch._dynamo, sympy), DDP (torch.distributed's tensor and FSDP
 # packages); and MLflow's SQL store.
-WARM_TORCH := torch torch._dynamo torch.distributed.fsdp
-WARM_RAY := $(WARM_TORCH) ray.train.torch ray.train.v2._internal.execution.controller \
+WARM_RAY := torch torch._dynamo torch.distributed.fsdp ray.train.torch ray.train.v2._internal.execution.controller \
 	ray.dashboard.agent ray.dashboard.dashboard ray._private.runtime_env.agent.main ray.util.state \
 	scpretrain_dist.train.pretrain scpretrain_dist.pseudolabel.pool
 # (what needs torch last, when the other process has compiled it)
@@ -35,10 +34,7 @@ $(BIN)/scpretrain: pyproject.toml
 	# torch first, pinned to a release the project's range admits (a CPU wheel where one is
 	# available locally; GPU machines install their CUDA build of a release in range instead)
 	$(BIN)/python -m pip install -q --no-compile "torch==2.13.0"
-	# pip installs on one core: torch's modules compile on the other meanwhile (its failures,
-	# such as a package pip is still writing, only leave modules for the warm-up after it)
-	$(IMPORT) $(WARM_TORCH) 2>/dev/null & torch=$$!; \
-		$(BIN)/python -m pip install -q --no-compile -e ".[dev]" && { wait $$torch || true; }
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	$(WARM_UP)
 	touch $@
 
