@@ -160,7 +160,7 @@ class Encoder(nn.Module):
                                  "encoder sharded by gene (train/parallel.py shard_by_gene)")
             if self.sparse_grad:
                 h = self.rows_product(x)
-            elif torch.is_grad_enabled() and self.weight.requires_grad and not x.values.requires_grad:
+            elif torch.is_grad_enabled() and not x.values.requires_grad:
                 # a training step (fine-tuning): the product with the faster weight gradient
                 h = _bag_product(self.weight, x.indices, x.offsets, x.values)
             else:
