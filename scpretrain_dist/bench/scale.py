@@ -24,8 +24,10 @@ was read through once (both start with it in the page cache as far as memory all
 writes a table of its calls (``--out calls.parquet``), CellTypist keeps its result in memory.
 CellTypist's model is trained with its feature selection (the top 300 genes per type, as its
 tutorial trains custom models): fewer genes make its dense scaled copy of the query, and so its
-memory, smaller. Ours is timed twice on each file: over every atlas gene, and trained again on
-the genes CellTypist selected (``ours_celltypist_genes``: both then read the same genes).
+memory, smaller. Ours is timed three times on each file: over every atlas gene, trained again
+on its reference's ``--top-genes`` most variable genes (``ours_top_genes``: the
+``finetune.n_top_genes`` setting), and on the genes CellTypist selected
+(``ours_celltypist_genes``: both then read the same genes).
 
 Peak RSS of a step is the largest sum of resident memory over its process tree (Ray's processes
 included), sampled every 0.2 s, and where the step reports it, its own peak (VmHWM).
@@ -33,6 +35,7 @@ included), sampled every 0.2 s, and where the step reports it, its own peak (VmH
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -63,6 +66,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batches", type=int, default=1000, help="loader batches timed (default 1000)")
     p.add_argument("--kmeans-niter", type=int, default=3, help="Lloyd iterations of the timed refresh (default 3)")
     p.add_argument("--reference-cells", type=int, default=20_000, help="labelled cells both classifiers train on")
+    p.add_argument("--top-genes", type=int, default=2000,
+                   help="ours is also trained on this many most variable genes (finetune.n_top_genes; 0: not)")
     p.add_argument("--workers", type=int, default=None,
                    help="annotation actors (default: as `scpretrain annotate` chooses; on one machine, in-process)")
     p.add_argument("--celltypist-sizes", default="100000,250000,500000,1000000",
@@ -239,6 +244,11 @@ def _classifiers(cfg, uri: Path, args, ct, log) -> dict:
                         cfg.finetune.train_cap)
     model_uri, ours = _train_ours(cfg, ref, f"{uri.name} reference", split, log)
     out = {"model_uri": model_uri, "reference_cells": int(ref.n_obs), "ours": ours}
+    if args.top_genes:
+        top = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, n_top_genes=args.top_genes))
+        uri_top, ours_top = _train_ours(top, ref, f"{uri.name} reference, its {args.top_genes} most variable genes",
+                                        split, log)
+        out |= {"model_uri_top_genes": uri_top, "ours_top_genes": ours_top}
     if ct is not None:
         model, info = _train_celltypist(ct, _lognorm(ref), split, 100, log, feature_selection=True)
         path = Path(cfg.work_dir) / "celltypist_model.pkl"
@@ -347,6 +357,10 @@ def _ours_on_file(work: Path, q: Path, truth: np.ndarray, model_uri: str, name: 
             "tree_peak_rss_mib": step["tree_peak_rss_mib"], "accuracy": round(float((calls == truth).mean()), 4)}
 
 
+# ours trained again on fewer genes: the JSON's ``ours_<variant>`` and ``ratio_<variant>``
+VARIANTS = {"top_genes": "its most variable genes", "celltypist_genes": "CellTypist's genes"}
+
+
 def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, args, log) -> dict:
     import anndata as ad
 
@@ -362,9 +376,10 @@ def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, ar
         truth = ad.read_h5ad(q, backed="r").obs["cell_type"].astype(str).to_numpy()
         row = {"ours": _ours_on_file(work, q, truth, models["model_uri"], "ours", args, log),
                "file_gib": round(q.stat().st_size / 2**30, 2)}
-        if models.get("model_uri_celltypist_genes"):
-            row["ours_celltypist_genes"] = _ours_on_file(work, q, truth, models["model_uri_celltypist_genes"],
-                                                         "ours_celltypist_genes", args, log)
+        for variant in VARIANTS:
+            if models.get(f"model_uri_{variant}"):
+                row[f"ours_{variant}"] = _ours_on_file(work, q, truth, models[f"model_uri_{variant}"], f"ours_{variant}",
+                                                       args, log)
         lines = [ln for ln in ct["stdout"].splitlines() if ln.startswith("{")]
         if ct["rc"] != 0 or not lines:
             tail = Path(ct["log"]).read_text().strip().splitlines()[-1:] or [""]
@@ -381,10 +396,11 @@ def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, ar
         row["celltypist"] = c
         row["ratio"] = round(row["ours"]["cells_per_s"] / c["cells_per_s"], 2)
         same = ""
-        if "ours_celltypist_genes" in row:
-            row["ratio_celltypist_genes"] = round(row["ours_celltypist_genes"]["cells_per_s"] / c["cells_per_s"], 2)
-            same = (f"; ours on CellTypist's genes {row['ours_celltypist_genes']['cells_per_s']:,.0f} cells/s "
-                    f"({row['ratio_celltypist_genes']}x)")
+        for variant, words in VARIANTS.items():
+            if f"ours_{variant}" in row:
+                row[f"ratio_{variant}"] = round(row[f"ours_{variant}"]["cells_per_s"] / c["cells_per_s"], 2)
+                same += (f"; ours on {words} {row[f'ours_{variant}']['cells_per_s']:,.0f} cells/s "
+                         f"({row[f'ratio_{variant}']}x)")
         rows[str(n)] = row
         log(f"bench scale: {n:,} cells: ours {row['ours']['cells_per_s']:,.0f} cells/s, CellTypist "
             f"{c['cells_per_s']:,.0f} cells/s ({row['ratio']}x), its peak RSS {c['peak_rss_mib']:,.0f} MiB{same}")

@@ -51,7 +51,12 @@ class InputError(UserError):
 
 def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str | Path,
                      min_overlap: float = 0.2, lineage: dict | None = None) -> dict[str, str]:
-    """Write the weights and metadata the pyfunc needs; returns its ``artifacts`` mapping."""
+    """Write the weights and metadata the pyfunc needs; returns its ``artifacts`` mapping. A
+    model that reads only some of its genes (``model.gene_mask``) is written with those only."""
+    sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    mask = getattr(model, "gene_mask", None)
+    if mask is not None:
+        genes, sd["encoder.weight"] = np.asarray(genes)[mask], sd["encoder.weight"][mask]
     upper = [str(g).upper() for g in genes]
     if len(set(upper)) != len(upper):
         raise ValueError("the model's genes repeat once upper-cased; sum those columns before training "
@@ -62,7 +67,6 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
                          "set finetune.unassigned to another name or map that label")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     np.savez(out / WEIGHTS, enc_w=sd["encoder.weight"], enc_b=sd["encoder.bias"],
              hid_w=sd["hidden.weight"], hid_b=sd["hidden.bias"], out_w=sd["out.weight"], out_b=sd["out.bias"])
     meta = {"genes": [str(g).upper() for g in genes], "classes": [str(c) for c in classes],

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
+from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
 from scpretrain_dist.runtime import intra_op_threads
 
@@ -278,6 +279,35 @@ def finetune_semi_supervised(
     return dataclasses.replace(semi, guard=verdict)
 
 
+def top_variable_genes(X, n: int) -> np.ndarray | None:
+    """The ``n`` most variable genes of log1p(CP10k) cells ``X`` (a boolean mask over its
+    columns): scanpy's ``highly_variable_genes``, Seurat's flavour (dispersion normalised within
+    bins of mean expression). None when ``n`` is 0 or not fewer than the genes."""
+    if n <= 0 or n >= X.shape[1]:
+        return None
+    import anndata as ad
+    from scanpy.preprocessing import highly_variable_genes
+
+    data = ad.AnnData(sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
+    table = highly_variable_genes(data, n_top_genes=n, flavor="seurat", inplace=False)
+    return table["highly_variable"].to_numpy(bool)
+
+
+def over_genes(X, mask: np.ndarray | None):
+    """Log1p(CP10k) cells ``X`` renormalised over the genes of ``mask``, the others zeroed: the
+    input of a model that reads only those genes (``CellTypeClassifier.gene_mask``), as the
+    annotator normalises a cell over the model's genes. ``X`` itself when ``mask`` is None."""
+    if mask is None:
+        return X
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        X.data *= mask[X.indices]
+        X.eliminate_zeros()
+    else:
+        X = np.asarray(X, np.float32) * mask
+    return normalize_rows(X, "lognorm", copy=False)
+
+
 def gene_index(genes: np.ndarray, pretrained_genes: np.ndarray, pretrained_mask: np.ndarray | None = None) -> np.ndarray:
     """Row of each input gene in the pretrained encoder, or -1 when the pretraining data never
     measured it (those genes start random)."""
@@ -341,6 +371,16 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     n_pre = 0
     if pretrained is not None:
         n_pre = model.load_pretrained_encoder(pretrained["weight"], pretrained["bias"], pretrained["gene_index"])
+    # only the most variable genes: every cell renormalised over them (as the annotator does a
+    # model's genes); the other genes' first-layer rows are zero and stay so (their inputs are
+    # zero: no gradient, and Adam never moves a parameter whose gradient is always zero)
+    keep = top_variable_genes(X_train, cfg.n_top_genes)
+    if keep is not None:
+        with torch.no_grad():
+            model.encoder.weight[torch.from_numpy(~keep)] = 0.0
+        X_train, X_val = over_genes(X_train, keep), over_genes(X_val, keep)
+        unlabelled = None if unlabelled is None else over_genes(unlabelled, keep)
+    model.gene_mask = keep
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
     enc_lr = (cfg.encoder_lr or cfg.lr) if pretrained is not None else cfg.lr
@@ -465,6 +505,7 @@ def rejection_threshold(val_scores: np.ndarray, rate: float) -> float:
 @torch.no_grad()
 def predict_logits(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
     model.eval()
+    X = over_genes(X, getattr(model, "gene_mask", None))
     out = [model(_rows(X, slice(i, i + batch))).numpy() for i in range(0, X.shape[0], batch)]
     return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
 

@@ -1,5 +1,6 @@
 """The semi-supervised guard: a model that pulled a population onto another type, or lost
-reference accuracy, is replaced by the supervised one; a healthy one is kept."""
+reference accuracy, is replaced by the supervised one; a healthy one is kept. A model on its
+training cells' most variable genes reads only those."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
+from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.train.finetune import (
     SemiSupervised,
     finetune,
@@ -17,6 +19,7 @@ from scpretrain_dist.train.finetune import (
     mix_margin,
     predict_logits,
     semi_supervised_guard,
+    top_variable_genes,
 )
 
 
@@ -190,3 +193,46 @@ def test_finetune_query_is_refused_before_any_work(tmp_path, helpers, capsys):
         err = capsys.readouterr().err
         assert said in err, err
         assert _files(work) == before  # no report, no MLflow run, the atlas untouched
+
+
+def _marker_counts(n, seed):
+    """Counts of 30 steady genes, then 30 markers (10 up in each of 3 types); every gene has
+    the same mean count over the types."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    X = rng.poisson(7 / 3, (n, 60)).astype(np.float32)
+    for t in range(3):
+        X[:, 30 + 10 * t : 40 + 10 * t] = rng.poisson(np.where(y == t, 5.0, 1.0)[:, None], (n, 10))
+    return X, y
+
+
+def test_a_model_on_its_top_genes_reads_only_those_and_is_exported_with_them_alone(tmp_path, helpers):
+    """finetune.n_top_genes: the genes kept are mostly the markers; the others' first-layer rows
+    stay zero through training, so their values change no call; the exported annotator holds
+    the kept genes only and, normalising a cell over them, calls it as the network does."""
+    import pandas as pd
+
+    from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
+
+    (Xt, yt), (Xv, yv), (Xq, yq) = (_marker_counts(n, s) for n, s in ((150, 0), (60, 1), (90, 2)))
+    norm = [normalize_rows(X, "counts") for X in (Xt, Xv, Xq)]
+    assert top_variable_genes(norm[0], 0) is None and top_variable_genes(norm[0], 60) is None
+    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, n_top_genes=20)
+    with helpers.single_thread():
+        res = finetune(norm[0], yt, norm[1], yv, 3, cfg, ModelConfig(), seed=0)
+    mask = res.model.gene_mask
+    assert mask.sum() == 20 and mask[30:].sum() >= 17, np.flatnonzero(mask)
+    w = res.model.encoder.weight.detach().numpy()
+    assert (w[~mask] == 0).all() and (w[mask] != 0).any(axis=1).all()
+    logits = predict_logits(res.model, norm[2])
+    assert (logits.argmax(1) == yq).mean() > 0.9
+    # the other genes' values change nothing (the cells are renormalised over the kept genes)
+    noisy = Xq.copy()
+    noisy[:, ~mask] = np.random.default_rng(3).poisson(20, (len(Xq), int((~mask).sum())))
+    np.testing.assert_allclose(predict_logits(res.model, normalize_rows(noisy, "counts")), logits, atol=1e-4)
+    genes = np.array([f"G{i}" for i in range(60)])
+    paths = export_annotator(res.model, genes, np.array(["a", "b", "c"]), tmp_path)
+    annotator = Annotator(paths["weights"], paths["meta"])
+    assert annotator.genes.tolist() == genes[mask].tolist()
+    calls = annotator.predict(pd.DataFrame(noisy, columns=genes))
+    assert calls["cell_type"].tolist() == np.array(["a", "b", "c"])[logits.argmax(1)].tolist()
