@@ -287,11 +287,11 @@ class FinetuneConfig(_Checked):
     # beside one or two busy processes, threads waiting on each other ran 1.9x and 4.4x slower
     # (`scpretrain bench finetune`, docs/benchmarks.md): set 1 on a shared or busy machine
     threads: int = setting(0, ge=0)
-    # 0: the model reads every gene of its training cells (the paper). N: only the N most
-    # variable genes of its training cells (scanpy's Seurat dispersion on log1p(CP10k)); the
-    # other genes' first-layer rows are zero, and a registered model keeps only these genes, so
+    # 0: the model reads every gene of its training cells (the paper). N: only a panel of the N
+    # genes that best tell the training cells' types apart (train.finetune.gene_panel); the
+    # other genes' first-layer rows are zero, and a registered model keeps only the panel, so
     # annotating with it reads and multiplies fewer values (docs/annotation.md)
-    n_top_genes: int = setting(0, ge=0)
+    gene_panel: int = setting(0, ge=0)
     # an epoch is at least this many steps (small label budgets go round their cells several
     # times), so patience means the same amount of training whatever the budget
     min_steps_per_epoch: int = setting(16, ge=1)

@@ -25,8 +25,8 @@ writes a table of its calls (``--out calls.parquet``), CellTypist keeps its resu
 CellTypist's model is trained with its feature selection (the top 300 genes per type, as its
 tutorial trains custom models): fewer genes make its dense scaled copy of the query, and so its
 memory, smaller. Ours is timed three times on each file: over every atlas gene, trained again
-on its reference's ``--top-genes`` most variable genes (``ours_top_genes``: the
-``finetune.n_top_genes`` setting), and on the genes CellTypist selected
+on a panel of ``--gene-panel`` genes chosen from its reference (``ours_gene_panel``: the
+``finetune.gene_panel`` setting), and on the genes CellTypist selected
 (``ours_celltypist_genes``: both then read the same genes).
 
 Peak RSS of a step is the largest sum of resident memory over its process tree (Ray's processes
@@ -66,8 +66,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batches", type=int, default=1000, help="loader batches timed (default 1000)")
     p.add_argument("--kmeans-niter", type=int, default=3, help="Lloyd iterations of the timed refresh (default 3)")
     p.add_argument("--reference-cells", type=int, default=20_000, help="labelled cells both classifiers train on")
-    p.add_argument("--top-genes", type=int, default=2000,
-                   help="ours is also trained on this many most variable genes (finetune.n_top_genes; 0: not)")
+    p.add_argument("--gene-panel", type=int, default=2000,
+                   help="ours is also trained on a panel of this many genes (finetune.gene_panel; 0: not)")
     p.add_argument("--workers", type=int, default=None,
                    help="annotation actors (default: as `scpretrain annotate` chooses; on one machine, in-process)")
     p.add_argument("--celltypist-sizes", default="100000,250000,500000,1000000",
@@ -244,11 +244,11 @@ def _classifiers(cfg, uri: Path, args, ct, log) -> dict:
                         cfg.finetune.train_cap)
     model_uri, ours = _train_ours(cfg, ref, f"{uri.name} reference", split, log)
     out = {"model_uri": model_uri, "reference_cells": int(ref.n_obs), "ours": ours}
-    if args.top_genes:
-        top = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, n_top_genes=args.top_genes))
-        uri_top, ours_top = _train_ours(top, ref, f"{uri.name} reference, its {args.top_genes} most variable genes",
-                                        split, log)
-        out |= {"model_uri_top_genes": uri_top, "ours_top_genes": ours_top}
+    if args.gene_panel:
+        panel = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, gene_panel=args.gene_panel))
+        uri_panel, ours_panel = _train_ours(panel, ref, f"{uri.name} reference, a panel of {args.gene_panel} genes",
+                                            split, log)
+        out |= {"model_uri_gene_panel": uri_panel, "ours_gene_panel": ours_panel}
     if ct is not None:
         model, info = _train_celltypist(ct, _lognorm(ref), split, 100, log, feature_selection=True)
         path = Path(cfg.work_dir) / "celltypist_model.pkl"
@@ -358,7 +358,7 @@ def _ours_on_file(work: Path, q: Path, truth: np.ndarray, model_uri: str, name: 
 
 
 # ours trained again on fewer genes: the JSON's ``ours_<variant>`` and ``ratio_<variant>``
-VARIANTS = {"top_genes": "its most variable genes", "celltypist_genes": "CellTypist's genes"}
+VARIANTS = {"gene_panel": "its gene panel", "celltypist_genes": "CellTypist's genes"}
 
 
 def _versus_celltypist(work: Path, uri: Path, sizes: list[int], models: dict, args, log) -> dict:

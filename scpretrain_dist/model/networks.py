@@ -320,7 +320,7 @@ class CellTypeClassifier(nn.Module):
         self.hidden = nn.Linear(dim, hidden)
         self.out = nn.Linear(hidden, n_types)
         # the input genes the model reads (a boolean mask; None: all): the others' first-layer
-        # rows are zero (fine-tuning's ``n_top_genes``), and an exported model leaves them out
+        # rows are zero (fine-tuning's ``gene_panel``), and an exported model leaves them out
         self.gene_mask: np.ndarray | None = None
 
     def embed(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:

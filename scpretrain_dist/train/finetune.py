@@ -279,18 +279,40 @@ def finetune_semi_supervised(
     return dataclasses.replace(semi, guard=verdict)
 
 
-def top_variable_genes(X, n: int) -> np.ndarray | None:
-    """The ``n`` most variable genes of log1p(CP10k) cells ``X`` (a boolean mask over its
-    columns): scanpy's ``highly_variable_genes``, Seurat's flavour (dispersion normalised within
-    bins of mean expression). None when ``n`` is 0 or not fewer than the genes."""
+def gene_panel(X, y: np.ndarray, n: int) -> np.ndarray | None:
+    """The ``n`` genes that best tell the types of log1p(CP10k) cells ``X`` apart (a boolean mask
+    over its columns): scanpy's t-test of each type against the rest (``rank_genes_groups``),
+    then each type's next best gene in turn until ``n`` are chosen. A type of one cell has no
+    test and picks none. None (every gene) when ``n`` is 0 or not fewer than the genes, or fewer
+    than two types have two cells."""
     if n <= 0 or n >= X.shape[1]:
         return None
-    import anndata as ad
-    from scanpy.preprocessing import highly_variable_genes
+    import warnings
 
+    import anndata as ad
+    import pandas as pd
+    from scanpy.tools import rank_genes_groups
+
+    y = np.asarray(y)
     data = ad.AnnData(sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
-    table = highly_variable_genes(data, n_top_genes=n, flavor="seurat", inplace=False)
-    return table["highly_variable"].to_numpy(bool)
+    data.obs["type"] = pd.Categorical(y.astype(str))
+    data.uns["log1p"] = {"base": None}  # natural log, as normalize_rows writes
+    counts = data.obs["type"].value_counts()
+    groups = [str(g) for g in counts.index if counts[g] >= 2]
+    if len(groups) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scanpy's notes on fragmented frames and one-cell types
+        rank_genes_groups(data, "type", groups=groups, reference="rest", method="t-test", n_genes=X.shape[1],
+                          use_raw=False)
+    ranked = np.stack([data.uns["rank_genes_groups"]["names"][g].astype(int) for g in groups], axis=1)
+    keep = np.zeros(X.shape[1], bool)
+    for row in ranked:  # each type's next best gene in turn
+        for gene in row:
+            keep[gene] = True
+            if keep.sum() == n:
+                return keep
+    return keep
 
 
 def over_genes(X, mask: np.ndarray | None):
@@ -371,10 +393,10 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     n_pre = 0
     if pretrained is not None:
         n_pre = model.load_pretrained_encoder(pretrained["weight"], pretrained["bias"], pretrained["gene_index"])
-    # only the most variable genes: every cell renormalised over them (as the annotator does a
+    # only a panel of the genes that tell the types apart: every cell renormalised over them (as the annotator does a
     # model's genes); the other genes' first-layer rows are zero and stay so (their inputs are
     # zero: no gradient, and Adam never moves a parameter whose gradient is always zero)
-    keep = top_variable_genes(X_train, cfg.n_top_genes)
+    keep = gene_panel(X_train, y_train, cfg.gene_panel)
     if keep is not None:
         with torch.no_grad():
             model.encoder.weight[torch.from_numpy(~keep)] = 0.0

@@ -1,6 +1,6 @@
 """The semi-supervised guard: a model that pulled a population onto another type, or lost
 reference accuracy, is replaced by the supervised one; a healthy one is kept. A model on its
-training cells' most variable genes reads only those."""
+training cells' gene panel reads only those."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from scpretrain_dist.train.finetune import (
     SemiSupervised,
     finetune,
     finetune_semi_supervised,
+    gene_panel,
     mix_margin,
     predict_logits,
     semi_supervised_guard,
-    top_variable_genes,
 )
 
 
@@ -206,22 +206,22 @@ def _marker_counts(n, seed):
     return X, y
 
 
-def test_a_model_on_its_top_genes_reads_only_those_and_is_exported_with_them_alone(tmp_path, helpers):
-    """finetune.n_top_genes: the genes kept are mostly the markers; the others' first-layer rows
-    stay zero through training, so their values change no call; the exported annotator holds
-    the kept genes only and, normalising a cell over them, calls it as the network does."""
+def test_a_model_on_a_gene_panel_reads_only_those_and_is_exported_with_them_alone(tmp_path, helpers):
+    """finetune.gene_panel: the panel is the markers, as many of each type; the others' first-
+    layer rows stay zero through training, so their values change no call; the exported
+    annotator holds the panel only and, normalising a cell over it, calls it as the network does."""
     import pandas as pd
 
     from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
 
     (Xt, yt), (Xv, yv), (Xq, yq) = (_marker_counts(n, s) for n, s in ((150, 0), (60, 1), (90, 2)))
     norm = [normalize_rows(X, "counts") for X in (Xt, Xv, Xq)]
-    assert top_variable_genes(norm[0], 0) is None and top_variable_genes(norm[0], 60) is None
-    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, n_top_genes=20)
+    assert gene_panel(norm[0], yt, 0) is None and gene_panel(norm[0], yt, 60) is None
+    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, gene_panel=12)
     with helpers.single_thread():
         res = finetune(norm[0], yt, norm[1], yv, 3, cfg, ModelConfig(), seed=0)
     mask = res.model.gene_mask
-    assert mask.sum() == 20 and mask[30:].sum() >= 17, np.flatnonzero(mask)
+    assert mask.sum() == 12 and [mask[30 + 10 * t : 40 + 10 * t].sum() for t in range(3)] == [4, 4, 4], mask
     w = res.model.encoder.weight.detach().numpy()
     assert (w[~mask] == 0).all() and (w[mask] != 0).any(axis=1).all()
     logits = predict_logits(res.model, norm[2])
