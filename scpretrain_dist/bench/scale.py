@@ -66,7 +66,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batches", type=int, default=1000, help="loader batches timed (default 1000)")
     p.add_argument("--kmeans-niter", type=int, default=3, help="Lloyd iterations of the timed refresh (default 3)")
     p.add_argument("--reference-cells", type=int, default=20_000, help="labelled cells both classifiers train on")
-    p.add_argument("--gene-panel", type=int, default=2000,
+    p.add_argument("--gene-panel", type=int, default=1000,
                    help="ours is also trained on a panel of this many genes (finetune.gene_panel; 0: not)")
     p.add_argument("--workers", type=int, default=None,
                    help="annotation actors (default: as `scpretrain annotate` chooses; on one machine, in-process)")
