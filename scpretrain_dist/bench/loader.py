@@ -42,7 +42,7 @@ from scpretrain_dist.config import ConfigError
 from scpretrain_dist.runtime import peak_rss_mib
 
 PEER = "tiledbsoma-ml"
-LOADERS = ("ours", "ours_dense", "peer", "peer_trim_off", "annbatch", "scdataset")
+LOADERS = ("ours", "ours_dense", "ours_experiment", "peer", "peer_trim_off", "annbatch", "scdataset")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=1000, help="batches timed per loader (default 1000)")
     p.add_argument("--warmup", type=int, default=20, help="batches before the timing starts (default 20)")
     p.add_argument("--loaders", default="ours,ours_dense,peer",
-                   help="comma-separated: ours, ours_dense, peer (tiledbsoma-ml), peer_trim_off (it with TileDB's "
+                   help="comma-separated: ours, ours_dense, ours_experiment (ours reading a CELLxGENE Census-schema "
+                   "experiment of the same cells in place), peer (tiledbsoma-ml), peer_trim_off (it with TileDB's "
                    "malloc_trim off, as ours reads), annbatch, scdataset (default: ours, ours_dense, peer)")
     p.add_argument("--peer-workers", type=int, default=0, help="DataLoader workers of the peer (default 0)")
     p.add_argument("--annbatch-python", default=".venv-annbatch/bin/python",
@@ -111,9 +112,11 @@ def _annbatch(step: str, spec: dict) -> dict:
 
 def _peer_layouts(uri: str, loaders: list[str], annbatch_python: str, seed: int) -> dict:
     """The same cells in each peer's own layout, made once beside the atlas: one ``.h5ad`` (raw
-    values, the atlas gene space, ``obs.dataset_id``; scDataset reads it backed) and annbatch's
-    collection made from that file. Build times, peak RSS and sizes go in the result."""
-    if not {"annbatch", "scdataset"} & set(loaders):
+    values, the atlas gene space, ``obs.dataset_id``; scDataset reads it backed), annbatch's
+    collection made from that file, and for ``ours_experiment`` a SOMA experiment of it with
+    CELLxGENE Census's column names (``tiledbsoma.io.from_anndata``: obs ``dataset_id`` and
+    ``cell_type``, var ``feature_name``, X ``raw``). Build times, peak RSS and sizes go in the result."""
+    if not {"annbatch", "scdataset", "ours_experiment"} & set(loaders):
         return {}
     from scpretrain_dist.store.atlas import open_atlas
 
@@ -147,8 +150,34 @@ def _peer_layouts(uri: str, loaders: list[str], annbatch_python: str, seed: int)
         built.setdefault("annbatch", {})["mib"] = round(sum(f.stat().st_size for f in collection.rglob("*")
                                                             if f.is_file()) / 2**20, 1)
         out["collection"] = str(collection)
+    if "ours_experiment" in loaders:
+        experiment = Path(f"{uri.rstrip('/')}.census")
+        if not experiment.exists():
+            t0 = time.perf_counter()
+            labels = np.concatenate([atlas.read_obs(r.name)["cell_type"].astype(str).to_numpy()
+                                     for r in atlas.datasets()])
+            _census_schema_experiment(h5ad, labels, experiment)
+            built["experiment"] = {"seconds": round(time.perf_counter() - t0, 1)}
+        built.setdefault("experiment", {})["mib"] = round(sum(f.stat().st_size for f in experiment.rglob("*")
+                                                              if f.is_file()) / 2**20, 1)
+        out["experiment"] = str(experiment)
     out["built"] = built
     return out
+
+
+def _census_schema_experiment(h5ad: Path, labels: np.ndarray, out: Path) -> None:
+    """The cells of ``h5ad`` and their ``labels`` as a SOMA experiment with CELLxGENE Census's
+    column names."""
+    import anndata as ad
+    import tiledbsoma.io
+
+    data = ad.read_h5ad(h5ad)
+    data.obs["cell_type"] = labels
+    data.var["feature_name"] = data.var_names.astype(str)
+    data.var_names = [f"ENSG{i:011d}" for i in range(data.n_vars)]
+    tmp = out.with_name(out.name + ".tmp")
+    tiledbsoma.io.from_anndata(str(tmp), data, "RNA", X_layer_name="raw")
+    tmp.rename(out)
 
 
 def _median_run(trials: list[dict]) -> dict:
@@ -219,6 +248,11 @@ def run(args) -> dict:
         if name in specs:
             specs[name] |= {k: v for k, v in layouts.items() if k in ("h5ad", "collection", "datasets")}
             specs[name]["python"] = args.annbatch_python
+    if "ours_experiment" in specs:
+        # read in place as `--set store.backend=experiment` reads it; its index (each dataset's
+        # cells and measured genes) made here once, beside the run, as a pipeline's first command does
+        specs["ours_experiment"] |= {"experiment": layouts["experiment"], "index_dir": str(work / "atlas-index")}
+        _ours_batches(specs["ours_experiment"]).close()
     if args.cached_world:
         specs["ours_cached"] = dict(base, loader="ours_cached", world=args.cached_world,
                                     cache_bytes=stream.cache_bytes or (8 << 30))
@@ -275,7 +309,13 @@ def _ours_batches(spec: dict, world: int = 1, cache_bytes: int = 0):
     from scpretrain_dist.data.loader import StreamingCells
     from scpretrain_dist.store.atlas import open_atlas
 
-    store = open_atlas(spec["uri"])
+    if spec.get("experiment"):
+        from scpretrain_dist.config import StoreConfig
+        from scpretrain_dist.store.experiment import ExperimentLocator
+
+        store = ExperimentLocator(spec["experiment"], None, StoreConfig(backend="experiment"), spec["index_dir"]).atlas()
+    else:
+        store = open_atlas(spec["uri"])
     names = [r.name for r in store.datasets()]
     ds = StreamingCells(store.locator, names, spec["batch_size"], spec["seed"], rank=0, world=world,
                         chunk_cells=spec["chunk_cells"], buffer_cells=spec["buffer_cells"],
@@ -329,7 +369,7 @@ def child_main(spec: dict) -> dict:
     def dataset_of_joinids(j):
         return order[np.searchsorted(starts[order], j, side="right") - 1]
 
-    if kind in ("ours", "ours_dense", "ours_cached"):
+    if kind in ("ours", "ours_dense", "ours_cached", "ours_experiment"):
         world = spec.get("world", 1) if kind == "ours_cached" else 1
         ds = _ours_batches(spec, world, spec.get("cache_bytes", 0) if kind == "ours_cached" else 0)
         if kind == "ours_cached":

@@ -420,7 +420,9 @@ def test_cli_demo_data_writes_a_zarr_atlas(tmp_path, cli, monkeypatch):
 
 
 def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas, cli):
-    out = cli.process("bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,ours_dense", "--batches", "5",
+    """Ours from the atlas, densified, and from a Census-schema experiment of the same cells."""
+    out = cli.process("bench", "loader", "--store-uri", atlas.uri, "--loaders", "ours,ours_dense,ours_experiment",
+                      "--batches", "5",
                "--warmup", "1", "--repeats", "1", "--batch-size", "32", "--set", "stream.chunk_cells=16",
                "--set", "stream.buffer_cells=256", "--json", str(tmp_path / "b.json"), cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
@@ -428,6 +430,13 @@ def test_bench_loader_runs_ours_on_a_small_store(tmp_path, atlas, cli):
     assert res["benchmark"] == "loader" and res["ours"] > 0
     assert 0.5 < res["shuffle_quality"]["ours"] <= 1.2 and res["peak_rss_mib"]["ours"] > 0
     assert res["store"]["n_cells"] == CFG.n_cells
+    assert res["cells_per_s"]["ours_experiment"] > 0 and 0.5 < res["shuffle_quality"]["ours_experiment"] <= 1.2
+    assert res["peer_layouts"]["experiment"]["mib"] > 0
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(f"{atlas.uri}.census") as exp:  # Census's columns
+        assert {"dataset_id"} <= set(exp.obs.keys()) and "feature_name" in exp.ms["RNA"].var.keys()
+        assert set(exp.ms["RNA"].X.keys()) == {"raw"} and exp.obs.count == CFG.n_cells
 
 
 
