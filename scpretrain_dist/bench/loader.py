@@ -114,7 +114,7 @@ def _peer_layouts(uri: str, loaders: list[str], annbatch_python: str, seed: int)
     """The same cells in each peer's own layout, made once beside the atlas: one ``.h5ad`` (raw
     values, the atlas gene space, ``obs.dataset_id``; scDataset reads it backed), annbatch's
     collection made from that file, and for ``ours_experiment`` a SOMA experiment of it with
-    CELLxGENE Census's column names (``tiledbsoma.io.from_anndata``: obs ``dataset_id`` and
+    CELLxGENE Census's column names (``tiledbsoma.io.from_h5ad``: obs ``dataset_id`` and
     ``cell_type``, var ``feature_name``, X ``raw``). Build times, peak RSS and sizes go in the result."""
     if not {"annbatch", "scdataset", "ours_experiment"} & set(loaders):
         return {}
@@ -167,16 +167,17 @@ def _peer_layouts(uri: str, loaders: list[str], annbatch_python: str, seed: int)
 
 def _census_schema_experiment(h5ad: Path, labels: np.ndarray, out: Path) -> None:
     """The cells of ``h5ad`` and their ``labels`` as a SOMA experiment with CELLxGENE Census's
-    column names."""
+    column names; X is written from the file in chunks (``from_h5ad``), obs labelled after."""
     import anndata as ad
+    import tiledbsoma
     import tiledbsoma.io
 
-    data = ad.read_h5ad(h5ad)
-    data.obs["cell_type"] = labels
-    data.var["feature_name"] = data.var_names.astype(str)
-    data.var_names = [f"ENSG{i:011d}" for i in range(data.n_vars)]
     tmp = out.with_name(out.name + ".tmp")
-    tiledbsoma.io.from_anndata(str(tmp), data, "RNA", X_layer_name="raw")
+    tiledbsoma.io.from_h5ad(str(tmp), str(h5ad), "RNA", var_id_name="feature_name", X_layer_name="raw")
+    obs = ad.read_h5ad(h5ad, backed="r").obs.copy()
+    obs["cell_type"] = labels
+    with tiledbsoma.Experiment.open(str(tmp), "w") as exp:
+        tiledbsoma.io.update_obs(exp, obs)
     tmp.rename(out)
 
 

@@ -306,11 +306,12 @@ def gene_panel(X, y: np.ndarray, n: int) -> np.ndarray | None:
         rank_genes_groups(data, "type", groups=groups, reference="rest", method="t-test", n_genes=X.shape[1],
                           use_raw=False)
     ranked = np.stack([data.uns["rank_genes_groups"]["names"][g].astype(int) for g in groups], axis=1)
-    keep = np.zeros(X.shape[1], bool)
+    keep, chosen = np.zeros(X.shape[1], bool), 0
     for row in ranked:  # each type's next best gene in turn
         for gene in row:
+            chosen += not keep[gene]
             keep[gene] = True
-            if keep.sum() == n:
+            if chosen == n:
                 return keep
     return keep
 
@@ -393,9 +394,10 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     n_pre = 0
     if pretrained is not None:
         n_pre = model.load_pretrained_encoder(pretrained["weight"], pretrained["bias"], pretrained["gene_index"])
-    # only a panel of the genes that tell the types apart: every cell renormalised over them (as the annotator does a
-    # model's genes); the other genes' first-layer rows are zero and stay so (their inputs are
-    # zero: no gradient, and Adam never moves a parameter whose gradient is always zero)
+    # a panel of the genes that tell the types apart: every cell renormalised over it (as the
+    # annotator does a model's genes); the other genes' first-layer rows are zero and stay so
+    # (their inputs are zero: no gradient, and Adam never moves a parameter whose gradient is
+    # always zero)
     keep = gene_panel(X_train, y_train, cfg.gene_panel)
     if keep is not None:
         with torch.no_grad():
