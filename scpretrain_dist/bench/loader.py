@@ -253,7 +253,7 @@ def run(args) -> dict:
         # read in place as `--set store.backend=experiment` reads it; its index (each dataset's
         # cells and measured genes) made here once, beside the run, as a pipeline's first command does
         specs["ours_experiment"] |= {"experiment": layouts["experiment"], "index_dir": str(work / "atlas-index")}
-        _ours_batches(specs["ours_experiment"]).close()
+        _ours_store(specs["ours_experiment"])
     if args.cached_world:
         specs["ours_cached"] = dict(base, loader="ours_cached", world=args.cached_world,
                                     cache_bytes=stream.cache_bytes or (8 << 30))
@@ -306,17 +306,23 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------- child
 
 
-def _ours_batches(spec: dict, world: int = 1, cache_bytes: int = 0):
-    from scpretrain_dist.data.loader import StreamingCells
-    from scpretrain_dist.store.atlas import open_atlas
-
+def _ours_store(spec: dict):
+    """The atlas ours streams: the spec's experiment read in place (its index made on opening,
+    if absent), else the atlas at its ``uri``."""
     if spec.get("experiment"):
         from scpretrain_dist.config import StoreConfig
         from scpretrain_dist.store.experiment import ExperimentLocator
 
-        store = ExperimentLocator(spec["experiment"], None, StoreConfig(backend="experiment"), spec["index_dir"]).atlas()
-    else:
-        store = open_atlas(spec["uri"])
+        return ExperimentLocator(spec["experiment"], None, StoreConfig(backend="experiment"), spec["index_dir"]).atlas()
+    from scpretrain_dist.store.atlas import open_atlas
+
+    return open_atlas(spec["uri"])
+
+
+def _ours_batches(spec: dict, world: int = 1, cache_bytes: int = 0):
+    from scpretrain_dist.data.loader import StreamingCells
+
+    store = _ours_store(spec)
     names = [r.name for r in store.datasets()]
     ds = StreamingCells(store.locator, names, spec["batch_size"], spec["seed"], rank=0, world=world,
                         chunk_cells=spec["chunk_cells"], buffer_cells=spec["buffer_cells"],
