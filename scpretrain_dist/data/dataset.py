@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scpretrain_dist.data.normalize import normalized_rows
+from scpretrain_dist.data.normalize import keep_columns, normalized_rows
 from scpretrain_dist.data.sharding import epoch_batches, shard_positions
 from scpretrain_dist.model.networks import SparseBatch
 from scpretrain_dist.store.atlas import Locator
@@ -107,9 +107,11 @@ class GeneShardedCells:
              world: int, seed: int, block_cells: int = 16384) -> GeneShardedCells:
         store, joinids, didx, labels, vtypes = _run_cells(locator, datasets, pseudo_labels)
         order = np.argsort(joinids, kind="stable")  # every cell, read in joinid order
-        owned = np.arange(store.n_genes) % world == rank
+        genes = np.arange(store.n_genes)
+        owned = np.where(genes % world == rank, genes, -1)  # this rank's genes keep their columns
         blocks = [
-            _columns(normalized_rows(store, joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]), owned)
+            keep_columns(normalized_rows(store, joinids[order[i : i + block_cells]], vtypes[order[i : i + block_cells]]),
+                         owned, store.n_genes)
             for i in range(0, len(order), block_cells)
         ]
         row_of = np.empty(len(order), dtype=np.int64)
@@ -136,13 +138,6 @@ class GeneShardedCells:
                 torch.from_numpy(self.dataset_idx[own].astype(np.int64)).to(device),
                 torch.from_numpy(self.labels[own]).to(device),
             )
-
-
-def _columns(X: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
-    """``X`` with the values of the columns outside ``keep`` (a mask) dropped; same shape."""
-    mask = keep[X.indices]
-    kept = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    return sp.csr_matrix((X.data[mask], X.indices[mask], kept[X.indptr]), shape=X.shape)
 
 
 class DeviceCellShard:

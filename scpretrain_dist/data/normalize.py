@@ -1,6 +1,9 @@
-"""The one normalisation every stage uses: log1p(CP10k) (value types: ``catalog/values.py``)."""
+"""The one normalisation every stage uses: log1p(CP10k) (value types: ``catalog/values.py``);
+and the one way cells are cut down to a set of genes before it (:func:`keep_columns`)."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,6 +68,57 @@ def _scale_rows(X: sp.csr_matrix, scale: np.ndarray, rows: int = 16384) -> None:
     for lo in range(0, X.shape[0], rows):
         hi = min(lo + rows, X.shape[0])
         X.data[X.indptr[lo] : X.indptr[hi]] *= np.repeat(scale[lo:hi], np.diff(X.indptr[lo : hi + 1]))
+
+
+def keep_columns(X: sp.csr_matrix, new_column: np.ndarray, n_columns: int) -> sp.csr_matrix:
+    """The values of ``X``'s columns ``j`` with ``new_column[j] >= 0``, moved to that column of a
+    float32 CSR of ``n_columns`` columns (a column subset, renumbered; two columns may land on one,
+    as repeated values of a row); the other values dropped, the rest in ``X``'s order. One pass
+    over the values without a branch per value: about 3.5x scipy's ``X[:, cols]`` when a
+    sizeable share of the values is kept (docs/benchmarks.md)."""
+    X = sp.csr_matrix(X)
+    new_column = np.asarray(new_column)
+    if new_column.shape != (X.shape[1],):
+        raise ValueError(f"new_column has {new_column.shape} entries for {X.shape[1]} columns")
+    indptr = np.empty(X.shape[0] + 1, np.int64)
+    indices = np.empty(X.nnz, np.int32 if n_columns < 2**31 else np.int64)
+    data = np.empty(X.nnz, np.float32)
+    if X.nnz:
+        n = _keep_kernel()(X.indptr, X.indices, X.data, new_column.astype(indices.dtype, copy=False),
+                           indptr, indices, data)
+    else:
+        indptr[:] = n = 0
+    return sp.csr_matrix((data[:n], indices[:n], indptr), shape=(X.shape[0], n_columns))
+
+
+def compile_keep_columns() -> None:
+    """Load :func:`keep_columns`' compiled pass for the usual CSR types (int32 indices, float32
+    values) now: half a second that can overlap other waiting."""
+    keep_columns(sp.csr_matrix(np.ones((1, 1), np.float32)), np.zeros(1, np.int64), 1)
+
+
+@functools.cache
+def _keep_kernel():
+    import numba
+
+    def keep(indptr, indices, data, new_column, out_indptr, out_indices, out_data):
+        # every value is written at slot n, and n moves on only for a kept one: no branch to
+        # mispredict on a column that is kept or not at random
+        n = 0
+        out_indptr[0] = 0
+        for r in range(indptr.size - 1):
+            for k in range(indptr[r], indptr[r + 1]):
+                j = new_column[indices[k]]
+                out_indices[n] = j
+                out_data[n] = data[k]
+                n += j >= 0
+            out_indptr[r + 1] = n
+        return n
+
+    try:  # compiled once per machine: kept in __pycache__ (or NUMBA_CACHE_DIR)
+        return numba.njit(nogil=True, cache=True)(keep)
+    except RuntimeError:  # nowhere writable to keep it: compiled in every process (half a second)
+        return numba.njit(nogil=True)(keep)
 
 
 def normalized_rows(store, joinids: np.ndarray, value_types: np.ndarray | str) -> sp.csr_matrix:

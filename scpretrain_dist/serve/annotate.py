@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from scpretrain_dist.catalog.entries import read_h5ad
 from scpretrain_dist.config import RunConfig, UserError
+from scpretrain_dist.data.normalize import compile_keep_columns, keep_columns
 from scpretrain_dist.store.atlas import ANNOTATIONS_KEY, Atlas, Locator, StoreError, atlas_for
 from scpretrain_dist.store.files import exclusive, save_npz_whole, write_json_whole
 from scpretrain_dist.tracking.registry import ModelFetch, ModelRef
@@ -67,7 +68,11 @@ def load_annotator(fetch: ModelFetch) -> Annotator:
 
 
 def _as_fetch(model: str | ModelFetch, cfg: RunConfig) -> ModelFetch:
-    """``model``: a model URI, or its fetch already under way (the CLI starts it first)."""
+    """``model``: a model URI, or its fetch already under way (the CLI starts it first). The
+    compiled gene selection loads meanwhile, in a thread (this one mostly waits for the fetch)."""
+    import threading
+
+    threading.Thread(target=compile_keep_columns, name="compile", daemon=True).start()
     return model if isinstance(model, ModelFetch) else ModelFetch(model, cfg.tracking_uri)
 
 
@@ -113,13 +118,56 @@ def make_blocks(source: StoreSource | H5adSource, n_cells: int, block_size: int)
     return [Block(source, i, lo, min(lo + block_size, n_cells)) for i, lo in enumerate(range(0, n_cells, block_size))]
 
 
+class _CsrRows:
+    """Row ranges of an ``.h5ad`` whose X is a CSR group, read straight into ``slots`` buffers
+    that are used in turn: a block's arrays stay valid until ``slots`` more blocks are read. Fresh
+    arrays for every block cost as much again as the read (page faults on new memory; measured in
+    docs/benchmarks.md)."""
+
+    def __init__(self, group, slots: int):
+        import h5py
+
+        self.shape = tuple(int(n) for n in group.attrs["shape"])
+        # no chunk cache: HDF5 then reads whole chunks straight into the buffer, not through it
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_chunk_cache(0, 0, 1.0)
+        self._data, self._indices = (h5py.Dataset(h5py.h5d.open(group.id, name, dapl=dapl)) for name in (b"data", b"indices"))
+        self._indptr = group["indptr"][:].astype(np.int64)
+        self._slots: list = [None] * slots
+        self._next = 0
+
+    @staticmethod
+    def of(group, slots: int) -> _CsrRows | None:
+        """For a CSR X; None for anything else (dense, CSC), which anndata reads."""
+        kind = group.attrs.get("encoding-type", group.attrs.get("h5sparse_format"))
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        return _CsrRows(group, slots) if kind in ("csr_matrix", "csr") and "shape" in group.attrs else None
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+        k = self._next
+        self._next = (k + 1) % len(self._slots)
+        buf = self._slots[k]
+        if buf is None or buf[0].size < hi - lo:
+            size = max(hi - lo, int(1.25 * (hi - lo)))
+            buf = self._slots[k] = (np.empty(size, self._data.dtype), np.empty(size, self._indices.dtype))
+        data, indices = buf[0][: hi - lo], buf[1][: hi - lo]
+        if hi > lo:
+            self._data.read_direct(data, np.s_[lo:hi])
+            self._indices.read_direct(indices, np.s_[lo:hi])
+        return sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - lo), shape=(stop - start, self.shape[1]))
+
+
 class BlockReader:
     """Reads blocks' raw values and gene names; keeps one open handle per file and one gene
-    list per dataset for the life of the worker."""
+    list per dataset for the life of the worker. ``slots``: how many blocks read from an
+    ``.h5ad`` may be in use at once (their buffers are reused after that)."""
 
-    def __init__(self):
+    def __init__(self, slots: int = 1):
         self._datasets: dict = {}
         self._files: dict = {}
+        self._slots = slots
 
     def read(self, block: Block) -> tuple[sp.csr_matrix | np.ndarray, np.ndarray]:
         src = block.source
@@ -128,19 +176,22 @@ class BlockReader:
             if key not in self._datasets:
                 store = src.locator.atlas()
                 mask = store.dataset_gene_mask(src.dataset)
-                cols = None if mask.all() else np.flatnonzero(mask)  # None: every atlas gene, no column copy
-                self._datasets[key] = (store, cols, store.genes() if cols is None else store.genes()[cols])
+                # the dataset's genes, renumbered in atlas order; None: every atlas gene, no copy
+                cols = None if mask.all() else np.where(mask, np.cumsum(mask) - 1, -1)
+                self._datasets[key] = (store, cols, store.genes() if cols is None else store.genes()[mask])
             store, cols, genes = self._datasets[key]
             ids = np.arange(src.joinid_start + block.start, src.joinid_start + block.stop, dtype=np.int64)
             X = store.read_rows(ids)
-            return (X if cols is None else X[:, cols]), genes
+            return (X if cols is None else keep_columns(X, cols, len(genes))), genes
         if src.path not in self._files:
             import anndata as ad
+            import h5py
 
             adata = ad.read_h5ad(src.path, backed="r")
-            self._files[src.path] = (adata, np.asarray(adata.var_names.astype(str)))
-        adata, genes = self._files[src.path]
-        return adata.X[block.start : block.stop], genes
+            rows = _CsrRows.of(adata.file["X"], self._slots) if isinstance(adata.file["X"], h5py.Group) else None
+            self._files[src.path] = (adata, rows, np.asarray(adata.var_names.astype(str)))
+        adata, rows, genes = self._files[src.path]
+        return (adata.X[block.start : block.stop] if rows is None else rows.read(block.start, block.stop)), genes
 
 
 def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embedding: bool) -> BlockResult:
@@ -238,7 +289,7 @@ def _in_process(blocks: list[Block], annotator: Annotator, embedding: bool, thre
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    reader = BlockReader()
+    reader = BlockReader(slots=threads + 1)  # the blocks being predicted, and the one read next
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="annotate")
     running: deque = deque()
 

@@ -24,7 +24,7 @@ import torch
 
 from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value_problem
 from scpretrain_dist.config import UserError
-from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.data.normalize import keep_columns, normalize_rows
 from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
 
 WEIGHTS = "weights.npz"
@@ -284,13 +284,10 @@ class Annotator:
         if sp.issparse(X):
             X = sp.csr_matrix(X)
             if gm.repeats or len(gm.src) < _COMPACT_BELOW * len(gm.row):
-                # the known genes' columns only (scipy's column selection), renumbered as the
-                # model's rows: where the model reads a small panel of the input's genes, most
-                # values would be zeros its first layer still gathers; and columns of one gene
-                # summed before the log
-                Y = X[:, gm.src]
-                Xm = sp.csr_matrix((Y.data.astype(np.float32, copy=False), gm.safe_row[gm.src][Y.indices], Y.indptr),
-                                   shape=(X.shape[0], len(self.genes)))
+                # the known genes' values only, as the model's rows: where the model reads a small
+                # panel of the input's genes, most values would be zeros its first layer still
+                # gathers; and columns of one gene summed before the log
+                Xm = keep_columns(X, gm.row, len(self.genes))
                 if gm.repeats:
                     Xm.sum_duplicates()
             else:  # unknown genes keep their slots with value 0: cheaper than compacting them out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
-from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.data.normalize import keep_columns, normalize_rows
 from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
 from scpretrain_dist.runtime import intra_op_threads
 
@@ -323,9 +323,8 @@ def over_genes(X, mask: np.ndarray | None):
     if mask is None:
         return X
     if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-        X.data *= mask[X.indices]
-        X.eliminate_zeros()
+        genes = np.arange(X.shape[1])
+        X = keep_columns(X, np.where(mask > 0, genes, -1), X.shape[1])
     else:
         X = np.asarray(X, np.float32) * mask
     return normalize_rows(X, "lognorm", copy=False)

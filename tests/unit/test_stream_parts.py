@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from scpretrain_dist.config import ConfigError, DemoDataConfig
-from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.data.normalize import keep_columns, normalize_rows
 from scpretrain_dist.data.sharding import _cut, ranges_to_positions, shard_ranges
 from scpretrain_dist.demo import (
     CHUNK_CELLS,
@@ -111,6 +111,31 @@ def test_normalize_in_place_matches_the_copy():
 # ---------------------------------------------------------------------------- synthetic atlas
 
 CFG = DemoDataConfig(n_cells=20_000, n_datasets=7, n_genes=3000, n_types=5, markers_per_type=20, seed=3)
+
+
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+@pytest.mark.parametrize("value", [np.float32, np.float64, np.int64])
+def test_keep_columns_is_a_renumbered_column_subset_with_repeats_summed_by_the_caller(index, value):
+    rng = np.random.default_rng(3)
+    X = sp.random(300, 400, density=0.2, format="csr", random_state=4) * 50
+    X = sp.csr_matrix((X.data.astype(value), X.indices.astype(index), X.indptr.astype(index)), shape=X.shape)
+    new = np.full(400, -1)
+    cols = rng.choice(400, 60, replace=False)
+    new[cols] = rng.permutation(60)
+    Y = keep_columns(X, new, 60)
+    assert Y.shape == (300, 60) and Y.dtype == np.float32
+    expected = np.zeros((300, 60), np.float32)
+    expected[:, new[cols]] = X.toarray()[:, cols]
+    np.testing.assert_array_equal(Y.toarray(), expected)
+    # two input columns on one output column: both values kept, in the input's order
+    new[cols[1]] = new[cols[0]]
+    Y = keep_columns(X, new, 60)
+    Y.sum_duplicates()
+    np.testing.assert_allclose(Y.toarray()[:, new[cols[0]]], X.toarray()[:, cols[:2]].sum(1), rtol=1e-6)
+    empty = keep_columns(sp.csr_matrix((3, 400), dtype=value), new, 60)
+    assert empty.shape == (3, 60) and empty.nnz == 0 and list(empty.indptr) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="399"):
+        keep_columns(X[:, :399], new, 60)
 
 
 def test_plan_sizes_are_exact_uneven_and_seeded():
