@@ -43,7 +43,10 @@ def normalize_rows(X, value_types: np.ndarray | str, copy: bool = True):
         lib = X.sum(1, keepdims=True, dtype=np.float64)
         X *= np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0).astype(np.float32)
         return np.log1p(X, out=X)
-    X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
+    # a float32 CSR is normalised as it is: scipy's constructor would copy arrays that fill under
+    # half their buffer (keep_columns' output)
+    if copy or X.format != "csr" or X.dtype != np.float32:
+        X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
     if n and (types == types[0]).all():  # one value type (a dataset, a file): in place, no cell index
         to_linear(X.data, types[0], in_place=True)
     else:
@@ -80,15 +83,19 @@ def keep_columns(X: sp.csr_matrix, new_column: np.ndarray, n_columns: int) -> sp
     new_column = np.asarray(new_column)
     if new_column.shape != (X.shape[1],):
         raise ValueError(f"new_column has {new_column.shape} entries for {X.shape[1]} columns")
-    indptr = np.empty(X.shape[0] + 1, np.int64)
-    indices = np.empty(X.nnz, np.int32 if n_columns < 2**31 else np.int64)
+    index = np.int32 if max(X.nnz, n_columns) < 2**31 else np.int64  # scipy's rule: one type for both
+    indptr, indices = np.empty(X.shape[0] + 1, index), np.empty(X.nnz, index)
     data = np.empty(X.nnz, np.float32)
     if X.nnz:
         n = _keep_kernel()(X.indptr, X.indices, X.data, new_column.astype(indices.dtype, copy=False),
                            indptr, indices, data)
     else:
         indptr[:] = n = 0
-    return sp.csr_matrix((data[:n], indices[:n], indptr), shape=(X.shape[0], n_columns))
+    Y = sp.csr_matrix((X.shape[0], n_columns), dtype=np.float32)
+    # set, not passed to the constructor, which would copy arrays that fill under half their
+    # buffer to free the rest; the rest was never written, so it holds no memory
+    Y.data, Y.indices, Y.indptr = data[:n], indices[:n], indptr
+    return Y
 
 
 def compile_keep_columns() -> None:
