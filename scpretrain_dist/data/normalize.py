@@ -76,9 +76,9 @@ def _scale_rows(X: sp.csr_matrix, scale: np.ndarray, rows: int = 16384) -> None:
 def keep_columns(X: sp.csr_matrix, new_column: np.ndarray, n_columns: int) -> sp.csr_matrix:
     """The values of ``X``'s columns ``j`` with ``new_column[j] >= 0``, moved to that column of a
     float32 CSR of ``n_columns`` columns (a column subset, renumbered; two columns may land on one,
-    as repeated values of a row); the other values dropped, the rest in ``X``'s order. One pass
-    over the values without a branch per value: about 3.5x scipy's ``X[:, cols]`` when a
-    sizeable share of the values is kept (docs/benchmarks.md)."""
+    as repeated values of a row); the other values dropped, the rest in ``X``'s order. One
+    compiled pass over the values with no branch per value; scipy's ``X[:, cols]`` makes two
+    (docs/benchmarks.md, "Batch annotation")."""
     X = sp.csr_matrix(X)
     new_column = np.asarray(new_column)
     if new_column.shape != (X.shape[1],):
