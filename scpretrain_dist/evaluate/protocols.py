@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,8 +297,10 @@ def umap_2d(x: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
 
     k = min(n_neighbors, len(x))
     dist, idx = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
-    return umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1,
-                     precomputed_knn=(idx, dist.astype(np.float32), None)).fit_transform(x)
+    with warnings.catch_warnings():  # that UMAP without its search index cannot embed new cells: never asked
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+        return umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1,
+                         precomputed_knn=(idx, dist.astype(np.float32), None)).fit_transform(x)
 
 
 # ---------------------------------------------------------------- the annotation track

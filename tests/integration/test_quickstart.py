@@ -27,6 +27,8 @@ def test_prints_pretrained_vs_baseline_table(run):
     work, proc = run
     assert "scpretrain" in proc.stdout and "no_pretrain" in proc.stdout and "logreg" in proc.stdout
     assert "registered models:/scpretrain-annotator/1 with alias @champion" in proc.stdout
+    # UMAP's warning that it cannot embed new cells (the evaluation never asks it to) stays off
+    assert "precomputed_knn" not in proc.stdout + proc.stderr
 
 
 def test_report_rows_and_splits(run):
