@@ -565,5 +565,14 @@ def _traceback(verbose: bool) -> None:
         traceback.print_exc()
 
 
+def run() -> int:
+    """The ``scpretrain`` program: :func:`main` in a process of its own, which then exits without
+    a last garbage collection (``runtime.exit_without_final_collection``). Tests call ``main``."""
+    from scpretrain_dist.runtime import exit_without_final_collection
+
+    exit_without_final_collection()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -131,7 +131,10 @@ class ModelFetch:
             from concurrent.futures import ProcessPoolExecutor
 
             try:
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                from scpretrain_dist.runtime import exit_without_final_collection
+
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=exit_without_final_collection)
                 self._future = self._pool.submit(_fetch, uri, tracking_uri, self._dir.name, not verbose())
                 detail(f"fetching {uri} from {tracking_uri} in a helper process")
             except OSError as e:  # no process to start here (no /dev/shm, a process limit): fetched in this one
@@ -149,8 +152,8 @@ class ModelFetch:
                 self._done = self._future.result()
             except BrokenProcessPool as e:  # the helper died (killed, out of memory): once more here
                 detail(f"the model's helper process died ({e}); fetching it in this process")
-            finally:
-                self._pool.shutdown()
+            finally:  # the helper's exit is not waited for: the result is here, and it ends by itself
+                self._pool.shutdown(wait=False)
                 self._pool = self._future = None
         if self._done is None:
             self._done = _fetch(self.requested, self._tracking_uri, self._dir.name, False)

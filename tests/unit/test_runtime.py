@@ -1,10 +1,14 @@
-"""Ray's temporary folder: short whatever the work dir's path, so its sockets always fit."""
+"""Ray's temporary folder: short whatever the work dir's path, so its sockets always fit; and
+how a command's process ends."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +63,18 @@ def test_an_existing_ray_folder_of_an_older_run_is_left_alone(tmp_path):
     (old / "session_latest").write_text("old logs")
     ray_temp_dir(tmp_path).rmdir()
     assert old.is_dir() and not old.is_symlink() and (old / "session_latest").read_text() == "old logs"
+
+
+def test_a_command_exits_without_a_last_collection_after_every_other_exit_handler():
+    """The ``scpretrain`` program (``cli.run``) freezes every object out of the garbage collector's
+    last passes only once the exit handlers registered after it (Ray's, MLflow's, temporary
+    folders') have run with the collector as usual."""
+    assert importlib.metadata.entry_points(group="console_scripts")["scpretrain"].value == "scpretrain_dist.cli:run"
+    code = ("import atexit, gc\n"
+            "atexit.register(lambda: print('after it', gc.get_freeze_count() > 0))\n"
+            "from scpretrain_dist.runtime import exit_without_final_collection\n"
+            "exit_without_final_collection()\n"
+            "atexit.register(lambda: print('before it', gc.get_freeze_count() > 0))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["before it False", "after it True"]
