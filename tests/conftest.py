@@ -29,6 +29,9 @@ def pytest_configure(config):
     if not hasattr(config, "workerinput") and RUN_SHARED not in os.environ:  # the controller, or a run without -n
         os.environ[RUN_SHARED] = tempfile.mkdtemp(prefix="scp-tests-")
         config.stash[_OWNED] = Path(os.environ[RUN_SHARED])
+        # the folder torch makes for its compiler's cache (on making an optimizer) goes with the
+        # run's, not into /tmp/torchinductor_<user>
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ[RUN_SHARED], "torchinductor"))
 
 
 def pytest_unconfigure(config):
