@@ -567,10 +567,8 @@ def _traceback(verbose: bool) -> None:
 
 def run() -> int:
     """The ``scpretrain`` program: :func:`main` in a process of its own, which then exits without
-    a last garbage collection (``runtime.exit_without_final_collection``). Tests call ``main``."""
-    from scpretrain_dist.runtime import exit_without_final_collection
-
-    exit_without_final_collection()
+    a last garbage collection (``console.exit_without_final_collection``). Tests call ``main``."""
+    console.exit_without_final_collection()
     return main()
 
 

@@ -155,18 +155,6 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
-def exit_without_final_collection() -> None:
-    """Let this process end without the garbage collector's last passes over every object it
-    holds: Python's shutdown otherwise spends half a second of a core on the modules a command
-    imported (torch, numba, MLflow), after all its work is done. Registered first, so it runs
-    after every other exit handler (Ray's, MLflow's, temporary folders'); objects are still
-    released one by one, and files closed, as at any exit."""
-    import atexit
-    import gc
-
-    atexit.register(gc.freeze)
-
-
 @contextmanager
 def intra_op_threads(n: int):
     """torch's intra-op threads capped at ``n`` (0: no cap) inside the block, restored after it."""

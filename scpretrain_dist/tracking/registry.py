@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scpretrain_dist.config import UserError
-from scpretrain_dist.console import detail
+from scpretrain_dist.console import detail, exit_without_final_collection
 
 
 class RegistryError(UserError):
@@ -131,8 +131,6 @@ class ModelFetch:
             from concurrent.futures import ProcessPoolExecutor
 
             try:
-                from scpretrain_dist.runtime import exit_without_final_collection
-
                 self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=exit_without_final_collection)
                 self._future = self._pool.submit(_fetch, uri, tracking_uri, self._dir.name, not verbose())

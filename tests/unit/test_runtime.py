@@ -72,7 +72,7 @@ def test_a_command_exits_without_a_last_collection_after_every_other_exit_handle
     assert importlib.metadata.entry_points(group="console_scripts")["scpretrain"].value == "scpretrain_dist.cli:run"
     code = ("import atexit, gc\n"
             "atexit.register(lambda: print('after it', gc.get_freeze_count() > 0))\n"
-            "from scpretrain_dist.runtime import exit_without_final_collection\n"
+            "from scpretrain_dist.console import exit_without_final_collection\n"
             "exit_without_final_collection()\n"
             "atexit.register(lambda: print('before it', gc.get_freeze_count() > 0))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
