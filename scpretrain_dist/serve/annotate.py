@@ -199,10 +199,8 @@ class BlockReader:
         # (a file older than anndata's element encodings, anndata 0.7, is read by anndata whole)
         rows = _CsrRows.of(f["X"], self._slots) if "encoding-type" in f["var"].attrs else None
         if rows is not None:
-            try:
-                from anndata.io import read_elem
-            except ImportError:  # anndata < 0.11
-                from anndata.experimental import read_elem
+            from anndata.io import read_elem
+
             return rows.read, np.asarray(read_elem(f["var"]).index.astype(str))
         f.close()  # dense or CSC: anndata reads it
         adata = ad.read_h5ad(path, backed="r")
