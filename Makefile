@@ -25,7 +25,9 @@ WARM_RAY := torch torch._dynamo torch.distributed.fsdp ray.train.torch ray.train
 WARM_REST := mlflow.pyfunc mlflow.store.tracking.sqlalchemy_store matplotlib.pyplot tiledbsoma zarr anndata faiss \
 	sklearn.linear_model sklearn.svm scpretrain_dist.cli scpretrain_dist.pipeline scpretrain_dist.evaluate.protocols \
 	scpretrain_dist.evaluate.figures scpretrain_dist.serve.annotate scpretrain_dist.serve.server
-IMPORT = $(BIN)/python -W ignore -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
+# (torch._dynamo makes the folder of torch's compiler cache on import: inside the venv, not in /tmp)
+IMPORT = TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(VENV)/torchinductor \
+	$(BIN)/python -W ignore -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 WARM_UP = $(IMPORT) $(WARM_RAY) & ray=$$!; $(IMPORT) $(WARM_REST) && wait $$ray
 
 $(BIN)/scpretrain: pyproject.toml
