@@ -304,6 +304,11 @@ class FinetuneConfig(_Checked):
     # paper), "sqrt" (1/sqrt(share)) or "balanced" (1/share), scaled to a cell-weighted mean of 1;
     # (the semi-supervised objective weighs each reference cell by it too: ``ssl_class_weight``)
     class_weight: str = setting("none", choices=CLASS_WEIGHTS)
+    # pool the network with a one-vs-rest logistic regression over the genes scaled to unit
+    # variance (the kind of model CellTypist fits), weighted 0 to 0.5 as fits the validation
+    # cells best (train.finetune.fit_gene_model); it ranks cells of types with one or two
+    # training cells better. Off: the network alone (the paper)
+    gene_model: bool = False
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
     # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary

@@ -186,6 +186,7 @@ def run_method(
         # confidence is what the registered annotator reports
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
+                              "gene_model_weight": res.model.gene_model_weight,
                               "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated),
                               **(res.guard.row() if res.guard is not None else {})}, res.model,
                       res.prior, logits, res.reject_threshold, res.temperature, res.model.reject_score)

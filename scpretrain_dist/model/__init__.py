@@ -3,9 +3,10 @@
 from scpretrain_dist.model.networks import (
     CellTypeClassifier,
     Encoder,
+    GeneModel,
     MultiTaskHeads,
     PretrainModel,
     SparseBatch,
 )
 
-__all__ = ["CellTypeClassifier", "Encoder", "MultiTaskHeads", "PretrainModel", "SparseBatch"]
+__all__ = ["CellTypeClassifier", "Encoder", "GeneModel", "MultiTaskHeads", "PretrainModel", "SparseBatch"]

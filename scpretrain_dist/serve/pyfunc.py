@@ -25,7 +25,12 @@ import torch
 from scpretrain_dist.catalog.values import VALUE_TYPES, detect_value_type, value_problem
 from scpretrain_dist.config import UserError
 from scpretrain_dist.data.normalize import keep_columns, normalize_rows
-from scpretrain_dist.model.networks import CellTypeClassifier, SparseBatch, known_type_score
+from scpretrain_dist.model.networks import (
+    CellTypeClassifier,
+    GeneModel,
+    SparseBatch,
+    known_type_score,
+)
 
 WEIGHTS = "weights.npz"
 META = "annotator.json"
@@ -67,8 +72,13 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
                          "set finetune.unassigned to another name or map that label")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / WEIGHTS, enc_w=sd["encoder.weight"], enc_b=sd["encoder.bias"],
-             hid_w=sd["hidden.weight"], hid_b=sd["hidden.bias"], out_w=sd["out.weight"], out_b=sd["out.bias"])
+    arrays = {"enc_w": sd["encoder.weight"], "enc_b": sd["encoder.bias"], "hid_w": sd["hidden.weight"],
+              "hid_b": sd["hidden.bias"], "out_w": sd["out.weight"], "out_b": sd["out.bias"]}
+    if getattr(model, "gene_model", None) is not None:  # finetune.gene_model: the pooled linear gene model
+        keep = slice(None) if mask is None else mask
+        arrays |= {f"gene_{k}": sd[f"gene_model.{k}"][keep] for k in ("inv_scale", "cap", "coef")}
+        arrays["gene_intercept"] = sd["gene_model.intercept"]
+    np.savez(out / WEIGHTS, **arrays)
     meta = {"genes": [str(g).upper() for g in genes], "classes": [str(c) for c in classes],
             "normalisation": "log1p(CP10k)", "min_overlap": min_overlap, "lineage": lineage or {},
             # softmax temperature fitted on the fine-tuning validation cells: calibrated confidence
@@ -76,7 +86,8 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
             # the score (model.networks.known_type_score: "energy" or "confidence") below which a
             # cell is ``unassigned`` (an unknown type); None: never
             "reject_score": str(getattr(model, "reject_score", "energy")),
-            "reject_threshold": _finite_or_none(getattr(model, "reject_threshold", None)), "unassigned": unassigned}
+            "reject_threshold": _finite_or_none(getattr(model, "reject_threshold", None)), "unassigned": unassigned,
+            "gene_model_weight": float(getattr(model, "gene_model_weight", 0.0))}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
 
@@ -157,6 +168,9 @@ class Annotator:
         state = {"encoder.weight": enc_w, "encoder.bias": w["enc_b"], "hidden.weight": w["hid_w"],
                  "hidden.bias": w["hid_b"], "out.weight": w["out_w"], "out.bias": w["out_b"]}
         self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+        if "gene_coef" in w:
+            self.model.gene_model = GeneModel(w["gene_inv_scale"], w["gene_cap"], w["gene_coef"], w["gene_intercept"])
+            self.model.gene_model_weight = float(meta.get("gene_model_weight", 0.0))
         self.model.eval()
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
@@ -315,8 +329,9 @@ class Annotator:
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
         Xm, value_type = self._normalised(X, gm, value_type)
         with torch.no_grad():
-            pre = self.model.encoder(self._batch(Xm))  # x W + b, the network's own first layer
-            logits = self.model.classify(pre)
+            batch = self._batch(Xm)
+            pre = self.model.encoder(batch)  # x W + b, the network's own first layer
+            logits = self.model.pool(batch, self.model.classify(pre))
             # divided by the temperature fitted at fine-tuning: the softmax is the calibrated confidence
             p = torch.softmax(logits / self.temperature, dim=1).numpy()
             emb = torch.sigmoid(pre).numpy() if return_embedding else None

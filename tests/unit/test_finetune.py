@@ -12,12 +12,15 @@ import torch
 
 from scpretrain_dist.config import FinetuneConfig, ModelConfig
 from scpretrain_dist.data.normalize import normalize_rows
+from scpretrain_dist.model.networks import SparseBatch
 from scpretrain_dist.train.finetune import (
     SemiSupervised,
     finetune,
     finetune_semi_supervised,
     gene_panel,
+    linear_gene_model,
     mix_margin,
+    over_genes,
     predict_logits,
     semi_supervised_guard,
 )
@@ -206,10 +209,12 @@ def _marker_counts(n, seed):
     return X, y
 
 
-def test_a_model_on_a_gene_panel_reads_only_those_and_is_exported_with_them_alone(tmp_path, helpers):
+@pytest.mark.parametrize("gene_model", [False, True])
+def test_a_model_on_a_gene_panel_reads_only_those_and_is_exported_with_them_alone(tmp_path, helpers, gene_model):
     """finetune.gene_panel: the panel is the markers, as many of each type; the others' first-
     layer rows stay zero through training, so their values change no call; the exported
-    annotator holds the panel only and, normalising a cell over it, calls it as the network does."""
+    annotator holds the panel only and, normalising a cell over it, calls it as the network does
+    (with a gene model pooled in, as the pooled model does: its gene model over the panel too)."""
     import pandas as pd
 
     from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
@@ -221,6 +226,10 @@ def test_a_model_on_a_gene_panel_reads_only_those_and_is_exported_with_them_alon
     with helpers.single_thread():
         res = finetune(norm[0], yt, norm[1], yv, 3, cfg, ModelConfig(), seed=0)
     mask = res.model.gene_mask
+    if gene_model:  # weighted in by hand: these three types need none (the validation cells choose 0)
+        res.model.gene_model = linear_gene_model(over_genes(norm[0], mask), yt, 3)
+        res.model.gene_model_weight = 0.5
+        res.model.reject_threshold = float("-inf")  # chosen on the network's scores alone: none here
     assert mask.sum() == 12 and [mask[30 + 10 * t : 40 + 10 * t].sum() for t in range(3)] == [4, 4, 4], mask
     w = res.model.encoder.weight.detach().numpy()
     assert (w[~mask] == 0).all() and (w[mask] != 0).any(axis=1).all()
@@ -234,5 +243,86 @@ def test_a_model_on_a_gene_panel_reads_only_those_and_is_exported_with_them_alon
     paths = export_annotator(res.model, genes, np.array(["a", "b", "c"]), tmp_path)
     annotator = Annotator(paths["weights"], paths["meta"])
     assert annotator.genes.tolist() == genes[mask].tolist()
+    assert annotator.model.gene_model_weight == res.model.gene_model_weight
     calls = annotator.predict(pd.DataFrame(noisy, columns=genes))
     assert calls["cell_type"].tolist() == np.array(["a", "b", "c"])[logits.argmax(1)].tolist()
+
+
+def _with_a_rare_type(n, seed, n_rare, like):
+    """``_marker_counts`` plus ``n_rare`` cells of a fourth type, each otherwise a cell of type
+    ``like``, whose only sign is a count or two of genes 0-2, which no other cell has (the
+    symphony sets' megakaryocytes: one looks like a T cell, another like a monocyte)."""
+    X, y = _marker_counts(n, seed)
+    X[:, :3] = 0
+    rare = X[y == like][:n_rare].copy()
+    rare[:, :3] = np.random.default_rng(seed + 10).integers(1, 3, (n_rare, 3))
+    return np.vstack([X, rare]), np.append(y, np.full(n_rare, 3))
+
+
+def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(tmp_path, helpers):
+    """finetune.gene_model: the network is pooled with one-vs-rest logistic regressions over the
+    genes scaled and capped as CellTypist trains them (fitted uncentred, the same decision
+    values); with one training cell of a type, the pooled model ranks that type's query cells
+    first where the network alone does not; the weight is the validation cells' choice, and
+    the exported annotator calls and scores cells as the pooled model does, dense or sparse."""
+    import pandas as pd
+    import scipy.sparse as sp
+    from scipy.special import log_softmax
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
+    from scpretrain_dist.train.finetune import GENE_MODEL_WEIGHTS
+
+    (Xt, yt), (Xv, yv), (Xq, yq) = (_with_a_rare_type(n, s, k, t) for n, s, k, t in ((150, 0, 1, 0), (60, 1, 2, 1), (90, 2, 5, 2)))
+    norm = [normalize_rows(X, "counts") for X in (Xt, Xv, Xq)]
+    runs = {}
+    with helpers.single_thread():
+        for pooled in (False, True):
+            cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, gene_model=pooled)
+            runs[pooled] = finetune(norm[0], yt, norm[1], yv, 4, cfg, ModelConfig(), seed=0).model
+    plain, model = runs[False], runs[True]
+    assert plain.gene_model is None and model.gene_model is not None
+    w = model.gene_model_weight
+    assert w in GENE_MODEL_WEIGHTS and w > 0
+    # CellTypist's model: StandardScaler, values above 10 capped, one regression per type; at
+    # a tolerance where both converge, the same decision values
+    scaler = StandardScaler().fit(norm[0])
+    Z = lambda X: np.minimum(scaler.transform(X), 10)  # noqa: E731
+    ref = np.stack([LogisticRegression(C=1.0, max_iter=10_000, tol=1e-8).fit(Z(norm[0]), yt == c)
+                    .decision_function(Z(norm[2])) for c in range(4)], axis=1)
+    tight = linear_gene_model(norm[0], yt, 4, tol=1e-8)
+    with torch.no_grad():
+        np.testing.assert_allclose(tight(torch.from_numpy(norm[2])).numpy(), ref, rtol=1e-3, atol=1e-3)
+        dec = model.gene_model(torch.from_numpy(norm[2])).numpy()
+        dec_sparse = model.gene_model(SparseBatch.from_csr(sp.csr_matrix(norm[2]))).numpy()
+        z = model.classify(model.encoder(torch.from_numpy(norm[2]))).numpy()
+    np.testing.assert_allclose(dec_sparse, dec, rtol=1e-4, atol=1e-4)
+    logits = predict_logits(model, norm[2])
+    np.testing.assert_allclose(logits, (1 - w) * z + w * torch.nn.functional.logsigmoid(torch.from_numpy(dec)).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    # the weight is the one whose pooled probabilities fit the validation cells best
+    with torch.no_grad():
+        zv = model.classify(model.encoder(torch.from_numpy(norm[1]))).double().numpy()
+        lv = torch.nn.functional.logsigmoid(model.gene_model(torch.from_numpy(norm[1]))).double().numpy()
+    loss = [-log_softmax((1 - u) * zv + u * lv, axis=1)[np.arange(len(yv)), yv].mean() for u in GENE_MODEL_WEIGHTS]
+    assert GENE_MODEL_WEIGHTS[int(np.argmin(loss))] == w
+    # the rare type's query cells come first in its column with the gene model, not without
+    top = lambda lg: set(np.argsort(-lg[:, 3])[:5])  # noqa: E731
+    rare = set(np.flatnonzero(yq == 3))
+    assert top(logits) == rare
+    assert top(predict_logits(plain, norm[2])) != rare
+    genes = np.array([f"G{i}" for i in range(60)])
+    classes = np.array(["a", "b", "c", "rare"])
+    paths = export_annotator(model, genes, classes, tmp_path)
+    annotator = Annotator(paths["weights"], paths["meta"])
+    assert annotator.model.gene_model_weight == w
+    expected = torch.softmax(torch.from_numpy(logits) / model.temperature, 1).numpy()
+    for cells in (pd.DataFrame(Xq, columns=genes), None):
+        calls = (annotator.predict(cells) if cells is not None else
+                 annotator.predict_matrix(sp.csr_matrix(Xq), genes).__dict__)
+        got = calls["cell_type"] if cells is not None else calls["labels"]
+        conf = calls["confidence"]
+        rejected = np.asarray(got) == annotator.unassigned
+        assert np.asarray(got)[~rejected].tolist() == classes[expected.argmax(1)][~rejected].tolist()
+        np.testing.assert_allclose(np.asarray(conf), expected.max(1), rtol=1e-4, atol=1e-5)
