@@ -170,7 +170,9 @@ def test_a_training_worker_killed_without_retries_fails_the_training(ray_atlas, 
     from scpretrain_dist.train.pretrain import loop_config, train_iterations
 
     cfg, store = ray_atlas
-    cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=6",
+    # enough epochs that the kill (polled, after the first epoch is logged) lands before the
+    # training ends on a busy machine; the training stops at the kill, so they cost nothing
+    cfg = resolve(cfg, overrides=[f'work_dir="{tmp_path}"', f'store.uri="{store.uri}"', "pretrain.epochs=60",
                                   "pretrain.num_workers=1", "model.embedding_dim=16",
                                   "pretrain.max_failures=0"])
     locator = store.locator.pinned()
