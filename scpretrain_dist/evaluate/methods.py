@@ -173,7 +173,8 @@ def run_method(
             res = finetune_semi_supervised(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
                                            unlabelled, supervised=features.get("scpretrain"), classes=classes)
         else:
-            res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
+            # the unlabelled query, where there is one, checks a pooled gene model (finetune.gene_model)
+            res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init, query=unlabelled)
             if method == "scpretrain":
                 features["scpretrain"] = res
         from scipy.special import softmax

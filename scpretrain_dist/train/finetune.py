@@ -259,7 +259,8 @@ def finetune_semi_supervised(
     here when not given) with :func:`semi_supervised_guard`; when the guard fails, the
     supervised model is returned (``guard.fallback``) and a warning says why."""
     if supervised is None:
-        supervised = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained)
+        supervised = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained,
+                              query=unlabelled)
     # the supervised model's calibrated query probabilities, adapted by EM to the query's type mix
     # (a type the query lacks gets none); their mean is that mix
     sup_proba = predict_proba(supervised.model, unlabelled, temperature=supervised.temperature)
@@ -376,6 +377,7 @@ def finetune(
     pretrained: dict | None = None,
     unlabelled=None,
     query_prior: np.ndarray | None = None,
+    query=None,
 ) -> FinetuneResult:
     """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch (among
     epochs of equal validation accuracy, the one of lowest validation loss).
@@ -383,15 +385,16 @@ def finetune(
     ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
     ``unlabelled``: cells of the query (same genes, no labels) to fine-tune semi-supervised on,
     as scNym does: see :class:`SemiSupervised`; ``query_prior``: their estimated type mix, which
-    the guessed labels are aligned to.
+    the guessed labels are aligned to. ``query``: cells (same genes, no labels) the model is
+    meant for, which ``cfg.gene_model``'s check reads (:func:`fit_gene_model`; default: ``unlabelled``).
     """
     with intra_op_threads(cfg.threads):
         return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled,
-                         query_prior)
+                         query_prior, unlabelled if query is None else query)
 
 
 def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig,
-              seed: int, pretrained: dict | None, unlabelled, query_prior: np.ndarray | None) -> FinetuneResult:
+              seed: int, pretrained: dict | None, unlabelled, query_prior: np.ndarray | None, query) -> FinetuneResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = CellTypeClassifier(X_train.shape[1], n_types, model_cfg.embedding_dim, model_cfg.hidden_dim)
@@ -408,6 +411,7 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
             model.encoder.weight[torch.from_numpy(~keep)] = 0.0
         X_train, X_val = over_genes(X_train, keep), over_genes(X_val, keep)
         unlabelled = None if unlabelled is None else over_genes(unlabelled, keep)
+        query = None if query is None else over_genes(query, keep)
     model.gene_mask = keep
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
@@ -465,7 +469,8 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     model.load_state_dict(best_state)
     model.eval()
     if cfg.gene_model:
-        fit_gene_model(model, X_train, y_train, Xv, np.asarray(y_val), n_types)
+        fit_gene_model(model, X_train, y_train, Xv, np.asarray(y_val), n_types,
+                       None if query is None else _rows(query))
     # the softmax temperature that makes validation probabilities fit best (calibrated
     # confidence); it never changes a call, and is kept on the model for the annotator
     with torch.no_grad():
@@ -483,6 +488,9 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
 
 # the gene model's weight in the pool, chosen among these on the validation cells
 GENE_MODEL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+# the gene model is dropped when its calls agree with the network's on a smaller share of the
+# query's cells than of the validation cells, by more than this
+GENE_MODEL_AGREEMENT_DROP = 0.05
 GENE_CAP = 10.0  # standard deviations above a gene's mean where its scaled value is capped (CellTypist's)
 
 
@@ -510,13 +518,18 @@ def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1
 
 @torch.no_grad()
 def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, y_val: np.ndarray,
-                   n_types: int) -> None:
+                   n_types: int, query=None) -> None:
     """Pool a fine-tuned ``model`` with :func:`linear_gene_model` of its training cells, which
     reads genes the 200-unit embedding keeps little of (such as a gene that only a type of one
     or two training cells shows). The pooling weight is the one of ``GENE_MODEL_WEIGHTS`` whose
     pooled probabilities fit the validation cells (``Xv``, the network's input) best, by log
     loss; 0 leaves the network as it is. With fewer than two types to fit or no validation
-    cells to choose by, the model stays as it is."""
+    cells to choose by, the model stays as it is.
+
+    ``query``: cells the model is meant for (the network's input, no labels). Scaled genes carry
+    each technology's own levels, which the validation cells cannot show: when the gene model's
+    calls agree with the network's on fewer of the query's cells than of the validation cells,
+    by more than ``GENE_MODEL_AGREEMENT_DROP``, the gene model is dropped, and a warning says so."""
     from scipy.special import log_softmax
 
     if len(np.unique(y_train)) < 2 or len(y_val) == 0:
@@ -527,6 +540,14 @@ def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, 
     rows = np.arange(len(y_val))
     loss = [-log_softmax((1 - w) * z + w * log_sig, axis=1)[rows, y_val].mean() for w in GENE_MODEL_WEIGHTS]
     weight = GENE_MODEL_WEIGHTS[int(np.argmin(loss))]
+    if weight > 0 and query is not None:
+        agree_val = float((z.argmax(1) == log_sig.argmax(1)).mean())
+        agree_query = float((model.classify(model.encoder(query)).argmax(1) == gm(query).argmax(1)).float().mean())
+        if agree_query < agree_val - GENE_MODEL_AGREEMENT_DROP:
+            logging.getLogger("scpretrain").warning(
+                f"finetune.gene_model: the gene model left out; its calls agree with the network's on "
+                f"{agree_query:.1%} of the query's cells against {agree_val:.1%} of the validation cells")
+            weight = 0.0
     if weight > 0:
         model.gene_model, model.gene_model_weight = gm, weight
 

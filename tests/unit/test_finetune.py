@@ -259,12 +259,14 @@ def _with_a_rare_type(n, seed, n_rare, like):
     return np.vstack([X, rare]), np.append(y, np.full(n_rare, 3))
 
 
-def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(tmp_path, helpers):
+def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(tmp_path, helpers, caplog):
     """finetune.gene_model: the network is pooled with one-vs-rest logistic regressions over the
     genes scaled and capped as CellTypist trains them (fitted uncentred, the same decision
     values); with one training cell of a type, the pooled model ranks that type's query cells
-    first where the network alone does not; the weight is the validation cells' choice, and
-    the exported annotator calls and scores cells as the pooled model does, dense or sparse."""
+    first where the network alone does not; the weight is the validation cells' choice; a query
+    whose genes the gene model reads differently (its calls agree with the network's less than
+    on the validation cells) drops it, and says so; the exported annotator calls and scores
+    cells as the pooled model does, dense or sparse."""
     import pandas as pd
     import scipy.sparse as sp
     from scipy.special import log_softmax
@@ -312,6 +314,17 @@ def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(t
     rare = set(np.flatnonzero(yq == 3))
     assert top(logits) == rare
     assert top(predict_logits(plain, norm[2])) != rare
+    # given a query: kept for one like the validation cells, dropped for one of another
+    # technology, which measures the rare type's genes in every cell
+    shifted = Xq.copy()
+    shifted[:, :3] += 3
+    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, gene_model=True)
+    with helpers.single_thread(), caplog.at_level(logging.WARNING, logger="scpretrain"):
+        for query, kept in ((norm[2], True), (normalize_rows(shifted, "counts"), False)):
+            res = finetune(norm[0], yt, norm[1], yv, 4, cfg, ModelConfig(), seed=0, query=query)
+            assert (res.model.gene_model is not None) == kept
+            assert res.model.gene_model_weight == (w if kept else 0.0)
+    assert caplog.text.count("the gene model left out") == 1
     genes = np.array([f"G{i}" for i in range(60)])
     classes = np.array(["a", "b", "c", "rare"])
     paths = export_annotator(model, genes, classes, tmp_path)
