@@ -321,18 +321,28 @@ class GeneModel(nn.Module):
 
     ``inv_scale``, ``cap``: per gene; ``coef``: genes x types; ``intercept``: per type."""
 
+    CAP = 10.0  # standard deviations above a gene's mean where its scaled value is capped (CellTypist's)
+
     def __init__(self, inv_scale: np.ndarray, cap: np.ndarray, coef: np.ndarray, intercept: np.ndarray):
         super().__init__()
         for name, value in (("inv_scale", inv_scale), ("cap", cap), ("coef", coef), ("intercept", intercept)):
             self.register_buffer(name, torch.as_tensor(np.asarray(value, np.float32)))
 
-    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
-        """Each type's decision value (the log-odds of its one-vs-rest model)."""
+    def scaled(self, x: SparseBatch) -> torch.Tensor:
+        """The scaled, capped value of each of a sparse batch's values (uncentred)."""
+        idx = x.indices.long()
+        return torch.minimum(x.values * self.inv_scale[idx], self.cap[idx])
+
+    def mean_scaled(self) -> torch.Tensor:
+        """Each gene's training mean, scaled: where its centred value is 0."""
+        return self.cap - self.CAP
+
+    def forward(self, x: torch.Tensor | SparseBatch, scaled: torch.Tensor | None = None) -> torch.Tensor:
+        """Each type's decision value (the log-odds of its one-vs-rest model); ``scaled``: a
+        sparse batch's :meth:`scaled` values, when the caller has them."""
         if isinstance(x, SparseBatch):
-            idx = x.indices.long()
-            scaled = torch.minimum(x.values * self.inv_scale[idx], self.cap[idx])
-            return F.embedding_bag(idx, self.coef, x.offsets.long(), mode="sum",
-                                   per_sample_weights=scaled) + self.intercept
+            return F.embedding_bag(x.indices.long(), self.coef, x.offsets.long(), mode="sum",
+                                   per_sample_weights=self.scaled(x) if scaled is None else scaled) + self.intercept
         return torch.minimum(x * self.inv_scale, self.cap) @ self.coef + self.intercept
 
 
@@ -360,12 +370,17 @@ class CellTypeClassifier(nn.Module):
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         return self.pool(x, self.classify(self.encoder(x)))
 
-    def pool(self, x: torch.Tensor | SparseBatch, logits: torch.Tensor) -> torch.Tensor:
-        """The network's ``logits`` for cells ``x``, pooled with the gene model's when it has one."""
-        if self.gene_model is None or self.gene_model_weight == 0:
+    def pool(self, x: torch.Tensor | SparseBatch, logits: torch.Tensor, scaled: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's ``logits`` for cells ``x``, pooled with the gene model's when it has one
+        (``scaled``: as :meth:`GeneModel.forward`)."""
+        if not self.pooled:
             return logits
         w = self.gene_model_weight
-        return (1 - w) * logits + w * F.logsigmoid(self.gene_model(x))
+        return (1 - w) * logits + w * F.logsigmoid(self.gene_model(x, scaled))
+
+    @property
+    def pooled(self) -> bool:
+        return self.gene_model is not None and self.gene_model_weight > 0
 
     def classify(self, pre: torch.Tensor) -> torch.Tensor:
         """Logits from the encoder's pre-activation (x W + b): what mixing cells acts on."""

@@ -351,7 +351,11 @@ class Annotator:
         gradient of log p(predicted type) with respect to its normalised expression, times that
         expression (gradient x input), averaged over the cells called that type; the genes of
         largest mean attribution per type, with the number of cells behind them. Only genes a
-        cell expresses get attribution, so a marker is a gene whose presence drives the call."""
+        cell expresses get attribution, so a marker is a gene whose presence drives the call.
+        A pooled gene model's share (``finetune.gene_model``) is the gradient with respect to the
+        scaled value times how far that value is above the gene's training mean (0 below it): its
+        inputs are the scaled genes, for which zero is not the cell without the gene (times the
+        value itself, the genes every cell expresses at their usual level would lead)."""
         if X.shape[1] != len(genes):
             raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
         gm = self.gene_map(genes, merge_repeats=True)
@@ -366,11 +370,19 @@ class Annotator:
             Xm, _ = self._normalised(part, gm, value_type)  # CSR in, CSR out
             batch = SparseBatch.from_csr(Xm)
             batch.values.requires_grad_(True)
-            logp = torch.log_softmax(self.model(batch) / self.temperature, dim=1)
+            scaled = None
+            if self.model.pooled:  # the gene model reads a leaf of its own: its share of the gradient apart
+                scaled = self.model.gene_model.scaled(batch).detach().requires_grad_(True)
+            logits = self.model.pool(batch, self.model.classify(self.model.encoder(batch)), scaled)
+            logp = torch.log_softmax(logits / self.temperature, dim=1)
             codes = logp.argmax(1)
             logp.gather(1, codes[:, None]).sum().backward()  # d log p(called type) / d each value
             codes = codes.numpy()
-            attribution = sp.csr_matrix((batch.values.grad.numpy() * Xm.data, Xm.indices, Xm.indptr), shape=Xm.shape)
+            share = batch.values.grad.numpy() * Xm.data
+            if scaled is not None:
+                above_mean = (scaled.detach() - self.model.gene_model.mean_scaled()[batch.indices.long()]).clamp(min=0)
+                share = share + (scaled.grad * above_mean).numpy()
+            attribution = sp.csr_matrix((share, Xm.indices, Xm.indptr), shape=Xm.shape)
             weight = (~_empty_rows(Xm)).astype(np.float64)  # an empty cell is called nothing
             onehot = sp.csr_matrix((weight, (codes, np.arange(len(codes)))), shape=(n_types, len(codes)))
             total += (onehot @ attribution).toarray()

@@ -491,7 +491,6 @@ GENE_MODEL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 # the gene model is dropped when its calls agree with the network's on a smaller share of the
 # query's cells than of the validation cells, by more than this
 GENE_MODEL_AGREEMENT_DROP = 0.05
-GENE_CAP = 10.0  # standard deviations above a gene's mean where its scaled value is capped (CellTypist's)
 
 
 def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1e-4) -> GeneModel:
@@ -506,7 +505,7 @@ def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1
     y_train = np.asarray(y_train)
     X = sp.csr_matrix(X_train, dtype=np.float64)
     scaler = StandardScaler(with_mean=False).fit(X)  # its scale of a constant gene is 1
-    inv, cap = 1.0 / scaler.scale_, GENE_CAP + scaler.mean_ / scaler.scale_
+    inv, cap = 1.0 / scaler.scale_, GeneModel.CAP + scaler.mean_ / scaler.scale_
     Z = scaler.transform(X).tocsr()
     Z.data = np.minimum(Z.data, cap[Z.indices])
     coef, intercept = np.zeros((X.shape[1], n_types)), np.full(n_types, -30.0)

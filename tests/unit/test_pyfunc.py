@@ -31,11 +31,16 @@ CLASSES = np.array(["alpha", "beta", "gamma"])
 GENES = np.array([f"Gene{i:02d}" if i % 3 else f"GENE{i:02d}" for i in range(N_GENES)])
 
 
-def _programme_counts(n, seed):
-    """Counts whose cells follow one of three gene programmes (the cell's class)."""
+def _programme_counts(n, seed, background_seed=None):
+    """Counts whose cells follow one of three gene programmes (the cell's class), over background
+    levels of each gene drawn from ``background_seed`` (default: ``seed``; another draw is as
+    another technology's levels)."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % len(CLASSES)
-    X = rng.poisson(rng.uniform(0.2, 6.0, (1, N_GENES)), (n, N_GENES)).astype(np.float32)
+    rates = np.random.default_rng(seed if background_seed is None else background_seed).uniform(0.2, 6.0, (1, N_GENES))
+    if background_seed is not None:
+        rng.uniform(0.2, 6.0, (1, N_GENES))  # the same draws for the cells as with their own levels
+    X = rng.poisson(rates, (n, N_GENES)).astype(np.float32)
     block = N_GENES // len(CLASSES)
     for t in range(len(CLASSES)):
         X[y == t, t * block : (t + 1) * block] += rng.poisson(8, ((y == t).sum(), block))
@@ -329,10 +334,34 @@ def test_a_class_named_like_rejected_cells_is_refused(model, tmp_path):
         export_annotator(model, GENES, np.array(["alpha", "Unassigned", "gamma"]), tmp_path / "x")
 
 
-def test_saliency_markers_come_from_each_types_own_programme(annotator):
+@pytest.fixture(scope="module")
+def pooled_annotator(model, tmp_path_factory):
+    """The fixture model pooled, at weight 0.5, with a gene model of its training cells
+    (``finetune.gene_model``)."""
+    import copy
+
+    from scpretrain_dist.train.finetune import linear_gene_model
+
+    pooled = copy.deepcopy(model)
+    X, y = _programme_counts(90, seed=1)
+    X[:, -1] = np.random.default_rng(7).poisson(60, len(X))  # a gene every cell expresses well
+    pooled.gene_model, pooled.gene_model_weight = linear_gene_model(normalize_rows(X, "counts"), y, len(CLASSES)), 0.5
+    artifacts = export_annotator(pooled, GENES, CLASSES, tmp_path_factory.mktemp("pooled"))
+    return Annotator(artifacts["weights"], artifacts["meta"])
+
+
+@pytest.mark.parametrize("which", ["network", "pooled with a gene model"])
+def test_saliency_markers_come_from_each_types_own_programme(annotator, pooled_annotator, which):
+    """Markers are each type's own programme genes, for a pooled model too: there the gene
+    model's share of a gene is its gradient times the gene's scaled value above the training
+    cells' mean (times the value itself, the last gene, which every cell expresses well, led
+    alpha's)."""
     import scipy.sparse as sp
 
-    X, y = _programme_counts(300, seed=5)
+    annotator = annotator if which == "network" else pooled_annotator
+    # cells of the training cells' levels (the gene model's scaling is theirs)
+    X, y = _programme_counts(300, seed=5, background_seed=1)
+    X[:, -1] = np.random.default_rng(8).poisson(60, len(X))
     block = N_GENES // len(CLASSES)
     markers = annotator.marker_genes(sp.csr_matrix(X), [g.lower() for g in GENES], top=5, block=64)
     assert set(markers) == set(CLASSES)
