@@ -330,8 +330,7 @@ class GeneModel(nn.Module):
 
     def scaled(self, x: SparseBatch) -> torch.Tensor:
         """The scaled, capped value of each of a sparse batch's values (uncentred)."""
-        idx = x.indices.long()
-        return torch.minimum(x.values * self.inv_scale[idx], self.cap[idx])
+        return torch.minimum(x.values * self.inv_scale[x.indices], self.cap[x.indices])
 
     def mean_scaled(self) -> torch.Tensor:
         """Each gene's training mean, scaled: where its centred value is 0."""
@@ -341,7 +340,7 @@ class GeneModel(nn.Module):
         """Each type's decision value (the log-odds of its one-vs-rest model); ``scaled``: a
         sparse batch's :meth:`scaled` values, when the caller has them."""
         if isinstance(x, SparseBatch):
-            return F.embedding_bag(x.indices.long(), self.coef, x.offsets.long(), mode="sum",
+            return F.embedding_bag(x.indices, self.coef, x.offsets, mode="sum",
                                    per_sample_weights=self.scaled(x) if scaled is None else scaled) + self.intercept
         return torch.minimum(x * self.inv_scale, self.cap) @ self.coef + self.intercept
 

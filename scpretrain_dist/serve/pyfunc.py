@@ -380,7 +380,7 @@ class Annotator:
             codes = codes.numpy()
             share = batch.values.grad.numpy() * Xm.data
             if scaled is not None:
-                above_mean = (scaled.detach() - self.model.gene_model.mean_scaled()[batch.indices.long()]).clamp(min=0)
+                above_mean = (scaled.detach() - self.model.gene_model.mean_scaled()[batch.indices]).clamp(min=0)
                 share = share + (scaled.grad * above_mean).numpy()
             attribution = sp.csr_matrix((share, Xm.indices, Xm.indptr), shape=Xm.shape)
             weight = (~_empty_rows(Xm)).astype(np.float64)  # an empty cell is called nothing

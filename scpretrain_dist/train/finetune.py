@@ -468,13 +468,14 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
                       for k in best_state}
     model.load_state_dict(best_state)
     model.eval()
-    if cfg.gene_model:
-        fit_gene_model(model, X_train, y_train, Xv, np.asarray(y_val), n_types,
-                       None if query is None else _rows(query))
-    # the softmax temperature that makes validation probabilities fit best (calibrated
-    # confidence); it never changes a call, and is kept on the model for the annotator
     with torch.no_grad():
-        val_logits = model(Xv).numpy()
+        val_logits = model.classify(model.encoder(Xv))  # the network's own
+        if cfg.gene_model:
+            fit_gene_model(model, X_train, y_train, Xv, val_logits, np.asarray(y_val), n_types,
+                           None if query is None else _rows(query))
+        # the softmax temperature that makes validation probabilities fit best (calibrated
+        # confidence); it never changes a call, and is kept on the model for the annotator
+        val_logits = model.pool(Xv, val_logits).numpy()
     model.temperature = fit_temperature(val_logits, np.asarray(y_val)) if len(yv) else 1.0
     # unknown-cell rejection, chosen on the same validation cells and kept on the model too
     model.reject_score = cfg.reject_score
@@ -516,13 +517,13 @@ def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1
 
 
 @torch.no_grad()
-def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, y_val: np.ndarray,
-                   n_types: int, query=None) -> None:
+def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, val_logits: torch.Tensor,
+                   y_val: np.ndarray, n_types: int, query=None) -> None:
     """Pool a fine-tuned ``model`` with :func:`linear_gene_model` of its training cells, which
     reads genes the 200-unit embedding keeps little of (such as a gene that only a type of one
     or two training cells shows). The pooling weight is the one of ``GENE_MODEL_WEIGHTS`` whose
-    pooled probabilities fit the validation cells (``Xv``, the network's input) best, by log
-    loss; 0 leaves the network as it is. With fewer than two types to fit or no validation
+    pooled probabilities fit the validation cells (``Xv``, the network's input; ``val_logits``,
+    the network's logits of them) best, by log loss; 0 leaves the network as it is. With fewer than two types to fit or no validation
     cells to choose by, the model stays as it is.
 
     ``query``: cells the model is meant for (the network's input, no labels). Scaled genes carry
@@ -534,7 +535,7 @@ def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, 
     if len(np.unique(y_train)) < 2 or len(y_val) == 0:
         return
     gm = linear_gene_model(X_train, y_train, n_types)
-    z = model.classify(model.encoder(Xv)).double().numpy()
+    z = val_logits.double().numpy()
     log_sig = F.logsigmoid(gm(Xv)).double().numpy()
     rows = np.arange(len(y_val))
     loss = [-log_softmax((1 - w) * z + w * log_sig, axis=1)[rows, y_val].mean() for w in GENE_MODEL_WEIGHTS]
