@@ -307,8 +307,10 @@ class FinetuneConfig(_Checked):
     # pool the network with a one-vs-rest logistic regression over the genes scaled to unit
     # variance (the kind of model CellTypist fits), weighted 0 to 0.5 as fits the validation
     # cells best (train.finetune.fit_gene_model); it ranks cells of types with one or two
-    # training cells better. Off: the network alone (the paper)
-    gene_model: bool = False
+    # training cells better. Each dataset (or served request) is called with it only where its
+    # calls agree with the network's about as often as on the validation cells
+    # (model.networks.CellTypeClassifier.check_gene_model). Off: the network alone (the paper)
+    gene_model: bool = True
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
     # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary

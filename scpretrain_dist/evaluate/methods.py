@@ -159,7 +159,7 @@ def run_method(
     ``scpretrain_ssl`` falls back to the supervised model when its guard fails
     (``finetune_semi_supervised``; the row's ``ssl_fallback`` says so; ``classes`` names the
     types in what it says)."""
-    from scpretrain_dist.train.finetune import finetune, finetune_semi_supervised, predict_logits
+    from scpretrain_dist.train.finetune import finetune, finetune_semi_supervised, predict_checked
 
     features = features if features is not None else {}
     if method in NETWORKS + SEMI_SUPERVISED:
@@ -173,24 +173,25 @@ def run_method(
             res = finetune_semi_supervised(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init,
                                            unlabelled, supervised=features.get("scpretrain"), classes=classes)
         else:
-            # the unlabelled query, where there is one, checks a pooled gene model (finetune.gene_model)
-            res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init, query=unlabelled)
+            res = finetune(train.X, train.y, val.X, val.y, n_types, cfg.finetune, cfg.model, seed, init)
             if method == "scpretrain":
                 features["scpretrain"] = res
         from scipy.special import softmax
 
         from scpretrain_dist.evaluate.metrics import expected_calibration_error as ece
 
-        logits = predict_logits(res.model, test.X)
-        proba, calibrated = softmax(logits, axis=1), softmax(logits / res.temperature, axis=1)
+        # the test cells are one dataset: a pooled gene model is checked on them, as annotate does
+        logits, check = predict_checked(res.model, test.X)
+        temperature, threshold = res.model.calibration(check)
+        proba, calibrated = softmax(logits, axis=1), softmax(logits / temperature, axis=1)
         # the metrics score the plain softmax (the method as published); the calibrated
         # confidence is what the registered annotator reports
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-                              "n_pretrained_genes": res.n_pretrained_genes, "temperature": res.temperature,
-                              "gene_model_weight": res.model.gene_model_weight,
+                              "n_pretrained_genes": res.n_pretrained_genes, "temperature": temperature,
+                              "gene_model_weight": res.model.gene_model_weight if check and check.used else 0.0,
                               "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated),
                               **(res.guard.row() if res.guard is not None else {})}, res.model,
-                      res.prior, logits, res.reject_threshold, res.temperature, res.model.reject_score)
+                      res.prior, logits, threshold, temperature, res.model.reject_score)
     if method == "logreg":
         clf = classifier("logreg", seed).fit(train.X, train.y)
         return Fitted(_full_proba(clf, test.X, n_types))

@@ -345,12 +345,38 @@ class GeneModel(nn.Module):
         return torch.minimum(x * self.inv_scale, self.cap) @ self.coef + self.intercept
 
 
+# A gene model's scaled genes carry each technology's own levels, which the validation cells
+# cannot show: a set of cells (a dataset, a request) is called with the gene model only when
+# its calls agree with the network's on at least the validation cells' share of them, less
+# GENE_MODEL_AGREEMENT_DROP, and there are GENE_MODEL_CHECK_CELLS cells or more to tell by.
+GENE_MODEL_AGREEMENT_DROP = 0.05
+GENE_MODEL_CHECK_CELLS = 50
+
+
+@dataclass(frozen=True)
+class GeneModelCheck:
+    """Whether a set of cells was called with the pooled gene model, and why."""
+
+    used: bool
+    agreement: float  # share of these cells whose network and gene-model calls agree (nan: none)
+    reference: float  # the same share of the validation cells
+    cells: int
+
+    def describe(self) -> str:
+        if self.cells < GENE_MODEL_CHECK_CELLS:
+            return (f"gene model left out: {self.cells} cells, fewer than the {GENE_MODEL_CHECK_CELLS} its check "
+                    "needs (the network alone)")
+        return (f"gene model {'pooled' if self.used else 'left out'}: its calls agree with the network's on "
+                f"{self.agreement:.1%} of {self.cells} cells, against {self.reference:.1%} of the validation cells")
+
+
 class CellTypeClassifier(nn.Module):
     """Fine-tune network: encoder -> sigmoid -> Linear(200,100) -> sigmoid -> Linear(100, n_types).
 
     With a :class:`GeneModel` (``finetune.gene_model``) its logits are pooled with that model's:
     ``(1 - w) logits + w log sigmoid(decision)``, whose softmax is the normalised geometric
-    pool of the two models' probabilities (``gene_model_weight`` w)."""
+    pool of the two models' probabilities (``gene_model_weight`` w), for a set of cells that
+    passes :meth:`check_gene_model`."""
 
     def __init__(self, n_genes: int, n_types: int, dim: int = 200, hidden: int = 100):
         super().__init__()
@@ -362,24 +388,50 @@ class CellTypeClassifier(nn.Module):
         self.gene_mask: np.ndarray | None = None
         self.gene_model: GeneModel | None = None
         self.gene_model_weight = 0.0
+        self.gene_model_agreement = float("nan")  # its calls' agreement with the network's on the validation cells
+        # set by fine-tuning (train/finetune.py): see :meth:`calibration`
+        self.temperature = self.network_temperature = 1.0
+        self.reject_threshold = self.network_reject_threshold = float("-inf")
 
     def embed(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         return self.encoder.embed(x)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        """The pooled logits, unchecked (see :meth:`check_gene_model`)."""
         return self.pool(x, self.classify(self.encoder(x)))
 
     def pool(self, x: torch.Tensor | SparseBatch, logits: torch.Tensor, scaled: torch.Tensor | None = None) -> torch.Tensor:
         """The network's ``logits`` for cells ``x``, pooled with the gene model's when it has one
         (``scaled``: as :meth:`GeneModel.forward`)."""
-        if not self.pooled:
-            return logits
+        return self.combine(logits, self.gene_model(x, scaled)) if self.pooled else logits
+
+    def combine(self, logits: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
+        """The network's ``logits`` pooled with the gene model's ``decision`` values."""
         w = self.gene_model_weight
-        return (1 - w) * logits + w * F.logsigmoid(self.gene_model(x, scaled))
+        return (1 - w) * logits + w * F.logsigmoid(decision)
+
+    def check_gene_model(self, logits: torch.Tensor, decision: torch.Tensor) -> GeneModelCheck:
+        """Whether the cells of the network's ``logits`` and the gene model's ``decision``
+        values (one dataset, or one request) are called with the gene model (see
+        ``GENE_MODEL_AGREEMENT_DROP``). A model fitted before the validation agreement was kept
+        pools every set of cells."""
+        n = len(logits)
+        agreement = float((logits.argmax(1) == decision.argmax(1)).float().mean()) if n else float("nan")
+        ref = self.gene_model_agreement
+        used = self.pooled and n >= GENE_MODEL_CHECK_CELLS and not agreement < ref - GENE_MODEL_AGREEMENT_DROP
+        return GeneModelCheck(used, agreement, ref, n)
 
     @property
     def pooled(self) -> bool:
         return self.gene_model is not None and self.gene_model_weight > 0
+
+    def calibration(self, check: GeneModelCheck | None) -> tuple[float, float]:
+        """(softmax temperature, rejection threshold) fitted at fine-tuning for calls made as
+        ``check`` says: the pooled model's, or the network's alone where the gene model was
+        left out (``network_*``)."""
+        if check is not None and not check.used:
+            return self.network_temperature, self.network_reject_threshold
+        return self.temperature, self.reject_threshold
 
     def classify(self, pre: torch.Tensor) -> torch.Tensor:
         """Logits from the encoder's pre-activation (x W + b): what mixing cells acts on."""

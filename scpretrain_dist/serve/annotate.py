@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,12 +86,14 @@ class StoreSource:
     dataset: str
     joinid_start: int
     value_type: str
+    gene_model: bool | None = None  # whether a pooled gene model joins the calls (see check_source)
 
 
 @dataclass(frozen=True)
 class H5adSource:
     path: str
     value_type: str
+    gene_model: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,40 @@ def annotate_block(annotator: Annotator, reader: BlockReader, block: Block, embe
 
 
 def _predict_block(annotator: Annotator, block: Block, X, genes, embedding: bool, t0: float) -> BlockResult:
-    p = annotator.predict_matrix(X, genes, block.source.value_type, embedding, merge_repeats=True)
+    p = annotator.predict_matrix(X, genes, block.source.value_type, embedding, merge_repeats=True,
+                                 gene_model=block.source.gene_model)
     return BlockResult(block, p.codes.astype(np.int32), p.confidence, p.embedding, time.perf_counter() - t0)
+
+
+# cells of a dataset that a pooled gene model is checked on, in runs spread over the dataset
+GENE_MODEL_SAMPLE, GENE_MODEL_SAMPLE_RUNS = 2_000, 20
+
+
+def check_source(annotator: Annotator, source: StoreSource | H5adSource, n_cells: int, log):
+    """``source`` with its gene model decided once for all its cells: a model with a pooled gene
+    model (``finetune.gene_model``) checks it on up to ``GENE_MODEL_SAMPLE`` of them, spread
+    over the dataset (:meth:`~scpretrain_dist.model.networks.CellTypeClassifier.check_gene_model`),
+    and the verdict ("gene model ...") or None."""
+    if not annotator.model.pooled:
+        return source, None
+    if n_cells <= GENE_MODEL_SAMPLE:
+        runs = [(0, n_cells)]
+    else:
+        size = GENE_MODEL_SAMPLE // GENE_MODEL_SAMPLE_RUNS
+        runs = [(int(a), int(a) + size) for a in np.linspace(0, n_cells - size, GENE_MODEL_SAMPLE_RUNS)]
+    reader, parts = BlockReader(), []
+    for lo, hi in runs:
+        block = Block(source, -1, lo, hi)
+        with _named(block):
+            X, genes = reader.read(block)
+        parts.append(sp.csr_matrix(X, copy=True))  # (the reader reuses its buffers)
+    block = Block(source, -1, 0, n_cells)
+    with _named(block):
+        check = annotator.check_gene_model(sp.vstack(parts, format="csr"), genes, source.value_type)
+    name = source.dataset if isinstance(source, StoreSource) else source.path
+    if not check.used:
+        log(f"annotate: {name}: {check.describe()}; calls by the network alone")
+    return dataclasses.replace(source, gene_model=check.used), check.describe()
 
 
 class _BlockWorker:
@@ -368,6 +403,7 @@ class AnnotateReport:
     seconds: float
     datasets: list[str] = field(default_factory=list)
     gene_overlap: dict[str, float] = field(default_factory=dict)
+    gene_model: dict[str, str] = field(default_factory=dict)  # a pooled gene model's verdict per dataset
 
     @property
     def cells_per_second(self) -> float:
@@ -486,10 +522,19 @@ def annotate_store(
                 if not finished[b.start : b.stop].all():
                     pending.append(b)
         left = {d: sum(1 for b in pending if b.source.dataset == d) for d in names}
+        verdicts, sources = {}, {}
+        for d in names:  # a pooled gene model, checked on each dataset that has cells to annotate
+            if left[d]:
+                src = next(b.source for b in pending if b.source.dataset == d)
+                sources[d], verdict = check_source(annotator, src, records[d].n_cells, log)
+                if verdict:
+                    verdicts[d] = verdict
+        pending = [dataclasses.replace(b, source=sources[b.source.dataset]) for b in pending]
         now = time.strftime("%Y-%m-%dT%H:%M:%S")
         _write_record(store, ref, embedding, {
             d: {"status": "running" if left[d] else "complete", "block_size": sizes[d], "cells": records[d].n_cells,
-                "gene_overlap": round(overlaps[d], 4), **({} if left[d] or d in prior else {"finished_at": now})}
+                "gene_overlap": round(overlaps[d], 4), **({"gene_model": verdicts[d]} if d in verdicts else {}),
+                **({} if left[d] or d in prior else {"finished_at": now})}
             for d in names})
         total = sum(records[d].n_cells for d in names)
         log(f"annotate: {ref.uri} ({fetch.requested}) -> {store.uri}: {len(names)} dataset(s), {total} cells, "
@@ -517,7 +562,7 @@ def annotate_store(
     if embedding:
         cols["embedding"] = store.embedding_path(ref.prefix)
     return AnnotateReport(ref.uri, store.uri, cols, total, len(blocks), computed, len(blocks) - len(pending),
-                          sum(b.n_cells for b in pending), time.perf_counter() - t0, names, overlaps)
+                          sum(b.n_cells for b in pending), time.perf_counter() - t0, names, overlaps, verdicts)
 
 
 # ---------------------------------------------------------------------------- .h5ad files
@@ -618,11 +663,12 @@ def annotate_h5ad(
     finally:
         adata.file.close()
     ref = fetch.ref
-    src = H5adSource(str(path.resolve()), value_type)
+    src, verdict = check_source(annotator, H5adSource(str(path.resolve()), value_type), n_cells, log)
     blocks = make_blocks(src, n_cells, block_size)
     progress_dir = out.with_name(out.name + ".annotate-progress")
     manifest = {"model_uri": ref.uri, "input": _file_identity(path), "n_cells": n_cells,
-                "block_size": block_size, "embedding": embedding, "value_type": value_type}
+                "block_size": block_size, "embedding": embedding, "value_type": value_type,
+                **({"gene_model": src.gene_model} if verdict else {})}
     mf = progress_dir / "manifest.json"
     old = _read_manifest(mf)
     if old is not None and old != manifest:
@@ -679,7 +725,7 @@ def annotate_h5ad(
                 emb[b.start : b.stop] = z["embedding"]
     info = {"model": ref.name, "version": ref.version, "model_uri": ref.uri, "requested": fetch.requested,
             "run_id": ref.run_id, "gene_overlap": overlap, "value_type": value_type,
-            "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            **({"gene_model": verdict} if verdict else {}), "annotated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if table:
         _write_table(out, cell_names, annotator.classes, annotator.unassigned, codes, conf, emb)
         cols = {"label": H5AD_LABEL, "confidence": H5AD_CONFIDENCE}
@@ -692,7 +738,8 @@ def annotate_h5ad(
             cols["embedding"] = f"obsm.{H5AD_EMBEDDING}"
     shutil.rmtree(progress_dir, ignore_errors=True)
     return AnnotateReport(ref.uri, str(out), cols, n_cells, len(blocks), computed, len(blocks) - len(pending),
-                          sum(b.n_cells for b in pending), time.perf_counter() - t0, [path.stem], {path.stem: overlap})
+                          sum(b.n_cells for b in pending), time.perf_counter() - t0, [path.stem], {path.stem: overlap},
+                          {path.stem: verdict} if verdict else {})
 
 
 def _labels(classes, unassigned: str, codes: np.ndarray):

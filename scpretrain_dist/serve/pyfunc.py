@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import threading
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from scpretrain_dist.data.normalize import keep_columns, normalize_rows
 from scpretrain_dist.model.networks import (
     CellTypeClassifier,
     GeneModel,
+    GeneModelCheck,
     SparseBatch,
     known_type_score,
 )
@@ -44,7 +46,8 @@ _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero va
 # this fraction of its columns
 _COMPACT_BELOW = 0.5
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
-PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
+PARQUET_PARAMS = "scpretrain_params"
+GENE_MODEL_PARAM = {"auto": None, "on": True, "off": False}  # Annotator.predict's gene_model  # DataFrame.attrs key of a Parquet request's parameters
 # the call for a cell with no value over the model's genes (nothing to base a type on) or below
 # the model's rejection threshold; a model stores its own name for it (``finetune.unassigned``)
 UNASSIGNED = "Unassigned"
@@ -88,6 +91,10 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
             "reject_score": str(getattr(model, "reject_score", "energy")),
             "reject_threshold": _finite_or_none(getattr(model, "reject_threshold", None)), "unassigned": unassigned,
             "gene_model_weight": float(getattr(model, "gene_model_weight", 0.0))}
+    if meta["gene_model_weight"] > 0:  # the check of each set of cells, and the calls without the gene model
+        meta |= {"gene_model_agreement": _finite_or_none(model.gene_model_agreement),
+                 "network_temperature": float(model.network_temperature),
+                 "network_reject_threshold": _finite_or_none(model.network_reject_threshold)}
     (out / META).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS), "meta": str(out / META)}
 
@@ -124,6 +131,7 @@ class Predictions:
     n_matched: int
     value_type: str
     embedding: np.ndarray | None = None
+    gene_model: GeneModelCheck | None = None  # a pooled gene model's check of these cells
 
 
 @dataclass
@@ -168,9 +176,17 @@ class Annotator:
         state = {"encoder.weight": enc_w, "encoder.bias": w["enc_b"], "hidden.weight": w["hid_w"],
                  "hidden.bias": w["hid_b"], "out.weight": w["out_w"], "out.bias": w["out_b"]}
         self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+        m = self.model
+        m.temperature, m.reject_threshold = self.temperature, self.reject_threshold
+        m.network_temperature, m.network_reject_threshold = self.temperature, self.reject_threshold
         if "gene_coef" in w:
-            self.model.gene_model = GeneModel(w["gene_inv_scale"], w["gene_cap"], w["gene_coef"], w["gene_intercept"])
-            self.model.gene_model_weight = float(meta.get("gene_model_weight", 0.0))
+            m.gene_model = GeneModel(w["gene_inv_scale"], w["gene_cap"], w["gene_coef"], w["gene_intercept"])
+            m.gene_model_weight = float(meta.get("gene_model_weight", 0.0))
+            a = meta.get("gene_model_agreement")
+            m.gene_model_agreement = float("nan") if a is None else float(a)
+            m.network_temperature = float(meta.get("network_temperature", self.temperature))
+            t = meta.get("network_reject_threshold")
+            m.network_reject_threshold = float("-inf") if t is None else float(t)
         self.model.eval()
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
@@ -270,11 +286,14 @@ class Annotator:
         return values, gm
 
     def predict_matrix(self, X, genes, value_type: str = "auto", return_embedding: bool = False,
-                       merge_repeats: bool = False) -> Predictions:
+                       merge_repeats: bool = False, gene_model: bool | None = None) -> Predictions:
         """Cells x ``genes`` (dense or scipy sparse, counts or log-normalised) -> predictions.
 
         Only the model's genes found in ``genes`` are read; the library size of a cell is taken
-        over them, exactly as for a DataFrame request, so batch and served predictions agree."""
+        over them, exactly as for a DataFrame request, so batch and served predictions agree.
+        ``gene_model``: whether a pooled gene model (``finetune.gene_model``) joins the calls;
+        None: as its check of these cells says (:meth:`CellTypeClassifier.check_gene_model`),
+        so give the cells of one dataset together, or :meth:`check_gene_model`'s verdict."""
         if X.shape[0] == 0 or X.shape[1] == 0:
             raise InputError("the input holds no cells or no genes")
         if X.shape[1] != len(genes):
@@ -287,7 +306,12 @@ class Annotator:
         else:
             X = np.asarray(X)
             _check_values(X)
-        return self._predict(X, gm, overlap, value_type, return_embedding)
+        return self._predict(X, gm, overlap, value_type, return_embedding, gene_model)
+
+    def check_gene_model(self, X, genes, value_type: str = "auto") -> GeneModelCheck | None:
+        """The pooled gene model's check of cells ``X`` (a sample of one dataset; None: the
+        model has no gene model)."""
+        return self.predict_matrix(X, genes, value_type, merge_repeats=True).gene_model if self.model.pooled else None
 
     def _normalised(self, X, gm: _GeneMap, value_type: str):
         """The cells over the model's genes, log1p(CP10k) over the ones found: a CSR whose columns
@@ -326,25 +350,36 @@ class Annotator:
         """The module's input: a SparseBatch over the model's gene rows, or a dense tensor."""
         return SparseBatch.from_csr(Xm, gathered=False) if sp.issparse(Xm) else torch.from_numpy(Xm)
 
-    def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool) -> Predictions:
+    def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool,
+                 gene_model: bool | None = None) -> Predictions:
         Xm, value_type = self._normalised(X, gm, value_type)
+        m, check = self.model, None
         with torch.no_grad():
             batch = self._batch(Xm)
-            pre = self.model.encoder(batch)  # x W + b, the network's own first layer
-            logits = self.model.pool(batch, self.model.classify(pre))
+            pre = m.encoder(batch)  # x W + b, the network's own first layer
+            logits = m.classify(pre)
+            if m.pooled and gene_model is not False:
+                decision = m.gene_model(batch)
+                check = m.check_gene_model(logits, decision)
+                if gene_model:
+                    check = dataclasses.replace(check, used=True)
+                if check.used:
+                    logits = m.combine(logits, decision)
+            elif m.pooled:
+                check = GeneModelCheck(False, float("nan"), m.gene_model_agreement, X.shape[0])
+            temperature, reject_threshold = m.calibration(check)
             # divided by the temperature fitted at fine-tuning: the softmax is the calibrated confidence
-            p = torch.softmax(logits / self.temperature, dim=1).numpy()
+            p = torch.softmax(logits / temperature, dim=1).numpy()
             emb = torch.sigmoid(pre).numpy() if return_embedding else None
         codes = p.argmax(1)
         confidence = p.max(1).astype(np.float32)
         empty = _empty_rows(Xm)
         confidence[empty] = 0.0
         unknown = empty
-        if np.isfinite(self.reject_threshold):  # less confident than the model's threshold: an unknown type
-            unknown = empty | (known_type_score(logits.numpy(), self.temperature, self.reject_score)
-                               < self.reject_threshold)
+        if np.isfinite(reject_threshold):  # less confident than the model's threshold: an unknown type
+            unknown = empty | (known_type_score(logits.numpy(), temperature, self.reject_score) < reject_threshold)
         codes[unknown] = -1
-        return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched, value_type, emb)
+        return Predictions(self.label_names(codes), codes, confidence, overlap, gm.n_matched, value_type, emb, check)
 
     def marker_genes(self, X, genes, value_type: str = "auto", top: int = 20, block: int = 2048) -> dict:
         """Saliency-derived markers of each cell type, as scNym reports them: per cell, the
@@ -355,11 +390,15 @@ class Annotator:
         A pooled gene model's share (``finetune.gene_model``) is the gradient with respect to the
         scaled value times how far that value is above the gene's training mean (0 below it): its
         inputs are the scaled genes, for which zero is not the cell without the gene (times the
-        value itself, the genes every cell expresses at their usual level would lead)."""
+        value itself, the genes every cell expresses at their usual level would lead). The gene
+        model takes part as its check of all the cells says (:meth:`check_gene_model`)."""
         if X.shape[1] != len(genes):
             raise InputError(f"the matrix has {X.shape[1]} columns but {len(genes)} gene names are given")
         gm = self.gene_map(genes, merge_repeats=True)
         self._check_overlap(gm.n_matched)
+        check = self.check_gene_model(X, genes, value_type)
+        pooled = check is not None and check.used
+        temperature = self.model.calibration(check)[0]
         n_types, n_genes = len(self.classes), len(self.genes)
         total = np.zeros((n_types, n_genes), np.float64)
         called = np.zeros(n_types, np.int64)
@@ -370,11 +409,12 @@ class Annotator:
             Xm, _ = self._normalised(part, gm, value_type)  # CSR in, CSR out
             batch = SparseBatch.from_csr(Xm)
             batch.values.requires_grad_(True)
+            logits = self.model.classify(self.model.encoder(batch))
             scaled = None
-            if self.model.pooled:  # the gene model reads a leaf of its own: its share of the gradient apart
+            if pooled:  # the gene model reads a leaf of its own: its share of the gradient apart
                 scaled = self.model.gene_model.scaled(batch).detach().requires_grad_(True)
-            logits = self.model.pool(batch, self.model.classify(self.model.encoder(batch)), scaled)
-            logp = torch.log_softmax(logits / self.temperature, dim=1)
+                logits = self.model.combine(logits, self.model.gene_model(batch, scaled))
+            logp = torch.log_softmax(logits / temperature, dim=1)
             codes = logp.argmax(1)
             logp.gather(1, codes[:, None]).sum().backward()  # d log p(called type) / d each value
             codes = codes.numpy()
@@ -398,23 +438,30 @@ class Annotator:
         return out
 
     def predict(self, df: pd.DataFrame, value_type: str = "auto", return_embedding: bool = False,
-                genes=None, sparse_dtypes: str = "i4,f4") -> pd.DataFrame:
+                genes=None, sparse_dtypes: str = "i4,f4", gene_model: str = "auto") -> pd.DataFrame:
         """``df``: cells x gene-symbol columns; or, with ``genes`` (a list or one comma-separated
         string), the sparse request format (columns ``indices``/``values``, one row per cell, see
-        :func:`sparse_request`)."""
+        :func:`sparse_request`). ``gene_model`` (a model with a pooled gene model): ``auto``, as
+        its check of the request's cells says (see :meth:`predict_matrix`); ``on``; ``off``. Such
+        a model's answer has a column ``gene_model``: whether it took part."""
+        use = GENE_MODEL_PARAM.get(gene_model)
+        if gene_model not in GENE_MODEL_PARAM:
+            raise InputError(f"gene_model {gene_model!r} must be one of {', '.join(GENE_MODEL_PARAM)}")
         if genes is not None and not isinstance(genes, (str, list, tuple, np.ndarray, pd.Index)):
             raise InputError("the genes parameter must be a comma-separated string or a list of gene symbols")
         if genes is not None and len(genes):
             genes = genes.split(",") if isinstance(genes, str) else [str(g) for g in genes]
             X = decode_sparse_rows(df, len(genes), sparse_dtypes)
-            res = self.predict_matrix(X, genes, value_type, return_embedding)
+            res = self.predict_matrix(X, genes, value_type, return_embedding, gene_model=use)
         else:
             values, gm = self._request_values(df)
             overlap = self._check_overlap(gm.n_matched)
-            res = self._predict(values, gm, overlap, value_type, return_embedding)
+            res = self._predict(values, gm, overlap, value_type, return_embedding, use)
         overlap = res.overlap
         out = pd.DataFrame({"cell_type": res.labels, "confidence": res.confidence.astype(np.float64),
                             "gene_overlap": overlap}, index=df.index)
+        if res.gene_model is not None:
+            out["gene_model"] = res.gene_model.used
         if return_embedding:
             out = pd.concat([out, pd.DataFrame(res.embedding, index=df.index,
                                                columns=[f"emb_{i}" for i in range(res.embedding.shape[1])])], axis=1)
@@ -622,6 +669,7 @@ def _pyfunc_class():
                     return self.annotator.predict(
                         model_input, params.get("value_type", "auto"), bool(params.get("return_embedding", False)),
                         genes=params.get("genes") or None, sparse_dtypes=params.get("sparse_dtypes") or "i4,f4",
+                        gene_model=params.get("gene_model") or "auto",
                     )
                 except InputError as e:
                     raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
@@ -646,5 +694,6 @@ def signature():
         inputs=None,
         outputs=Schema([ColSpec("string", "cell_type"), ColSpec("double", "confidence"), ColSpec("double", "gene_overlap")]),
         params=ParamSchema([ParamSpec("value_type", "string", "auto"), ParamSpec("return_embedding", "boolean", False),
-                            ParamSpec("genes", "string", ""), ParamSpec("sparse_dtypes", "string", "i4,f4")]),
+                            ParamSpec("genes", "string", ""), ParamSpec("sparse_dtypes", "string", "i4,f4"),
+                            ParamSpec("gene_model", "string", "auto")]),
     )

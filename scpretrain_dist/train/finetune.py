@@ -18,6 +18,7 @@ from scpretrain_dist.data.normalize import keep_columns, normalize_rows
 from scpretrain_dist.model.networks import (
     CellTypeClassifier,
     GeneModel,
+    GeneModelCheck,
     SparseBatch,
     known_type_score,
 )
@@ -259,11 +260,10 @@ def finetune_semi_supervised(
     here when not given) with :func:`semi_supervised_guard`; when the guard fails, the
     supervised model is returned (``guard.fallback``) and a warning says why."""
     if supervised is None:
-        supervised = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained,
-                              query=unlabelled)
+        supervised = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained)
     # the supervised model's calibrated query probabilities, adapted by EM to the query's type mix
     # (a type the query lacks gets none); their mean is that mix
-    sup_proba = predict_proba(supervised.model, unlabelled, temperature=supervised.temperature)
+    sup_proba = predict_proba(supervised.model, unlabelled, calibrated=True)
     adapted = adapt_to_label_shift(sup_proba, supervised.prior)
     query_prior = adapted.mean(0) if cfg.ssl_align_strength > 0 else None
     semi = finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled=unlabelled,
@@ -377,7 +377,6 @@ def finetune(
     pretrained: dict | None = None,
     unlabelled=None,
     query_prior: np.ndarray | None = None,
-    query=None,
 ) -> FinetuneResult:
     """Adam at ``cfg.lr``; early stopping on validation accuracy, keeping the best epoch (among
     epochs of equal validation accuracy, the one of lowest validation loss).
@@ -385,16 +384,15 @@ def finetune(
     ``pretrained``: {"weight", "bias", "gene_index"} to start the encoder from (else random).
     ``unlabelled``: cells of the query (same genes, no labels) to fine-tune semi-supervised on,
     as scNym does: see :class:`SemiSupervised`; ``query_prior``: their estimated type mix, which
-    the guessed labels are aligned to. ``query``: cells (same genes, no labels) the model is
-    meant for, which ``cfg.gene_model``'s check reads (:func:`fit_gene_model`; default: ``unlabelled``).
+    the guessed labels are aligned to.
     """
     with intra_op_threads(cfg.threads):
         return _finetune(X_train, y_train, X_val, y_val, n_types, cfg, model_cfg, seed, pretrained, unlabelled,
-                         query_prior, unlabelled if query is None else query)
+                         query_prior)
 
 
 def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig, model_cfg: ModelConfig,
-              seed: int, pretrained: dict | None, unlabelled, query_prior: np.ndarray | None, query) -> FinetuneResult:
+              seed: int, pretrained: dict | None, unlabelled, query_prior: np.ndarray | None) -> FinetuneResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = CellTypeClassifier(X_train.shape[1], n_types, model_cfg.embedding_dim, model_cfg.hidden_dim)
@@ -411,7 +409,6 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
             model.encoder.weight[torch.from_numpy(~keep)] = 0.0
         X_train, X_val = over_genes(X_train, keep), over_genes(X_val, keep)
         unlabelled = None if unlabelled is None else over_genes(unlabelled, keep)
-        query = None if query is None else over_genes(query, keep)
     model.gene_mask = keep
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     # the smaller encoder rate protects pretrained weights; a random encoder trains at ``lr``
@@ -471,16 +468,21 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     with torch.no_grad():
         val_logits = model.classify(model.encoder(Xv))  # the network's own
         if cfg.gene_model:
-            fit_gene_model(model, X_train, y_train, Xv, val_logits, np.asarray(y_val), n_types,
-                           None if query is None else _rows(query))
-        # the softmax temperature that makes validation probabilities fit best (calibrated
-        # confidence); it never changes a call, and is kept on the model for the annotator
-        val_logits = model.pool(Xv, val_logits).numpy()
-    model.temperature = fit_temperature(val_logits, np.asarray(y_val)) if len(yv) else 1.0
-    # unknown-cell rejection, chosen on the same validation cells and kept on the model too
+            fit_gene_model(model, X_train, y_train, Xv, val_logits, np.asarray(y_val), n_types)
+        pooled_logits = model.pool(Xv, val_logits).numpy()
+    # the softmax temperature that makes validation probabilities fit best (calibrated
+    # confidence; it never changes a call) and the unknown-cell rejection threshold, chosen on
+    # the same validation cells and kept on the model for the annotator: of the pooled calls,
+    # and of the network's alone (for cells the gene model is left out of)
     model.reject_score = cfg.reject_score
-    model.reject_threshold = rejection_threshold(known_type_score(val_logits, model.temperature, cfg.reject_score),
-                                                 cfg.reject_rate)
+    fits = ((val_logits.numpy(), ("network_",)), (pooled_logits, ("",))) if model.pooled else \
+        ((pooled_logits, ("network_", "")),)
+    for logits, names in fits:
+        t = fit_temperature(logits, np.asarray(y_val)) if len(yv) else 1.0
+        threshold = rejection_threshold(known_type_score(logits, t, cfg.reject_score), cfg.reject_rate)
+        for name in names:
+            setattr(model, f"{name}temperature", t)
+            setattr(model, f"{name}reject_threshold", threshold)
     model.unassigned = cfg.unassigned
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
                           [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting),
@@ -489,9 +491,6 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
 
 # the gene model's weight in the pool, chosen among these on the validation cells
 GENE_MODEL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-# the gene model is dropped when its calls agree with the network's on a smaller share of the
-# query's cells than of the validation cells, by more than this
-GENE_MODEL_AGREEMENT_DROP = 0.05
 
 
 def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1e-4) -> GeneModel:
@@ -518,18 +517,15 @@ def linear_gene_model(X_train, y_train: np.ndarray, n_types: int, tol: float = 1
 
 @torch.no_grad()
 def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, val_logits: torch.Tensor,
-                   y_val: np.ndarray, n_types: int, query=None) -> None:
+                   y_val: np.ndarray, n_types: int) -> None:
     """Pool a fine-tuned ``model`` with :func:`linear_gene_model` of its training cells, which
     reads genes the 200-unit embedding keeps little of (such as a gene that only a type of one
     or two training cells shows). The pooling weight is the one of ``GENE_MODEL_WEIGHTS`` whose
     pooled probabilities fit the validation cells (``Xv``, the network's input; ``val_logits``,
-    the network's logits of them) best, by log loss; 0 leaves the network as it is. With fewer than two types to fit or no validation
-    cells to choose by, the model stays as it is.
-
-    ``query``: cells the model is meant for (the network's input, no labels). Scaled genes carry
-    each technology's own levels, which the validation cells cannot show: when the gene model's
-    calls agree with the network's on fewer of the query's cells than of the validation cells,
-    by more than ``GENE_MODEL_AGREEMENT_DROP``, the gene model is dropped, and a warning says so."""
+    the network's logits of them) best, by log loss; 0 leaves the network as it is. With fewer
+    than two types to fit or no validation cells to choose by, the model stays as it is. The
+    share of validation cells both models call alike is kept: other cells are called with the
+    gene model only where they agree about as often (:meth:`CellTypeClassifier.check_gene_model`)."""
     from scipy.special import log_softmax
 
     if len(np.unique(y_train)) < 2 or len(y_val) == 0:
@@ -540,16 +536,9 @@ def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, 
     rows = np.arange(len(y_val))
     loss = [-log_softmax((1 - w) * z + w * log_sig, axis=1)[rows, y_val].mean() for w in GENE_MODEL_WEIGHTS]
     weight = GENE_MODEL_WEIGHTS[int(np.argmin(loss))]
-    if weight > 0 and query is not None:
-        agree_val = float((z.argmax(1) == log_sig.argmax(1)).mean())
-        agree_query = float((model.classify(model.encoder(query)).argmax(1) == gm(query).argmax(1)).float().mean())
-        if agree_query < agree_val - GENE_MODEL_AGREEMENT_DROP:
-            logging.getLogger("scpretrain").warning(
-                f"finetune.gene_model: the gene model left out; its calls agree with the network's on "
-                f"{agree_query:.1%} of the query's cells against {agree_val:.1%} of the validation cells")
-            weight = 0.0
     if weight > 0:
         model.gene_model, model.gene_model_weight = gm, weight
+        model.gene_model_agreement = float((z.argmax(1) == log_sig.argmax(1)).mean())
 
 
 def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:
@@ -604,18 +593,41 @@ def rejection_threshold(val_scores: np.ndarray, rate: float) -> float:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_logits(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The logits of cells ``X``, one set of cells (a dataset): with a gene model, pooled when
+    :meth:`~CellTypeClassifier.check_gene_model` passes on all of them."""
+    return predict_checked(model, X, batch)[0]
+
+
+@torch.no_grad()
+def predict_checked(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, GeneModelCheck | None]:
+    """:func:`predict_logits`, and the gene model's check (None: the model has none)."""
     model.eval()
     X = over_genes(X, getattr(model, "gene_mask", None))
-    out = [model(_rows(X, slice(i, i + batch))).numpy() for i in range(0, X.shape[0], batch)]
-    return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
+    logits, decision = [], []
+    for i in range(0, X.shape[0], batch):
+        x = _rows(X, slice(i, i + batch))
+        logits.append(model.classify(model.encoder(x)))
+        if model.pooled:
+            decision.append(model.gene_model(x))
+    if not logits:
+        return np.zeros((0, model.out.out_features), np.float32), None
+    logits = torch.cat(logits)
+    if not model.pooled:
+        return logits.numpy(), None
+    decision = torch.cat(decision)
+    check = model.check_gene_model(logits, decision)
+    return (model.combine(logits, decision) if check.used else logits).numpy(), check
 
 
-def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities; ``temperature`` divides the logits (see :func:`fit_temperature`)."""
+def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, calibrated: bool = False) -> np.ndarray:
+    """Class probabilities; ``calibrated``: the logits divided by the temperature fitted for the
+    calls as they were made (:meth:`~CellTypeClassifier.calibration`, :func:`fit_temperature`)."""
     from scipy.special import softmax
 
-    return softmax(predict_logits(model, X, batch) / temperature, axis=1)
+    logits, check = predict_checked(model, X, batch)
+    return softmax(logits / (model.calibration(check)[0] if calibrated else 1.0), axis=1)
 
 
 def adapt_to_label_shift(proba: np.ndarray, train_prior: np.ndarray, iters: int = 200, tol: float = 1e-6) -> np.ndarray:

@@ -263,18 +263,21 @@ def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(t
     """finetune.gene_model: the network is pooled with one-vs-rest logistic regressions over the
     genes scaled and capped as CellTypist trains them (fitted uncentred, the same decision
     values); with one training cell of a type, the pooled model ranks that type's query cells
-    first where the network alone does not; the weight is the validation cells' choice; a query
-    whose genes the gene model reads differently (its calls agree with the network's less than
-    on the validation cells) drops it, and says so; the exported annotator calls and scores
-    cells as the pooled model does, dense or sparse."""
+    first where the network alone does not; the weight is the validation cells' choice; a set
+    of cells whose genes the gene model reads differently (its calls agree with the network's
+    less than on the validation cells), or too few cells to tell, is called by the network
+    alone, calibrated as the network; the exported annotator calls and scores cells as the
+    pooled model does, dense or sparse, checks each request, and batch annotation each file."""
     import pandas as pd
     import scipy.sparse as sp
     from scipy.special import log_softmax
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from scpretrain_dist.serve.pyfunc import Annotator, export_annotator
-    from scpretrain_dist.train.finetune import GENE_MODEL_WEIGHTS
+    from scpretrain_dist.model.networks import GENE_MODEL_CHECK_CELLS
+    from scpretrain_dist.serve.annotate import H5adSource, check_source
+    from scpretrain_dist.serve.pyfunc import Annotator, InputError, export_annotator
+    from scpretrain_dist.train.finetune import GENE_MODEL_WEIGHTS, predict_checked
 
     (Xt, yt), (Xv, yv), (Xq, yq) = (_with_a_rare_type(n, s, k, t) for n, s, k, t in ((150, 0, 1, 0), (60, 1, 2, 1), (90, 2, 5, 2)))
     norm = [normalize_rows(X, "counts") for X in (Xt, Xv, Xq)]
@@ -314,17 +317,24 @@ def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(t
     rare = set(np.flatnonzero(yq == 3))
     assert top(logits) == rare
     assert top(predict_logits(plain, norm[2])) != rare
-    # given a query: kept for one like the validation cells, dropped for one of another
-    # technology, which measures the rare type's genes in every cell
-    shifted = Xq.copy()
-    shifted[:, :3] += 3
-    cfg = FinetuneConfig(max_epochs=15, patience=6, batch_size=32, gene_model=True)
-    with helpers.single_thread(), caplog.at_level(logging.WARNING, logger="scpretrain"):
-        for query, kept in ((norm[2], True), (normalize_rows(shifted, "counts"), False)):
-            res = finetune(norm[0], yt, norm[1], yv, 4, cfg, ModelConfig(), seed=0, query=query)
-            assert (res.model.gene_model is not None) == kept
-            assert res.model.gene_model_weight == (w if kept else 0.0)
-    assert caplog.text.count("the gene model left out") == 1
+    # checked on each set of cells: kept for a query like the validation cells; left out for
+    # one of another technology, which measures the rare type's genes in every cell, whose
+    # calls are the network's own, calibrated as the network alone was on the validation cells
+    shifted = normalize_rows(np.hstack([Xq[:, :3] + 3, Xq[:, 3:]]), "counts")
+    same, kept = predict_checked(model, norm[2])
+    assert kept.used and kept.cells == len(yq) and kept.agreement >= kept.reference - 0.05
+    assert kept.reference == model.gene_model_agreement
+    np.testing.assert_array_equal(same, logits)
+    moved, dropped = predict_checked(model, shifted)
+    assert not dropped.used and dropped.agreement < dropped.reference - 0.05, dropped
+    with torch.no_grad():
+        np.testing.assert_allclose(moved, model.classify(model.encoder(torch.from_numpy(shifted))).numpy(), rtol=1e-6)
+    assert model.calibration(dropped) == (model.network_temperature, model.network_reject_threshold)
+    assert model.calibration(kept) == (model.temperature, model.reject_threshold)
+    assert model.network_temperature != model.temperature
+    # too few cells to tell: the network alone
+    few, small = predict_checked(model, norm[2][:GENE_MODEL_CHECK_CELLS - 1])
+    assert not small.used and "fewer than" in small.describe()
     genes = np.array([f"G{i}" for i in range(60)])
     classes = np.array(["a", "b", "c", "rare"])
     paths = export_annotator(model, genes, classes, tmp_path)
@@ -339,3 +349,23 @@ def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(t
         rejected = np.asarray(got) == annotator.unassigned
         assert np.asarray(got)[~rejected].tolist() == classes[expected.argmax(1)][~rejected].tolist()
         np.testing.assert_allclose(np.asarray(conf), expected.max(1), rtol=1e-4, atol=1e-5)
+    # the annotator checks each request (or, in batch annotation, each file or dataset) as the model does
+    raw_shifted = np.hstack([Xq[:, :3] + 3, Xq[:, 3:]])
+    served = annotator.predict(pd.DataFrame(raw_shifted, columns=genes))
+    assert not served["gene_model"].any()
+    net = torch.softmax(torch.from_numpy(moved) / model.network_temperature, 1).numpy()
+    np.testing.assert_allclose(served["confidence"], net.max(1), rtol=1e-4, atol=1e-5)
+    forced = annotator.predict(pd.DataFrame(raw_shifted, columns=genes), gene_model="on")
+    assert forced["gene_model"].all() and not np.allclose(forced["confidence"], served["confidence"])
+    assert not annotator.predict(pd.DataFrame(Xq[:10], columns=genes))["gene_model"].any()
+    with pytest.raises(InputError, match="gene_model 'yes' must be one of auto, on, off"):
+        annotator.predict(pd.DataFrame(Xq, columns=genes), gene_model="yes")
+    import anndata as ad
+
+    lines = []
+    for name, X, used in (("same", Xq, True), ("shifted", raw_shifted, False)):
+        path = tmp_path / f"{name}.h5ad"
+        ad.AnnData(sp.csr_matrix(X), var=pd.DataFrame(index=genes)).write_h5ad(path)
+        src, verdict = check_source(annotator, H5adSource(str(path), "counts"), len(X), lines.append)
+        assert src.gene_model is used and verdict.startswith(f"gene model {'pooled' if used else 'left out'}")
+    assert len(lines) == 1 and "shifted.h5ad: gene model left out" in lines[0]

@@ -221,7 +221,7 @@ def test_finetune_learns_an_easy_problem():
     assert proba.shape == (60, 3)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
     assert res.temperature > 0 and res.model.temperature == res.temperature
-    hot = predict_proba(res.model, X_val, temperature=res.temperature)
+    hot = predict_proba(res.model, X_val, calibrated=True)
     assert (hot.argmax(1) == proba.argmax(1)).all()
     # the returned model is the best epoch's
     assert (proba.argmax(1) == y_val).mean() == pytest.approx(res.best_val_accuracy)
@@ -416,7 +416,8 @@ def test_balanced_class_weights_raise_the_probability_of_a_rare_overlapping_clas
     X_test, _ = cells(900, 100)
     rare = {}
     for how in ("none", "balanced"):
-        cfg = FinetuneConfig(lr=5e-3, max_epochs=30, patience=30, batch_size=50, class_weight=how)
+        # the network's own probabilities (a pooled gene model's weighs classes as it was fitted)
+        cfg = FinetuneConfig(lr=5e-3, max_epochs=30, patience=30, batch_size=50, class_weight=how, gene_model=False)
         res = finetune(X_train, y_train, X_val, y_val, 2, cfg, ModelConfig(embedding_dim=16, hidden_dim=8), seed=0)
         rare[how] = predict_proba(res.model, X_test)[:, 1].mean()
     # unweighted, the rare class gets about its 10% share; weighted 9:1, about half
