@@ -13,6 +13,7 @@ blocks are files in a folder beside the output, and the file itself is replaced 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

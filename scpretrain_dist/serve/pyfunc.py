@@ -10,11 +10,11 @@ the one normalisation every stage uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
 import threading
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
