@@ -258,6 +258,8 @@ def cmd_annotate(args) -> None:
           f"({rep.cells_per_second:,.0f} cells/s)")
     for what, where in rep.columns.items():
         print(f"  {what}: {where}")
+    for name, verdict in rep.gene_model.items():
+        print(f"  {name}: {verdict}")
 
 
 def cmd_markers(args) -> None:

@@ -189,6 +189,8 @@ def run_method(
         return Fitted(proba, {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                               "n_pretrained_genes": res.n_pretrained_genes, "temperature": temperature,
                               "gene_model_weight": res.model.gene_model_weight if check and check.used else 0.0,
+                              **({"gene_model_agreement": check.agreement, "gene_model_reference": check.reference}
+                                 if check else {}),
                               "ece": ece(test.y, proba), "ece_calibrated": ece(test.y, calibrated),
                               **(res.guard.row() if res.guard is not None else {})}, res.model,
                       res.prior, logits, threshold, temperature, res.model.reject_score)

@@ -347,9 +347,12 @@ class GeneModel(nn.Module):
 
 # A gene model's scaled genes carry each technology's own levels, which the validation cells
 # cannot show: a set of cells (a dataset, a request) is called with the gene model only when
-# its calls agree with the network's on at least the validation cells' share of them, less
-# GENE_MODEL_AGREEMENT_DROP, and there are GENE_MODEL_CHECK_CELLS cells or more to tell by.
+# there are GENE_MODEL_CHECK_CELLS or more of them to tell by, and the share of them whose
+# calls agree with the network's is not below the validation cells' share by more than
+# GENE_MODEL_AGREEMENT_DROP plus GENE_MODEL_CHECK_Z standard errors of the difference of two
+# shares (one-sided 5%; a small validation set's share is only known roughly).
 GENE_MODEL_AGREEMENT_DROP = 0.05
+GENE_MODEL_CHECK_Z = 1.645
 GENE_MODEL_CHECK_CELLS = 50
 
 
@@ -361,13 +364,15 @@ class GeneModelCheck:
     agreement: float  # share of these cells whose network and gene-model calls agree (nan: none)
     reference: float  # the same share of the validation cells
     cells: int
+    allowed: float = GENE_MODEL_AGREEMENT_DROP  # the drop from the reference tolerated
 
     def describe(self) -> str:
         if self.cells < GENE_MODEL_CHECK_CELLS:
             return (f"gene model left out: {self.cells} cells, fewer than the {GENE_MODEL_CHECK_CELLS} its check "
                     "needs (the network alone)")
         return (f"gene model {'pooled' if self.used else 'left out'}: its calls agree with the network's on "
-                f"{self.agreement:.1%} of {self.cells} cells, against {self.reference:.1%} of the validation cells")
+                f"{self.agreement:.1%} of {self.cells} cells, against {self.reference:.1%} of the validation cells "
+                f"({self.allowed:.1%} lower allowed)")
 
 
 class CellTypeClassifier(nn.Module):
@@ -389,6 +394,7 @@ class CellTypeClassifier(nn.Module):
         self.gene_model: GeneModel | None = None
         self.gene_model_weight = 0.0
         self.gene_model_agreement = float("nan")  # its calls' agreement with the network's on the validation cells
+        self.gene_model_val_cells = 0  # how many those were (0: unknown)
         # set by fine-tuning (train/finetune.py): see :meth:`calibration`
         self.temperature = self.network_temperature = 1.0
         self.reject_threshold = self.network_reject_threshold = float("-inf")
@@ -414,12 +420,15 @@ class CellTypeClassifier(nn.Module):
         """Whether the cells of the network's ``logits`` and the gene model's ``decision``
         values (one dataset, or one request) are called with the gene model (see
         ``GENE_MODEL_AGREEMENT_DROP``). A model fitted before the validation agreement was kept
-        pools every set of cells."""
+        pools every set of cells of ``GENE_MODEL_CHECK_CELLS`` or more."""
         n = len(logits)
         agreement = float((logits.argmax(1) == decision.argmax(1)).float().mean()) if n else float("nan")
-        ref = self.gene_model_agreement
-        used = self.pooled and n >= GENE_MODEL_CHECK_CELLS and not agreement < ref - GENE_MODEL_AGREEMENT_DROP
-        return GeneModelCheck(used, agreement, ref, n)
+        ref, n_val = self.gene_model_agreement, self.gene_model_val_cells
+        # the standard error of the difference if both sets agreed at the validation share
+        se = math.sqrt(ref * (1 - ref) * (1 / n_val + 1 / n)) if n and n_val and math.isfinite(ref) else 0.0
+        allowed = GENE_MODEL_AGREEMENT_DROP + GENE_MODEL_CHECK_Z * se
+        used = self.pooled and n >= GENE_MODEL_CHECK_CELLS and not agreement < ref - allowed
+        return GeneModelCheck(used, agreement, ref, n, allowed)
 
     @property
     def pooled(self) -> bool:

@@ -93,6 +93,7 @@ def export_annotator(model, genes: np.ndarray, classes: np.ndarray, out_dir: str
             "gene_model_weight": float(getattr(model, "gene_model_weight", 0.0))}
     if meta["gene_model_weight"] > 0:  # the check of each set of cells, and the calls without the gene model
         meta |= {"gene_model_agreement": _finite_or_none(model.gene_model_agreement),
+                 "gene_model_val_cells": int(model.gene_model_val_cells),
                  "network_temperature": float(model.network_temperature),
                  "network_reject_threshold": _finite_or_none(model.network_reject_threshold)}
     (out / META).write_text(json.dumps(meta))
@@ -184,6 +185,7 @@ class Annotator:
             m.gene_model_weight = float(meta.get("gene_model_weight", 0.0))
             a = meta.get("gene_model_agreement")
             m.gene_model_agreement = float("nan") if a is None else float(a)
+            m.gene_model_val_cells = int(meta.get("gene_model_val_cells", 0))
             m.network_temperature = float(meta.get("network_temperature", self.temperature))
             t = meta.get("network_reject_threshold")
             m.network_reject_threshold = float("-inf") if t is None else float(t)

@@ -539,6 +539,7 @@ def fit_gene_model(model: CellTypeClassifier, X_train, y_train: np.ndarray, Xv, 
     if weight > 0:
         model.gene_model, model.gene_model_weight = gm, weight
         model.gene_model_agreement = float((z.argmax(1) == log_sig.argmax(1)).mean())
+        model.gene_model_val_cells = len(y_val)
 
 
 def class_weights(y: np.ndarray, n_types: int, how: str) -> torch.Tensor | None:

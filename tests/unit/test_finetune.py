@@ -322,16 +322,27 @@ def test_a_pooled_gene_model_is_celltypists_model_and_travels_with_the_network(t
     # calls are the network's own, calibrated as the network alone was on the validation cells
     shifted = normalize_rows(np.hstack([Xq[:, :3] + 3, Xq[:, 3:]]), "counts")
     same, kept = predict_checked(model, norm[2])
-    assert kept.used and kept.cells == len(yq) and kept.agreement >= kept.reference - 0.05
+    assert kept.used and kept.cells == len(yq) and kept.agreement >= kept.reference - kept.allowed
     assert kept.reference == model.gene_model_agreement
     np.testing.assert_array_equal(same, logits)
     moved, dropped = predict_checked(model, shifted)
-    assert not dropped.used and dropped.agreement < dropped.reference - 0.05, dropped
+    assert not dropped.used and dropped.agreement < dropped.reference - dropped.allowed, dropped
+    assert model.gene_model_val_cells == len(yv)
     with torch.no_grad():
         np.testing.assert_allclose(moved, model.classify(model.encoder(torch.from_numpy(shifted))).numpy(), rtol=1e-6)
     assert model.calibration(dropped) == (model.network_temperature, model.network_reject_threshold)
     assert model.calibration(kept) == (model.temperature, model.reject_threshold)
     assert model.network_temperature != model.temperature
+    # the tolerated drop is 0.05 plus the noise of the two shares: 89.6% agreement on 144 cells
+    # against 95.8% of 48 validation cells (symphony_3pv2's lodo fold) is within it; the same
+    # shares of 1,440 cells and of many validation cells are not
+    model.gene_model_agreement, val_cells = 0.958, model.gene_model_val_cells
+    for n_val, n, used in ((48, 144, True), (100_000, 1440, False)):
+        calls = torch.eye(4)[torch.arange(n) % 4]
+        other = torch.eye(4)[(torch.arange(n) + (torch.arange(n) < n * 15 // 144).long()) % 4]  # 129 of 144 agree
+        model.gene_model_val_cells = n_val
+        assert model.check_gene_model(calls, other).used is used
+    model.gene_model_agreement, model.gene_model_val_cells = kept.reference, val_cells
     # too few cells to tell: the network alone
     few, small = predict_checked(model, norm[2][:GENE_MODEL_CHECK_CELLS - 1])
     assert not small.used and "fewer than" in small.describe()
