@@ -309,8 +309,9 @@ class FinetuneConfig(_Checked):
     # cells best (train.finetune.fit_gene_model); it ranks cells of types with one or two
     # training cells better. Each dataset (or served request) is called with it only where its
     # calls agree with the network's about as often as on the validation cells
-    # (model.networks.CellTypeClassifier.check_gene_model). Off: the network alone (the paper)
-    gene_model: bool = True
+    # (model.networks.CellTypeClassifier.check_gene_model). Off: the network alone (the
+    # paper); on in the real-data recipes
+    gene_model: bool = False
     # Semi-supervised fine-tuning on an unlabelled query (scNym's recipe; only methods given
     # unlabelled cells use these): MixMatch (guessed query labels sharpened at this temperature,
     # mixup with Beta(alpha, alpha) between reference and query cells) and a domain adversary

@@ -155,6 +155,54 @@ def test_store_annotation_on_ray_pool_matches_served_predictions(env, store):
     pd.testing.assert_frame_equal(snapshot(store)["X"], before["X"])
 
 
+def test_a_pooled_gene_model_is_checked_once_per_dataset_as_the_served_model_checks_a_request(env, store):
+    """A model with a pooled gene model (``finetune.gene_model``): the store run decides per
+    dataset whether it joins (on a sample of the dataset: here every cell), records the verdict,
+    and writes what the served model answers for the dataset's cells in one request."""
+    import mlflow
+    import torch
+
+    from scpretrain_dist.evaluate.protocols import load_target
+    from scpretrain_dist.serve.annotate import annotate_store, load_annotator
+    from scpretrain_dist.serve.pyfunc import register_annotator
+    from scpretrain_dist.tracking.registry import ModelFetch
+    from scpretrain_dist.train.finetune import finetune, linear_gene_model
+
+    target = load_target(store, "demo_00")
+    res = finetune(target.X[:160], target.labels[:160], target.X[160:], target.labels[160:],
+                   len(target.classes), env["cfg"].finetune, env["cfg"].model, 0)
+    m = res.model
+    m.gene_model, m.gene_model_weight = linear_gene_model(target.X[:160], target.labels[:160], len(target.classes)), 0.5
+    with torch.no_grad():
+        xv = torch.from_numpy(target.X[160:].toarray())
+        m.gene_model_agreement = float((m.classify(m.encoder(xv)).argmax(1) == m.gene_model(xv).argmax(1)).float().mean())
+    m.gene_model_val_cells = target.X.shape[0] - 160
+    example = pd.DataFrame(np.expm1(target.X[:2].toarray()).round(0), columns=target.genes)
+    with mlflow.start_run():
+        register_annotator(m, target.genes, target.classes, example, {"finetune_dataset": "demo_00"}, "pooled", "champion")
+    lines = []
+    rep = annotate_store(env["cfg"], "models:/pooled/1", store.uri, block_size=100, workers=2, progress=False,
+                         log=lines.append)
+    annotator = load_annotator(ModelFetch("models:/pooled/1", env["cfg"].tracking_uri))
+    assert annotator.model.pooled
+    record = store.annotations()["scpretrain__pooled__v1"]["datasets"]
+    obs = read_obs(store).set_index("soma_joinid")
+    for d in ("demo_00", "demo_01"):
+        rec = store.dataset(d)
+        cols = np.flatnonzero(store.dataset_gene_mask(d))
+        served = annotator.predict(pd.DataFrame(store.read_rows(rec.joinids)[:, cols].toarray(),
+                                                columns=store.genes()[cols], index=rec.joinids))
+        used = bool(served["gene_model"].all())
+        assert served["gene_model"].nunique() == 1
+        assert rep.gene_model[d] == record[d]["gene_model"]
+        assert record[d]["gene_model"].startswith(f"gene model {'pooled' if used else 'left out'}: ")
+        assert (f"{d}: gene model left out" in "\n".join(lines)) is not used
+        rows = obs.loc[served.index]
+        assert rows["scpretrain__pooled__v1__label"].tolist() == served["cell_type"].tolist()
+        np.testing.assert_allclose(rows["scpretrain__pooled__v1__confidence"], served["confidence"], rtol=1e-4, atol=1e-5)
+    assert rep.gene_model["demo_00"].startswith("gene model pooled"), rep.gene_model  # its own dataset
+
+
 def test_second_model_gets_its_own_columns_and_first_stays(env, store):
     from scpretrain_dist.serve.annotate import annotate_store
 

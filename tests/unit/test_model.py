@@ -416,8 +416,7 @@ def test_balanced_class_weights_raise_the_probability_of_a_rare_overlapping_clas
     X_test, _ = cells(900, 100)
     rare = {}
     for how in ("none", "balanced"):
-        # the network's own probabilities (a pooled gene model's weighs classes as it was fitted)
-        cfg = FinetuneConfig(lr=5e-3, max_epochs=30, patience=30, batch_size=50, class_weight=how, gene_model=False)
+        cfg = FinetuneConfig(lr=5e-3, max_epochs=30, patience=30, batch_size=50, class_weight=how)
         res = finetune(X_train, y_train, X_val, y_val, 2, cfg, ModelConfig(embedding_dim=16, hidden_dim=8), seed=0)
         rare[how] = predict_proba(res.model, X_test)[:, 1].mean()
     # unweighted, the rare class gets about its 10% share; weighted 9:1, about half
