@@ -46,8 +46,8 @@ _DENSE_ABOVE = 0.3  # multiply densely (BLAS) above this fraction of non-zero va
 # this fraction of its columns
 _COMPACT_BELOW = 0.5
 SPARSE_COLUMNS = ["indices", "values"]  # the sparse request format, see ``sparse_request``
-PARQUET_PARAMS = "scpretrain_params"
-GENE_MODEL_PARAM = {"auto": None, "on": True, "off": False}  # Annotator.predict's gene_model  # DataFrame.attrs key of a Parquet request's parameters
+PARQUET_PARAMS = "scpretrain_params"  # DataFrame.attrs key of a Parquet request's parameters
+GENE_MODEL_PARAM = {"auto": None, "on": True, "off": False}  # Annotator.predict's gene_model
 # the call for a cell with no value over the model's genes (nothing to base a type on) or below
 # the model's rejection threshold; a model stores its own name for it (``finetune.unassigned``)
 UNASSIGNED = "Unassigned"
@@ -446,9 +446,9 @@ class Annotator:
         :func:`sparse_request`). ``gene_model`` (a model with a pooled gene model): ``auto``, as
         its check of the request's cells says (see :meth:`predict_matrix`); ``on``; ``off``. Such
         a model's answer has a column ``gene_model``: whether it took part."""
-        use = GENE_MODEL_PARAM.get(gene_model)
-        if gene_model not in GENE_MODEL_PARAM:
+        if not isinstance(gene_model, str) or gene_model not in GENE_MODEL_PARAM:
             raise InputError(f"gene_model {gene_model!r} must be one of {', '.join(GENE_MODEL_PARAM)}")
+        use = GENE_MODEL_PARAM[gene_model]
         if genes is not None and not isinstance(genes, (str, list, tuple, np.ndarray, pd.Index)):
             raise InputError("the genes parameter must be a comma-separated string or a list of gene symbols")
         if genes is not None and len(genes):

@@ -14,7 +14,9 @@ import pytest
 
 from scpretrain_dist import recipes
 from scpretrain_dist.config import resolve
+from scpretrain_dist.data.normalize import normalize_rows
 from scpretrain_dist.model.networks import CellTypeClassifier
+from scpretrain_dist.train.finetune import linear_gene_model
 
 pytestmark = pytest.mark.slow
 GENES = [f"GENE{i}" for i in range(60)]
@@ -48,6 +50,9 @@ def server(tmp_path_factory, cli):
     model = CellTypeClassifier(len(GENES), 3)
     rng = np.random.default_rng(0)
     counts = pd.DataFrame(rng.poisson(3, (20, len(GENES))).astype(float), columns=GENES)
+    # a pooled gene model whose check passes any set of 50 cells or more (validation agreement 0)
+    model.gene_model = linear_gene_model(normalize_rows(counts.to_numpy(np.float32), "counts"), np.arange(20) % 3, 3)
+    model.gene_model_weight, model.gene_model_agreement, model.gene_model_val_cells = 0.5, 0.0, 100
     with mlflow.start_run():
         register_annotator(model, np.array(GENES), np.array(["B", "T", "NK"]), counts.head(2),
                       {"finetune_dataset": "synthetic"}, "annot", "champion")
@@ -79,6 +84,29 @@ def test_predictions_equal_in_process(server):
     assert served["gene_overlap"].iloc[0] == pytest.approx(59 / 60)
 
 
+def test_the_gene_model_is_checked_per_request_and_set_by_its_parameter(server):
+    """A request of fewer than 50 cells is called by the network alone; of 60, with the gene
+    model (its check passes); ``gene_model`` on/off sets it; each answer equals the in-process
+    one with the same parameter, and its ``gene_model`` column says which."""
+    port, loaded, counts = server
+    big = pd.concat([counts] * 3, ignore_index=True)
+    answers = {}
+    for cells, param, used in ((counts, None, False), (big, None, True), (counts, "on", True), (big, "off", False)):
+        payload = frame(cells) | ({"params": {"gene_model": param}} if param else {})
+        status, body = post(port, payload)
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])
+        local = loaded.predict(cells, params={"gene_model": param} if param else None)
+        assert served["gene_model"].tolist() == [used] * len(cells)
+        assert served["cell_type"].tolist() == local["cell_type"].tolist()
+        np.testing.assert_allclose(served["confidence"], local["confidence"], rtol=1e-5)
+        answers[(len(cells), used)] = served["confidence"].to_numpy()
+    # the gene model changes the answers: the first 20 of 60 cells are the 20 cells
+    assert not np.allclose(answers[(60, True)][:20], answers[(20, False)])
+    np.testing.assert_allclose(answers[(60, True)][:20], answers[(20, True)], rtol=1e-5)
+    np.testing.assert_allclose(answers[(60, False)][:20], answers[(20, False)], rtol=1e-5)
+
+
 def _sparse(indices, values, **params):
     return {"dataframe_split": {"columns": ["indices", "values"], "data": [[indices, values]]},
             "params": {"genes": ",".join(GENES), **params}}
@@ -106,6 +134,8 @@ BAD_PAYLOADS = {
     "params_not_object": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": [1]}, "params must be"),
     "bad_value_type": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": {"value_type": "tpm"}},
                        "value_type 'tpm'"),
+    "bad_gene_model": ({"dataframe_split": {"columns": GENES, "data": [ONES]}, "params": {"gene_model": "yes"}},
+                       "gene_model 'yes' must be one of auto, on, off"),
     "invalid_base64": (_sparse("AAAA!!!!", "AACAPw=="), "not valid base64"),
     "base64_wrong_length": (_sparse("AAA=", "AACAPw=="), "not a whole number"),
     "indices_out_of_range": (_sparse([0, 99], [1, 1]), "must lie in [0, 60)"),
@@ -184,7 +214,9 @@ def test_parquet_request_over_http(server):
     local = loaded.predict(counts)
     assert served["cell_type"].tolist() == local["cell_type"].tolist()
     np.testing.assert_allclose(served["confidence"], local["confidence"], rtol=1e-5)
-    assert served.shape[1] == 3 + 200  # the embedding was asked for in the table's metadata
+    # the embedding was asked for in the table's metadata (the 4: cell_type, confidence,
+    # gene_overlap and the pooled model's gene_model)
+    assert served.shape[1] == 4 + 200 and "emb_199" in served
     # not Parquet at all, and a Parquet table without the parameters: 4xx, and the server goes on
     status, body = post(port, b"PAR1 not really", PARQUET)
     assert 400 <= status < 500, body
