@@ -6,6 +6,7 @@ Nothing here knows about DDP, Ray or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -429,6 +430,21 @@ class CellTypeClassifier(nn.Module):
         allowed = GENE_MODEL_AGREEMENT_DROP + GENE_MODEL_CHECK_Z * se
         used = self.pooled and n >= GENE_MODEL_CHECK_CELLS and not agreement < ref - allowed
         return GeneModelCheck(used, agreement, ref, n, allowed)
+
+    def called(self, logits: torch.Tensor, decision: torch.Tensor | None,
+               gene_model: bool | None = None) -> tuple[torch.Tensor, GeneModelCheck | None]:
+        """The logits one set of cells is called by, and the gene model's check (None: the model
+        has none): the network's ``logits`` pooled with the gene model's ``decision`` values
+        where :meth:`check_gene_model` passes, or where ``gene_model`` is True; False: the
+        network alone (``decision`` may then be None)."""
+        if not self.pooled:
+            return logits, None
+        if gene_model is False:
+            return logits, GeneModelCheck(False, float("nan"), self.gene_model_agreement, len(logits))
+        check = self.check_gene_model(logits, decision)
+        if gene_model:
+            check = dataclasses.replace(check, used=True)
+        return (self.combine(logits, decision) if check.used else logits), check
 
     @property
     def pooled(self) -> bool:

@@ -227,11 +227,13 @@ def _predict_block(annotator: Annotator, block: Block, X, genes, embedding: bool
 GENE_MODEL_SAMPLE, GENE_MODEL_SAMPLE_RUNS = 2_000, 20
 
 
-def check_source(annotator: Annotator, source: StoreSource | H5adSource, n_cells: int, log):
+def check_source(annotator: Annotator, source: StoreSource | H5adSource, n_cells: int, log,
+                 reader: BlockReader | None = None):
     """``source`` with its gene model decided once for all its cells: a model with a pooled gene
     model (``finetune.gene_model``) checks it on up to ``GENE_MODEL_SAMPLE`` of them, spread
     over the dataset (:meth:`~scpretrain_dist.model.networks.CellTypeClassifier.check_gene_model`),
-    and the verdict ("gene model ...") or None."""
+    and the verdict ("gene model ...") or None. ``reader``: one to share between sources (its
+    open store)."""
     if not annotator.model.pooled:
         return source, None
     if n_cells <= GENE_MODEL_SAMPLE:
@@ -239,7 +241,7 @@ def check_source(annotator: Annotator, source: StoreSource | H5adSource, n_cells
     else:
         size = GENE_MODEL_SAMPLE // GENE_MODEL_SAMPLE_RUNS
         runs = [(int(a), int(a) + size) for a in np.linspace(0, n_cells - size, GENE_MODEL_SAMPLE_RUNS)]
-    reader, parts = BlockReader(), []
+    reader, parts = reader or BlockReader(), []
     for lo, hi in runs:
         block = Block(source, -1, lo, hi)
         with _named(block):
@@ -522,11 +524,11 @@ def annotate_store(
                 if not finished[b.start : b.stop].all():
                     pending.append(b)
         left = {d: sum(1 for b in pending if b.source.dataset == d) for d in names}
-        verdicts, sources = {}, {}
+        verdicts, sources, reader = {}, {}, BlockReader()
         for d in names:  # a pooled gene model, checked on each dataset that has cells to annotate
             if left[d]:
                 src = next(b.source for b in pending if b.source.dataset == d)
-                sources[d], verdict = check_source(annotator, src, records[d].n_cells, log)
+                sources[d], verdict = check_source(annotator, src, records[d].n_cells, log, reader)
                 if verdict:
                     verdicts[d] = verdict
         pending = [dataclasses.replace(b, source=sources[b.source.dataset]) for b in pending]

@@ -10,7 +10,6 @@ the one normalisation every stage uses.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import io
 import json
@@ -104,6 +103,11 @@ def _finite_or_none(x) -> float | None:
     return float(x) if x is not None and np.isfinite(x) else None
 
 
+def _threshold(x) -> float:
+    """A stored rejection threshold (:func:`_finite_or_none`'s inverse): None is never."""
+    return float("-inf") if x is None else float(x)
+
+
 def register_annotator(model, genes: np.ndarray, classes: np.ndarray, example: pd.DataFrame, lineage: dict,
                        registered_model: str, alias: str) -> tuple[str, int]:
     """Log ``model`` as the annotator pyfunc in the active MLflow run, register it under
@@ -165,34 +169,38 @@ class Annotator:
         self.classes = np.array(meta["classes"], dtype=object)
         self.min_overlap = float(meta.get("min_overlap", 0.2))
         self.lineage = meta.get("lineage", {})
-        self.temperature = float(meta.get("temperature", 1.0))
-        t = meta.get("reject_threshold")
-        self.reject_threshold = float("-inf") if t is None else float(t)
         # models registered before the score was stored threshold the confidence's log-odds
         self.reject_score = str(meta.get("reject_score", "confidence"))
         self.unassigned = str(meta.get("unassigned", UNASSIGNED))
         enc_w = w["enc_w"].astype(np.float32)
         self.embedding_dim = enc_w.shape[1]
-        self.model = CellTypeClassifier(len(self.genes), len(self.classes), self.embedding_dim, w["hid_w"].shape[0])
+        self.model = m = CellTypeClassifier(len(self.genes), len(self.classes), self.embedding_dim, w["hid_w"].shape[0])
         state = {"encoder.weight": enc_w, "encoder.bias": w["enc_b"], "hidden.weight": w["hid_w"],
                  "hidden.bias": w["hid_b"], "out.weight": w["out_w"], "out.bias": w["out_b"]}
-        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
-        m = self.model
-        m.temperature, m.reject_threshold = self.temperature, self.reject_threshold
-        m.network_temperature, m.network_reject_threshold = self.temperature, self.reject_threshold
+        m.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+        m.temperature, m.reject_threshold = float(meta.get("temperature", 1.0)), _threshold(meta.get("reject_threshold"))
+        m.network_temperature, m.network_reject_threshold = m.temperature, m.reject_threshold
         if "gene_coef" in w:
             m.gene_model = GeneModel(w["gene_inv_scale"], w["gene_cap"], w["gene_coef"], w["gene_intercept"])
             m.gene_model_weight = float(meta.get("gene_model_weight", 0.0))
             a = meta.get("gene_model_agreement")
             m.gene_model_agreement = float("nan") if a is None else float(a)
             m.gene_model_val_cells = int(meta.get("gene_model_val_cells", 0))
-            m.network_temperature = float(meta.get("network_temperature", self.temperature))
-            t = meta.get("network_reject_threshold")
-            m.network_reject_threshold = float("-inf") if t is None else float(t)
+            m.network_temperature = float(meta.get("network_temperature", m.temperature))
+            m.network_reject_threshold = _threshold(meta.get("network_reject_threshold"))
         self.model.eval()
         self._index = {g: i for i, g in enumerate(self.genes)}
         self._maps: dict[tuple, _GeneMap] = {}
         self._names = np.append(self.classes, self.unassigned).astype(object)
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature of the pooled calls (the model's; see its ``calibration``)."""
+        return self.model.temperature
+
+    @property
+    def reject_threshold(self) -> float:
+        return self.model.reject_threshold
 
     def label_names(self, codes: np.ndarray) -> np.ndarray:
         """Class names of prediction codes; code -1 is the model's ``unassigned`` name."""
@@ -355,20 +363,12 @@ class Annotator:
     def _predict(self, X, gm: _GeneMap, overlap: float, value_type: str, return_embedding: bool,
                  gene_model: bool | None = None) -> Predictions:
         Xm, value_type = self._normalised(X, gm, value_type)
-        m, check = self.model, None
+        m = self.model
         with torch.no_grad():
             batch = self._batch(Xm)
             pre = m.encoder(batch)  # x W + b, the network's own first layer
-            logits = m.classify(pre)
-            if m.pooled and gene_model is not False:
-                decision = m.gene_model(batch)
-                check = m.check_gene_model(logits, decision)
-                if gene_model:
-                    check = dataclasses.replace(check, used=True)
-                if check.used:
-                    logits = m.combine(logits, decision)
-            elif m.pooled:
-                check = GeneModelCheck(False, float("nan"), m.gene_model_agreement, X.shape[0])
+            decision = m.gene_model(batch) if m.pooled and gene_model is not False else None
+            logits, check = m.called(m.classify(pre), decision, gene_model)
             temperature, reject_threshold = m.calibration(check)
             # divided by the temperature fitted at fine-tuning: the softmax is the calibrated confidence
             p = torch.softmax(logits / temperature, dim=1).numpy()

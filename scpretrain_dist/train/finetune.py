@@ -475,14 +475,14 @@ def _finetune(X_train, y_train, X_val, y_val, n_types: int, cfg: FinetuneConfig,
     # the same validation cells and kept on the model for the annotator: of the pooled calls,
     # and of the network's alone (for cells the gene model is left out of)
     model.reject_score = cfg.reject_score
-    fits = ((val_logits.numpy(), ("network_",)), (pooled_logits, ("",))) if model.pooled else \
-        ((pooled_logits, ("network_", "")),)
-    for logits, names in fits:
+
+    def calibrate(logits: np.ndarray) -> tuple[float, float]:
         t = fit_temperature(logits, np.asarray(y_val)) if len(yv) else 1.0
-        threshold = rejection_threshold(known_type_score(logits, t, cfg.reject_score), cfg.reject_rate)
-        for name in names:
-            setattr(model, f"{name}temperature", t)
-            setattr(model, f"{name}reject_threshold", threshold)
+        return t, rejection_threshold(known_type_score(logits, t, cfg.reject_score), cfg.reject_rate)
+
+    model.network_temperature, model.network_reject_threshold = calibrate(val_logits.numpy())
+    model.temperature, model.reject_threshold = (calibrate(pooled_logits) if model.pooled else
+                                                 (model.network_temperature, model.network_reject_threshold))
     model.unassigned = cfg.unassigned
     return FinetuneResult(model, best_epoch, best_acc, epoch + 1, n_pre, history, losses,
                           [t[3] for t in top], model.temperature, training_prior(y_train, n_types, weighting),
@@ -594,7 +594,6 @@ def rejection_threshold(val_scores: np.ndarray, rate: float) -> float:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict_logits(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096) -> np.ndarray:
     """The logits of cells ``X``, one set of cells (a dataset): with a gene model, pooled when
     :meth:`~CellTypeClassifier.check_gene_model` passes on all of them."""
@@ -614,12 +613,8 @@ def predict_checked(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096)
             decision.append(model.gene_model(x))
     if not logits:
         return np.zeros((0, model.out.out_features), np.float32), None
-    logits = torch.cat(logits)
-    if not model.pooled:
-        return logits.numpy(), None
-    decision = torch.cat(decision)
-    check = model.check_gene_model(logits, decision)
-    return (model.combine(logits, decision) if check.used else logits).numpy(), check
+    logits, check = model.called(torch.cat(logits), torch.cat(decision) if decision else None)
+    return logits.numpy(), check
 
 
 def predict_proba(model: CellTypeClassifier, X: np.ndarray, batch: int = 4096, calibrated: bool = False) -> np.ndarray:
